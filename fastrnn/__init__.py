@@ -1,0 +1,17 @@
+"""fastrnn: a fused Elman RNN for PyTorch, a drop-in replacement for torch.nn.RNN.
+
+    import fastrnn
+    rnn = fastrnn.RNN(28, 128, num_layers=2)     # same arguments as torch.nn.RNN
+    model = fastrnn.convert(model)               # or swap every nn.RNN in a model
+"""
+
+from ._loader import load_ops
+
+HAS_CUDA = load_ops()
+
+from . import ops, reference  # noqa: E402
+from .ops import elman  # noqa: E402
+from .rnn import RNN, convert  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["RNN", "convert", "elman", "ops", "reference", "HAS_CUDA"]

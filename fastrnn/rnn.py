@@ -1,0 +1,138 @@
+"""fastrnn.RNN, the drop-in torch.nn.RNN, and convert().
+
+fastrnn.RNN *is* a torch.nn.RNN (a subclass): constructor, parameters,
+state_dict, repr, argument checks, flatten_parameters, pickling and .to() are
+torch's own. Only the forward computation differs: per layer and direction it
+calls the fused ``fastrnn::elman_forward`` op instead of torch's per-step ops.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .ops import elman
+
+# torch.nn.RNN reports an hx/weight dtype mismatch from its GEMM; we say the same.
+_C10_DTYPE_NAMES = {
+    torch.float64: "Double",
+    torch.float32: "Float",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+}
+
+
+class RNN(nn.RNN):
+    __doc__ = (
+        "Drop-in replacement for :class:`torch.nn.RNN`, computed by fastrnn's fused kernels.\n\n"
+        "Same constructor, parameters, inputs and outputs as torch.nn.RNN:\n\n" + (nn.RNN.__doc__ or "")
+    )
+
+    def forward(self, input, hx: Optional[Tensor] = None):
+        # The input handling mirrors torch.nn.RNN.forward so that shapes,
+        # defaults and error messages are the same.
+        self._update_flat_weights()
+        num_directions = 2 if self.bidirectional else 1
+        orig_input = input
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead"
+                )
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                        )
+                    hx = hx.unsqueeze(1)
+            elif hx is not None and hx.dim() != 3:
+                raise RuntimeError(
+                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+                )
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+
+        if hx is None:
+            hx = torch.zeros(
+                self.num_layers * num_directions,
+                max_batch_size,
+                self.hidden_size,
+                dtype=input.dtype,
+                device=input.device,
+            )
+        else:
+            hx = self.permute_hidden(hx, sorted_indices)
+        self.check_forward_args(input, hx, batch_sizes)
+
+        if batch_sizes is None:
+            if input.size(1 if self.batch_first else 0) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            if self.batch_first:
+                input = input.transpose(0, 1)
+        output, hidden = self._run_layers(input, hx, batch_sizes)
+
+        if isinstance(orig_input, PackedSequence):
+            packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return packed, self.permute_hidden(hidden, unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = hidden.squeeze(1)
+        return output, hidden
+
+    def _run_layers(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor]):
+        """input: time-major [T, B, I] or packed [N, I]; hx: [L * D, B, H]."""
+        weights = self._flat_weights
+        if hx.dtype != weights[0].dtype:
+            raise RuntimeError(
+                "mat1 and mat2 must have the same dtype, but got "
+                f"{_C10_DTYPE_NAMES.get(hx.dtype, hx.dtype)} and "
+                f"{_C10_DTYPE_NAMES.get(weights[0].dtype, weights[0].dtype)}"
+            )
+        num_directions = 2 if self.bidirectional else 1
+        per_cell = 4 if self.bias else 2
+        relu = self.nonlinearity == "relu"
+        layer_input = input
+        h_n = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                cell = layer * num_directions + direction
+                w = weights[cell * per_cell : (cell + 1) * per_cell]
+                b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
+                out, h = elman(
+                    layer_input, hx[cell], w[0], w[1], b_ih, b_hh, batch_sizes,
+                    relu=relu, reverse=direction == 1,
+                )
+                outputs.append(out)
+                h_n.append(h)
+            layer_input = torch.cat(outputs, -1) if num_directions == 2 else outputs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
+        return layer_input, torch.stack(h_n, 0)
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Turns every torch.nn.RNN inside ``module`` (``module`` itself included) into a
+    fastrnn.RNN, in place, and returns ``module``.
+
+    The converted modules keep their identity, parameters (the same Parameter
+    objects, so optimizers and hooks keep working), buffers and settings; only
+    the forward computation changes. Subclasses of torch.nn.RNN other than
+    fastrnn.RNN are left alone, as their forward may differ.
+    """
+    for sub in module.modules():
+        if type(sub) is nn.RNN:
+            sub.__class__ = RNN
+    return module

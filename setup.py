@@ -1,0 +1,85 @@
+"""Builds fastrnn's compiled ops against torch's stable ABI (torch >= 2.10).
+
+fastrnn._C (op schemas + CPU kernels) is always built. fastrnn._C_cuda (CUDA
+kernels) is built when torch is a CUDA build and a CUDA toolkit is found,
+whether or not a GPU is visible; FASTRNN_CUDA=0/1 overrides. With no GPU
+visible the CUDA code targets sm_80 and sm_90 (TORCH_CUDA_ARCH_LIST overrides).
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = "csrc"
+TORCH_TARGET_VERSION = "0x020a000000000000"  # the stable ABI of torch 2.10
+
+
+def find_cuda_home():
+    """CUDA_HOME/CUDA_PATH, else nvcc on PATH, else /usr/local/cuda."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return str(Path(nvcc).resolve().parent.parent)
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return "/usr/local/cuda"
+    return None
+
+
+CUDA_HOME = find_cuda_home()
+if CUDA_HOME:
+    # Set before torch.utils.cpp_extension guesses (it may pick a toolkit
+    # without nvcc, e.g. one installed from pip wheels).
+    os.environ["CUDA_HOME"] = CUDA_HOME
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def want_cuda():
+    flag = os.environ.get("FASTRNN_CUDA")
+    if flag in ("0", "1"):
+        if flag == "1" and CUDA_HOME is None:
+            raise RuntimeError("FASTRNN_CUDA=1 but no CUDA toolkit (nvcc) was found")
+        return flag == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def extensions():
+    common = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
+    cxx = ["-O3", *common]
+    exts = [
+        CppExtension(
+            "fastrnn._C",
+            [f"{CSRC}/fastrnn.cpp", f"{CSRC}/cpu/elman_cpu.cpp", f"{CSRC}/python/module_cpu.cpp"],
+            extra_compile_args={"cxx": cxx},
+            py_limited_api=True,
+        )
+    ]
+    if want_cuda():
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        exts.append(
+            CUDAExtension(
+                "fastrnn._C_cuda",
+                [f"{CSRC}/cuda/elman_cuda.cu", f"{CSRC}/python/module_cuda.cpp"],
+                extra_compile_args={
+                    "cxx": cxx + ["-DUSE_CUDA"],
+                    "nvcc": ["-O3", "-DUSE_CUDA", *common],
+                },
+                py_limited_api=True,
+            )
+        )
+    return exts
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

@@ -17,18 +17,23 @@ CSRC = "csrc"
 TORCH_TARGET_VERSION = "0x020a000000000000"  # the stable ABI of torch 2.10
 
 
+def is_toolkit(home):
+    return bool(home) and all(
+        (Path(home) / p).exists() for p in ("bin/nvcc", "include/cuda_runtime.h")
+    )
+
+
 def find_cuda_home():
-    """CUDA_HOME/CUDA_PATH, else nvcc on PATH, else /usr/local/cuda."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return home
+    """CUDA_HOME/CUDA_PATH, else nvcc on PATH, else /usr/local/cuda: the first
+    that is a whole toolkit (an nvcc wrapper in /usr/local/bin is not)."""
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        return str(Path(nvcc).resolve().parent.parent)
-    if Path("/usr/local/cuda/bin/nvcc").exists():
-        return "/usr/local/cuda"
-    return None
+    candidates = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        str(Path(nvcc).resolve().parent.parent) if nvcc else None,
+        "/usr/local/cuda",
+    ]
+    return next((c for c in candidates if is_toolkit(c)), None)
 
 
 CUDA_HOME = find_cuda_home()

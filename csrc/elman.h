@@ -51,6 +51,8 @@
 
 #include <cstdint>
 #include <optional>
+#include <sstream>
+#include <stdexcept>
 #include <tuple>
 #include <vector>
 
@@ -70,6 +72,19 @@ inline constexpr const char* kBackwardSchema =
     "bool reverse, bool need_input_grad, bool need_weight_grad, bool need_bias_grad) "
     "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
     "Tensor grad_bias)";
+
+// Argument errors reach Python as RuntimeError carrying exactly this message
+// (STD_TORCH_CHECK would prefix the C++ function, file and line).
+template <typename... Args>
+[[noreturn]] void fail(const Args&... parts) {
+  std::ostringstream msg;
+  (msg << ... << parts);
+  throw std::runtime_error(msg.str());
+}
+#define FASTRNN_CHECK(cond, ...) \
+  do {                           \
+    if (!(cond)) ::fastrnn::fail(__VA_ARGS__); \
+  } while (0)
 
 using ForwardResult = std::tuple<Tensor, Tensor>;
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;

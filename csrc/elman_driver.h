@@ -63,9 +63,9 @@ inline std::string shape_str(const Tensor& t) {
 template <class Backend>
 void check_same(const char* op, const char* name, const Tensor& t,
                 const Tensor& input) {
-  STD_TORCH_CHECK(same_device(t, input), op, ": ", name,
+  FASTRNN_CHECK(same_device(t, input), op, ": ", name,
                   " must be on the same device as input");
-  STD_TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name,
+  FASTRNN_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name,
                   " must have the same dtype as input (",
                   torch::headeronly::toString(input.scalar_type()), "), got ",
                   torch::headeronly::toString(t.scalar_type()));
@@ -82,7 +82,7 @@ inline void check_shape(const char* op, const char* name, const Tensor& t,
     ++d;
   }
   want += "]";
-  STD_TORCH_CHECK(ok, op, ": ", name, " must have shape ", want, ", got ",
+  FASTRNN_CHECK(ok, op, ": ", name, " must have shape ", want, ", got ",
                   shape_str(t));
 }
 
@@ -94,17 +94,17 @@ SequenceLayout check_and_layout(const char* op, const Tensor& input,
                                 const Tensor& weight_hh,
                                 const std::optional<Tensor>& batch_sizes) {
   const bool packed = batch_sizes.has_value();
-  STD_TORCH_CHECK(Backend::supports(input.scalar_type()), op,
+  FASTRNN_CHECK(Backend::supports(input.scalar_type()), op,
                   ": input dtype ",
                   torch::headeronly::toString(input.scalar_type()),
                   " is not supported on ", Backend::device_name);
-  STD_TORCH_CHECK(input.dim() == (packed ? 2 : 3), op, ": input must be ",
+  FASTRNN_CHECK(input.dim() == (packed ? 2 : 3), op, ": input must be ",
                   packed ? "2-D [N, I] when batch_sizes is given"
                          : "3-D [T, B, I] when batch_sizes is None",
                   ", got ", input.dim(), "-D");
-  STD_TORCH_CHECK(hx.dim() == 2, op, ": hx must be 2-D [B, H], got ",
+  FASTRNN_CHECK(hx.dim() == 2, op, ": hx must be 2-D [B, H], got ",
                   hx.dim(), "-D");
-  STD_TORCH_CHECK(weight_hh.dim() == 2, op,
+  FASTRNN_CHECK(weight_hh.dim() == 2, op,
                   ": weight_hh must be 2-D [H, H], got ", weight_hh.dim(),
                   "-D");
   const int64_t H = weight_hh.size(0);
@@ -124,7 +124,7 @@ SequenceLayout check_and_layout(const char* op, const Tensor& input,
     L.batch_sizes.assign(L.steps, L.batch);
   } else {
     const Tensor& bs = *batch_sizes;
-    STD_TORCH_CHECK(bs.is_cpu() && bs.dim() == 1 &&
+    FASTRNN_CHECK(bs.is_cpu() && bs.dim() == 1 &&
                         bs.scalar_type() == ScalarType::Long,
                     op, ": batch_sizes must be a 1-D int64 CPU tensor");
     Tensor bsc = torch::stable::contiguous(bs);
@@ -135,16 +135,15 @@ SequenceLayout check_and_layout(const char* op, const Tensor& input,
     int64_t total = 0;
     for (int64_t t = 0; t < L.steps; ++t) {
       const int64_t b = L.batch_sizes[t];
-      STD_TORCH_CHECK(b > 0 && b <= L.batch, op,
-                      ": batch_sizes must be positive and non-increasing, "
-                      "got batch_sizes[", t, "] = ", b);
-      STD_TORCH_CHECK(t == 0 || b <= L.batch_sizes[t - 1], op,
-                      ": batch_sizes must be non-increasing, got batch_sizes[",
-                      t, "] = ", b, " after ", L.batch_sizes[t - 1]);
+      FASTRNN_CHECK(b > 0, op, ": batch_sizes must be positive, got batch_sizes[", t,
+                    "] = ", b);
+      FASTRNN_CHECK(t == 0 || b <= L.batch_sizes[t - 1], op,
+                    ": batch_sizes must be non-increasing, got batch_sizes[",
+                    t, "] = ", b, " after ", L.batch_sizes[t - 1]);
       total += b;
     }
     L.rows = total;
-    STD_TORCH_CHECK(input.size(0) == total, op, ": input has ", input.size(0),
+    FASTRNN_CHECK(input.size(0) == total, op, ": input has ", input.size(0),
                     " rows but batch_sizes sums to ", total);
   }
   L.offsets.resize(L.steps);
@@ -330,10 +329,10 @@ BackwardResult elman_backward(Tensor grad_output, Tensor grad_h_n, Tensor input,
   out_shape.push_back(H);
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"output", &output},
                                 {"grad_output", &grad_output}}) {
-    STD_TORCH_CHECK(t->dim() == input.dim(), op, ": ", name, " must be ",
+    FASTRNN_CHECK(t->dim() == input.dim(), op, ": ", name, " must be ",
                     input.dim(), "-D, got ", t->dim(), "-D");
     for (int64_t d = 0; d < input.dim(); ++d) {
-      STD_TORCH_CHECK(t->size(d) == out_shape[d], op, ": ", name,
+      FASTRNN_CHECK(t->size(d) == out_shape[d], op, ": ", name,
                       " must have the shape of the forward output, got ",
                       shape_str(*t));
     }

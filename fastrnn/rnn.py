@@ -1,9 +1,14 @@
 """fastrnn.RNN, the drop-in torch.nn.RNN, and convert().
 
-fastrnn.RNN *is* a torch.nn.RNN (a subclass): constructor, parameters,
-state_dict, repr, argument checks, flatten_parameters, pickling and .to() are
-torch's own. Only the forward computation differs: per layer and direction it
-calls the fused ``fastrnn::elman_forward`` op instead of torch's per-step ops.
+fastrnn.RNN is built on torch.nn.RNNBase, like torch.nn.RNN itself, with
+torch.nn.RNN's constructor: parameters, state_dict, repr, argument checks,
+flatten_parameters, pickling and .to() are torch's own. Only the forward
+computation differs: per layer and direction it calls the fused
+``fastrnn::elman_forward`` op instead of torch's per-step ops.
+
+It is deliberately not a subclass of torch.nn.RNN: torch.compile refuses to
+trace anything that is an instance of torch.nn.RNN/GRU/LSTM, and fastrnn.RNN
+must compile with fullgraph=True.
 """
 
 from typing import Optional
@@ -23,16 +28,33 @@ _C10_DTYPE_NAMES = {
 }
 
 
-class RNN(nn.RNN):
+class RNN(nn.RNNBase):
     __doc__ = (
         "Drop-in replacement for :class:`torch.nn.RNN`, computed by fastrnn's fused kernels.\n\n"
         "Same constructor, parameters, inputs and outputs as torch.nn.RNN:\n\n" + (nn.RNN.__doc__ or "")
     )
 
+    def __init__(self, *args, **kwargs):
+        # torch.nn.RNN's constructor: the same positional order and errors.
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if self.nonlinearity not in modes:
+            raise ValueError(
+                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        super().__init__(modes[self.nonlinearity], *args, **kwargs)
+
     def forward(self, input, hx: Optional[Tensor] = None):
         # The input handling mirrors torch.nn.RNN.forward so that shapes,
         # defaults and error messages are the same.
-        self._update_flat_weights()
+        if not torch.compiler.is_compiling():
+            self._update_flat_weights()
         num_directions = 2 if self.bidirectional else 1
         orig_input = input
         is_batched = True
@@ -40,7 +62,11 @@ class RNN(nn.RNN):
 
         if isinstance(orig_input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices = input
-            max_batch_size = int(batch_sizes[0])
+            # The same number as batch_sizes[0], but known without reading data
+            # when the sequence was sorted by pack_*(enforce_sorted=False).
+            max_batch_size = (
+                sorted_indices.numel() if sorted_indices is not None else int(batch_sizes[0])
+            )
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
             if input.dim() not in (2, 3):
@@ -72,7 +98,19 @@ class RNN(nn.RNN):
             )
         else:
             hx = self.permute_hidden(hx, sorted_indices)
-        self.check_forward_args(input, hx, batch_sizes)
+        self.check_input(input, batch_sizes)
+        expected_hidden_size = (self.num_layers * num_directions, max_batch_size, self.hidden_size)
+        if torch.compiler.is_compiling() and batch_sizes is not None:
+            # max_batch_size may be data-dependent here: assert instead of guarding.
+            torch._check(
+                hx.dim() == 3
+                and hx.size(0) == expected_hidden_size[0]
+                and hx.size(1) == expected_hidden_size[1]
+                and hx.size(2) == expected_hidden_size[2],
+                lambda: "hx does not have the expected size (num_layers * num_directions, batch, hidden_size)",
+            )
+        else:
+            self.check_hidden_size(hx, expected_hidden_size)
 
         if batch_sizes is None:
             if input.size(1 if self.batch_first else 0) == 0:
@@ -93,7 +131,7 @@ class RNN(nn.RNN):
 
     def _run_layers(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor]):
         """input: time-major [T, B, I] or packed [N, I]; hx: [L * D, B, H]."""
-        weights = self._flat_weights
+        weights = [getattr(self, name) for name in self._flat_weights_names]
         if hx.dtype != weights[0].dtype:
             raise RuntimeError(
                 "mat1 and mat2 must have the same dtype, but got "

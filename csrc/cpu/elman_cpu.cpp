@@ -64,7 +64,7 @@ struct CpuBackend {
             grad.mutable_data_ptr<torch::headeronly::BFloat16>(),
             out.const_data_ptr<torch::headeronly::BFloat16>(), n, relu);
       default:
-        STD_TORCH_CHECK(false, "fastrnn: unsupported dtype on CPU");
+        FASTRNN_CHECK(false, "fastrnn: unsupported dtype on CPU");
     }
   }
 };

@@ -56,7 +56,7 @@ cudaStream_t current_stream(const Tensor& t) {
 
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
-  STD_TORCH_CHECK(err == cudaSuccess, "fastrnn: ", what, " failed: ",
+  FASTRNN_CHECK(err == cudaSuccess, "fastrnn: ", what, " failed: ",
                   cudaGetErrorString(err));
 }
 
@@ -95,7 +95,7 @@ struct CudaBackend {
       case ScalarType::Double: return launch_activation_backward<double>(grad, out, relu);
       case ScalarType::Half: return launch_activation_backward<__half>(grad, out, relu);
       case ScalarType::BFloat16: return launch_activation_backward<__nv_bfloat16>(grad, out, relu);
-      default: STD_TORCH_CHECK(false, "fastrnn: unsupported dtype on CUDA");
+      default: FASTRNN_CHECK(false, "fastrnn: unsupported dtype on CUDA");
     }
   }
 };

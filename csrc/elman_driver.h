@@ -155,36 +155,49 @@ SequenceLayout check_and_layout(const char* op, const Tensor& input,
   return L;
 }
 
-// The step processed just before `t` (-1 before the first).
-inline int64_t prev_step(int64_t t, bool reverse) {
-  return reverse ? t + 1 : t - 1;
-}
-inline int64_t next_step(int64_t t, bool reverse) {
-  return reverse ? t - 1 : t + 1;
-}
-inline int64_t prev_step_valid(const SequenceLayout& L, int64_t t,
-                               bool reverse) {
-  const int64_t p = prev_step(t, reverse);
-  return (p >= 0 && p < L.steps) ? p : -1;
-}
-// Rows of step t whose h_{t-1} is the previous step's output; the rest
-// (rows [carried, batch_at(t))) start from hx.
-inline int64_t carried_rows(const SequenceLayout& L, int64_t t, bool reverse) {
-  return std::min(L.batch_at(t), L.batch_at(prev_step(t, reverse)));
-}
 // Rows of step t that no later step reads: their h is the sequence's h_n.
-inline int64_t first_final_row(const SequenceLayout& L, int64_t t,
-                               bool reverse) {
-  return std::min(L.batch_at(t), L.batch_at(next_step(t, reverse)));
+inline int64_t first_final_row(const SequenceLayout& L, int64_t t, bool reverse) {
+  return std::min(L.batch_at(t), L.batch_at(reverse ? t - 1 : t + 1));
 }
 
-// Steps in the order the forward recurrence visits them.
-inline std::vector<int64_t> step_order(const SequenceLayout& L, bool reverse) {
-  std::vector<int64_t> order(L.steps);
+// One step of the recurrence: its rows, and where their h_{t-1} comes from.
+// Rows [0, carried) continue from the previous step's first `carried` rows;
+// rows [carried, count) start from the same rows of hx (a packed sequence in
+// the reverse direction starts there).
+struct StepRows {
+  int64_t begin;       // first row of step t in the flattened [N, *] layout
+  int64_t count;       // rows of step t
+  int64_t carried;     // rows fed by the previous step
+  int64_t prev_begin;  // first row of the previous step (when carried > 0)
+};
+
+// Every step, in the order the forward recurrence visits them.
+inline std::vector<StepRows> steps_in_order(const SequenceLayout& L, bool reverse) {
+  std::vector<StepRows> steps;
+  steps.reserve(L.steps);
   for (int64_t i = 0; i < L.steps; ++i) {
-    order[i] = reverse ? L.steps - 1 - i : i;
+    const int64_t t = reverse ? L.steps - 1 - i : i;
+    const int64_t p = reverse ? t + 1 : t - 1;
+    const int64_t carried = std::min(L.batch_at(t), L.batch_at(p));
+    steps.push_back({L.offsets[t], L.batch_at(t), carried, carried > 0 ? L.offsets[p] : 0});
   }
-  return order;
+  return steps;
+}
+
+// Views of one step into a sequence tensor [N, H] (the output in forward,
+// dA in backward) and a state tensor [B, H] (hx in forward, grad_hx in
+// backward). Made before the time loop, so that the loop only runs kernels.
+struct StepViews {
+  Tensor all, carried, prev_carried, fresh, state_fresh;
+};
+
+inline StepViews step_views(const StepRows& s, const Tensor& seq, const Tensor& state) {
+  const int64_t fresh = s.count - s.carried;
+  return {rows(seq, s.begin, s.count),
+          s.carried ? rows(seq, s.begin, s.carried) : Tensor(),
+          s.carried ? rows(seq, s.prev_begin, s.carried) : Tensor(),
+          fresh ? rows(seq, s.begin + s.carried, fresh) : Tensor(),
+          fresh ? rows(state, s.carried, fresh) : Tensor()};
 }
 
 // One block of h_{t-1} rows: rows [dst, dst + count) of the flattened output
@@ -211,11 +224,11 @@ inline std::vector<PrevRows> prev_row_blocks(const SequenceLayout& L,
     }
     blocks.push_back(b);
   };
-  for (int64_t t = 0; t < L.steps; ++t) {
-    const int64_t carried = carried_rows(L, t, reverse);
-    const int64_t p = prev_step_valid(L, t, reverse);
-    if (carried > 0) push({L.offsets[t], L.offsets[p], carried, false});
-    push({L.offsets[t] + carried, carried, L.batch_at(t) - carried, true});
+  std::vector<StepRows> steps = steps_in_order(L, reverse);
+  if (reverse) std::reverse(steps.begin(), steps.end());  // row order
+  for (const StepRows& st : steps) {
+    push({st.begin, st.prev_begin, st.carried, false});
+    push({st.begin + st.carried, st.carried, st.count - st.carried, true});
   }
   return blocks;
 }
@@ -264,34 +277,14 @@ ForwardResult elman_forward(Tensor input, Tensor hx, Tensor weight_ih,
     Backend::mm(out, x, transposed(weight_ih));
   }
 
-  // Views are made before the loop: the loop itself only runs kernels.
-  struct Step {
-    Tensor out, out_carried, prev_carried, out_fresh, hx_fresh;
-    int64_t carried, fresh;
-  };
-  std::vector<Step> steps;
-  steps.reserve(L.steps);
-  for (int64_t t : step_order(L, reverse)) {
-    const int64_t b = L.batch_at(t);
-    const int64_t carried = carried_rows(L, t, reverse);
-    const int64_t p = prev_step_valid(L, t, reverse);
-    Step s{rows(out, L.offsets[t], b), Tensor(), Tensor(), Tensor(), Tensor(),
-           carried, b - carried};
-    if (carried > 0) {
-      s.out_carried = rows(out, L.offsets[t], carried);
-      s.prev_carried = rows(out, L.offsets[p], carried);
-    }
-    if (s.fresh > 0) {
-      s.out_fresh = rows(out, L.offsets[t] + carried, s.fresh);
-      s.hx_fresh = rows(h0, carried, s.fresh);
-    }
-    steps.push_back(std::move(s));
-  }
+  std::vector<StepViews> steps;
+  for (const StepRows& st : steps_in_order(L, reverse)) steps.push_back(step_views(st, out, h0));
   const char* act = relu ? "aten::relu_" : "aten::tanh_";
-  for (Step& s : steps) {
-    if (s.carried > 0) Backend::addmm(s.out_carried, s.out_carried, s.prev_carried, w_hh_t);
-    if (s.fresh > 0) Backend::addmm(s.out_fresh, s.out_fresh, s.hx_fresh, w_hh_t);
-    call_inplace(act, s.out);
+  for (StepViews& v : steps) {
+    // h_t = act(P_t + h_{t-1} W_hh^T), in place in the output.
+    if (v.carried.defined()) Backend::addmm(v.carried, v.carried, v.prev_carried, w_hh_t);
+    if (v.fresh.defined()) Backend::addmm(v.fresh, v.fresh, v.state_fresh, w_hh_t);
+    call_inplace(act, v.all);
   }
 
   // h_n: each sequence's last state (batch order of hx).
@@ -362,34 +355,17 @@ BackwardResult elman_backward(Tensor grad_output, Tensor grad_h_n, Tensor input,
   Tensor grad_hx = empty_rows(h0, L.batch, H);
   if (L.steps == 0) torch::stable::copy_(grad_hx, dh_n);
 
-  struct Step {
-    Tensor dA, out, dA_carried, dA_prev_carried, dA_fresh, grad_hx_fresh;
-    int64_t carried, fresh;
-  };
-  std::vector<Step> steps;
-  steps.reserve(L.steps);
-  std::vector<int64_t> order = step_order(L, reverse);
+  std::vector<StepRows> order = steps_in_order(L, reverse);
+  std::vector<std::pair<StepViews, Tensor>> steps;  // (views into dA, out_t)
   for (auto it = order.rbegin(); it != order.rend(); ++it) {
-    const int64_t t = *it;
-    const int64_t b = L.batch_at(t);
-    const int64_t carried = carried_rows(L, t, reverse);
-    const int64_t p = prev_step_valid(L, t, reverse);
-    Step s{rows(dA, L.offsets[t], b), rows(out, L.offsets[t], b), Tensor(),
-           Tensor(), Tensor(), Tensor(), carried, b - carried};
-    if (carried > 0) {
-      s.dA_carried = rows(dA, L.offsets[t], carried);
-      s.dA_prev_carried = rows(dA, L.offsets[p], carried);
-    }
-    if (s.fresh > 0) {
-      s.dA_fresh = rows(dA, L.offsets[t] + carried, s.fresh);
-      s.grad_hx_fresh = rows(grad_hx, carried, s.fresh);
-    }
-    steps.push_back(std::move(s));
+    steps.emplace_back(step_views(*it, dA, grad_hx), rows(out, it->begin, it->count));
   }
-  for (Step& s : steps) {
-    Backend::activation_backward(s.dA, s.out, relu);
-    if (s.carried > 0) Backend::addmm(s.dA_prev_carried, s.dA_prev_carried, s.dA_carried, w_hh);
-    if (s.fresh > 0) Backend::mm(s.grad_hx_fresh, s.dA_fresh, w_hh);
+  for (auto& [v, out_t] : steps) {
+    // dA_t = (dY_t + dh_t) * act'(h_t); dh_{t-1} = dA_t W_hh, added into the
+    // previous step's dA slot, or written to grad_hx for rows that began at hx.
+    Backend::activation_backward(v.all, out_t, relu);
+    if (v.carried.defined()) Backend::addmm(v.prev_carried, v.prev_carried, v.carried, w_hh);
+    if (v.fresh.defined()) Backend::mm(v.state_fresh, v.fresh, w_hh);
   }
 
   // Outputs that are not needed are distinct empty tensors (outputs of an op

@@ -450,6 +450,7 @@ void test_error(Problem p) {
   try {
     (void)op_forward(p);
   } catch (const std::exception& e) {
+    std::fprintf(stderr, "\n");  // torch logs the error without a newline
     threw = std::string(e.what()).find("hx must have shape") != std::string::npos;
     if (!threw) std::printf("unexpected error message: %s\n", e.what());
   }

@@ -9,13 +9,10 @@ best of repeated 2048^3 float32 GEMMs).
 """
 
 import argparse
-import copy
-import statistics
-import time
 
 import torch
 
-import fastrnn
+from harness import make_step, rnn_flops, sgemm_peak, time_interleaved, twin_rnns
 
 # (name, layers, nonlinearity, hidden, batch); all T = 28, input 28.
 SEED_SHAPES = [
@@ -24,53 +21,6 @@ SEED_SHAPES = [
     ("tanh-2x128", 2, "tanh", 128, 100),
 ]
 T, INPUT = 28, 28
-
-
-def sgemm_peak(samples=10, n=2048):
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def rnn_flops(layers, hidden, batch, backward):
-    forward = sum(2 * T * batch * ((INPUT if l == 0 else hidden) * hidden + hidden * hidden)
-                  for l in range(layers))
-    return 3 * forward if backward else forward
-
-
-def make_step(module, x, backward):
-    params = list(module.parameters())
-    if not backward:
-        def step():
-            with torch.no_grad():
-                module(x)
-        return step
-
-    def step():
-        out, h = module(x)
-        torch.autograd.backward([out, h], [torch.ones_like(out), torch.ones_like(h)])
-        for p in params:
-            p.grad = None
-    return step
-
-
-def time_interleaved(steps, repeats, warmup=3):
-    for step in steps:
-        for _ in range(warmup):
-            step()
-    times = [[] for _ in steps]
-    for r in range(repeats):
-        order = range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))
-        for i in order:
-            t0 = time.perf_counter()
-            steps[i]()
-            times[i].append(time.perf_counter() - t0)
-    return [(statistics.median(t), min(t), max(t)) for t in times]
 
 
 def main():
@@ -83,13 +33,15 @@ def main():
     peak = sgemm_peak()
     rows = []
     for name, layers, nl, hidden, batch in SEED_SHAPES:
-        ref = torch.nn.RNN(INPUT, hidden, layers, nonlinearity=nl, batch_first=True)
-        fast = fastrnn.convert(copy.deepcopy(ref))
+        # batch_first, as the notebooks feed [batch, 28 rows, 28 pixels] images.
+        ref, fast = twin_rnns(INPUT, hidden, layers, nl, batch_first=True)
         x = torch.randn(batch, T, INPUT)
         for backward in (True, False):
-            (t_ref, *_), (t_fast, *_) = time_interleaved(
-                [make_step(ref, x, backward), make_step(fast, x, backward)], args.repeats)
-            flops = rnn_flops(layers, hidden, batch, backward)
+            ref_t, fast_t = time_interleaved(
+                [make_step(ref, (x,), backward), make_step(fast, (x,), backward)],
+                repeats=args.repeats)
+            t_ref, t_fast = ref_t["median"], fast_t["median"]
+            flops = rnn_flops(T, batch, INPUT, hidden, layers, backward=backward)
             rows.append((name, "fwd+bwd" if backward else "inference", t_ref * 1e3, t_fast * 1e3,
                          t_ref / t_fast, flops / t_ref / peak, flops / t_fast / peak))
         # The sgemm peak drifts with the machine's load: re-measure, keep the best.

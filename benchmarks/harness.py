@@ -1,0 +1,138 @@
+"""Shared timing machinery for the benchmarks: identical twin modules, interleaved
+A/B runs with warm-up and medians, CUDA events on the GPU, peak memory, FLOP counts."""
+
+import copy
+import statistics
+import time
+
+import torch
+
+import fastrnn
+
+
+def twin_rnns(input_size, hidden, layers, nonlinearity="tanh", bidirectional=False,
+              batch_first=False, device="cpu", dtype=torch.float32, seed=0):
+    """(torch.nn.RNN, fastrnn.RNN) holding identical weights."""
+    torch.manual_seed(seed)
+    ref = torch.nn.RNN(input_size, hidden, layers, nonlinearity=nonlinearity,
+                       bidirectional=bidirectional, batch_first=batch_first).to(device, dtype)
+    return ref, fastrnn.convert(copy.deepcopy(ref))
+
+
+def rnn_flops(steps, batch, input_size, hidden, layers, directions=1, backward=False):
+    """Forward: 2*T*B*(I*H + H*H) per layer and direction; fwd+bwd does 3x that."""
+    forward = 0
+    for layer in range(layers):
+        layer_in = input_size if layer == 0 else hidden * directions
+        forward += directions * 2 * steps * batch * (layer_in * hidden + hidden * hidden)
+    return 3 * forward if backward else forward
+
+
+def sgemm_peak(samples=10, n=2048):
+    """This machine's float32 GEMM rate (FLOP/s): the best of `samples` n^3 products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def make_step(module, inputs, backward):
+    """A closure running one forward (no_grad) or forward+backward of `module`."""
+    params = list(module.parameters())
+
+    def outputs():
+        out, h = module(*inputs)
+        return (out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out), h
+
+    if not backward:
+        def step():
+            with torch.no_grad():
+                module(*inputs)
+        return step
+
+    grads = None
+
+    def step():
+        nonlocal grads
+        out, h = outputs()
+        if grads is None:
+            grads = (torch.ones_like(out), torch.ones_like(h))
+        torch.autograd.backward([out, h], list(grads))
+        for p in params:
+            p.grad = None
+    return step
+
+
+def _timer(device):
+    if device == "cuda":
+        def run(step):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def run(step):
+            t0 = time.perf_counter()
+            step()
+            return time.perf_counter() - t0
+    return run
+
+
+def time_interleaved(steps, device="cpu", repeats=20, warmup=3, budget_s=None):
+    """Median, min and max seconds of each closure, run alternately (A B, B A, ...).
+
+    With `budget_s`, the number of repeats is cut so that the whole measurement
+    takes about that long (at least 3 repeats)."""
+    run = _timer(device)
+    first = []
+    for step in steps:
+        for _ in range(warmup - 1):
+            step()
+        first.append(run(step))
+    if budget_s is not None:
+        repeats = max(3, min(repeats, int(budget_s / max(sum(first), 1e-9))))
+    times = [[] for _ in steps]
+    for r in range(repeats):
+        order = list(range(len(steps)))
+        if r % 2:
+            order.reverse()
+        for i in order:
+            times[i].append(run(steps[i]))
+    return [dict(median=statistics.median(t), min=min(t), max=max(t), runs=len(t)) for t in times]
+
+
+def peak_memory(step, device="cpu"):
+    """Peak bytes allocated while `step` runs, above what was allocated before.
+
+    CUDA: the caching allocator's max_memory_allocated. CPU: the process's peak
+    resident set (VmHWM, reset through /proc/self/clear_refs), which is what the
+    CPU allocator's blocks cost; None where /proc does not allow it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_kb("VmRSS")
+        step()
+        return (_proc_status_kb("VmHWM") - base) * 1024
+    except OSError:
+        return None
+
+
+def _proc_status_kb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(key)

@@ -183,6 +183,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=25, help="most interleaved runs per cell")
     p.add_argument("--budget-s", type=float, default=1.0, help="about how long each cell's timing takes")
     p.add_argument("--cpu-budget-gflop", type=float, default=60.0)
+    p.add_argument("--no-tf32", action="store_true",
+                   help="CUDA: forbid TF32 in cuDNN and cuBLAS (strict fp32), for both implementations")
     p.add_argument("--json")
     p.add_argument("--csv")
     p.add_argument("--plot")
@@ -196,10 +198,14 @@ def main(argv=None):
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU is visible")
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     meta = dict(device=args.device, machine=machine(args.device), torch=torch.__version__,
                 date=str(date.today()), quick=args.quick, input_size=INPUT,
-                cpu_budget_gflop=args.cpu_budget_gflop)
+                cpu_budget_gflop=args.cpu_budget_gflop,
+                tf32=args.device == "cuda" and torch.backends.cudnn.allow_tf32)
     peak = None
     if args.device == "cpu":
         peak = sgemm_peak()

@@ -46,14 +46,18 @@ torch.cuda.synchronize()
 print("sanitizer case ran")
 PY
 for tool in memcheck racecheck; do
+  echo "--- $tool" >> "$OUT/sanitizer.log"
   compute-sanitizer --tool $tool --error-exitcode 9 $PY /tmp/fastrnn_sanitize_case.py \
-    > "$OUT/sanitizer_$tool.log" 2>&1 || status=1
-  tail -3 "$OUT/sanitizer_$tool.log" | tee -a "$OUT/summary.txt"
+    >> "$OUT/sanitizer.log" 2>&1 || { status=1; echo "$tool FAILED" | tee -a "$OUT/summary.txt"; }
+  tail -2 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
 done
 
 note "benchmark (fastrnn vs cuDNN)"
+# TF32 allowed (torch's default for cuDNN RNNs), then strict fp32 for both implementations.
 $PY benchmarks/bench.py --device cuda --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md" \
-  --plot "$OUT/bench_cuda.png" > /dev/null 2>"$OUT/bench_stderr.log" || status=1
+  --plot "$OUT/bench_cuda.png" > /dev/null 2>>"$OUT/summary.txt" || status=1
+$PY benchmarks/bench.py --device cuda --no-tf32 --markdown "$OUT/bench_cuda_strict.md" \
+  > /dev/null 2>>"$OUT/summary.txt" || status=1
 head -3 "$OUT/bench_cuda.md" | tee -a "$OUT/summary.txt"
 
 note "done, status $status"

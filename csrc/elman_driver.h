@@ -12,6 +12,16 @@
 //       grad *= act'(out), both contiguous with the same shape
 //   static bool supports(ScalarType dtype);
 //   static constexpr const char* device_name;
+//   static bool fused_forward(const SequenceLayout&, bool reverse, bool relu,
+//                             Tensor& out, const Tensor& hx, const Tensor& w_hh);
+//       the whole recurrence in one kernel (out holds P on entry, h on exit),
+//       or false where the backend has none for these sizes: the driver then
+//       steps with one GEMM per step
+//   static bool fused_backward(const SequenceLayout&, bool reverse, bool relu,
+//                              Tensor& dA, const Tensor& out, Tensor& grad_hx,
+//                              const Tensor& w_hh);
+//       likewise for the dh recurrence (dA holds dY + dh_n on entry, dA on
+//       exit; grad_hx gets the rows that began at hx)
 //
 // Everything else goes through torch's dispatcher, so results match torch's
 // own kernels (tanh_, relu_, sum) bit for bit where the order of operations
@@ -86,6 +96,12 @@ inline void check_shape(const char* op, const char* name, const Tensor& t,
                   shape_str(t));
 }
 
+// A None passed for a Tensor argument arrives as an undefined tensor, which
+// must not reach any other tensor call.
+inline void check_defined(const char* op, const char* name, const Tensor& t) {
+  FASTRNN_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+}
+
 // Validates every argument shared by forward and backward and works out where
 // each step's rows live.
 template <class Backend>
@@ -94,6 +110,11 @@ SequenceLayout check_and_layout(const char* op, const Tensor& input,
                                 const Tensor& weight_hh,
                                 const std::optional<Tensor>& batch_sizes) {
   const bool packed = batch_sizes.has_value();
+  check_defined(op, "input", input);
+  check_defined(op, "hx", hx);
+  check_defined(op, "weight_ih", weight_ih);
+  check_defined(op, "weight_hh", weight_hh);
+  if (packed) check_defined(op, "batch_sizes", *batch_sizes);
   FASTRNN_CHECK(Backend::supports(input.scalar_type()), op,
                   ": input dtype ",
                   torch::headeronly::toString(input.scalar_type()),
@@ -140,6 +161,11 @@ SequenceLayout check_and_layout(const char* op, const Tensor& input,
       FASTRNN_CHECK(t == 0 || b <= L.batch_sizes[t - 1], op,
                     ": batch_sizes must be non-increasing, got batch_sizes[",
                     t, "] = ", b, " after ", L.batch_sizes[t - 1]);
+      // Checked before adding, so that absurd sizes cannot overflow the sum
+      // (wrapping around to input's row count).
+      FASTRNN_CHECK(b <= input.size(0) - total, op, ": input has ", input.size(0),
+                    " rows but batch_sizes sums to more (", total, " + ", b,
+                    " by batch_sizes[", t, "])");
       total += b;
     }
     L.rows = total;
@@ -193,8 +219,9 @@ struct StepViews {
 
 inline StepViews step_views(const StepRows& s, const Tensor& seq, const Tensor& state) {
   const int64_t fresh = s.count - s.carried;
-  return {rows(seq, s.begin, s.count),
-          s.carried ? rows(seq, s.begin, s.carried) : Tensor(),
+  Tensor all = rows(seq, s.begin, s.count);
+  return {all,
+          s.carried ? (fresh ? rows(seq, s.begin, s.carried) : all) : Tensor(),
           s.carried ? rows(seq, s.prev_begin, s.carried) : Tensor(),
           fresh ? rows(seq, s.begin + s.carried, fresh) : Tensor(),
           fresh ? rows(state, s.carried, fresh) : Tensor()};
@@ -254,6 +281,7 @@ ForwardResult elman_forward(Tensor input, Tensor hx, Tensor weight_ih,
   for (const auto* b : {&bias_ih, &bias_hh}) {
     if (b->has_value()) {
       const char* name = b == &bias_ih ? "bias_ih" : "bias_hh";
+      check_defined(op, name, **b);
       check_shape(op, name, **b, {H});
       check_same<Backend>(op, name, **b, input);
     }
@@ -277,14 +305,16 @@ ForwardResult elman_forward(Tensor input, Tensor hx, Tensor weight_ih,
     Backend::mm(out, x, transposed(weight_ih));
   }
 
-  std::vector<StepViews> steps;
-  for (const StepRows& st : steps_in_order(L, reverse)) steps.push_back(step_views(st, out, h0));
-  const char* act = relu ? "aten::relu_" : "aten::tanh_";
-  for (StepViews& v : steps) {
-    // h_t = act(P_t + h_{t-1} W_hh^T), in place in the output.
-    if (v.carried.defined()) Backend::addmm(v.carried, v.carried, v.prev_carried, w_hh_t);
-    if (v.fresh.defined()) Backend::addmm(v.fresh, v.fresh, v.state_fresh, w_hh_t);
-    call_inplace(act, v.all);
+  if (!Backend::fused_forward(L, reverse, relu, out, h0, torch::stable::contiguous(weight_hh))) {
+    std::vector<StepViews> steps;
+    for (const StepRows& st : steps_in_order(L, reverse)) steps.push_back(step_views(st, out, h0));
+    const char* act = relu ? "aten::relu_" : "aten::tanh_";
+    for (StepViews& v : steps) {
+      // h_t = act(P_t + h_{t-1} W_hh^T), in place in the output.
+      if (v.carried.defined()) Backend::addmm(v.carried, v.carried, v.prev_carried, w_hh_t);
+      if (v.fresh.defined()) Backend::addmm(v.fresh, v.fresh, v.state_fresh, w_hh_t);
+      call_inplace(act, v.all);
+    }
   }
 
   // h_n: each sequence's last state (batch order of hx).
@@ -315,6 +345,9 @@ BackwardResult elman_backward(Tensor grad_output, Tensor grad_h_n, Tensor input,
   const char* op = "fastrnn::elman_backward";
   const SequenceLayout L = check_and_layout<Backend>(op, input, hx, weight_ih,
                                                      weight_hh, batch_sizes);
+  check_defined(op, "grad_output", grad_output);
+  check_defined(op, "grad_h_n", grad_h_n);
+  check_defined(op, "output", output);
   const int64_t H = weight_hh.size(0);
   const int64_t I = weight_ih.size(1);
   std::vector<int64_t> out_shape;
@@ -339,8 +372,10 @@ BackwardResult elman_backward(Tensor grad_output, Tensor grad_h_n, Tensor input,
   const Tensor w_hh = torch::stable::contiguous(weight_hh);
 
   // dA starts as dY; each step then adds the carried dh into its slot in place.
-  Tensor dA = torch::stable::view(torch::stable::contiguous(grad_output), {L.rows, H});
-  dA = torch::stable::clone(dA);
+  // (A copy of grad_output: contiguous() already made one unless it was contiguous.)
+  Tensor dA = torch::stable::contiguous(grad_output);
+  if (dA.data_ptr() == grad_output.data_ptr()) dA = torch::stable::clone(dA);
+  dA = torch::stable::view(dA, {L.rows, H});
   const Tensor dh_n = torch::stable::contiguous(grad_h_n);
   for (int64_t t = 0; t < L.steps; ++t) {
     const int64_t first = first_final_row(L, t, reverse);
@@ -355,17 +390,19 @@ BackwardResult elman_backward(Tensor grad_output, Tensor grad_h_n, Tensor input,
   Tensor grad_hx = empty_rows(h0, L.batch, H);
   if (L.steps == 0) torch::stable::copy_(grad_hx, dh_n);
 
-  std::vector<StepRows> order = steps_in_order(L, reverse);
-  std::vector<std::pair<StepViews, Tensor>> steps;  // (views into dA, out_t)
-  for (auto it = order.rbegin(); it != order.rend(); ++it) {
-    steps.emplace_back(step_views(*it, dA, grad_hx), rows(out, it->begin, it->count));
-  }
-  for (auto& [v, out_t] : steps) {
-    // dA_t = (dY_t + dh_t) * act'(h_t); dh_{t-1} = dA_t W_hh, added into the
-    // previous step's dA slot, or written to grad_hx for rows that began at hx.
-    Backend::activation_backward(v.all, out_t, relu);
-    if (v.carried.defined()) Backend::addmm(v.prev_carried, v.prev_carried, v.carried, w_hh);
-    if (v.fresh.defined()) Backend::mm(v.state_fresh, v.fresh, w_hh);
+  if (!Backend::fused_backward(L, reverse, relu, dA, out, grad_hx, w_hh)) {
+    std::vector<StepRows> order = steps_in_order(L, reverse);
+    std::vector<std::pair<StepViews, Tensor>> steps;  // (views into dA, out_t)
+    for (auto it = order.rbegin(); it != order.rend(); ++it) {
+      steps.emplace_back(step_views(*it, dA, grad_hx), rows(out, it->begin, it->count));
+    }
+    for (auto& [v, out_t] : steps) {
+      // dA_t = (dY_t + dh_t) * act'(h_t); dh_{t-1} = dA_t W_hh, added into the
+      // previous step's dA slot, or written to grad_hx for rows that began at hx.
+      Backend::activation_backward(v.all, out_t, relu);
+      if (v.carried.defined()) Backend::addmm(v.prev_carried, v.prev_carried, v.carried, w_hh);
+      if (v.fresh.defined()) Backend::mm(v.state_fresh, v.fresh, w_hh);
+    }
   }
 
   // Outputs that are not needed are distinct empty tensors (outputs of an op

@@ -32,7 +32,7 @@ def elman(
     weight_hh: [H, H]; biases: [H] or None. Returns (output [T, B, H] or [N, H], h_n [B, H]).
     ``reverse`` runs the sequence from its end (the backward direction).
     """
-    if input.is_cuda and not _loader.cuda_loaded:
+    if isinstance(input, Tensor) and input.is_cuda and not _loader.cuda_loaded:
         raise RuntimeError(
             "fastrnn was built without CUDA kernels, so it cannot run on CUDA tensors; "
             f"rebuild with a CUDA toolkit present (FASTRNN_CUDA=1): {_loader.REBUILD}"
@@ -42,10 +42,90 @@ def elman(
     )
 
 
+# The device kernels check every argument (csrc/elman_driver.h). The fake
+# kernels below run instead of them for meta tensors, under torch.compile, and
+# whenever one argument is a meta tensor (the Meta key outranks CPU/CUDA, so a
+# CPU op with one meta argument lands here), so they make the same checks, with
+# the same messages, on everything but batch_sizes' values. Without them, a
+# meta hx or weight next to CPU tensors gave uninitialised CPU "results".
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_C10_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+              torch.float16: "Half"}
+
+
+def _dtype_name(dtype):
+    return _C10_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _check_same(op, name, t, input):
+    if t.device != input.device:
+        raise RuntimeError(f"{op}: {name} must be on the same device as input")
+    if t.dtype != input.dtype:
+        raise RuntimeError(
+            f"{op}: {name} must have the same dtype as input ({_dtype_name(input.dtype)}), "
+            f"got {_dtype_name(t.dtype)}"
+        )
+
+
+def _check_shape(op, name, t, expected):
+    def message():
+        return (f"{op}: {name} must have shape [{', '.join(map(str, expected))}], "
+                f"got [{', '.join(map(str, t.shape))}]")
+
+    if t.dim() != len(expected):
+        raise RuntimeError(message())
+    for size, want in zip(t.shape, expected):
+        torch._check(size == want, message)  # symbolic sizes: an assertion, not a guard
+
+
+def _check_defined(op, **tensors):
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise RuntimeError(f"{op}: {name} must be a tensor, got None")
+
+
+def _check_args(op, input, hx, weight_ih, weight_hh, batch_sizes):
+    """The checks of check_and_layout (elman_driver.h) that need no data."""
+    packed = batch_sizes is not None
+    _check_defined(op, input=input, hx=hx, weight_ih=weight_ih, weight_hh=weight_hh)
+    if input.dtype not in _SUPPORTED_DTYPES:
+        raise RuntimeError(
+            f"{op}: input dtype {_dtype_name(input.dtype)} is not supported on "
+            f"{input.device.type}"
+        )
+    if input.dim() != (2 if packed else 3):
+        want = ("2-D [N, I] when batch_sizes is given" if packed
+                else "3-D [T, B, I] when batch_sizes is None")
+        raise RuntimeError(f"{op}: input must be {want}, got {input.dim()}-D")
+    if hx.dim() != 2:
+        raise RuntimeError(f"{op}: hx must be 2-D [B, H], got {hx.dim()}-D")
+    if weight_hh.dim() != 2:
+        raise RuntimeError(f"{op}: weight_hh must be 2-D [H, H], got {weight_hh.dim()}-D")
+    hidden = weight_hh.shape[0]
+    _check_shape(op, "weight_hh", weight_hh, (hidden, hidden))
+    _check_shape(op, "weight_ih", weight_ih, (hidden, input.shape[-1]))
+    for name, t in (("hx", hx), ("weight_ih", weight_ih), ("weight_hh", weight_hh)):
+        _check_same(op, name, t, input)
+    if packed:
+        if batch_sizes.device.type != "cpu" or batch_sizes.dim() != 1 or \
+                batch_sizes.dtype != torch.int64:
+            raise RuntimeError(f"{op}: batch_sizes must be a 1-D int64 CPU tensor")
+        # hx's batch is batch_sizes[0]: data, checked by the device kernel.
+        torch._check(hx.shape[1] == hidden, lambda: f"{op}: hx must have shape [B, {hidden}], "
+                     f"got [{', '.join(map(str, hx.shape))}]")
+    else:
+        _check_shape(op, "hx", hx, (input.shape[1], hidden))
+    return hidden
+
+
 @torch.library.register_fake("fastrnn::elman_forward")
 def _forward_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes, relu, reverse):
-    torch._check(input.dim() == (2 if batch_sizes is not None else 3), lambda: "bad input rank")
-    hidden = weight_hh.shape[0]
+    op = "fastrnn::elman_forward"
+    hidden = _check_args(op, input, hx, weight_ih, weight_hh, batch_sizes)
+    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        if b is not None:
+            _check_shape(op, name, b, (hidden,))
+            _check_same(op, name, b, input)
     output = input.new_empty((*input.shape[:-1], hidden))
     return output, hx.new_empty(hx.shape)
 
@@ -55,6 +135,23 @@ def _backward_fake(
     grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output, batch_sizes,
     relu, reverse, need_input_grad, need_weight_grad, need_bias_grad,
 ):
+    op = "fastrnn::elman_backward"
+    hidden = _check_args(op, input, hx, weight_ih, weight_hh, batch_sizes)
+    _check_defined(op, grad_output=grad_output, grad_h_n=grad_h_n, output=output)
+    out_shape = (*input.shape[:-1], hidden)
+    for name, t in (("output", output), ("grad_output", grad_output)):
+        if t.dim() != input.dim():
+            raise RuntimeError(f"{op}: {name} must be {input.dim()}-D, got {t.dim()}-D")
+        for size, want in zip(t.shape, out_shape):
+            torch._check(
+                size == want,
+                lambda: f"{op}: {name} must have the shape of the forward output, got "
+                f"[{', '.join(map(str, t.shape))}]",
+            )
+        _check_same(op, name, t, input)
+    _check_shape(op, "grad_h_n", grad_h_n, tuple(hx.shape))
+    _check_same(op, "grad_h_n", grad_h_n, input)
+
     def maybe(needed, like):
         return like.new_empty(like.shape) if needed else input.new_empty(0)
 
@@ -111,3 +208,41 @@ torch.library.register_autograd("fastrnn::elman_forward", _backward, setup_conte
 torch.library.register_autograd(
     "fastrnn::elman_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
 )
+
+
+# Autocast. torch.nn.RNN under torch.autocast runs in the autocast dtype (on the
+# CPU its GEMMs are autocast ops; on CUDA cudnn's RNN is an autocast op), so its
+# output and h_n come out in that dtype. A custom op is not cast by default: it
+# would run, and return, float32. This kernel casts the floating-point inputs of
+# the autocast device (float64 excepted, as autocast does) to the current
+# autocast dtype, read at call time (torch.library.register_autocast only takes
+# a fixed dtype), and runs the op with autocast off. The casts are recorded by
+# autograd, so the float32 parameters get float32 gradients.
+_autocast_lib = torch.library.Library("fastrnn", "IMPL")
+
+
+def _register_autocast(device_type: str) -> None:
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+    op = _ops.elman_forward.default
+
+    def cast(value, dtype):
+        if (isinstance(value, Tensor) and value.is_floating_point()
+                and value.device.type == device_type and value.dtype != torch.float64):
+            return value.to(dtype)
+        return value
+
+    def autocast_forward(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*(cast(a, dtype) for a in args))
+
+    op.py_kernels.pop(key, None)
+    op.py_impl(key)(autocast_forward)  # for the Python dispatcher (tracing)
+    _autocast_lib.impl("elman_forward", lambda _keyset, *args: autocast_forward(*args),
+                       key_name, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    if torch._C._is_autocast_available(_device_type):
+        _register_autocast(_device_type)

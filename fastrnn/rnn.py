@@ -28,6 +28,18 @@ _C10_DTYPE_NAMES = {
 }
 
 
+def _autocast_reconciles(a: Tensor, b: Tensor) -> bool:
+    """Whether autocast casts both to one dtype (as it does for torch.nn.RNN's GEMMs),
+    so that different dtypes are no error."""
+    eligible = (torch.float32, torch.float16, torch.bfloat16)
+    return (
+        a.device.type == b.device.type
+        and torch.is_autocast_enabled(a.device.type)
+        and a.dtype in eligible
+        and b.dtype in eligible
+    )
+
+
 class RNN(nn.RNNBase):
     __doc__ = (
         "Drop-in replacement for :class:`torch.nn.RNN`, computed by fastrnn's fused kernels.\n\n"
@@ -132,7 +144,16 @@ class RNN(nn.RNNBase):
     def _run_layers(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor]):
         """input: time-major [T, B, I] or packed [N, I]; hx: [L * D, B, H]."""
         weights = [getattr(self, name) for name in self._flat_weights_names]
-        if hx.dtype != weights[0].dtype:
+        # torch.nn.RNN's device checks (check_attributes in aten's RNN.cpp), hidden first.
+        # Without them a meta tensor among CPU ones reached the ops' fake kernel.
+        for what, tensors in (("hidden", [hx]), ("parameter", weights)):
+            for t in tensors:
+                if t.device != input.device:
+                    raise RuntimeError(
+                        f"Input and {what} tensors are not at the same device, found input "
+                        f"tensor at {input.device} and {what} tensor at {t.device}"
+                    )
+        if hx.dtype != weights[0].dtype and not _autocast_reconciles(hx, weights[0]):
             raise RuntimeError(
                 "mat1 and mat2 must have the same dtype, but got "
                 f"{_C10_DTYPE_NAMES.get(hx.dtype, hx.dtype)} and "

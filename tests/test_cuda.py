@@ -95,3 +95,25 @@ def test_runs_on_the_inputs_device_not_the_current_one():
     with torch.cuda.device(0):
         out, _ = fast(x)
     assert out.device == x.device
+
+
+@pytest.mark.parametrize("hidden", [1, 37, 128, 256, 1024], ids=lambda h: f"H{h}")
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_persistent_kernels_match_torch(monkeypatch, hidden, packed, nonlinearity):
+    """The persistent kernels (opt-in, FASTRNN_CUDA_PERSISTENT=1) against torch.nn.RNN in
+    float64; hidden 1024 does not fit on chip and takes the per-step path."""
+    monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
+    ref, fast = rnn_pair(5, hidden, 2, nonlinearity=nonlinearity, bidirectional=True)
+    ref, fast = ref.cuda().double(), fast.cuda().double()
+    x = torch.randn(11, 300, 5, device="cuda", dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 300, hidden, device="cuda", dtype=torch.float64, requires_grad=True)
+    lengths = torch.randint(1, 12, (300,))
+    lengths[7] = 11
+    results = []
+    for m in (ref, fast):
+        inp = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        out, h = m(inp, h0)
+        results.append([out.data if packed else out, h, *grads(m, weighted_sum(out, h), [x, h0])])
+    for a, e in zip(results[1], results[0]):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)

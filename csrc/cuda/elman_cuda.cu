@@ -4,6 +4,7 @@
 // for every hidden size; the persistent on-chip recurrence (issue "CUDA
 // kernels") plugs in here.
 #include "../elman_driver.h"
+#include "elman_persistent.cuh"
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cuda.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -12,22 +13,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace fastrnn {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
-template <>
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) { return static_cast<T>(v); }
-template <>
-__device__ __forceinline__ __half from_float(float v) { return __float2half(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16(v); }
 
 // grad [n] *= act'(out [n]); the derivative is read from the saved output.
 template <typename T>
@@ -40,9 +30,9 @@ __global__ void activation_backward_kernel(T* __restrict__ grad,
       const double y = out[i];
       grad[i] = relu ? (y <= 0.0 ? 0.0 : grad[i]) : grad[i] * (1.0 - y * y);
     } else {
-      const float y = to_float(out[i]);
-      const float g = to_float(grad[i]);
-      grad[i] = from_float<T>(relu ? (y <= 0.f ? 0.f : g) : g * (1.f - y * y));
+      const float y = load<float>(out[i]);
+      const float g = load<float>(grad[i]);
+      grad[i] = store<T>(relu ? (y <= 0.f ? 0.f : g) : g * (1.f - y * y));
     }
   }
 }
@@ -58,6 +48,102 @@ void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   FASTRNN_CHECK(err == cudaSuccess, "fastrnn: ", what, " failed: ",
                   cudaGetErrorString(err));
+}
+
+int device_attribute(cudaDeviceAttr attr, int device) {
+  int value = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&value, attr, device);
+  FASTRNN_CHECK(err == cudaSuccess, "fastrnn: cudaDeviceGetAttribute failed: ",
+                cudaGetErrorString(err));
+  return value;
+}
+
+// The persistent kernels are not yet verified on a GPU: opt in with
+// FASTRNN_CUDA_PERSISTENT=1 until the CUDA test suite has passed with them.
+bool persistent_enabled() {
+  const char* flag = std::getenv("FASTRNN_CUDA_PERSISTENT");
+  return flag != nullptr && std::strcmp(flag, "1") == 0;
+}
+
+// How a persistent launch tiles the batch: rows per CTA (at most
+// kThreads * kMaxPerThread outputs per step, and few enough rows that the
+// tiles spread over every SM) and the shared memory that takes.
+struct PersistentPlan {
+  int tile = 0;
+  int blocks = 0;
+  size_t smem = 0;
+};
+
+template <typename acc_t>
+bool plan_persistent(const SequenceLayout& L, int64_t H, int buffers, int device,
+                     PersistentPlan& plan) {
+  using namespace persistent;
+  if (H <= 0 || L.batch == 0 || H > kThreads * kMaxPerThread) return false;
+  const int64_t max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  int64_t tile = std::min<int64_t>(kThreads * kMaxPerThread / H, (L.batch + sms - 1) / sms);
+  tile = std::max<int64_t>(tile, 1);
+  auto bytes = [&](int64_t rows) { return (H * H + buffers * rows * H) * int64_t(sizeof(acc_t)); };
+  while (tile > 1 && bytes(tile) > max_smem) --tile;
+  if (bytes(tile) > max_smem) return false;  // W_hh does not fit on chip: step with GEMMs
+  plan.tile = static_cast<int>(tile);
+  plan.blocks = static_cast<int>((L.batch + tile - 1) / tile);
+  plan.smem = static_cast<size_t>(bytes(tile));
+  return true;
+}
+
+// batch_sizes then offsets, [2, T] int64 on the device (none when padded).
+std::optional<Tensor> device_layout(const SequenceLayout& L, const Tensor& like) {
+  if (!L.packed) return std::nullopt;
+  Tensor host = torch::stable::empty({2, L.steps}, ScalarType::Long, std::nullopt,
+                                     torch::stable::Device(torch::headeronly::DeviceType::CPU));
+  int64_t* p = host.mutable_data_ptr<int64_t>();
+  std::copy(L.batch_sizes.begin(), L.batch_sizes.end(), p);
+  std::copy(L.offsets.begin(), L.offsets.end(), p + L.steps);
+  return torch::stable::to(host, like.device());
+}
+
+template <typename Kernel>
+void prepare(Kernel kernel, size_t smem) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  FASTRNN_CHECK(err == cudaSuccess, "fastrnn: cudaFuncSetAttribute failed: ", cudaGetErrorString(err));
+}
+
+template <typename T, typename acc_t>
+bool launch_forward(const SequenceLayout& L, bool reverse, bool relu, Tensor& out,
+                    const Tensor& hx, const Tensor& w_hh) {
+  const int64_t H = w_hh.size(0);
+  PersistentPlan plan;
+  if (!plan_persistent<acc_t>(L, H, 1, out.get_device_index(), plan)) return false;
+  const std::optional<Tensor> layout = device_layout(L, out);
+  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
+  auto kernel = persistent::forward_kernel<T, acc_t>;
+  prepare(kernel, plan.smem);
+  kernel<<<plan.blocks, persistent::kThreads, plan.smem, current_stream(out)>>>(
+      static_cast<T*>(out.data_ptr()), static_cast<const T*>(hx.data_ptr()),
+      static_cast<const T*>(w_hh.data_ptr()), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch,
+      static_cast<int>(H), plan.tile, relu, reverse);
+  check_launch("persistent forward_kernel");
+  return true;
+}
+
+template <typename T, typename acc_t>
+bool launch_backward(const SequenceLayout& L, bool reverse, bool relu, Tensor& dA,
+                     const Tensor& out, Tensor& grad_hx, const Tensor& w_hh) {
+  const int64_t H = w_hh.size(0);
+  PersistentPlan plan;
+  if (!plan_persistent<acc_t>(L, H, 2, out.get_device_index(), plan)) return false;
+  const std::optional<Tensor> layout = device_layout(L, out);
+  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
+  auto kernel = persistent::backward_kernel<T, acc_t>;
+  prepare(kernel, plan.smem);
+  kernel<<<plan.blocks, persistent::kThreads, plan.smem, current_stream(out)>>>(
+      static_cast<T*>(dA.data_ptr()), static_cast<const T*>(out.data_ptr()),
+      static_cast<T*>(grad_hx.data_ptr()), static_cast<const T*>(w_hh.data_ptr()), bs,
+      bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H), plan.tile, relu, reverse);
+  check_launch("persistent backward_kernel");
+  return true;
 }
 
 struct CudaBackend {
@@ -76,6 +162,35 @@ struct CudaBackend {
 
   static void mm(Tensor& out, const Tensor& a, const Tensor& b) {
     TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_mm_out(out.get(), a.get(), b.get()));
+  }
+
+  static bool fused_forward(const SequenceLayout& L, bool reverse, bool relu, Tensor& out,
+                            const Tensor& hx, const Tensor& w_hh) {
+    if (!persistent_enabled() || L.steps == 0) return false;
+    switch (out.scalar_type()) {
+      case ScalarType::Float: return launch_forward<float, float>(L, reverse, relu, out, hx, w_hh);
+      case ScalarType::Double: return launch_forward<double, double>(L, reverse, relu, out, hx, w_hh);
+      case ScalarType::Half: return launch_forward<__half, float>(L, reverse, relu, out, hx, w_hh);
+      case ScalarType::BFloat16:
+        return launch_forward<__nv_bfloat16, float>(L, reverse, relu, out, hx, w_hh);
+      default: return false;
+    }
+  }
+
+  static bool fused_backward(const SequenceLayout& L, bool reverse, bool relu, Tensor& dA,
+                             const Tensor& out, Tensor& grad_hx, const Tensor& w_hh) {
+    if (!persistent_enabled() || L.steps == 0) return false;
+    switch (out.scalar_type()) {
+      case ScalarType::Float:
+        return launch_backward<float, float>(L, reverse, relu, dA, out, grad_hx, w_hh);
+      case ScalarType::Double:
+        return launch_backward<double, double>(L, reverse, relu, dA, out, grad_hx, w_hh);
+      case ScalarType::Half:
+        return launch_backward<__half, float>(L, reverse, relu, dA, out, grad_hx, w_hh);
+      case ScalarType::BFloat16:
+        return launch_backward<__nv_bfloat16, float>(L, reverse, relu, dA, out, grad_hx, w_hh);
+      default: return false;
+    }
   }
 
   template <typename T>

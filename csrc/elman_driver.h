@@ -8,6 +8,7 @@
 //   static void addmm(Tensor& out, const Tensor& self, const Tensor& a, const Tensor& b);
 //       out = self + a @ b  (out may alias self)
 //   static void mm(Tensor& out, const Tensor& a, const Tensor& b);       out = a @ b
+//   static void activation(Tensor& h, bool relu);   h = act(h) in place, h contiguous
 //   static void activation_backward(Tensor& grad, const Tensor& out, bool relu);
 //       grad *= act'(out), both contiguous with the same shape
 //   static bool supports(ScalarType dtype);
@@ -308,12 +309,11 @@ ForwardResult elman_forward(Tensor input, Tensor hx, Tensor weight_ih,
   if (!Backend::fused_forward(L, reverse, relu, out, h0, torch::stable::contiguous(weight_hh))) {
     std::vector<StepViews> steps;
     for (const StepRows& st : steps_in_order(L, reverse)) steps.push_back(step_views(st, out, h0));
-    const char* act = relu ? "aten::relu_" : "aten::tanh_";
     for (StepViews& v : steps) {
       // h_t = act(P_t + h_{t-1} W_hh^T), in place in the output.
       if (v.carried.defined()) Backend::addmm(v.carried, v.carried, v.prev_carried, w_hh_t);
       if (v.fresh.defined()) Backend::addmm(v.fresh, v.fresh, v.state_fresh, w_hh_t);
-      call_inplace(act, v.all);
+      Backend::activation(v.all, relu);
     }
   }
 

@@ -193,6 +193,10 @@ struct CudaBackend {
     }
   }
 
+  static void activation(Tensor& h, bool relu) {
+    detail::call_inplace(relu ? "aten::relu_" : "aten::tanh_", h);  // torch's own kernels
+  }
+
   template <typename T>
   static void launch_activation_backward(Tensor& grad, const Tensor& out, bool relu) {
     const int64_t n = grad.numel();

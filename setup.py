@@ -57,7 +57,9 @@ def want_cuda():
 
 def extensions():
     common = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
-    cxx = ["-O3", *common]
+    # -fno-trapping-math lets GCC if-convert, and so vectorise, the compare-and-select
+    # pointwise loops of the CPU kernels (relu, tanh's clamp); fastrnn never reads FP flags.
+    cxx = ["-O3", "-fno-trapping-math", *common]
     exts = [
         CppExtension(
             "fastrnn._C",

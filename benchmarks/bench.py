@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 from datetime import date
 
@@ -75,7 +76,9 @@ def measure(c, device, repeats, budget_s, peak):
     ref, fast = twin_rnns(INPUT, c["hidden"], c["layers"], bidirectional=c["bidirectional"],
                           device=device, dtype=dtype)
     inputs = make_inputs(c, device, dtype)
-    row = dict(c, name=cell_name(c))
+    # Rows actually computed: T * B, or the packed sequence's total length.
+    rows = inputs[0].data.shape[0] if c["packed"] else c["steps"] * c["batch"]
+    row = dict(c, name=cell_name(c), rows=rows)
     for backward in (False, True):
         kind = "fwdbwd" if backward else "fwd"
         steps = [make_step(ref, inputs, backward), make_step(fast, inputs, backward)]
@@ -87,17 +90,41 @@ def measure(c, device, repeats, budget_s, peak):
         row[f"{kind}_runs"] = t_ref["runs"]
         row[f"{kind}_speedup"] = t_ref["median"] / t_fast["median"]
         if device == "cpu":
-            flops = rnn_flops(c["steps"], c["batch"], INPUT, c["hidden"], c["layers"], dirs, backward)
+            flops = rnn_flops(1, rows, INPUT, c["hidden"], c["layers"], dirs, backward)
             row[f"{kind}_torch_peak_frac"] = flops / t_ref["median"] / peak
             row[f"{kind}_fastrnn_peak_frac"] = flops / t_fast["median"] / peak
         else:
             per = c["steps"] * c["layers"] * 1e-6
             row[f"{kind}_torch_us_per_step"] = t_ref["median"] / per
             row[f"{kind}_fastrnn_us_per_step"] = t_fast["median"] / per
-        if backward:
+        if backward and device == "cuda":
             row["mem_torch_mb"] = _mb(peak_memory(steps[0], device))
             row["mem_fastrnn_mb"] = _mb(peak_memory(steps[1], device))
     return row
+
+
+def cpu_memory(c):
+    """Peak fwd+bwd memory (MB) of both implementations on one cell (CPU)."""
+    dtype = getattr(torch, c["dtype"])
+    ref, fast = twin_rnns(INPUT, c["hidden"], c["layers"], bidirectional=c["bidirectional"], dtype=dtype)
+    inputs = make_inputs(c, "cpu", dtype)
+    out = []
+    for module in (ref, fast):
+        step = make_step(module, inputs, True)
+        step()  # warm-up
+        out.append(_mb(peak_memory(step, "cpu")))
+    return out
+
+
+def cpu_memory_pass(cells_todo):
+    """Runs cpu_memory for every cell in a child process whose glibc returns each
+    block of 64 KiB or more to the OS when freed, so that the peak resident set
+    measures what one forward+backward allocates. (A separate process, because
+    that setting slows every allocation down and must not touch the timings.)"""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, __file__, "--memory-pass"], input=json.dumps(cells_todo),
+                          capture_output=True, text=True, env=env, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _mb(nbytes):
@@ -169,7 +196,8 @@ def plot(path, meta, rows):
         ax.set_xticks(range(len(batches)), batches)
         ax.set_yticks(range(len(hiddens)), hiddens)
         ax.set_xlabel("batch")
-        ax.set_ylabel("hidden")
+        if ax is axes[0][0]:
+            ax.set_ylabel("hidden")
         ax.set_title(f"T = {t}")
     fig.colorbar(im, ax=axes[0].tolist(), label="fwd+bwd speedup (torch / fastrnn), 1.0 = parity")
     fig.suptitle(f"fastrnn vs torch.nn.RNN, {meta['device']}: {meta['machine']}", fontsize=9)
@@ -189,13 +217,11 @@ def main(argv=None):
     p.add_argument("--csv")
     p.add_argument("--plot")
     p.add_argument("--markdown")
+    p.add_argument("--memory-pass", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.device == "cpu" and argv is None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # Make glibc hand every block of 64 KiB or more straight back to the
-        # OS when freed, so that the peak resident set measures what one
-        # forward+backward allocates (not blocks kept from earlier runs).
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    if args.memory_pass:  # child of cpu_memory_pass: cells on stdin, results on stdout
+        print(json.dumps([cpu_memory(c) for c in json.loads(sys.stdin.read())]))
+        return None
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU is visible")
     if args.no_tf32:
@@ -221,6 +247,9 @@ def main(argv=None):
     rows = []
     for c in tqdm(todo, desc=f"bench {args.device}", unit="cell"):
         rows.append(measure(c, args.device, args.repeats, args.budget_s, peak))
+    if args.device == "cpu":
+        for row, (mem_torch, mem_fast) in zip(rows, cpu_memory_pass(todo)):
+            row["mem_torch_mb"], row["mem_fastrnn_mb"] = mem_torch, mem_fast
     if args.device == "cpu":  # the sgemm rate drifts with load: keep the best seen
         meta["sgemm_gflops"] = max(meta["sgemm_gflops"], sgemm_peak(samples=5) / 1e9)
 

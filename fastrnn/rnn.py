@@ -17,15 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import elman
-
-# torch.nn.RNN reports an hx/weight dtype mismatch from its GEMM; we say the same.
-_C10_DTYPE_NAMES = {
-    torch.float64: "Double",
-    torch.float32: "Float",
-    torch.float16: "Half",
-    torch.bfloat16: "BFloat16",
-}
+from .ops import _dtype_name, elman
 
 
 def _autocast_reconciles(a: Tensor, b: Tensor) -> bool:
@@ -154,10 +146,10 @@ class RNN(nn.RNNBase):
                         f"tensor at {input.device} and {what} tensor at {t.device}"
                     )
         if hx.dtype != weights[0].dtype and not _autocast_reconciles(hx, weights[0]):
+            # torch.nn.RNN reports this from its GEMM: the same words.
             raise RuntimeError(
                 "mat1 and mat2 must have the same dtype, but got "
-                f"{_C10_DTYPE_NAMES.get(hx.dtype, hx.dtype)} and "
-                f"{_C10_DTYPE_NAMES.get(weights[0].dtype, weights[0].dtype)}"
+                f"{_dtype_name(hx.dtype)} and {_dtype_name(weights[0].dtype)}"
             )
         num_directions = 2 if self.bidirectional else 1
         per_cell = 4 if self.bias else 2

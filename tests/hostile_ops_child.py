@@ -62,28 +62,26 @@ B_POS = dict(grad_output=0, grad_h_n=1, input=2, hx=3, weight_ih=4, weight_hh=5,
 CASES = {}
 
 
-def fwd_error(name, arg, value, packed=False):
-    """The forward op with argument ``arg`` replaced by value(original) must name ``arg``."""
-
-    pos = F_POS[arg if isinstance(arg, str) else arg[0]]
+def op_error(kind, name, arg, value, packed=False):
+    """The ``kind`` ("forward" or "backward") op with argument ``arg`` replaced by
+    value(original) must name ``arg``."""
+    positions, make_args, op = (F_POS, fwd_args, FWD) if kind == "forward" else (B_POS, bwd_args, BWD)
+    pos = positions[arg if isinstance(arg, str) else arg[0]]
 
     def thunk():
-        a = fwd_args(packed)
+        a = make_args(packed)
         a[pos] = value(a[pos]) if callable(value) else value
-        return FWD(*a)
+        return op(*a)
 
-    CASES["forward/" + name] = ("error", arg, thunk)
+    CASES[f"{kind}/{name}"] = ("error", arg, thunk)
+
+
+def fwd_error(name, arg, value, packed=False):
+    op_error("forward", name, arg, value, packed)
 
 
 def bwd_error(name, arg, value, packed=False):
-    pos = B_POS[arg if isinstance(arg, str) else arg[0]]
-
-    def thunk():
-        a = bwd_args(packed)
-        a[pos] = value(a[pos]) if callable(value) else value
-        return BWD(*a)
-
-    CASES["backward/" + name] = ("error", arg, thunk)
+    op_error("backward", name, arg, value, packed)
 
 
 def meta(t):

@@ -654,6 +654,8 @@ def main(argv=None):
     for key in ("epochs", "batch_size", "lr", "momentum", "clip", "schedule", "init"):
         if getattr(args, key) is not None:
             hp[key] = getattr(args, key)
+    if args.momentum and hp["optimizer"] != "sgd":
+        raise UserError(f"--momentum applies to SGD; preset {args.preset} trains with {hp['optimizer']}.")
     if ckpt is not None:
         # The model's shape comes from the checkpoint; the training settings from the preset and flags.
         if ckpt["model_config"] != {k: hp[k] for k in MODEL_KEYS}:

@@ -51,10 +51,7 @@ def main():
     rows = []
     for name, preset in mnist_rnn.PRESETS.items():
         hp = dict(preset)
-        torch.manual_seed(0)
-        base = mnist_rnn.build_model(hp)
-        if hp["init"] == "identity":
-            mnist_rnn.init_identity_recurrence(base.rnn)
+        base = mnist_rnn.initial_model(hp, seed=0)
         ref = copy.deepcopy(base).to(args.device)
         fast = fastrnn.convert(copy.deepcopy(base)).to(args.device)
         b = hp["batch_size"]

@@ -296,6 +296,17 @@ def init_identity_recurrence(rnn):
                 p.normal_(0.0, p.shape[1] ** -0.5)
 
 
+def initial_model(hp, seed):
+    """The model on torch.nn.RNN with the preset's initial weights, drawn from ``seed``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = build_model(hp)
+    if hp["init"] == "identity":
+        init_identity_recurrence(model.rnn)
+    return model
+
+
 def import_fastrnn():
     try:
         import fastrnn
@@ -680,10 +691,7 @@ def main(argv=None):
     )
 
     # One model, built once from the seed; every implementation starts from a copy.
-    torch.manual_seed(args.seed)
-    base = build_model(hp)
-    if hp["init"] == "identity":
-        init_identity_recurrence(base.rnn)
+    base = initial_model(hp, args.seed)
     if ckpt is not None:
         try:
             base.load_state_dict(ckpt["state_dict"])

@@ -1,0 +1,99 @@
+// fastrnn: the Elman activations and their derivatives, defined once for the
+// CPU loops and the CUDA kernels.
+//
+//   tanh:  y = tanh(v)            dv = dy * (1 - y^2)
+//   relu:  y = v < 0 ? 0 : v      dv = y <= 0 ? 0 : dy      (as torch.relu /
+//          threshold_backward: NaN propagates forward, and the derivative at 0 is 0)
+//
+// The derivative is computed from the saved output y, so backward needs no
+// pre-activation values. acc_t is the accumulation type: float for float,
+// half and bfloat16 storage, double for double.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string_view>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define FASTRNN_HD __host__ __device__ __forceinline__
+#else
+#define FASTRNN_HD inline
+#endif
+
+namespace fastrnn {
+
+enum class Activation : int32_t { Tanh = 0, Relu = 1 };
+
+// The schema's `str nonlinearity`, as torch.nn.RNN spells it; false if unknown.
+inline bool parse_activation(std::string_view name, Activation& out) {
+  if (name == "tanh") return out = Activation::Tanh, true;
+  if (name == "relu") return out = Activation::Relu, true;
+  return false;
+}
+
+// tanh for float in [-9, 9] (beyond, tanh rounds to +-1) as a 13/6 rational
+// function: within a few ulp of std::tanh, and plain arithmetic, so a loop of
+// it vectorises (std::tanh / torch's tanh_ cost as much as a step's GEMM at
+// hidden 128-256). NaN stays NaN: every comparison with it is false.
+FASTRNN_HD float tanh_rational(float v) {
+  const float x = v < -9.f ? -9.f : (v > 9.f ? 9.f : v);
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return x * p / q;
+}
+
+FASTRNN_HD float tanh_acc(float v) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(v);
+#else
+  return tanh_rational(v);
+#endif
+}
+FASTRNN_HD double tanh_acc(double v) {
+#if defined(__CUDA_ARCH__)
+  return ::tanh(v);
+#else
+  return std::tanh(v);
+#endif
+}
+
+// y = act(v)
+template <Activation A, typename acc_t>
+FASTRNN_HD acc_t activate(acc_t v) {
+  if constexpr (A == Activation::Relu) {
+    return v < acc_t(0) ? acc_t(0) : v;
+  } else {
+    return tanh_acc(v);
+  }
+}
+
+// dv = dy * act'(v), written in terms of y = act(v)
+template <Activation A, typename acc_t>
+FASTRNN_HD acc_t activation_grad(acc_t dy, acc_t y) {
+  if constexpr (A == Activation::Relu) {
+    return y <= acc_t(0) ? acc_t(0) : dy;
+  } else {
+    return dy * (acc_t(1) - y * y);
+  }
+}
+
+// Calls f(std::integral_constant<Activation, A>{}) for the runtime value, so
+// that kernels are compiled once per activation with it as a constant.
+template <typename F>
+inline decltype(auto) with_activation(Activation a, F&& f) {
+  if (a == Activation::Relu) return f(std::integral_constant<Activation, Activation::Relu>{});
+  return f(std::integral_constant<Activation, Activation::Tanh>{});
+}
+
+}  // namespace fastrnn

@@ -10,8 +10,8 @@ from ._loader import load_ops
 HAS_CUDA = load_ops()
 
 from . import ops, reference  # noqa: E402
-from .ops import elman  # noqa: E402
-from .rnn import RNN, convert  # noqa: E402
+from .modules import RNN, convert  # noqa: E402
+from .ops import rnn  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "convert", "elman", "ops", "reference", "HAS_CUDA"]
+__all__ = ["RNN", "convert", "rnn", "ops", "reference", "HAS_CUDA"]

@@ -1,9 +1,9 @@
-"""Python side of the fastrnn ops: shapes for tracing (register_fake), autograd
-(register_autograd) and a typed wrapper. The ops themselves and their
-contracts are in csrc/elman.h.
+"""Python side of the fastrnn ops: a typed wrapper, shapes for tracing
+(register_fake), autograd (register_autograd) and autocast. The ops, their
+contracts and every argument check are in csrc/ (ops.h, checks.h).
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -13,186 +13,110 @@ from . import _loader
 _ops = torch.ops.fastrnn
 
 
-def elman(
+def rnn(
     input: Tensor,
     hx: Tensor,
-    weight_ih: Tensor,
-    weight_hh: Tensor,
-    bias_ih: Optional[Tensor] = None,
-    bias_hh: Optional[Tensor] = None,
-    batch_sizes: Optional[Tensor] = None,
+    weights: Sequence[Tensor],
     *,
-    relu: bool = False,
-    reverse: bool = False,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    nonlinearity: str = "tanh",
+    dropout: float = 0.0,
+    train: bool = False,
+    batch_sizes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """One layer, one direction of an Elman RNN over a whole sequence.
+    """A whole Elman RNN stack over a whole sequence, in one op call.
 
     input: [T, B, I] time-major, or packed [N, I] rows with ``batch_sizes`` [T]
-    (the layout of PackedSequence.data); hx: [B, H]; weight_ih: [H, I];
-    weight_hh: [H, H]; biases: [H] or None. Returns (output [T, B, H] or [N, H], h_n [B, H]).
-    ``reverse`` runs the sequence from its end (the backward direction).
+    (the layout of PackedSequence.data); hx: [num_layers * D, B, H];
+    weights: torch.nn.RNN's ``_flat_weights`` (per layer and direction
+    weight_ih, weight_hh and, if any, bias_ih, bias_hh). ``dropout`` applies
+    between layers when ``train``. Returns (output [T, B, D*H] or [N, D*H],
+    h_n [num_layers * D, B, H]).
     """
     if isinstance(input, Tensor) and input.is_cuda and not _loader.cuda_loaded:
         raise RuntimeError(
             "fastrnn was built without CUDA kernels, so it cannot run on CUDA tensors; "
             f"rebuild with a CUDA toolkit present (FASTRNN_CUDA=1): {_loader.REBUILD}"
         )
-    return _ops.elman_forward(
-        input, hx, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes, relu, reverse
-    )
+    directions = 2 if bidirectional else 1
+    has_biases = len(weights) != num_layers * directions * 2
+    output, h_n, _ = _ops.rnn(input, hx, list(weights), has_biases, num_layers, dropout, train,
+                              bidirectional, nonlinearity, batch_sizes)
+    return output, h_n
 
 
-# The device kernels check every argument (csrc/elman_driver.h). The fake
-# kernels below run instead of them for meta tensors, under torch.compile, and
-# whenever one argument is a meta tensor (the Meta key outranks CPU/CUDA, so a
-# CPU op with one meta argument lands here), so they make the same checks, with
-# the same messages, on everything but batch_sizes' values. Without them, a
-# meta hx or weight next to CPU tensors gave uninitialised CPU "results".
-_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_C10_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
-              torch.float16: "Half"}
+# Fake kernels: output shapes for meta tensors and tracing (torch.compile,
+# torch.export). The device kernels own the argument checks and their
+# messages; the few checks here are the ones a shape computation needs, and
+# the device check: with one meta tensor among CPU tensors the Meta key wins
+# dispatch, and returning meta "results" for CPU inputs would be wrong.
+def _check_devices(op, input, tensors):
+    for t in tensors:
+        if t.device != input.device:
+            raise RuntimeError(f"{op}: every tensor must be on the device of input "
+                               f"({input.device}), got one on {t.device}")
 
 
-def _dtype_name(dtype):
-    return _C10_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+def _reserve_size(input, hx, weights, num_layers, dropout, train, bidirectional):
+    directions = 2 if bidirectional else 1
+    rows = input.shape[0] if input.dim() == 2 else input.shape[0] * input.shape[1]
+    dropped = train and dropout > 0 and num_layers > 1
+    return (num_layers - 1) * rows * directions * hx.shape[2] * (2 if dropped else 1)
 
 
-def _check_same(op, name, t, input):
-    if t.device != input.device:
-        raise RuntimeError(f"{op}: {name} must be on the same device as input")
-    if t.dtype != input.dtype:
-        raise RuntimeError(
-            f"{op}: {name} must have the same dtype as input ({_dtype_name(input.dtype)}), "
-            f"got {_dtype_name(t.dtype)}"
-        )
+@torch.library.register_fake("fastrnn::rnn")
+def _rnn_fake(input, hx, weights, has_biases, num_layers, dropout, train, bidirectional,
+              nonlinearity, batch_sizes):
+    _check_devices("fastrnn::rnn", input, [hx, *weights])
+    if hx.dim() != 3:
+        raise RuntimeError(f"fastrnn::rnn: hx must be 3-D [L*D, B, H], got {hx.dim()}-D")
+    width = (2 if bidirectional else 1) * hx.shape[2]
+    output = input.new_empty((*input.shape[:-1], width))
+    reserve = input.new_empty(
+        _reserve_size(input, hx, weights, num_layers, dropout, train, bidirectional))
+    return output, hx.new_empty(hx.shape), reserve
 
 
-def _check_shape(op, name, t, expected):
-    def message():
-        return (f"{op}: {name} must have shape [{', '.join(map(str, expected))}], "
-                f"got [{', '.join(map(str, t.shape))}]")
-
-    if t.dim() != len(expected):
-        raise RuntimeError(message())
-    for size, want in zip(t.shape, expected):
-        torch._check(size == want, message)  # symbolic sizes: an assertion, not a guard
-
-
-def _check_defined(op, **tensors):
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise RuntimeError(f"{op}: {name} must be a tensor, got None")
+@torch.library.register_fake("fastrnn::rnn_backward")
+def _rnn_backward_fake(input, hx, weights, has_biases, num_layers, dropout, train, bidirectional,
+                       nonlinearity, batch_sizes, output, reserve, grad_output, grad_h_n,
+                       need_input_grad, need_weight_grad):
+    _check_devices("fastrnn::rnn_backward", input,
+                   [hx, *weights, output, reserve, grad_output, grad_h_n])
+    grad_input = input.new_empty(input.shape if need_input_grad else (0,))
+    grad_weights = [w.new_empty(w.shape if need_weight_grad else (0,)) for w in weights]
+    return grad_input, hx.new_empty(hx.shape), grad_weights
 
 
-def _check_args(op, input, hx, weight_ih, weight_hh, batch_sizes):
-    """The checks of check_and_layout (elman_driver.h) that need no data."""
-    packed = batch_sizes is not None
-    _check_defined(op, input=input, hx=hx, weight_ih=weight_ih, weight_hh=weight_hh)
-    if input.dtype not in _SUPPORTED_DTYPES:
-        raise RuntimeError(
-            f"{op}: input dtype {_dtype_name(input.dtype)} is not supported on "
-            f"{input.device.type}"
-        )
-    if input.dim() != (2 if packed else 3):
-        want = ("2-D [N, I] when batch_sizes is given" if packed
-                else "3-D [T, B, I] when batch_sizes is None")
-        raise RuntimeError(f"{op}: input must be {want}, got {input.dim()}-D")
-    if hx.dim() != 2:
-        raise RuntimeError(f"{op}: hx must be 2-D [B, H], got {hx.dim()}-D")
-    if weight_hh.dim() != 2:
-        raise RuntimeError(f"{op}: weight_hh must be 2-D [H, H], got {weight_hh.dim()}-D")
-    hidden = weight_hh.shape[0]
-    _check_shape(op, "weight_hh", weight_hh, (hidden, hidden))
-    _check_shape(op, "weight_ih", weight_ih, (hidden, input.shape[-1]))
-    for name, t in (("hx", hx), ("weight_ih", weight_ih), ("weight_hh", weight_hh)):
-        _check_same(op, name, t, input)
-    if packed:
-        if batch_sizes.device.type != "cpu" or batch_sizes.dim() != 1 or \
-                batch_sizes.dtype != torch.int64:
-            raise RuntimeError(f"{op}: batch_sizes must be a 1-D int64 CPU tensor")
-        # hx's batch is batch_sizes[0]: data, checked by the device kernel.
-        torch._check(hx.shape[1] == hidden, lambda: f"{op}: hx must have shape [B, {hidden}], "
-                     f"got [{', '.join(map(str, hx.shape))}]")
-    else:
-        _check_shape(op, "hx", hx, (input.shape[1], hidden))
-    return hidden
-
-
-@torch.library.register_fake("fastrnn::elman_forward")
-def _forward_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes, relu, reverse):
-    op = "fastrnn::elman_forward"
-    hidden = _check_args(op, input, hx, weight_ih, weight_hh, batch_sizes)
-    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
-        if b is not None:
-            _check_shape(op, name, b, (hidden,))
-            _check_same(op, name, b, input)
-    output = input.new_empty((*input.shape[:-1], hidden))
-    return output, hx.new_empty(hx.shape)
-
-
-@torch.library.register_fake("fastrnn::elman_backward")
-def _backward_fake(
-    grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output, batch_sizes,
-    relu, reverse, need_input_grad, need_weight_grad, need_bias_grad,
-):
-    op = "fastrnn::elman_backward"
-    hidden = _check_args(op, input, hx, weight_ih, weight_hh, batch_sizes)
-    _check_defined(op, grad_output=grad_output, grad_h_n=grad_h_n, output=output)
-    out_shape = (*input.shape[:-1], hidden)
-    for name, t in (("output", output), ("grad_output", grad_output)):
-        if t.dim() != input.dim():
-            raise RuntimeError(f"{op}: {name} must be {input.dim()}-D, got {t.dim()}-D")
-        for size, want in zip(t.shape, out_shape):
-            torch._check(
-                size == want,
-                lambda: f"{op}: {name} must have the shape of the forward output, got "
-                f"[{', '.join(map(str, t.shape))}]",
-            )
-        _check_same(op, name, t, input)
-    _check_shape(op, "grad_h_n", grad_h_n, tuple(hx.shape))
-    _check_same(op, "grad_h_n", grad_h_n, input)
-
-    def maybe(needed, like):
-        return like.new_empty(like.shape) if needed else input.new_empty(0)
-
-    return (
-        maybe(need_input_grad, input),
-        hx.new_empty(hx.shape),
-        maybe(need_weight_grad, weight_ih),
-        maybe(need_weight_grad, weight_hh),
-        input.new_empty(weight_hh.shape[0]) if need_bias_grad else input.new_empty(0),
-    )
+# Autograd: one rnn_backward call for the whole stack.
+_CONFIG = slice(3, 9)  # has_biases .. nonlinearity: the arguments besides tensors
 
 
 def _setup_context(ctx, inputs, output):
-    input, hx, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes, relu, reverse = inputs
-    ctx.save_for_backward(input, hx, weight_ih, weight_hh, output[0], batch_sizes)
-    ctx.relu = relu
-    ctx.reverse = reverse
+    input, hx, weights, *_, batch_sizes = inputs
+    out, _, reserve = output
+    ctx.config = inputs[_CONFIG]
+    ctx.num_weights = len(weights)
+    ctx.save_for_backward(input, hx, batch_sizes, out, reserve, *weights)
+    ctx.mark_non_differentiable(reserve)
 
 
-def _backward(ctx, grad_output, grad_h_n):
-    input, hx, weight_ih, weight_hh, output, batch_sizes = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_bias = need[4] or need[5]
+def _backward(ctx, grad_output, grad_h_n, _grad_reserve):
+    input, hx, batch_sizes, out, reserve, *weights = ctx.saved_tensors
+    need_input, need_hx, need_weights = ctx.needs_input_grad[:3]
     if grad_output is None:
-        grad_output = torch.zeros_like(output)
+        grad_output = torch.zeros_like(out)
     if grad_h_n is None:
         grad_h_n = torch.zeros_like(hx)
-    grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias = _ops.elman_backward(
-        grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output, batch_sizes,
-        ctx.relu, ctx.reverse, need[0], need[2] or need[3], need_bias,
-    )
+    grad_input, grad_hx, grad_weights = _ops.rnn_backward(
+        input, hx, weights, *ctx.config, batch_sizes, out, reserve, grad_output, grad_h_n,
+        need_input, any(need_weights))
     return (
-        grad_input if need[0] else None,
-        grad_hx if need[1] else None,
-        grad_w_ih if need[2] else None,
-        grad_w_hh if need[3] else None,
-        grad_bias if need[4] else None,
-        grad_bias if need[5] else None,
-        None,
-        None,
-        None,
+        grad_input if need_input else None,
+        grad_hx if need_hx else None,
+        [g if needed else None for g, needed in zip(grad_weights, need_weights)],
+        *([None] * 7),
     )
 
 
@@ -204,45 +128,39 @@ def _no_double_backward(ctx, *grads):
     )
 
 
-torch.library.register_autograd("fastrnn::elman_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd("fastrnn::rnn", _backward, setup_context=_setup_context)
 torch.library.register_autograd(
-    "fastrnn::elman_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    "fastrnn::rnn_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
 )
 
 
 # Autocast. torch.nn.RNN under torch.autocast runs in the autocast dtype (on the
 # CPU its GEMMs are autocast ops; on CUDA cudnn's RNN is an autocast op), so its
-# output and h_n come out in that dtype. A custom op is not cast by default: it
-# would run, and return, float32. This kernel casts the floating-point inputs of
-# the autocast device (float64 excepted, as autocast does) to the current
-# autocast dtype, read at call time (torch.library.register_autocast only takes
-# a fixed dtype), and runs the op with autocast off. The casts are recorded by
-# autograd, so the float32 parameters get float32 gradients.
+# output and h_n come out in that dtype. A custom op is not cast by default, and
+# torch.library.register_autocast casts to one dtype fixed at registration: this
+# kernel reads the current autocast dtype at call time, casts the floating-point
+# tensors of the autocast device (float64 excepted, as autocast does) and runs the
+# op with autocast off. The casts are recorded by autograd, so float32
+# parameters get float32 gradients.
 _autocast_lib = torch.library.Library("fastrnn", "IMPL")
 
 
-def _register_autocast(device_type: str) -> None:
-    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    key = getattr(torch._C.DispatchKey, key_name)
-    op = _ops.elman_forward.default
-
+def _autocast_kernel(device_type: str):
     def cast(value, dtype):
+        if isinstance(value, list):
+            return [cast(v, dtype) for v in value]
         if (isinstance(value, Tensor) and value.is_floating_point()
                 and value.device.type == device_type and value.dtype != torch.float64):
             return value.to(dtype)
         return value
 
-    def autocast_forward(*args):
+    def kernel(*args):
         dtype = torch.get_autocast_dtype(device_type)
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return op(*(cast(a, dtype) for a in args))
+        with torch.autocast(device_type, enabled=False):
+            return _ops.rnn.default(*(cast(a, dtype) for a in args))
 
-    op.py_kernels.pop(key, None)
-    op.py_impl(key)(autocast_forward)  # for the Python dispatcher (tracing)
-    _autocast_lib.impl("elman_forward", lambda _keyset, *args: autocast_forward(*args),
-                       key_name, with_keyset=True)
+    return kernel
 
 
-for _device_type in ("cpu", "cuda"):
-    if torch._C._is_autocast_available(_device_type):
-        _register_autocast(_device_type)
+for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+    _autocast_lib.impl("rnn", _autocast_kernel(_device_type), _key)

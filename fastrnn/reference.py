@@ -1,9 +1,9 @@
 """The fastrnn math in plain PyTorch: readable documentation and the tests' second opinion.
 
-``elman_reference`` has the contract of ``fastrnn.ops.elman`` (csrc/elman.h): one layer,
-one direction, padded [T, B, I] or packed [N, I] + batch_sizes input. ``rnn_reference``
-runs a whole torch.nn.RNN-shaped stack from its parameters. Both are differentiable
-by autograd and slow; nothing in the package calls them.
+``rnn_reference`` has the contract of ``fastrnn.rnn`` (csrc/ops.h): a whole stack,
+padded [T, B, I] or packed [N, I] + batch_sizes input, the flat weights of
+torch.nn.RNN. ``elman_reference`` is one of its layers in one direction. Both are
+differentiable by autograd and slow; nothing in the package calls them.
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -21,10 +21,11 @@ def elman_reference(
     bias_hh: Optional[Tensor] = None,
     batch_sizes: Optional[Tensor] = None,
     *,
-    relu: bool = False,
+    nonlinearity: str = "tanh",
     reverse: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    act = torch.relu if relu else torch.tanh
+    """One layer, one direction: (output [T, B, H] or [N, H], h_n [B, H])."""
+    act = {"tanh": torch.tanh, "relu": torch.relu}[nonlinearity]
     if batch_sizes is None:
         steps, batch = input.shape[0], input.shape[1]
         sizes = [batch] * steps
@@ -57,29 +58,36 @@ def elman_reference(
 def rnn_reference(
     input: Tensor,
     hx: Tensor,
-    weights: Sequence[Sequence[Tensor]],
+    weights: Sequence[Tensor],
     *,
-    relu: bool = False,
+    num_layers: int = 1,
     bidirectional: bool = False,
+    nonlinearity: str = "tanh",
     batch_sizes: Optional[Tensor] = None,
+    dropout_masks: Sequence[Tensor] = (),
 ) -> Tuple[Tensor, Tensor]:
-    """A stack of layers, time-major (or packed) input, hx [L * D, B, H].
+    """A whole stack: (output, h_n [num_layers * D, B, H]).
 
-    ``weights[layer * D + direction]`` is (w_ih, w_hh[, b_ih, b_hh]) as in
-    torch.nn.RNN.all_weights. No dropout.
+    ``weights`` is torch.nn.RNN's ``_flat_weights``; ``dropout_masks[l]`` (0 or
+    1/(1-p), shaped like layer l's output) multiplies layer l's output before
+    layer l+1 reads it, standing in for dropout's random draw.
     """
     dirs = 2 if bidirectional else 1
+    per_cell = len(weights) // (num_layers * dirs)
     layer_input = input
     h_n = []
-    for layer in range(len(weights) // dirs):
+    for layer in range(num_layers):
         outs = []
         for d in range(dirs):
-            w = list(weights[layer * dirs + d]) + [None, None]
+            cell = layer * dirs + d
+            w = list(weights[cell * per_cell : (cell + 1) * per_cell]) + [None, None]
             out, h = elman_reference(
-                layer_input, hx[layer * dirs + d], w[0], w[1], w[2], w[3], batch_sizes,
-                relu=relu, reverse=d == 1,
+                layer_input, hx[cell], w[0], w[1], w[2], w[3], batch_sizes,
+                nonlinearity=nonlinearity, reverse=d == 1,
             )
             outs.append(out)
             h_n.append(h)
         layer_input = torch.cat(outs, -1) if dirs == 2 else outs[0]
+        if layer < len(dropout_masks):
+            layer_input = layer_input * dropout_masks[layer]
     return layer_input, torch.stack(h_n, 0)

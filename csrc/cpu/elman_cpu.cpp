@@ -1,6 +1,7 @@
-// fastrnn CPU kernels: the shared driver (elman_driver.h) with BLAS GEMMs
-// through torch's CPU shims and a fused activation-derivative loop.
-#include "../elman_driver.h"
+// fastrnn CPU kernels: the stack driver (stack.h) with BLAS GEMMs through
+// torch's CPU shims and vectorisable activation loops.
+#include "../stack.h"
+#include "../stepwise.h"
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 #include <torch/headeronly/util/BFloat16.h>
@@ -9,64 +10,58 @@
 namespace fastrnn {
 namespace {
 
-// Below this many elements a pointwise step stays on one thread (torch's own
+// Below this many elements a pointwise pass stays on one thread (torch's own
 // grain size for pointwise kernels).
 constexpr int64_t kGrain = 32768;
 
 template <typename scalar_t>
-void activation_backward_kernel(scalar_t* grad, const scalar_t* out,
-                                int64_t n, bool relu) {
-  torch::stable::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    if (relu) {
-      // As torch's threshold_backward: zero where the output is <= 0. A
-      // select, not a branch: the sign pattern is random, and a conditional
-      // store neither vectorises nor predicts (it cost 3x the whole step).
-      for (int64_t i = begin; i < end; ++i) {
-        grad[i] = out[i] <= scalar_t(0) ? scalar_t(0) : grad[i];
-      }
-    } else {
-      // As torch's tanh_backward: g * (1 - y * y), in float for bfloat16/half.
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t y = static_cast<acc_t>(out[i]);
-        grad[i] = static_cast<scalar_t>(static_cast<acc_t>(grad[i]) * (acc_t(1) - y * y));
-      }
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// f(row pointer, row length) over the rows of a 2-D view with unit column stride.
+template <typename scalar_t, typename F>
+void for_rows(const Tensor& t, F&& f) {
+  const int64_t rows = t.size(0), cols = t.size(1), ld = t.stride(0);
+  scalar_t* base = static_cast<scalar_t*>(t.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
+  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) f(base + r * ld, cols, r);
+  });
+}
+
+template <typename scalar_t, Activation A>
+void activation_kernel(const Tensor& h) {
+  using acc_t = acc_type<scalar_t>;
+  for_rows<scalar_t>(h, [](scalar_t* row, int64_t n, int64_t) {
+    for (int64_t i = 0; i < n; ++i) {
+      row[i] = static_cast<scalar_t>(activate<A>(static_cast<acc_t>(row[i])));
     }
   });
 }
 
-// tanh for float in [-9, 9] (beyond, tanh rounds to +-1) as a 13/6 rational
-// function: within a few ulp of std::tanh, and plain arithmetic, so the loop
-// vectorises. torch's own tanh_ took as long as the step's GEMM at hidden
-// 128-256. NaN stays NaN (every comparison with it is false).
-inline float tanh_rational(float v) {
-  const float x = v < -9.f ? -9.f : (v > 9.f ? 9.f : v);
-  const float x2 = x * x;
-  float p = -2.76076847742355e-16f;
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 - 8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  float q = 1.19825839466702e-06f;
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  return x * p / q;
-}
-
-template <typename scalar_t>
-void activation_kernel(scalar_t* h, int64_t n, bool relu) {
-  torch::stable::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    if (relu) {
-      for (int64_t i = begin; i < end; ++i) h[i] = h[i] < scalar_t(0) ? scalar_t(0) : h[i];
-    } else {
-      for (int64_t i = begin; i < end; ++i) {
-        h[i] = static_cast<scalar_t>(tanh_rational(static_cast<float>(h[i])));
-      }
+template <typename scalar_t, Activation A>
+void activation_backward_kernel(const Tensor& grad, const Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* y = static_cast<const scalar_t*>(out.data_ptr());
+  const int64_t ld_y = out.stride(0);
+  for_rows<scalar_t>(grad, [&](scalar_t* g, int64_t n, int64_t r) {
+    const scalar_t* yr = y + r * ld_y;
+    for (int64_t i = 0; i < n; ++i) {
+      g[i] = static_cast<scalar_t>(
+          activation_grad<A>(static_cast<acc_t>(g[i]), static_cast<acc_t>(yr[i])));
     }
   });
+}
+
+// f.template operator()<scalar_t>() for the tensor's dtype.
+template <typename F>
+void with_dtype(ScalarType t, F&& f) {
+  switch (t) {
+    case ScalarType::Float: return f.template operator()<float>();
+    case ScalarType::Double: return f.template operator()<double>();
+    case ScalarType::BFloat16: return f.template operator()<torch::headeronly::BFloat16>();
+    case ScalarType::Half: return f.template operator()<torch::headeronly::Half>();
+    default: fail("fastrnn: unsupported dtype on CPU");
+  }
 }
 
 struct CpuBackend {
@@ -75,74 +70,50 @@ struct CpuBackend {
   static bool supports(ScalarType t) {
     // Half too: torch.nn.RNN runs in float16 on the CPU (e.g. under
     // torch.autocast("cpu", dtype=torch.float16)), so fastrnn must as well.
-    return t == ScalarType::Float || t == ScalarType::Double ||
-           t == ScalarType::BFloat16 || t == ScalarType::Half;
+    return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::BFloat16 ||
+           t == ScalarType::Half;
   }
 
-  static void addmm(Tensor& out, const Tensor& self, const Tensor& a,
-                    const Tensor& b) {
-    TORCH_ERROR_CODE_CHECK(
-        aoti_torch_cpu_addmm_out(out.get(), self.get(), a.get(), b.get(), 1.0, 1.0));
-  }
-
-  static void mm(Tensor& out, const Tensor& a, const Tensor& b) {
-    TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(out.get(), a.get(), b.get()));
-  }
-
-  // On the CPU the per-step GEMMs are the fused path: BLAS runs each step at
-  // near its peak, and the driver adds no allocation or copy between them.
-  static bool fused_forward(const SequenceLayout&, bool, bool, Tensor&, const Tensor&,
-                            const Tensor&) {
-    return false;
-  }
-  static bool fused_backward(const SequenceLayout&, bool, bool, Tensor&, const Tensor&,
-                             Tensor&, const Tensor&) {
-    return false;
-  }
-
-  // h = act(h) in place, h contiguous.
-  static void activation(Tensor& h, bool relu) {
-    const int64_t n = h.numel();
-    switch (h.scalar_type()) {
-      case ScalarType::Float:
-        return activation_kernel(h.mutable_data_ptr<float>(), n, relu);
-      case ScalarType::BFloat16:
-        return activation_kernel(h.mutable_data_ptr<torch::headeronly::BFloat16>(), n, relu);
-      case ScalarType::Half:
-        return activation_kernel(h.mutable_data_ptr<torch::headeronly::Half>(), n, relu);
-      default:  // double: torch's own, at full precision
-        return detail::call_inplace(relu ? "aten::relu_" : "aten::tanh_", h);
+  static void gemm(const Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
+    if (accumulate) {
+      TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(c.get(), c.get(), a.get(), b.get(), 1.0, 1.0));
+    } else {
+      TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(c.get(), a.get(), b.get()));
     }
   }
 
-  static void activation_backward(Tensor& grad, const Tensor& out, bool relu) {
-    const int64_t n = grad.numel();
-    switch (grad.scalar_type()) {
-      case ScalarType::Float:
-        return activation_backward_kernel(grad.mutable_data_ptr<float>(),
-                                          out.const_data_ptr<float>(), n, relu);
-      case ScalarType::Double:
-        return activation_backward_kernel(grad.mutable_data_ptr<double>(),
-                                          out.const_data_ptr<double>(), n, relu);
-      case ScalarType::BFloat16:
-        return activation_backward_kernel(
-            grad.mutable_data_ptr<torch::headeronly::BFloat16>(),
-            out.const_data_ptr<torch::headeronly::BFloat16>(), n, relu);
-      case ScalarType::Half:
-        return activation_backward_kernel(
-            grad.mutable_data_ptr<torch::headeronly::Half>(),
-            out.const_data_ptr<torch::headeronly::Half>(), n, relu);
-      default:
-        FASTRNN_CHECK(false, "fastrnn: unsupported dtype on CPU");
-    }
+  static void addmm(const Tensor& c, const Tensor& bias, const Tensor& a, const Tensor& b) {
+    TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(c.get(), bias.get(), a.get(), b.get(), 1.0, 1.0));
+  }
+
+  static void activation(const Tensor& h, Activation act) {
+    with_dtype(h.scalar_type(), [&]<typename scalar_t>() {
+      with_activation(act, [&](auto a) { activation_kernel<scalar_t, decltype(a)::value>(h); });
+    });
+  }
+
+  static void activation_backward(const Tensor& grad, const Tensor& out, Activation act) {
+    with_dtype(grad.scalar_type(), [&]<typename scalar_t>() {
+      with_activation(act, [&](auto a) {
+        activation_backward_kernel<scalar_t, decltype(a)::value>(grad, out);
+      });
+    });
+  }
+
+  static void forward_recurrences(const std::vector<ForwardJob>& jobs, Activation act) {
+    for (const ForwardJob& job : jobs) stepwise::forward<CpuBackend>(job, act);
+  }
+
+  static void backward_recurrences(const std::vector<BackwardJob>& jobs, Activation act) {
+    for (const BackwardJob& job : jobs) stepwise::backward<CpuBackend>(job, act);
   }
 };
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
-  m.impl("elman_forward", TORCH_BOX(&elman_forward<CpuBackend>));
-  m.impl("elman_backward", TORCH_BOX(&elman_backward<CpuBackend>));
+  m.impl("rnn", TORCH_BOX(&rnn_forward<CpuBackend>));
+  m.impl("rnn_backward", TORCH_BOX(&rnn_backward<CpuBackend>));
 }
 
 }  // namespace fastrnn

@@ -1,10 +1,10 @@
-// fastrnn CUDA kernels: the shared driver (elman_driver.h) with cuBLAS GEMMs
-// through torch's CUDA shims (one per step, on the current stream) and a
-// fused activation-derivative kernel. This is the general path that works
-// for every hidden size; the persistent on-chip recurrence (issue "CUDA
-// kernels") plugs in here.
-#include "../elman_driver.h"
-#include "elman_persistent.cuh"
+// fastrnn CUDA kernels: the stack driver (stack.h) with cuBLAS GEMMs through
+// torch's CUDA shims, on the current stream. The recurrences run in the
+// persistent kernels of persistent.cuh where they fit, else with one GEMM and
+// one pointwise kernel per step (stepwise.h).
+#include "../stack.h"
+#include "../stepwise.h"
+#include "persistent.cuh"
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cuda.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -19,21 +19,29 @@
 namespace fastrnn {
 namespace {
 
-// grad [n] *= act'(out [n]); the derivative is read from the saved output.
-template <typename T>
-__global__ void activation_backward_kernel(T* __restrict__ grad,
-                                           const T* __restrict__ out,
-                                           int64_t n, bool relu) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if constexpr (std::is_same_v<T, double>) {
-      const double y = out[i];
-      grad[i] = relu ? (y <= 0.0 ? 0.0 : grad[i]) : grad[i] * (1.0 - y * y);
-    } else {
-      const float y = load<float>(out[i]);
-      const float g = load<float>(grad[i]);
-      grad[i] = store<T>(relu ? (y <= 0.f ? 0.f : g) : g * (1.f - y * y));
-    }
+// Pointwise passes over a [rows, H] view with row stride ld:
+//   h = act(h)                   (activation_kernel)
+//   grad *= act'(out)            (activation_backward_kernel, out with its own row stride)
+template <typename T, Activation A>
+__global__ void activation_kernel(T* __restrict__ h, int64_t ld, int64_t rows, int64_t cols) {
+  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * cols;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    T& v = h[(i / cols) * ld + i % cols];
+    v = store<T>(activate<A>(load<acc_t>(v)));
+  }
+}
+
+template <typename T, Activation A>
+__global__ void activation_backward_kernel(T* __restrict__ grad, int64_t ld_grad,
+                                           const T* __restrict__ out, int64_t ld_out,
+                                           int64_t rows, int64_t cols) {
+  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * cols;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    T& g = grad[r * ld_grad + c];
+    g = store<T>(activation_grad<A>(load<acc_t>(g), load<acc_t>(out[r * ld_out + c])));
   }
 }
 
@@ -110,144 +118,165 @@ void prepare(Kernel kernel, size_t smem) {
   FASTRNN_CHECK(err == cudaSuccess, "fastrnn: cudaFuncSetAttribute failed: ", cudaGetErrorString(err));
 }
 
-template <typename T, typename acc_t>
-bool launch_forward(const SequenceLayout& L, bool reverse, bool relu, Tensor& out,
-                    const Tensor& hx, const Tensor& w_hh) {
-  const int64_t H = w_hh.size(0);
+// f.template operator()<T, acc_t>() for the dtype.
+template <typename F>
+void with_dtype(ScalarType t, F&& f) {
+  switch (t) {
+    case ScalarType::Float: return f.template operator()<float, float>();
+    case ScalarType::Double: return f.template operator()<double, double>();
+    case ScalarType::Half: return f.template operator()<__half, float>();
+    case ScalarType::BFloat16: return f.template operator()<__nv_bfloat16, float>();
+    default: fail("fastrnn: unsupported dtype on CUDA");
+  }
+}
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+template <typename T, typename acc_t, Activation A>
+bool launch_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse) {
+  const int64_t H = job.w_hh.size(0);
   PersistentPlan plan;
-  if (!plan_persistent<acc_t>(L, H, 1, out.get_device_index(), plan)) return false;
-  const std::optional<Tensor> layout = device_layout(L, out);
+  if (!plan_persistent<acc_t>(L, H, 1, job.out.get_device_index(), plan)) return false;
+  const std::optional<Tensor> layout = device_layout(L, job.out);
   const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  auto kernel = persistent::forward_kernel<T, acc_t>;
+  auto kernel = persistent::forward_kernel<T, acc_t, A>;
   prepare(kernel, plan.smem);
-  kernel<<<plan.blocks, persistent::kThreads, plan.smem, current_stream(out)>>>(
-      static_cast<T*>(out.data_ptr()), static_cast<const T*>(hx.data_ptr()),
-      static_cast<const T*>(w_hh.data_ptr()), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch,
-      static_cast<int>(H), plan.tile, relu, reverse);
+  kernel<<<plan.blocks, persistent::kThreads, plan.smem, current_stream(job.out)>>>(
+      ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh), bs,
+      bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H), plan.tile, reverse);
   check_launch("persistent forward_kernel");
+  stepwise::copy_final_rows(job);
   return true;
 }
 
-template <typename T, typename acc_t>
-bool launch_backward(const SequenceLayout& L, bool reverse, bool relu, Tensor& dA,
-                     const Tensor& out, Tensor& grad_hx, const Tensor& w_hh) {
-  const int64_t H = w_hh.size(0);
+template <typename T, typename acc_t, Activation A>
+bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool reverse) {
+  const int64_t H = job.w_hh.size(0);
   PersistentPlan plan;
-  if (!plan_persistent<acc_t>(L, H, 2, out.get_device_index(), plan)) return false;
-  const std::optional<Tensor> layout = device_layout(L, out);
+  if (!plan_persistent<acc_t>(L, H, 2, job.out.get_device_index(), plan)) return false;
+  stepwise::add_final_rows(job);
+  const std::optional<Tensor> layout = device_layout(L, job.out);
   const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  auto kernel = persistent::backward_kernel<T, acc_t>;
+  auto kernel = persistent::backward_kernel<T, acc_t, A>;
   prepare(kernel, plan.smem);
-  kernel<<<plan.blocks, persistent::kThreads, plan.smem, current_stream(out)>>>(
-      static_cast<T*>(dA.data_ptr()), static_cast<const T*>(out.data_ptr()),
-      static_cast<T*>(grad_hx.data_ptr()), static_cast<const T*>(w_hh.data_ptr()), bs,
-      bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H), plan.tile, relu, reverse);
+  kernel<<<plan.blocks, persistent::kThreads, plan.smem, current_stream(job.out)>>>(
+      ptr<T>(job.dA), job.dA.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.grad_hx),
+      job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch,
+      static_cast<int>(H), plan.tile, reverse);
   check_launch("persistent backward_kernel");
   return true;
+}
+
+// Blocks for a grid-stride pointwise kernel over n elements.
+unsigned pointwise_blocks(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65535));
 }
 
 struct CudaBackend {
   static constexpr const char* device_name = "CUDA";
 
   static bool supports(ScalarType t) {
-    return t == ScalarType::Float || t == ScalarType::Double ||
-           t == ScalarType::Half || t == ScalarType::BFloat16;
+    return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half ||
+           t == ScalarType::BFloat16;
   }
 
-  static void addmm(Tensor& out, const Tensor& self, const Tensor& a,
-                    const Tensor& b) {
-    TORCH_ERROR_CODE_CHECK(
-        aoti_torch_cuda_addmm_out(out.get(), self.get(), a.get(), b.get(), 1.0, 1.0));
-  }
-
-  static void mm(Tensor& out, const Tensor& a, const Tensor& b) {
-    TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_mm_out(out.get(), a.get(), b.get()));
-  }
-
-  static bool fused_forward(const SequenceLayout& L, bool reverse, bool relu, Tensor& out,
-                            const Tensor& hx, const Tensor& w_hh) {
-    if (!persistent_enabled() || L.steps == 0) return false;
-    switch (out.scalar_type()) {
-      case ScalarType::Float: return launch_forward<float, float>(L, reverse, relu, out, hx, w_hh);
-      case ScalarType::Double: return launch_forward<double, double>(L, reverse, relu, out, hx, w_hh);
-      case ScalarType::Half: return launch_forward<__half, float>(L, reverse, relu, out, hx, w_hh);
-      case ScalarType::BFloat16:
-        return launch_forward<__nv_bfloat16, float>(L, reverse, relu, out, hx, w_hh);
-      default: return false;
+  static void gemm(const Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
+    if (accumulate) {
+      TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_addmm_out(c.get(), c.get(), a.get(), b.get(), 1.0, 1.0));
+    } else {
+      TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_mm_out(c.get(), a.get(), b.get()));
     }
   }
 
-  static bool fused_backward(const SequenceLayout& L, bool reverse, bool relu, Tensor& dA,
-                             const Tensor& out, Tensor& grad_hx, const Tensor& w_hh) {
-    if (!persistent_enabled() || L.steps == 0) return false;
-    switch (out.scalar_type()) {
-      case ScalarType::Float:
-        return launch_backward<float, float>(L, reverse, relu, dA, out, grad_hx, w_hh);
-      case ScalarType::Double:
-        return launch_backward<double, double>(L, reverse, relu, dA, out, grad_hx, w_hh);
-      case ScalarType::Half:
-        return launch_backward<__half, float>(L, reverse, relu, dA, out, grad_hx, w_hh);
-      case ScalarType::BFloat16:
-        return launch_backward<__nv_bfloat16, float>(L, reverse, relu, dA, out, grad_hx, w_hh);
-      default: return false;
-    }
+  static void addmm(const Tensor& c, const Tensor& bias, const Tensor& a, const Tensor& b) {
+    TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_addmm_out(c.get(), bias.get(), a.get(), b.get(), 1.0, 1.0));
   }
 
-  static void activation(Tensor& h, bool relu) {
-    detail::call_inplace(relu ? "aten::relu_" : "aten::tanh_", h);  // torch's own kernels
+  static void activation(const Tensor& h, Activation act) {
+    const int64_t n = h.numel();
+    if (n == 0) return;
+    with_dtype(h.scalar_type(), [&]<typename T, typename acc_t>() {
+      with_activation(act, [&](auto a) {
+        activation_kernel<T, decltype(a)::value><<<pointwise_blocks(n), 256, 0, current_stream(h)>>>(
+            ptr<T>(h), h.stride(0), h.size(0), h.size(1));
+      });
+    });
+    check_launch("activation_kernel");
   }
 
-  template <typename T>
-  static void launch_activation_backward(Tensor& grad, const Tensor& out, bool relu) {
+  static void activation_backward(const Tensor& grad, const Tensor& out, Activation act) {
     const int64_t n = grad.numel();
     if (n == 0) return;
-    constexpr int threads = 256;
-    const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535);
-    activation_backward_kernel<T><<<blocks, threads, 0, current_stream(grad)>>>(
-        static_cast<T*>(grad.data_ptr()), static_cast<const T*>(out.data_ptr()), n, relu);
+    with_dtype(grad.scalar_type(), [&]<typename T, typename acc_t>() {
+      with_activation(act, [&](auto a) {
+        activation_backward_kernel<T, decltype(a)::value>
+            <<<pointwise_blocks(n), 256, 0, current_stream(grad)>>>(
+                ptr<T>(grad), grad.stride(0), ptr<T>(out), out.stride(0), grad.size(0),
+                grad.size(1));
+      });
+    });
     check_launch("activation_backward_kernel");
   }
 
-  static void activation_backward(Tensor& grad, const Tensor& out, bool relu) {
-    switch (grad.scalar_type()) {
-      case ScalarType::Float: return launch_activation_backward<float>(grad, out, relu);
-      case ScalarType::Double: return launch_activation_backward<double>(grad, out, relu);
-      case ScalarType::Half: return launch_activation_backward<__half>(grad, out, relu);
-      case ScalarType::BFloat16: return launch_activation_backward<__nv_bfloat16>(grad, out, relu);
-      default: FASTRNN_CHECK(false, "fastrnn: unsupported dtype on CUDA");
+  static void forward_recurrences(const std::vector<ForwardJob>& jobs, Activation act) {
+    for (const ForwardJob& job : jobs) {
+      bool fused = false;
+      if (persistent_enabled()) {
+        with_dtype(job.out.scalar_type(), [&]<typename T, typename acc_t>() {
+          with_activation(act, [&](auto a) {
+            fused = launch_forward<T, acc_t, decltype(a)::value>(*job.layout, job, job.reverse);
+          });
+        });
+      }
+      if (!fused) stepwise::forward<CudaBackend>(job, act);
+    }
+  }
+
+  static void backward_recurrences(const std::vector<BackwardJob>& jobs, Activation act) {
+    for (const BackwardJob& job : jobs) {
+      bool fused = false;
+      if (persistent_enabled()) {
+        with_dtype(job.out.scalar_type(), [&]<typename T, typename acc_t>() {
+          with_activation(act, [&](auto a) {
+            fused = launch_backward<T, acc_t, decltype(a)::value>(*job.layout, job, job.reverse);
+          });
+        });
+      }
+      if (!fused) stepwise::backward<CudaBackend>(job, act);
     }
   }
 };
 
 // Kernels run on the input's device whatever the current device is.
-ForwardResult elman_forward_cuda(Tensor input, Tensor hx, Tensor weight_ih,
-                                 Tensor weight_hh, std::optional<Tensor> bias_ih,
-                                 std::optional<Tensor> bias_hh,
-                                 std::optional<Tensor> batch_sizes, bool relu,
-                                 bool reverse) {
+RnnResult rnn_cuda(Tensor input, Tensor hx, std::vector<Tensor> weights, bool has_biases,
+                   int64_t num_layers, double dropout, bool train, bool bidirectional,
+                   std::string nonlinearity, std::optional<Tensor> batch_sizes) {
   torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
-  return elman_forward<CudaBackend>(input, hx, weight_ih, weight_hh, bias_ih,
-                                    bias_hh, batch_sizes, relu, reverse);
+  return rnn_forward<CudaBackend>(input, hx, std::move(weights), has_biases, num_layers, dropout,
+                                  train, bidirectional, std::move(nonlinearity), batch_sizes);
 }
 
-BackwardResult elman_backward_cuda(Tensor grad_output, Tensor grad_h_n,
-                                   Tensor input, Tensor hx, Tensor weight_ih,
-                                   Tensor weight_hh, Tensor output,
-                                   std::optional<Tensor> batch_sizes, bool relu,
-                                   bool reverse, bool need_input_grad,
-                                   bool need_weight_grad, bool need_bias_grad) {
+RnnBackwardResult rnn_backward_cuda(Tensor input, Tensor hx, std::vector<Tensor> weights,
+                                    bool has_biases, int64_t num_layers, double dropout,
+                                    bool train, bool bidirectional, std::string nonlinearity,
+                                    std::optional<Tensor> batch_sizes, Tensor output,
+                                    Tensor reserve, Tensor grad_output, Tensor grad_h_n,
+                                    bool need_input_grad, bool need_weight_grad) {
   torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
-  return elman_backward<CudaBackend>(grad_output, grad_h_n, input, hx, weight_ih,
-                                     weight_hh, output, batch_sizes, relu, reverse,
-                                     need_input_grad, need_weight_grad,
-                                     need_bias_grad);
+  return rnn_backward<CudaBackend>(input, hx, std::move(weights), has_biases, num_layers, dropout,
+                                   train, bidirectional, std::move(nonlinearity), batch_sizes,
+                                   output, reserve, grad_output, grad_h_n, need_input_grad,
+                                   need_weight_grad);
 }
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(fastrnn, CUDA, m) {
-  m.impl("elman_forward", TORCH_BOX(&elman_forward_cuda));
-  m.impl("elman_backward", TORCH_BOX(&elman_backward_cuda));
+  m.impl("rnn", TORCH_BOX(&rnn_cuda));
+  m.impl("rnn_backward", TORCH_BOX(&rnn_backward_cuda));
 }
 
 }  // namespace fastrnn

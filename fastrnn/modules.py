@@ -3,8 +3,9 @@
 fastrnn.RNN is built on torch.nn.RNNBase, like torch.nn.RNN itself, with
 torch.nn.RNN's constructor: parameters, state_dict, repr, argument checks,
 flatten_parameters, pickling and .to() are torch's own. Only the forward
-computation differs: per layer and direction it calls the fused
-``fastrnn::elman_forward`` op instead of torch's per-step ops.
+computation differs: one call of the fused whole-stack op ``fastrnn::rnn``
+(every layer and direction, dropout between layers) instead of torch's
+per-step ops, and one call of ``fastrnn::rnn_backward`` in backward.
 
 It is deliberately not a subclass of torch.nn.RNN: torch.compile refuses to
 trace anything that is an instance of torch.nn.RNN/GRU/LSTM, and fastrnn.RNN
@@ -17,7 +18,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import _dtype_name, elman
+from .ops import rnn as _rnn
+
+# c10's names of the dtypes, as torch's own messages spell them.
+_C10_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+              torch.float16: "Half"}
+
+
+def _dtype_name(dtype):
+    return _C10_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def _autocast_reconciles(a: Tensor, b: Tensor) -> bool:
@@ -135,9 +144,8 @@ class RNN(nn.RNNBase):
 
     def _run_layers(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor]):
         """input: time-major [T, B, I] or packed [N, I]; hx: [L * D, B, H]."""
-        weights = [getattr(self, name) for name in self._flat_weights_names]
+        weights = self._flat_weights
         # torch.nn.RNN's device checks (check_attributes in aten's RNN.cpp), hidden first.
-        # Without them a meta tensor among CPU ones reached the ops' fake kernel.
         for what, tensors in (("hidden", [hx]), ("parameter", weights)):
             for t in tensors:
                 if t.device != input.device:
@@ -151,27 +159,9 @@ class RNN(nn.RNNBase):
                 "mat1 and mat2 must have the same dtype, but got "
                 f"{_dtype_name(hx.dtype)} and {_dtype_name(weights[0].dtype)}"
             )
-        num_directions = 2 if self.bidirectional else 1
-        per_cell = 4 if self.bias else 2
-        relu = self.nonlinearity == "relu"
-        layer_input = input
-        h_n = []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(num_directions):
-                cell = layer * num_directions + direction
-                w = weights[cell * per_cell : (cell + 1) * per_cell]
-                b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
-                out, h = elman(
-                    layer_input, hx[cell], w[0], w[1], b_ih, b_hh, batch_sizes,
-                    relu=relu, reverse=direction == 1,
-                )
-                outputs.append(out)
-                h_n.append(h)
-            layer_input = torch.cat(outputs, -1) if num_directions == 2 else outputs[0]
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
-        return layer_input, torch.stack(h_n, 0)
+        return _rnn(input, hx, weights, num_layers=self.num_layers,
+                    bidirectional=self.bidirectional, nonlinearity=self.nonlinearity,
+                    dropout=self.dropout, train=self.training, batch_sizes=batch_sizes)
 
 
 def convert(module: nn.Module) -> nn.Module:

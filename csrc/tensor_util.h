@@ -1,0 +1,98 @@
+// fastrnn: the few tensor operations the drivers need, on torch's stable ABI.
+// Views are made with _reinterpret_tensor (no dispatcher round trip: a small
+// stack runs dozens of them per call); everything else goes through torch's
+// dispatcher, so results match torch's own kernels.
+#pragma once
+
+#include "ops.h"
+
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/c/shim.h>
+#include <torch/headeronly/version.h>
+
+#include <array>
+#include <optional>
+#include <string>
+
+namespace fastrnn {
+
+// A view of t's storage with the given sizes and strides, starting `offset`
+// elements after t's first element.
+inline Tensor reinterpret(const Tensor& t, std::initializer_list<int64_t> sizes,
+                          std::initializer_list<int64_t> strides, int64_t offset = 0) {
+  AtenTensorHandle out = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch__reinterpret_tensor(
+      t.get(), static_cast<int64_t>(sizes.size()), sizes.begin(), strides.begin(),
+      offset, &out));  // the offset is added to t's own
+  return Tensor(out);
+}
+
+// rows x cols with row stride ld (unit column stride), `offset` elements in.
+inline Tensor view2d(const Tensor& t, int64_t rows, int64_t cols, int64_t ld, int64_t offset = 0) {
+  return reinterpret(t, {rows, cols}, {ld, 1}, offset);
+}
+
+// The transpose of a 2-D view.
+inline Tensor transposed(const Tensor& t) {
+  return reinterpret(t, {t.size(1), t.size(0)}, {t.stride(1), t.stride(0)});
+}
+
+// t itself when already contiguous (no dispatcher call), else a contiguous copy.
+inline Tensor as_contiguous(const Tensor& t) {
+  return t.is_contiguous() ? t : torch::stable::contiguous(t);
+}
+
+inline Tensor empty(const Tensor& like, std::initializer_list<int64_t> shape) {
+  return torch::stable::new_empty(like, std::vector<int64_t>(shape));
+}
+
+namespace detail {
+template <size_t N>
+void call(const char* op, const char* overload, std::array<StableIValue, N>& stack) {
+  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(op, overload, stack.data(), TORCH_ABI_VERSION));
+}
+}  // namespace detail
+
+// self op= other, in place (op: "aten::mul_", ...); returns nothing.
+inline void inplace_binary(const char* op, const Tensor& self, const Tensor& other) {
+  std::array<StableIValue, 2> stack{torch::stable::detail::from(self),
+                                    torch::stable::detail::from(other)};
+  detail::call(op, "Tensor", stack);
+  (void)torch::stable::detail::to<Tensor>(stack[0]);  // frees the returned handle
+}
+
+// a * b, a new tensor.
+inline Tensor multiply(const Tensor& a, const Tensor& b) {
+  std::array<StableIValue, 2> stack{torch::stable::detail::from(a),
+                                    torch::stable::detail::from(b)};
+  detail::call("aten::mul", "Tensor", stack);
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// t = bernoulli(keep) / keep in place, from the default generator of t's
+// device: torch's own dropout noise (aten/src/ATen/native/Dropout.cpp).
+inline void fill_dropout_mask(Tensor& t, double keep) {
+  std::array<StableIValue, 3> stack{torch::stable::detail::from(t),
+                                    torch::stable::detail::from(keep),
+                                    torch::stable::detail::from(std::nullopt)};
+  detail::call("aten::bernoulli_", "float", stack);
+  (void)torch::stable::detail::to<Tensor>(stack[0]);
+  // A CPU scalar: no device allocation, and the value is baked into a CUDA graph capture.
+  const Tensor divisor = torch::stable::full({}, keep, t.scalar_type(), std::nullopt,
+                                             torch::stable::Device(torch::headeronly::DeviceType::CPU));
+  inplace_binary("aten::div_", t, divisor);
+}
+
+// Column sums of a 2-D view, [cols].
+inline Tensor column_sum(const Tensor& t) {
+  const std::vector<int64_t> dim{0};
+  return torch::stable::sum(t, torch::headeronly::IntHeaderOnlyArrayRef(dim));
+}
+
+inline std::string shape_str(const Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + "]";
+}
+
+}  // namespace fastrnn

@@ -2,12 +2,25 @@
 A/B runs with warm-up and medians, CUDA events on the GPU, peak memory, FLOP counts."""
 
 import copy
+import platform
 import statistics
 import time
 
 import torch
 
 import fastrnn
+
+
+def cpu_model():
+    """The CPU's model name, as lscpu prints it (every CPU benchmark states it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def twin_rnns(input_size, hidden, layers, nonlinearity="tanh", bidirectional=False,

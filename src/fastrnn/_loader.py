@@ -1,10 +1,12 @@
 """Loads the compiled ops: a clear error when they cannot load, never a silent fallback."""
 
 import importlib
+import os
 
 import torch
 
 REBUILD = "reinstall fastrnn from its source folder: pip install --force-reinstall --no-deps ."
+_HERE = os.path.dirname(os.path.abspath(__file__))
 MIN_TORCH = (2, 10)
 cuda_loaded = False  # set by load_ops()
 
@@ -28,8 +30,8 @@ def load_ops():
         importlib.import_module("fastrnn._C")
     except ImportError as e:
         raise ImportError(
-            f"fastrnn's compiled ops (fastrnn._C) could not be loaded: {e}. "
-            f"Were they built? To build them, {REBUILD}"
+            f"fastrnn's compiled ops (fastrnn._C) could not be loaded from {_HERE}: {e}. "
+            f"Were they built? To build and install them, {REBUILD}"
         ) from e
     if torch.version.cuda is None:
         return False  # a CPU-only torch cannot load the CUDA library; CPU ops work

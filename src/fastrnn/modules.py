@@ -12,6 +12,7 @@ trace anything that is an instance of torch.nn.RNN/GRU/LSTM, and fastrnn.RNN
 must compile with fullgraph=True.
 """
 
+import warnings
 from typing import Optional
 
 import torch
@@ -62,6 +63,10 @@ class RNN(nn.RNNBase):
                 f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
             )
         super().__init__(modes[self.nonlinearity], *args, **kwargs)
+
+    def _get_name(self):
+        # print(model) tells a converted model from the original.
+        return "fastrnn.RNN"
 
     def forward(self, input, hx: Optional[Tensor] = None):
         # The input handling mirrors torch.nn.RNN.forward so that shapes,
@@ -171,9 +176,17 @@ def convert(module: nn.Module) -> nn.Module:
     The converted modules keep their identity, parameters (the same Parameter
     objects, so optimizers and hooks keep working), buffers and settings; only
     the forward computation changes. Subclasses of torch.nn.RNN other than
-    fastrnn.RNN are left alone, as their forward may differ.
+    fastrnn.RNN are left alone, as their forward may differ. Recurrent modules
+    fastrnn has no kernels for (torch.nn.LSTM, torch.nn.GRU) stay as they are,
+    with a warning naming them.
     """
-    for sub in module.modules():
+    skipped = []
+    for name, sub in module.named_modules():
         if type(sub) is nn.RNN:
             sub.__class__ = RNN
+        elif isinstance(sub, (nn.LSTM, nn.GRU)):
+            skipped.append(f"{name or 'the module itself'} ({type(sub).__name__})")
+    if skipped:
+        warnings.warn("fastrnn.convert left these as they are (fastrnn converts torch.nn.RNN "
+                      "only): " + ", ".join(skipped), stacklevel=2)
     return module

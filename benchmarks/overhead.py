@@ -1,0 +1,62 @@
+"""Per-call cost of a tiny RNN stack, torch.nn.RNN vs fastrnn.RNN.
+
+At T=1, B=1, H=8 the arithmetic is negligible: what is timed is the fixed
+cost of a module call (Python, the dispatcher, allocations, kernel launches)
+and of its backward. Both modules hold identical weights; runs are
+interleaved after a warm-up, and the median of many calls per run is
+reported, in microseconds.
+
+    python benchmarks/overhead.py [--repeats N] [--calls N] [--markdown FILE]
+"""
+
+import argparse
+
+import torch
+
+from harness import cpu_model, make_step, time_interleaved, twin_rnns
+
+SHAPES = [(1, 1, 8, 2, True), (28, 1, 8, 2, True)]  # T, B, H, layers, bidirectional
+
+
+def batched(step, calls):
+    def run():
+        for _ in range(calls):
+            step()
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=200, help="module calls per timed run")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    args = parser.parse_args()
+
+    lines = [
+        f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"input 8, median of {args.repeats} interleaved runs of {args.calls} calls",
+        "",
+        "| T | B | H | layers | bidirectional | pass | torch.nn.RNN us | fastrnn us | speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for steps, batch, hidden, layers, bidir in SHAPES:
+        ref, fast = twin_rnns(8, hidden, layers, bidirectional=bidir)
+        x = torch.randn(steps, batch, 8)
+        for backward in (False, True):
+            ref_t, fast_t = time_interleaved(
+                [batched(make_step(m, (x,), backward), args.calls) for m in (ref, fast)],
+                repeats=args.repeats)
+            t_ref, t_fast = ref_t["median"] / args.calls * 1e6, fast_t["median"] / args.calls * 1e6
+            lines.append(f"| {steps} | {batch} | {hidden} | {layers} | {bidir} | "
+                         f"{'fwd+bwd' if backward else 'forward'} | {t_ref:.1f} | {t_fast:.1f} | "
+                         f"{t_ref / t_fast:.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

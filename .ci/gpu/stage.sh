@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU check, one stage per call, on the GPU machine, from the repository
+# root, with dist/ (built here by .ci/gpu/wheel.sh) carried along:
+#   bash .ci/gpu/stage.sh 1    the test suite's CUDA tests (and a CPU-vs-CUDA check)
+#   bash .ci/gpu/stage.sh 2    compute-sanitizer memcheck and racecheck on every CUDA kernel
+#   bash .ci/gpu/stage.sh 3    fastrnn against cuDNN: seed shapes and grid, every precision;
+#                              the MNIST training step
+# Each stage finishes well inside 8 minutes and writes its results under $OUT
+# (at most 8 files come back): summary.txt plus the stage's own files.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+STAGE=${1:?usage: stage.sh 1|2|3}
+OUT=${OUT:-/tmp/fastrnn-gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+status=0
+note() { printf '\n=== %s (%ss)\n' "$1" "$SECONDS" | tee -a "$OUT/summary.txt"; }
+
+note "stage $STAGE: machine and install"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  date -u; } 2>&1 | tee -a "$OUT/summary.txt"
+# The wheel goes beside the machine's torch, without its dependencies (torch is there).
+$PY -m pip install -q --no-deps --no-index --target /tmp/fastrnn-site dist/fastrnn-*.whl \
+  >> "$OUT/summary.txt" 2>&1 || { echo "INSTALL FAILED" | tee -a "$OUT/summary.txt"; exit 1; }
+export PYTHONPATH=/tmp/fastrnn-site
+$PY -c "import torch, fastrnn; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'fastrnn', fastrnn.__version__, 'CUDA kernels', fastrnn.HAS_CUDA); assert fastrnn.HAS_CUDA" \
+  2>&1 | tee -a "$OUT/summary.txt" || exit 1
+
+case "$STAGE" in
+1)
+  note "CUDA tests"
+  timeout 450 $PY -m pytest tests -q -rs -p no:cacheprovider -m "not slow" -k cuda \
+    --junitxml "$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+  tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+  ;;
+2)
+  note "compute-sanitizer (memcheck, racecheck) on every CUDA kernel"
+  for tool in memcheck racecheck; do
+    for path in persistent stepwise; do
+      echo "--- $tool, $path kernels" >> "$OUT/sanitizer.log"
+      FASTRNN_CUDA_PERSISTENT=$([ $path = persistent ] && echo 1 || echo 0) \
+        timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 \
+        $PY .ci/gpu/sanitize_case.py >> "$OUT/sanitizer.log" 2>&1 \
+        || { status=1; echo "$tool ($path) FAILED" | tee -a "$OUT/summary.txt"; }
+      tail -2 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
+    done
+  done
+  ;;
+3)
+  note "fastrnn against cuDNN"
+  timeout 300 $PY benchmarks/cuda_seed.py --markdown "$OUT/cuda_seed.md" --json "$OUT/cuda_seed.json" \
+    2>&1 | tee -a "$OUT/summary.txt" || status=1
+  timeout 120 $PY benchmarks/bench.py --device cuda --budget-s 0.3 --json "$OUT/bench_cuda.json" \
+    --markdown "$OUT/bench_cuda.md" > /dev/null 2>> "$OUT/summary.txt" || status=1
+  timeout 60 $PY benchmarks/mnist_step.py --device cuda --markdown "$OUT/mnist_step.md" \
+    2>&1 | tee -a "$OUT/summary.txt" || status=1
+  ;;
+*)
+  echo "unknown stage $STAGE" >&2; exit 2
+  ;;
+esac
+note "stage $STAGE done, status $status"
+exit $status

@@ -1,0 +1,97 @@
+"""fastrnn.RNN against torch.nn.RNN (cuDNN) on a CUDA GPU, in every precision.
+
+Shapes: the MNIST models (T=28, input 28), hidden 512 and 1024, packed input
+with uneven lengths, and cuDNN's published persistent-kernel case (T=1406,
+B=34, H=120). Precisions: strict fp32 (TF32 off for cuDNN and cuBLAS), TF32
+(allowed, torch.nn.RNN's default through cuDNN), fp16 and bf16. Both modules
+hold identical weights and see identical inputs; runs are interleaved after a
+warm-up and timed with CUDA events; medians are reported.
+
+    python benchmarks/cuda_seed.py [--repeats N] [--markdown FILE] [--json FILE]
+"""
+
+import argparse
+import json
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from harness import make_step, time_interleaved, twin_rnns
+
+# (name, T, B, input, hidden, layers, nonlinearity, packed)
+SHAPES = [
+    ("relu-1x100 b128", 28, 128, 28, 100, 1, "relu", False),
+    ("tanh-2x256 b64", 28, 64, 28, 256, 2, "tanh", False),
+    ("tanh-2x128 b100", 28, 100, 28, 128, 2, "tanh", False),
+    ("tanh-1x512 b64", 28, 64, 28, 512, 1, "tanh", False),
+    ("tanh-1x1024 b64", 28, 64, 28, 1024, 1, "tanh", False),
+    ("tanh-2x256 b64 packed", 28, 64, 28, 256, 2, "tanh", True),
+    ("tanh-1x120 b34 T1406", 1406, 34, 120, 120, 1, "tanh", False),
+]
+PRECISIONS = {
+    "fp32": (torch.float32, False),
+    "tf32": (torch.float32, True),
+    "fp16": (torch.float16, False),
+    "bf16": (torch.bfloat16, False),
+}
+
+
+def set_tf32(allowed):
+    torch.backends.cudnn.allow_tf32 = allowed
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--json", help="also write every measurement to this file")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    rows = []
+    for precision, (dtype, tf32) in PRECISIONS.items():
+        set_tf32(tf32)
+        for name, steps, batch, inp, hidden, layers, nl, packed in SHAPES:
+            ref, fast = twin_rnns(inp, hidden, layers, nl, device="cuda", dtype=dtype)
+            x = torch.randn(steps, batch, inp, device="cuda", dtype=dtype)
+            if packed:
+                lengths = torch.randint(1, steps + 1, (batch,))
+                lengths[0] = steps
+                x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            for backward in (False, True):
+                ref_t, fast_t = time_interleaved(
+                    [make_step(ref, (x,), backward), make_step(fast, (x,), backward)],
+                    device="cuda", repeats=args.repeats, warmup=5)
+                rows.append(dict(precision=precision, shape=name, steps=steps, layers=layers,
+                                 pass_="fwd+bwd" if backward else "forward",
+                                 torch_ms=ref_t["median"] * 1e3, fastrnn_ms=fast_t["median"] * 1e3))
+    set_tf32(True)
+
+    lines = [
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"cuDNN {torch.backends.cudnn.version()}; median of {args.repeats} interleaved runs "
+        "(CUDA events)",
+        "",
+        "| precision | shape | pass | torch.nn.RNN (cuDNN) ms | fastrnn ms | speedup | "
+        "fastrnn us / step / layer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        per_step = r["fastrnn_ms"] * 1e3 / (r["steps"] * r["layers"])
+        lines.append(f"| {r['precision']} | {r['shape']} | {r['pass_']} | {r['torch_ms']:.3f} | "
+                     f"{r['fastrnn_ms']:.3f} | {r['torch_ms'] / r['fastrnn_ms']:.2f}x | "
+                     f"{per_step:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,9 +13,14 @@
 
 namespace fastrnn {
 
+enum class CellKind { Elman, Lstm, Gru };
+
 // A whole stack's sizes and settings, read from checked arguments.
 struct RnnConfig {
+  CellKind cell = CellKind::Elman;
+  int64_t gates = 1;  // G: 1 Elman, 4 LSTM, 3 GRU
   int64_t layers = 0, directions = 0, hidden = 0, input_size = 0;
+  int64_t proj = 0;   // LSTM's proj_size, 0 without a projection
   bool has_biases = false;
   Activation act = Activation::Tanh;
   double dropout = 0;
@@ -23,22 +28,35 @@ struct RnnConfig {
   SequenceLayout layout;
 
   int64_t cells() const { return layers * directions; }
-  int64_t per_cell() const { return has_biases ? 4 : 2; }
-  int64_t layer_input_size(int64_t l) const { return l == 0 ? input_size : directions * hidden; }
-  int64_t layer_width() const { return directions * hidden; }  // D*H
+  int64_t per_cell() const { return (has_biases ? 4 : 2) + (proj ? 1 : 0); }
+  int64_t state_size() const { return proj ? proj : hidden; }  // R, the size of h
+  int64_t layer_width() const { return directions * state_size(); }  // D*R
+  int64_t layer_input_size(int64_t l) const { return l == 0 ? input_size : layer_width(); }
   bool dropout_applied() const { return train && dropout > 0 && layers > 1; }
-  // Elements of the reserve tensor (ops.h).
+  // What backward reads of one layer besides its output, per row and direction:
+  // LSTM its gates, c (and m), GRU its gates and hn (ops.h).
+  int64_t saved_per_row() const {
+    switch (cell) {
+      case CellKind::Lstm: return 4 * hidden + hidden + (proj ? hidden : 0);
+      case CellKind::Gru: return 3 * hidden + hidden;
+      default: return 0;
+    }
+  }
+  // Elements of the reserve tensor (ops.h): the outputs of layers 0..L-2, their
+  // dropout masks, then every layer's saved tensors.
   int64_t reserve_size() const {
-    return (layers - 1) * layout.rows * layer_width() * (dropout_applied() ? 2 : 1);
+    return (layers - 1) * layout.rows * layer_width() * (dropout_applied() ? 2 : 1) +
+           layers * layout.rows * directions * saved_per_row();
   }
 };
 
-// torch.nn.RNN's parameter names, for messages: weight_ih_l0, bias_hh_l1_reverse, ...
-inline std::string param_name(int64_t index, int64_t per_cell, int64_t directions) {
-  static const char* kinds[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"};
-  const int64_t cell = index / per_cell;
-  return std::string(kinds[index % per_cell]) + "_l" + std::to_string(cell / directions) +
-         (cell % directions ? "_reverse" : "");
+// torch's parameter names, for messages: weight_ih_l0, bias_hh_l1_reverse, ...
+inline std::string param_name(const RnnConfig& c, int64_t index) {
+  static const char* with_bias[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
+  static const char* without[] = {"weight_ih", "weight_hh", "weight_hr"};
+  const int64_t cell = index / c.per_cell(), k = index % c.per_cell();
+  return std::string(c.has_biases ? with_bias[k] : without[k]) + "_l" +
+         std::to_string(cell / c.directions) + (cell % c.directions ? "_reverse" : "");
 }
 
 namespace detail {
@@ -99,20 +117,26 @@ inline SequenceLayout check_layout(const char* op, const Tensor& input,
 }  // namespace detail
 
 // Checks the arguments the forward and backward ops share and reads the
-// stack's configuration from them. `supported(dtype)` is the backend's.
+// stack's configuration from them. `supports(dtype)` is the backend's. cx is
+// LSTM's initial cell state (null for the other cells).
 template <class Backend>
-RnnConfig check_rnn_args(const char* op, const Tensor& input, const Tensor& hx,
-                         const std::vector<Tensor>& weights, bool has_biases, int64_t num_layers,
-                         double dropout, bool train, bool bidirectional,
+RnnConfig check_rnn_args(const char* op, CellKind cell, const Tensor& input, const Tensor& hx,
+                         const Tensor* cx, const std::vector<Tensor>& weights, bool has_biases,
+                         int64_t num_layers, double dropout, bool train, bool bidirectional,
                          const std::string& nonlinearity,
                          const std::optional<Tensor>& batch_sizes) {
   using namespace detail;
   RnnConfig c;
+  c.cell = cell;
+  c.gates = cell == CellKind::Lstm ? 4 : cell == CellKind::Gru ? 3 : 1;
   const bool packed = batch_sizes.has_value();
   check_defined(op, "input", input);
   check_defined(op, "hx", hx);
-  FASTRNN_CHECK(parse_activation(nonlinearity, c.act), op, ": unknown nonlinearity '",
-                nonlinearity, "', expected 'tanh' or 'relu'");
+  if (cx) check_defined(op, "cx", *cx);
+  if (cell == CellKind::Elman) {
+    FASTRNN_CHECK(parse_activation(nonlinearity, c.act), op, ": unknown nonlinearity '",
+                  nonlinearity, "', expected 'tanh' or 'relu'");
+  }
   FASTRNN_CHECK(num_layers >= 1, op, ": num_layers must be at least 1, got ", num_layers);
   FASTRNN_CHECK(dropout >= 0 && dropout <= 1, op, ": dropout must be in [0, 1], got ", dropout);
   c.layers = num_layers;
@@ -120,11 +144,14 @@ RnnConfig check_rnn_args(const char* op, const Tensor& input, const Tensor& hx,
   c.has_biases = has_biases;
   c.dropout = dropout;
   c.train = train;
-  const int64_t expected = c.cells() * c.per_cell();
-  FASTRNN_CHECK(static_cast<int64_t>(weights.size()) == expected, op, ": expected ", expected,
-                " weights (", c.layers, " layer(s) x ", c.directions, " direction(s) x ",
-                c.per_cell(), has_biases ? ": weight_ih, weight_hh, bias_ih, bias_hh" : ": weight_ih, weight_hh",
-                "), got ", weights.size());
+  const int64_t n = static_cast<int64_t>(weights.size()), base = has_biases ? 4 : 2;
+  // LSTM's projection adds one weight per cell.
+  const bool proj = cell == CellKind::Lstm && n == c.cells() * (base + 1) && n > 0;
+  const int64_t expected = c.cells() * (base + (proj ? 1 : 0));
+  FASTRNN_CHECK(n == expected, op, ": expected ", expected, " weights (", c.layers,
+                " layer(s) x ", c.directions, " direction(s) x ", expected / c.cells(),
+                has_biases ? ": weight_ih, weight_hh, bias_ih, bias_hh" : ": weight_ih, weight_hh",
+                cell == CellKind::Lstm ? " and, with proj_size, weight_hr" : "", "), got ", n);
   FASTRNN_CHECK(Backend::supports(input.scalar_type()), op, ": input dtype ",
                 torch::headeronly::toString(input.scalar_type()), " is not supported on ",
                 Backend::device_name);
@@ -132,35 +159,44 @@ RnnConfig check_rnn_args(const char* op, const Tensor& input, const Tensor& hx,
                 packed ? "2-D [N, I] when batch_sizes is given" : "3-D [T, B, I] when batch_sizes is None",
                 ", got ", input.dim(), "-D");
   FASTRNN_CHECK(hx.dim() == 3, op, ": hx must be 3-D [L*D, B, H], got ", hx.dim(), "-D");
-  for (size_t i = 0; i < weights.size(); ++i) {
-    check_defined(op, param_name(i, c.per_cell(), c.directions), weights[i]);
-  }
+  c.proj = proj ? 1 : 0;  // for param_name until the real size is read below
+  for (int64_t i = 0; i < n; ++i) check_defined(op, param_name(c, i), weights[i]);
   const Tensor& w_hh0 = weights[1];
-  FASTRNN_CHECK(w_hh0.dim() == 2, op, ": weight_hh_l0 must be 2-D [H, H], got ", w_hh0.dim(), "-D");
-  c.hidden = w_hh0.size(0);
+  FASTRNN_CHECK(w_hh0.dim() == 2 && w_hh0.size(0) % c.gates == 0, op, ": weight_hh_l0 must be 2-D [",
+                c.gates > 1 ? std::to_string(c.gates) + "*H" : "H", ", ", proj ? "proj_size" : "H",
+                "], got ", shape_str(w_hh0));
+  c.hidden = w_hh0.size(0) / c.gates;
+  c.proj = proj ? w_hh0.size(1) : 0;
   c.input_size = input.size(input.dim() - 1);
-  for (int64_t cell = 0; cell < c.cells(); ++cell) {
-    const int64_t l = cell / c.directions;
-    const std::vector<int64_t> shapes[4] = {
-        {c.hidden, c.layer_input_size(l)}, {c.hidden, c.hidden}, {c.hidden}, {c.hidden}};
+  const int64_t GH = c.gates * c.hidden, R = c.state_size();
+  for (int64_t cell_i = 0; cell_i < c.cells(); ++cell_i) {
+    const int64_t l = cell_i / c.directions;
+    std::vector<std::vector<int64_t>> shapes = {{GH, c.layer_input_size(l)}, {GH, R}};
+    if (has_biases) shapes.insert(shapes.end(), {{GH}, {GH}});
+    if (proj) shapes.push_back({R, c.hidden});
     for (int64_t k = 0; k < c.per_cell(); ++k) {
-      const int64_t i = cell * c.per_cell() + k;
-      const std::string name = param_name(i, c.per_cell(), c.directions);
+      const int64_t i = cell_i * c.per_cell() + k;
+      const std::string name = param_name(c, i);
       check_shape(op, name, weights[i], shapes[k]);
       check_like_input(op, name, weights[i], input);
     }
   }
   check_like_input(op, "hx", hx, input);
   c.layout = check_layout(op, input, batch_sizes, hx.size(1));
-  check_shape(op, "hx", hx, {c.cells(), c.layout.batch, c.hidden});
+  check_shape(op, "hx", hx, {c.cells(), c.layout.batch, R});
+  if (cx) {
+    check_like_input(op, "cx", *cx, input);
+    check_shape(op, "cx", *cx, {c.cells(), c.layout.batch, c.hidden});
+  }
   return c;
 }
 
 // The backward op's own tensors: the forward's output and reserve, and the
-// incoming gradients.
+// incoming gradients (grad_c_n: LSTM's, null for the other cells).
 inline void check_backward_args(const char* op, const RnnConfig& c, const Tensor& input,
                                 const Tensor& output, const Tensor& reserve,
-                                const Tensor& grad_output, const Tensor& grad_h_n) {
+                                const Tensor& grad_output, const Tensor& grad_h_n,
+                                const Tensor* grad_c_n = nullptr) {
   using namespace detail;
   std::vector<int64_t> out_shape;
   for (int64_t d = 0; d + 1 < input.dim(); ++d) out_shape.push_back(input.size(d));
@@ -175,8 +211,13 @@ inline void check_backward_args(const char* op, const RnnConfig& c, const Tensor
   check_shape(op, "reserve", reserve, {c.reserve_size()});
   check_like_input(op, "reserve", reserve, input);
   check_defined(op, "grad_h_n", grad_h_n);
-  check_shape(op, "grad_h_n", grad_h_n, {c.cells(), c.layout.batch, c.hidden});
+  check_shape(op, "grad_h_n", grad_h_n, {c.cells(), c.layout.batch, c.state_size()});
   check_like_input(op, "grad_h_n", grad_h_n, input);
+  if (grad_c_n) {
+    check_defined(op, "grad_c_n", *grad_c_n);
+    check_shape(op, "grad_c_n", *grad_c_n, {c.cells(), c.layout.batch, c.hidden});
+    check_like_input(op, "grad_c_n", *grad_c_n, input);
+  }
 }
 
 }  // namespace fastrnn

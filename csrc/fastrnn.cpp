@@ -5,4 +5,8 @@
 STABLE_TORCH_LIBRARY(fastrnn, m) {
   m.def(fastrnn::kRnnSchema);
   m.def(fastrnn::kRnnBackwardSchema);
+  m.def(fastrnn::kLstmSchema);
+  m.def(fastrnn::kLstmBackwardSchema);
+  m.def(fastrnn::kGruSchema);
+  m.def(fastrnn::kGruBackwardSchema);
 }

@@ -57,6 +57,34 @@
 //
 // The masks are drawn from torch's default generator of the input's device
 // (torch.manual_seed makes them repeatable).
+//
+// fastrnn::lstm and fastrnn::gru run torch.nn.LSTM and torch.nn.GRU stacks on
+// the same engine; only the cell differs (gates in torch's order, G of them):
+//
+//   LSTM (G = 4, [i f g o]): A = X W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh
+//        i, f, o = sigmoid(A_i, A_f, A_o); g = tanh(A_g)
+//        c_t = f c_{t-1} + i g;  m_t = o tanh(c_t);  h_t = m_t (W_hr^T with proj_size)
+//   GRU  (G = 3, [r z n]):  r, z = sigmoid((X W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)_{r,z})
+//        n = tanh((X W_ih^T + b_ih)_n + r ((h_{t-1} W_hh^T)_n + b_hn))
+//        h_t = (1 - z) n + z h_{t-1}
+//
+// fastrnn::lstm(input, hx [L*D, B, R], cx [L*D, B, H], weights, has_biases,
+//               num_layers, dropout, train, bidirectional, batch_sizes)
+//   weights per cell: weight_ih [4H, I_l], weight_hh [4H, R], (bias_ih [4H],
+//   bias_hh [4H],) (weight_hr [R, H] with proj_size R < H); R = H without it;
+//   I_l = D*R for l > 0
+//   -> (output [T, B, D*R] | [N, D*R], h_n [L*D, B, R], c_n [L*D, B, H],
+//       reserve [R_lstm]: per layer the activated gates [N, D*4H], c [N, D*H]
+//               and with proj_size m [N, D*H]; then the outputs of layers
+//               0..L-2 and their dropout masks as for rnn)
+// fastrnn::gru(input, hx [L*D, B, H], weights, has_biases, num_layers, dropout,
+//              train, bidirectional, batch_sizes)
+//   weights per cell: weight_ih [3H, I_l], weight_hh [3H, H], (bias_ih [3H], bias_hh [3H])
+//   -> (output, h_n, reserve [R_gru]: per layer the activated gates
+//       [N, D*3H] and (h_{t-1} W_hh^T)_n + b_hn [N, D*H]; then as for rnn)
+// lstm_backward / gru_backward take the forward's arguments, output and
+// reserve, the gradients of every output, and the need_* flags, and return
+// (grad_input, grad_hx[, grad_cx], grad_weights) as rnn_backward does.
 #pragma once
 
 #include <torch/csrc/stable/library.h>
@@ -85,7 +113,29 @@ inline constexpr const char* kRnnBackwardSchema =
     "Tensor output, Tensor reserve, Tensor grad_output, Tensor grad_h_n, bool need_input_grad, "
     "bool need_weight_grad) -> (Tensor grad_input, Tensor grad_hx, Tensor[] grad_weights)";
 
+inline constexpr const char* kLstmSchema =
+    "lstm(Tensor input, Tensor hx, Tensor cx, Tensor[] weights, bool has_biases, int num_layers, "
+    "float dropout, bool train, bool bidirectional, Tensor? batch_sizes) "
+    "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor reserve)";
+inline constexpr const char* kLstmBackwardSchema =
+    "lstm_backward(Tensor input, Tensor hx, Tensor cx, Tensor[] weights, bool has_biases, "
+    "int num_layers, float dropout, bool train, bool bidirectional, Tensor? batch_sizes, "
+    "Tensor output, Tensor reserve, Tensor grad_output, Tensor grad_h_n, "
+    "Tensor grad_c_n, bool need_input_grad, bool need_weight_grad) "
+    "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)";
+inline constexpr const char* kGruSchema =
+    "gru(Tensor input, Tensor hx, Tensor[] weights, bool has_biases, int num_layers, "
+    "float dropout, bool train, bool bidirectional, Tensor? batch_sizes) "
+    "-> (Tensor output, Tensor h_n, Tensor reserve)";
+inline constexpr const char* kGruBackwardSchema =
+    "gru_backward(Tensor input, Tensor hx, Tensor[] weights, bool has_biases, int num_layers, "
+    "float dropout, bool train, bool bidirectional, Tensor? batch_sizes, Tensor output, "
+    "Tensor reserve, Tensor grad_output, Tensor grad_h_n, bool need_input_grad, "
+    "bool need_weight_grad) -> (Tensor grad_input, Tensor grad_hx, Tensor[] grad_weights)";
+
 using RnnResult = std::tuple<Tensor, Tensor, Tensor>;
+using LstmResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using LstmBackwardResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>;
 using RnnBackwardResult = std::tuple<Tensor, Tensor, std::vector<Tensor>>;
 
 // Argument errors reach Python as RuntimeError carrying exactly this message

@@ -40,6 +40,62 @@ struct BackwardJob {
   Tensor w_hh;                         // [H, H]  contiguous
 };
 
+// LSTM (cells.h): the recurrence of one layer and direction.
+struct LstmForwardJob {
+  const SequenceLayout* layout;
+  bool reverse;
+  const std::vector<StepRows>* steps;
+  Tensor gates;   // [N, 4H]  X W_ih^T + b_ih + b_hh on entry, activated i f g o on exit
+  Tensor c;       // [N, H]   written: c_t
+  Tensor m;       // [N, H]   written: o tanh(c_t); the output itself without a projection
+  Tensor out;     // [N, R]   written: h_t (m W_hr^T with a projection)
+  Tensor h0, c0;  // [B, R], [B, H]
+  Tensor h_n, c_n;  // [B, R], [B, H]  written
+  Tensor w_hh;    // [4H, R]
+  Tensor w_hr;    // [R, H]   the projection, or undefined
+};
+
+struct LstmBackwardJob {
+  const SequenceLayout* layout;
+  bool reverse;
+  const std::vector<StepRows>* steps;
+  Tensor dh;        // [N, R]  dY on entry, the whole gradient of each h_t on exit
+  Tensor gates;     // [N, 4H] activated gates on entry, dA (pre-activation gradients) on exit
+  Tensor c, m;      // [N, H]  the forward's (m: with a projection only)
+  Tensor c0;        // [B, H]
+  Tensor dh_n, dc_n;       // [B, R], [B, H]
+  Tensor grad_hx, grad_cx;  // [B, R], [B, H]  written
+  Tensor w_hh, w_hr;
+};
+
+// GRU (cells.h): the recurrence of one layer and direction.
+struct GruForwardJob {
+  const SequenceLayout* layout;
+  bool reverse;
+  const std::vector<StepRows>* steps;
+  Tensor gates;  // [N, 3H]  X W_ih^T + b_ih on entry, activated r z n on exit
+  Tensor hn;     // [N, H]   written: (h_{t-1} W_hh^T)_n + b_hn
+  Tensor out;    // [N, H]   written: h_t
+  Tensor h0;     // [B, H]
+  Tensor h_n;    // [B, H]   written
+  Tensor w_hh;   // [3H, H]
+  Tensor b_hh;   // [3H] or undefined
+};
+
+struct GruBackwardJob {
+  const SequenceLayout* layout;
+  bool reverse;
+  const std::vector<StepRows>* steps;
+  Tensor dh;     // [N, H]  dY on entry, the whole gradient of each h_t on exit
+  Tensor gates;  // [N, 3H] r z n on entry, [dA_r, dA_z, dA_hn] on exit (cells.h)
+  Tensor hn;     // [N, H]  the forward's hn on entry, dA_n on exit
+  Tensor out;    // [N, H]  the forward's h_t
+  Tensor h0;     // [B, H]
+  Tensor dh_n;   // [B, H]
+  Tensor grad_hx;  // [B, H] written
+  Tensor w_hh;
+};
+
 // Row ranges of a step whose h is a sequence's last (read by no later step):
 // rows [final_from(steps, i), steps[i].count) of the i-th visited step.
 inline int64_t final_from(const std::vector<StepRows>& steps, size_t i) {

@@ -1,19 +1,17 @@
-// fastrnn: the whole-stack driver of fastrnn::rnn and fastrnn::rnn_backward
-// (contracts in ops.h), written once for every device. Per layer it runs one
-// input-projection GEMM per direction straight into the layer's output
-// columns, hands the directions' recurrences to the backend together (they
-// are independent), and applies dropout between layers; backward walks the
-// layers down with the weight gradients as single GEMMs.
+// fastrnn: the whole-stack driver of every op (contracts in ops.h), written
+// once for every device and cell. Per layer it runs one input-projection GEMM
+// per direction straight into the layer's output (Elman) or gate buffer
+// (LSTM, GRU), hands the directions' recurrences to the backend together
+// (they are independent), and applies dropout between layers; backward walks
+// the layers down with the weight gradients as single GEMMs.
 //
-// A Backend supplies:
+// A Backend supplies, besides what stepwise.h needs:
 //   static constexpr const char* device_name;
 //   static bool supports(ScalarType dtype);
-//   static void gemm(const Tensor& c, const Tensor& a, const Tensor& b, bool accumulate);
-//   static void addmm(const Tensor& c, const Tensor& bias, const Tensor& a, const Tensor& b);
-//       c = bias + a @ b, bias [cols] broadcast over the rows
-//   static void forward_recurrences(const std::vector<ForwardJob>&, Activation);
-//   static void backward_recurrences(const std::vector<BackwardJob>&, Activation);
-//       independent recurrences (recurrence.h), e.g. both directions of a layer
+//   static void forward_recurrences(const std::vector<Job>&[, Activation]);
+//   static void backward_recurrences(const std::vector<Job>&[, Activation]);
+//       for each job type of recurrence.h: independent recurrences (both
+//       directions of a layer)
 #pragma once
 
 #include "checks.h"
@@ -26,29 +24,49 @@
 namespace fastrnn {
 namespace detail {
 
-// The tensors of one stack, as views into the op's arguments and outputs.
+// The tensors of one stack, as views into the op's arguments and reserve.
 struct StackViews {
   const RnnConfig& c;
   const std::vector<Tensor>& weights;
   Tensor reserve;  // [R] (ops.h)
 
   int64_t N() const { return c.layout.rows; }
-  const Tensor& w_ih(int64_t cell) const { return weights[cell * c.per_cell()]; }
-  const Tensor& w_hh(int64_t cell) const { return weights[cell * c.per_cell() + 1]; }
-  // Layer l's output [N, D*H], l < L-1.
-  Tensor layer_output(int64_t l) const {
-    return view2d(reserve, N(), c.layer_width(), c.layer_width(), l * N() * c.layer_width());
+  int64_t W() const { return c.layer_width(); }
+  const Tensor& weight(int64_t cell, int64_t k) const { return weights[cell * c.per_cell() + k]; }
+  const Tensor& w_ih(int64_t cell) const { return weight(cell, 0); }
+  const Tensor& w_hh(int64_t cell) const { return weight(cell, 1); }
+  std::optional<Tensor> b_ih(int64_t cell) const {
+    return c.has_biases ? std::optional<Tensor>(weight(cell, 2)) : std::nullopt;
   }
-  // The dropout mask applied to layer l's output, l < L-1.
+  std::optional<Tensor> b_hh(int64_t cell) const {
+    return c.has_biases ? std::optional<Tensor>(weight(cell, 3)) : std::nullopt;
+  }
+  Tensor w_hr(int64_t cell) const { return c.proj ? weight(cell, c.per_cell() - 1) : Tensor(); }
+
+  // Layer l's output [N, D*R], l < L-1, and its dropout mask.
+  Tensor layer_output(int64_t l) const { return view2d(reserve, N(), W(), W(), l * N() * W()); }
   Tensor mask(int64_t l) const { return layer_output(c.layers - 1 + l); }
-  // Direction d's columns of a layer's [N, D*H] tensor.
-  Tensor columns(const Tensor& t, int64_t d) const {
-    return view2d(t, N(), c.hidden, c.layer_width(), d * c.hidden);
+  // Direction d's part of layer l's saved tensors (ops.h): `width` columns
+  // starting at column `col` of each row's saved_per_row().
+  Tensor saved(int64_t l, int64_t d, int64_t col, int64_t width) const {
+    const int64_t outputs = (c.layers - 1) * N() * W() * (c.dropout_applied() ? 2 : 1);
+    const int64_t S = c.saved_per_row(), D = c.directions;
+    // Layer l's block holds, per saved tensor, [N, D*width] with direction d's columns.
+    const int64_t block = outputs + l * N() * D * S;
+    return view2d(reserve, N(), width, D * width, block + N() * D * col + d * width);
   }
-  // Cell `cell`'s [B, H] slice of a [L*D, B, H] state.
-  Tensor state(const Tensor& t, int64_t cell) const {
-    const int64_t B = c.layout.batch;
-    return view2d(t, B, c.hidden, c.hidden, cell * B * c.hidden);
+  Tensor gates(int64_t l, int64_t d) const { return saved(l, d, 0, c.gates * c.hidden); }
+  // LSTM's c and m, GRU's hn: the [N, H] tensors after the gates.
+  Tensor after_gates(int64_t l, int64_t d, int64_t i) const {
+    return saved(l, d, c.gates * c.hidden + i * c.hidden, c.hidden);
+  }
+  // Direction d's columns of a layer's [N, D*R] tensor.
+  Tensor columns(const Tensor& t, int64_t d) const {
+    return view2d(t, N(), c.state_size(), W(), d * c.state_size());
+  }
+  // Cell `cell`'s [B, size] slice of a [L*D, B, size] state.
+  static Tensor state(const Tensor& t, int64_t cell) {
+    return view2d(t, t.size(1), t.size(2), t.size(2), cell * t.size(1) * t.size(2));
   }
 };
 
@@ -58,43 +76,83 @@ inline Tensor layer_input(const StackViews& s, int64_t l) {
   return s.c.dropout_applied() ? multiply(prev, s.mask(l - 1)) : prev;
 }
 
-}  // namespace detail
+// b_ih + b_hh, or the one that is there.
+inline std::optional<Tensor> bias_sum(const std::optional<Tensor>& a, const std::optional<Tensor>& b) {
+  if (a && b) return torch::stable::subtract(*a, *b, -1.0);
+  return a ? a : b;
+}
+
+// out = x W^T (+ bias).
+template <class Backend>
+void project(const Tensor& out, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
+  if (bias) {
+    Backend::addmm(out, *bias, x, transposed(w));
+  } else {
+    Backend::gemm(out, x, transposed(w), false);
+  }
+}
+
+// What a layer's forward hands to the backend, per cell kind.
+struct LayerJobs {
+  std::vector<ForwardJob> elman;
+  std::vector<LstmForwardJob> lstm;
+  std::vector<GruForwardJob> gru;
+};
 
 template <class Backend>
-RnnResult rnn_forward(Tensor input, Tensor hx, std::vector<Tensor> weights, bool has_biases,
-                      int64_t num_layers, double dropout, bool train, bool bidirectional,
-                      std::string nonlinearity, std::optional<Tensor> batch_sizes) {
-  const RnnConfig c =
-      check_rnn_args<Backend>("fastrnn::rnn", input, hx, weights, has_biases, num_layers,
-                              dropout, train, bidirectional, nonlinearity, batch_sizes);
-  const SequenceLayout& L = c.layout;
-  const int64_t N = L.rows, W = c.layer_width();
-  const detail::StackViews s{c, weights, empty(input, {c.reserve_size()})};
-  const Tensor h0 = as_contiguous(hx);
-  Tensor h_n = empty(hx, {c.cells(), L.batch, c.hidden});
-  Tensor output = empty(input, {N, W});
-  if (L.steps == 0) torch::stable::copy_(h_n, h0);
-  const std::vector<StepRows> order[2] = {steps_in_order(L, false), steps_in_order(L, true)};
+void forward_layer(const StackViews& s, int64_t l, const Tensor& x, const Tensor& out,
+                   const Tensor& h0, const Tensor& c0, const Tensor& h_n, const Tensor& c_n,
+                   const std::vector<StepRows>* order) {
+  const RnnConfig& c = s.c;
+  LayerJobs jobs;
+  for (int64_t d = 0; d < c.directions; ++d) {
+    const int64_t cell = l * c.directions + d;
+    const Tensor out_d = s.columns(out, d), w_hh = as_contiguous(s.w_hh(cell));
+    switch (c.cell) {
+      case CellKind::Elman:
+        project<Backend>(out_d, x, s.w_ih(cell), bias_sum(s.b_ih(cell), s.b_hh(cell)));
+        jobs.elman.push_back({&c.layout, d == 1, &order[d], out_d, StackViews::state(h0, cell),
+                              StackViews::state(h_n, cell), w_hh});
+        break;
+      case CellKind::Lstm: {
+        const Tensor gates = s.gates(l, d), cs = s.after_gates(l, d, 0);
+        project<Backend>(gates, x, s.w_ih(cell), bias_sum(s.b_ih(cell), s.b_hh(cell)));
+        jobs.lstm.push_back({&c.layout, d == 1, &order[d], gates, cs,
+                             c.proj ? s.after_gates(l, d, 1) : Tensor(), out_d,
+                             StackViews::state(h0, cell), StackViews::state(c0, cell),
+                             StackViews::state(h_n, cell), StackViews::state(c_n, cell), w_hh,
+                             s.w_hr(cell)});
+        break;
+      }
+      case CellKind::Gru: {
+        const Tensor gates = s.gates(l, d);
+        project<Backend>(gates, x, s.w_ih(cell), s.b_ih(cell));
+        const std::optional<Tensor> b_hh = s.b_hh(cell);
+        jobs.gru.push_back({&c.layout, d == 1, &order[d], gates, s.after_gates(l, d, 0), out_d,
+                            StackViews::state(h0, cell), StackViews::state(h_n, cell), w_hh,
+                            b_hh ? *b_hh : Tensor()});
+        break;
+      }
+    }
+  }
+  if (c.layout.steps == 0) return;
+  if (!jobs.elman.empty()) Backend::forward_recurrences(jobs.elman, c.act);
+  if (!jobs.lstm.empty()) Backend::forward_recurrences(jobs.lstm);
+  if (!jobs.gru.empty()) Backend::forward_recurrences(jobs.gru);
+}
 
-  Tensor x = view2d(as_contiguous(input), N, c.input_size, c.input_size);
+// The whole forward: (output [N, D*R], the reserve).
+template <class Backend>
+Tensor stack_forward(const StackViews& s, const Tensor& input, const Tensor& h0, const Tensor& c0,
+                     const Tensor& h_n, const Tensor& c_n) {
+  const RnnConfig& c = s.c;
+  const SequenceLayout& L = c.layout;
+  Tensor output = empty(input, {L.rows, c.layer_width()});
+  const std::vector<StepRows> order[2] = {steps_in_order(L, false), steps_in_order(L, true)};
+  Tensor x = view2d(as_contiguous(input), L.rows, c.input_size, c.input_size);
   for (int64_t l = 0; l < c.layers; ++l) {
     const Tensor out = l + 1 == c.layers ? output : s.layer_output(l);
-    std::vector<ForwardJob> jobs;
-    for (int64_t d = 0; d < c.directions; ++d) {
-      const int64_t cell = l * c.directions + d;
-      const Tensor out_d = s.columns(out, d);
-      // P = X W_ih^T + (b_ih + b_hh), straight into this direction's columns.
-      const Tensor w_ih_t = transposed(s.w_ih(cell));
-      if (c.has_biases) {
-        const int64_t b = cell * c.per_cell() + 2;
-        Backend::addmm(out_d, torch::stable::subtract(weights[b], weights[b + 1], -1.0), x, w_ih_t);
-      } else {
-        Backend::gemm(out_d, x, w_ih_t, false);
-      }
-      jobs.push_back({&L, d == 1, &order[d], out_d, s.state(h0, cell), s.state(h_n, cell),
-                      as_contiguous(s.w_hh(cell))});
-    }
-    if (L.steps > 0) Backend::forward_recurrences(jobs, c.act);
+    forward_layer<Backend>(s, l, x, out, h0, c0, h_n, c_n, order);
     if (l + 1 < c.layers) {
       if (c.dropout_applied()) {
         Tensor mask = s.mask(l);
@@ -104,10 +162,196 @@ RnnResult rnn_forward(Tensor input, Tensor hx, std::vector<Tensor> weights, bool
           torch::stable::zero_(mask);  // as torch's dropout at p = 1 (no 0/0)
         }
       }
-      x = detail::layer_input(s, l + 1);
+      x = layer_input(s, l + 1);
     }
   }
-  if (!L.packed) output = reinterpret(output, {L.steps, L.batch, W}, {L.batch * W, W, 1});
+  if (!L.packed) output = reinterpret(output, {L.steps, L.batch, c.layer_width()}, {L.batch * c.layer_width(), c.layer_width(), 1});
+  return output;
+}
+
+// dW = dA^T Hprev, Hprev being each row's h_{t-1} (from h0 or the output):
+// one GEMM per contiguous block, or one GEMM over a gathered Hprev when there are many.
+template <class Backend>
+void recurrent_weight_grad(const SequenceLayout& L, bool reverse, const Tensor& grad_w,
+                           const Tensor& dA, const Tensor& h0, const Tensor& out) {
+  std::vector<PrevRows> blocks = prev_row_blocks(L, reverse);
+  const int64_t R = out.size(1);
+  auto source = [&](const PrevRows& b) {
+    const Tensor& from = b.from_hx ? h0 : out;
+    return view2d(from, b.count, R, from.stride(0), b.src * from.stride(0));
+  };
+  if (blocks.empty()) {
+    Tensor g = grad_w;
+    torch::stable::zero_(g);
+  } else if (blocks.size() > 2) {
+    Tensor hprev = empty(out, {L.rows, R});
+    for (const PrevRows& b : blocks) {
+      Tensor dst = view2d(hprev, b.count, R, R, b.dst * R);
+      torch::stable::copy_(dst, source(b));
+    }
+    Backend::gemm(grad_w, transposed(dA), hprev, false);
+  } else {
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const Tensor dA_rows = view2d(dA, blocks[i].count, dA.size(1), dA.stride(0), blocks[i].dst * dA.stride(0));
+      Backend::gemm(grad_w, transposed(dA_rows), source(blocks[i]), i > 0);
+    }
+  }
+}
+
+// One piece of a layer's input-side gradient: dA_x's columns [col, col + width)
+// of a gate buffer, which multiply W_ih's rows [col, col + width).
+struct InputGrad {
+  Tensor dA;  // [N, width]
+  int64_t col;
+};
+
+// The whole backward: fills grad_input, grad_hx (and grad_cx) and grad_weights.
+template <class Backend>
+void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, const Tensor& c0,
+                    const Tensor& output, const Tensor& grad_output, const Tensor& dh_n,
+                    const Tensor& dc_n, const Tensor& grad_hx, const Tensor& grad_cx,
+                    bool need_input_grad, bool need_weight_grad, Tensor& grad_input,
+                    std::vector<Tensor>& grad_weights) {
+  const RnnConfig& c = s.c;
+  const SequenceLayout& L = c.layout;
+  const int64_t N = L.rows, W = c.layer_width(), H = c.hidden, GH = c.gates * H;
+  const std::vector<StepRows> order[2] = {steps_in_order(L, false), steps_in_order(L, true)};
+
+  // dY of the top layer: a copy of grad_output, which the recurrences accumulate into.
+  Tensor dY = as_contiguous(grad_output);
+  if (dY.data_ptr() == grad_output.data_ptr()) dY = torch::stable::clone(dY);
+  dY = view2d(dY, N, W, W);
+  const Tensor top_output = view2d(as_contiguous(output), N, W, W);
+
+  for (int64_t l = c.layers - 1; l >= 0; --l) {
+    const Tensor out = l + 1 == c.layers ? top_output : s.layer_output(l);
+    std::vector<BackwardJob> elman;
+    std::vector<LstmBackwardJob> lstm;
+    std::vector<GruBackwardJob> gru;
+    for (int64_t d = 0; d < c.directions; ++d) {
+      const int64_t cell = l * c.directions + d;
+      const Tensor w_hh = as_contiguous(s.w_hh(cell));
+      const auto state = [&](const Tensor& t) { return StackViews::state(t, cell); };
+      switch (c.cell) {
+        case CellKind::Elman:
+          elman.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.columns(out, d), state(dh_n),
+                           state(grad_hx), w_hh});
+          break;
+        case CellKind::Lstm:
+          lstm.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.gates(l, d), s.after_gates(l, d, 0),
+                          c.proj ? s.after_gates(l, d, 1) : Tensor(), state(c0), state(dh_n),
+                          state(dc_n), state(grad_hx), state(grad_cx), w_hh,
+                          c.proj ? as_contiguous(s.w_hr(cell)) : Tensor()});
+          break;
+        case CellKind::Gru:
+          gru.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.gates(l, d), s.after_gates(l, d, 0),
+                         s.columns(out, d), state(h0), state(dh_n), state(grad_hx), w_hh});
+          break;
+      }
+    }
+    if (L.steps > 0) {
+      if (!elman.empty()) Backend::backward_recurrences(elman, c.act);
+      if (!lstm.empty()) Backend::backward_recurrences(lstm);
+      if (!gru.empty()) Backend::backward_recurrences(gru);
+    }
+    const int64_t I = c.layer_input_size(l);
+    const Tensor x = l == 0 ? view2d(as_contiguous(input), N, I, I) : layer_input(s, l);
+
+    // Per direction: the gradients of the recurrent pre-activations (dA_h) and
+    // of the input-side ones, in pieces (InputGrad).
+    std::vector<std::vector<InputGrad>> input_grads(c.directions);
+    for (int64_t d = 0; d < c.directions; ++d) {
+      Tensor dA_h;
+      switch (c.cell) {
+        case CellKind::Elman:
+          dA_h = s.columns(dY, d);
+          input_grads[d] = {{dA_h, 0}};
+          break;
+        case CellKind::Lstm:
+          dA_h = s.gates(l, d);
+          input_grads[d] = {{dA_h, 0}};
+          break;
+        case CellKind::Gru: {  // gates hold [dA_r, dA_z, dA_hn], hn holds dA_n (cells.h)
+          dA_h = s.gates(l, d);
+          input_grads[d] = {{view2d(dA_h, N, 2 * H, dA_h.stride(0)), 0}, {s.after_gates(l, d, 0), 2 * H}};
+          break;
+        }
+      }
+      if (!need_weight_grad) continue;
+      const int64_t cell = l * c.directions + d, first = cell * c.per_cell();
+      grad_weights[first] = empty(input, {GH, I});
+      for (const InputGrad& g : input_grads[d]) {
+        const Tensor rows = view2d(grad_weights[first], g.dA.size(1), I, I, g.col * I);
+        Backend::gemm(rows, transposed(g.dA), x, false);
+      }
+      grad_weights[first + 1] = empty(input, {GH, c.state_size()});
+      recurrent_weight_grad<Backend>(L, d == 1, grad_weights[first + 1], dA_h,
+                                     StackViews::state(h0, cell), s.columns(out, d));
+      if (c.has_biases) {
+        grad_weights[first + 3] = column_sum(dA_h);
+        if (c.cell == CellKind::Gru) {
+          grad_weights[first + 2] = empty(input, {GH});
+          for (const InputGrad& g : input_grads[d]) {
+            Tensor dst = reinterpret(grad_weights[first + 2], {g.dA.size(1)}, {1}, g.col);
+            torch::stable::copy_(dst, column_sum(g.dA));
+          }
+        } else {
+          grad_weights[first + 2] = torch::stable::clone(grad_weights[first + 3]);
+        }
+      }
+      if (c.proj) {  // dW_hr = dh^T m
+        grad_weights[first + c.per_cell() - 1] = empty(input, {c.proj, H});
+        Backend::gemm(grad_weights[first + c.per_cell() - 1], transposed(s.columns(dY, d)),
+                      s.after_gates(l, d, 1), false);
+      }
+    }
+
+    if (l > 0 || need_input_grad) {
+      // dX = sum over directions and pieces of dA_x W_ih: the gradient of this layer's input.
+      Tensor dX = empty(input, {N, I});
+      bool first = true;
+      for (int64_t d = 0; d < c.directions; ++d) {
+        const Tensor& w_ih = s.w_ih(l * c.directions + d);
+        for (const InputGrad& g : input_grads[d]) {
+          // W_ih's rows [col, col + width), with W_ih's own strides.
+          const Tensor w_rows = reinterpret(w_ih, {g.dA.size(1), I}, {w_ih.stride(0), w_ih.stride(1)},
+                                            g.col * w_ih.stride(0));
+          Backend::gemm(dX, g.dA, w_rows, !first);
+          first = false;
+        }
+      }
+      if (l > 0) {
+        if (c.dropout_applied()) inplace_binary("aten::mul_", dX, s.mask(l - 1));
+        dY = dX;
+      } else {
+        grad_input = L.packed ? dX : reinterpret(dX, {L.steps, L.batch, I}, {L.batch * I, I, 1});
+      }
+    }
+  }
+}
+
+// Outputs that are not needed are distinct empty tensors (outputs of an op
+// must not alias each other).
+inline std::vector<Tensor> no_grads(const Tensor& like, size_t n) {
+  std::vector<Tensor> grads;
+  for (size_t i = 0; i < n; ++i) grads.push_back(empty(like, {0}));
+  return grads;
+}
+
+}  // namespace detail
+
+template <class Backend>
+RnnResult rnn_forward(Tensor input, Tensor hx, std::vector<Tensor> weights, bool has_biases,
+                      int64_t num_layers, double dropout, bool train, bool bidirectional,
+                      std::string nonlinearity, std::optional<Tensor> batch_sizes) {
+  const RnnConfig c = check_rnn_args<Backend>("fastrnn::rnn", CellKind::Elman, input, hx, nullptr,
+                                              weights, has_biases, num_layers, dropout, train,
+                                              bidirectional, nonlinearity, batch_sizes);
+  const detail::StackViews s{c, weights, empty(input, {c.reserve_size()})};
+  const Tensor h0 = as_contiguous(hx);
+  Tensor h_n = empty(hx, {c.cells(), c.layout.batch, c.hidden});
+  if (c.layout.steps == 0) torch::stable::copy_(h_n, h0);
+  Tensor output = detail::stack_forward<Backend>(s, input, h0, Tensor(), h_n, Tensor());
   return {output, h_n, s.reserve};
 }
 
@@ -119,98 +363,104 @@ RnnBackwardResult rnn_backward(Tensor input, Tensor hx, std::vector<Tensor> weig
                                Tensor grad_output, Tensor grad_h_n, bool need_input_grad,
                                bool need_weight_grad) {
   const char* op = "fastrnn::rnn_backward";
-  const RnnConfig c = check_rnn_args<Backend>(op, input, hx, weights, has_biases, num_layers,
-                                              dropout, train, bidirectional, nonlinearity,
-                                              batch_sizes);
+  const RnnConfig c = check_rnn_args<Backend>(op, CellKind::Elman, input, hx, nullptr, weights,
+                                              has_biases, num_layers, dropout, train, bidirectional,
+                                              nonlinearity, batch_sizes);
   check_backward_args(op, c, input, output, reserve, grad_output, grad_h_n);
-  const SequenceLayout& L = c.layout;
-  const int64_t N = L.rows, W = c.layer_width(), H = c.hidden;
   const detail::StackViews s{c, weights, as_contiguous(reserve)};
-  const Tensor h0 = as_contiguous(hx);
   const Tensor dh_n = as_contiguous(grad_h_n);
-  Tensor grad_hx = empty(hx, {c.cells(), L.batch, H});
-  if (L.steps == 0) torch::stable::copy_(grad_hx, dh_n);
-  const std::vector<StepRows> order[2] = {steps_in_order(L, false), steps_in_order(L, true)};
+  Tensor grad_hx = empty(hx, {c.cells(), c.layout.batch, c.hidden});
+  if (c.layout.steps == 0) torch::stable::copy_(grad_hx, dh_n);
+  Tensor grad_input = empty(input, {0});
+  std::vector<Tensor> grad_weights = detail::no_grads(input, weights.size());
+  detail::stack_backward<Backend>(s, input, as_contiguous(hx), Tensor(), output, grad_output, dh_n,
+                                  Tensor(), grad_hx, Tensor(), need_input_grad, need_weight_grad,
+                                  grad_input, grad_weights);
+  return {grad_input, grad_hx, grad_weights};
+}
 
-  // Outputs that are not needed are distinct empty tensors (outputs of an op
-  // must not alias each other).
-  auto nothing = [&] { return empty(input, {0}); };
-  Tensor grad_input = nothing();
-  std::vector<Tensor> grad_weights;
-  for (size_t i = 0; i < weights.size(); ++i) grad_weights.push_back(nothing());
-
-  // dY of the top layer: a copy of grad_output, which becomes dA in place.
-  Tensor dY = as_contiguous(grad_output);
-  if (dY.data_ptr() == grad_output.data_ptr()) dY = torch::stable::clone(dY);
-  dY = view2d(dY, N, W, W);
-  const Tensor top_output = view2d(as_contiguous(output), N, W, W);
-
-  for (int64_t l = c.layers - 1; l >= 0; --l) {
-    const Tensor out = l + 1 == c.layers ? top_output : s.layer_output(l);
-    std::vector<BackwardJob> jobs;
-    for (int64_t d = 0; d < c.directions; ++d) {
-      const int64_t cell = l * c.directions + d;
-      jobs.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.columns(out, d), s.state(dh_n, cell),
-                      s.state(grad_hx, cell), as_contiguous(s.w_hh(cell))});
-    }
-    if (L.steps > 0) Backend::backward_recurrences(jobs, c.act);
-    const int64_t I = c.layer_input_size(l);
-    const Tensor x = l == 0 ? view2d(as_contiguous(input), N, I, I) : detail::layer_input(s, l);
-
-    for (int64_t d = 0; need_weight_grad && d < c.directions; ++d) {
-      const int64_t cell = l * c.directions + d, first = cell * c.per_cell();
-      const Tensor dA = jobs[d].dA, dA_t = transposed(dA);
-      grad_weights[first] = empty(input, {H, I});
-      Backend::gemm(grad_weights[first], dA_t, x, false);
-
-      // dW_hh = dA^T Hprev, Hprev being each row's h_{t-1}: one GEMM per
-      // contiguous block, or one GEMM over a gathered Hprev when there are many.
-      Tensor& grad_w_hh = grad_weights[first + 1];
-      grad_w_hh = empty(input, {H, H});
-      std::vector<PrevRows> blocks = prev_row_blocks(L, d == 1);
-      const Tensor h0_d = s.state(h0, cell), out_d = s.columns(out, d);
-      auto source = [&](const PrevRows& b) {
-        const Tensor& from = b.from_hx ? h0_d : out_d;
-        return view2d(from, b.count, H, from.stride(0), b.src * from.stride(0));
-      };
-      auto dA_rows = [&](int64_t begin, int64_t count) {
-        return transposed(view2d(dA, count, H, dA.stride(0), begin * dA.stride(0)));
-      };
-      if (blocks.empty()) {
-        torch::stable::zero_(grad_w_hh);
-      } else if (blocks.size() > 2) {
-        Tensor hprev = empty(input, {N, H});
-        for (const PrevRows& b : blocks) {
-          Tensor dst = view2d(hprev, b.count, H, H, b.dst * H);
-          torch::stable::copy_(dst, source(b));
-        }
-        Backend::gemm(grad_w_hh, dA_t, hprev, false);
-      } else {
-        for (size_t i = 0; i < blocks.size(); ++i) {
-          Backend::gemm(grad_w_hh, dA_rows(blocks[i].dst, blocks[i].count), source(blocks[i]),
-                        i > 0);
-        }
-      }
-      if (c.has_biases) {
-        grad_weights[first + 2] = column_sum(dA);
-        grad_weights[first + 3] = torch::stable::clone(grad_weights[first + 2]);
-      }
-    }
-
-    if (l > 0 || need_input_grad) {
-      // dX = sum_d dA_d W_ih_d: the gradient of this layer's input.
-      Tensor dX = empty(input, {N, I});
-      for (int64_t d = 0; d < c.directions; ++d) {
-        Backend::gemm(dX, jobs[d].dA, s.w_ih(l * c.directions + d), d > 0);
-      }
-      if (l > 0) {
-        if (c.dropout_applied()) inplace_binary("aten::mul_", dX, s.mask(l - 1));
-        dY = dX;
-      } else {
-        grad_input = L.packed ? dX : reinterpret(dX, {L.steps, L.batch, I}, {L.batch * I, I, 1});
-      }
-    }
+template <class Backend>
+LstmResult lstm_forward(Tensor input, Tensor hx, Tensor cx, std::vector<Tensor> weights,
+                        bool has_biases, int64_t num_layers, double dropout, bool train,
+                        bool bidirectional, std::optional<Tensor> batch_sizes) {
+  const RnnConfig c = check_rnn_args<Backend>("fastrnn::lstm", CellKind::Lstm, input, hx, &cx,
+                                              weights, has_biases, num_layers, dropout, train,
+                                              bidirectional, "", batch_sizes);
+  const detail::StackViews s{c, weights, empty(input, {c.reserve_size()})};
+  const Tensor h0 = as_contiguous(hx), c0 = as_contiguous(cx);
+  Tensor h_n = empty(hx, {c.cells(), c.layout.batch, c.state_size()});
+  Tensor c_n = empty(cx, {c.cells(), c.layout.batch, c.hidden});
+  if (c.layout.steps == 0) {
+    torch::stable::copy_(h_n, h0);
+    torch::stable::copy_(c_n, c0);
   }
+  Tensor output = detail::stack_forward<Backend>(s, input, h0, c0, h_n, c_n);
+  return {output, h_n, c_n, s.reserve};
+}
+
+template <class Backend>
+LstmBackwardResult lstm_backward(Tensor input, Tensor hx, Tensor cx, std::vector<Tensor> weights,
+                                 bool has_biases, int64_t num_layers, double dropout, bool train,
+                                 bool bidirectional, std::optional<Tensor> batch_sizes,
+                                 Tensor output, Tensor reserve, Tensor grad_output,
+                                 Tensor grad_h_n, Tensor grad_c_n, bool need_input_grad,
+                                 bool need_weight_grad) {
+  const char* op = "fastrnn::lstm_backward";
+  const RnnConfig c = check_rnn_args<Backend>(op, CellKind::Lstm, input, hx, &cx, weights,
+                                              has_biases, num_layers, dropout, train, bidirectional,
+                                              "", batch_sizes);
+  check_backward_args(op, c, input, output, reserve, grad_output, grad_h_n, &grad_c_n);
+  const detail::StackViews s{c, weights, as_contiguous(reserve)};
+  const Tensor dh_n = as_contiguous(grad_h_n), dc_n = as_contiguous(grad_c_n);
+  Tensor grad_hx = empty(hx, {c.cells(), c.layout.batch, c.state_size()});
+  Tensor grad_cx = empty(cx, {c.cells(), c.layout.batch, c.hidden});
+  if (c.layout.steps == 0) {
+    torch::stable::copy_(grad_hx, dh_n);
+    torch::stable::copy_(grad_cx, dc_n);
+  }
+  Tensor grad_input = empty(input, {0});
+  std::vector<Tensor> grad_weights = detail::no_grads(input, weights.size());
+  detail::stack_backward<Backend>(s, input, as_contiguous(hx), as_contiguous(cx), output,
+                                  grad_output, dh_n, dc_n, grad_hx, grad_cx, need_input_grad,
+                                  need_weight_grad, grad_input, grad_weights);
+  return {grad_input, grad_hx, grad_cx, grad_weights};
+}
+
+template <class Backend>
+RnnResult gru_forward(Tensor input, Tensor hx, std::vector<Tensor> weights, bool has_biases,
+                      int64_t num_layers, double dropout, bool train, bool bidirectional,
+                      std::optional<Tensor> batch_sizes) {
+  const RnnConfig c = check_rnn_args<Backend>("fastrnn::gru", CellKind::Gru, input, hx, nullptr,
+                                              weights, has_biases, num_layers, dropout, train,
+                                              bidirectional, "", batch_sizes);
+  const detail::StackViews s{c, weights, empty(input, {c.reserve_size()})};
+  const Tensor h0 = as_contiguous(hx);
+  Tensor h_n = empty(hx, {c.cells(), c.layout.batch, c.hidden});
+  if (c.layout.steps == 0) torch::stable::copy_(h_n, h0);
+  Tensor output = detail::stack_forward<Backend>(s, input, h0, Tensor(), h_n, Tensor());
+  return {output, h_n, s.reserve};
+}
+
+template <class Backend>
+RnnBackwardResult gru_backward(Tensor input, Tensor hx, std::vector<Tensor> weights,
+                               bool has_biases, int64_t num_layers, double dropout, bool train,
+                               bool bidirectional, std::optional<Tensor> batch_sizes,
+                               Tensor output, Tensor reserve, Tensor grad_output, Tensor grad_h_n,
+                               bool need_input_grad, bool need_weight_grad) {
+  const char* op = "fastrnn::gru_backward";
+  const RnnConfig c = check_rnn_args<Backend>(op, CellKind::Gru, input, hx, nullptr, weights,
+                                              has_biases, num_layers, dropout, train, bidirectional,
+                                              "", batch_sizes);
+  check_backward_args(op, c, input, output, reserve, grad_output, grad_h_n);
+  const detail::StackViews s{c, weights, as_contiguous(reserve)};
+  const Tensor dh_n = as_contiguous(grad_h_n);
+  Tensor grad_hx = empty(hx, {c.cells(), c.layout.batch, c.hidden});
+  if (c.layout.steps == 0) torch::stable::copy_(grad_hx, dh_n);
+  Tensor grad_input = empty(input, {0});
+  std::vector<Tensor> grad_weights = detail::no_grads(input, weights.size());
+  detail::stack_backward<Backend>(s, input, as_contiguous(hx), Tensor(), output, grad_output, dh_n,
+                                  Tensor(), grad_hx, Tensor(), need_input_grad, need_weight_grad,
+                                  grad_input, grad_weights);
   return {grad_input, grad_hx, grad_weights};
 }
 

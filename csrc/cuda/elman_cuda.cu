@@ -19,29 +19,12 @@
 namespace fastrnn {
 namespace {
 
-// Pointwise passes over a [rows, H] view with row stride ld:
-//   h = act(h)                   (activation_kernel)
-//   grad *= act'(out)            (activation_backward_kernel, out with its own row stride)
-template <typename T, Activation A>
-__global__ void activation_kernel(T* __restrict__ h, int64_t ld, int64_t rows, int64_t cols) {
-  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+// f(b, j) for every element of a rows x cols step (cells.h functors).
+template <typename F>
+__global__ void for_each_kernel(F f, int64_t rows, int64_t cols) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * cols;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    T& v = h[(i / cols) * ld + i % cols];
-    v = store<T>(activate<A>(load<acc_t>(v)));
-  }
-}
-
-template <typename T, Activation A>
-__global__ void activation_backward_kernel(T* __restrict__ grad, int64_t ld_grad,
-                                           const T* __restrict__ out, int64_t ld_out,
-                                           int64_t rows, int64_t cols) {
-  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * cols;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / cols, c = i % cols;
-    T& g = grad[r * ld_grad + c];
-    g = store<T>(activation_grad<A>(load<acc_t>(g), load<acc_t>(out[r * ld_out + c])));
+    f(i / cols, i % cols);
   }
 }
 
@@ -118,14 +101,14 @@ void prepare(Kernel kernel, size_t smem) {
   FASTRNN_CHECK(err == cudaSuccess, "fastrnn: cudaFuncSetAttribute failed: ", cudaGetErrorString(err));
 }
 
-// f.template operator()<T, acc_t>() for the dtype.
+// f.template operator()<T>() for the dtype's storage type.
 template <typename F>
 void with_dtype(ScalarType t, F&& f) {
   switch (t) {
-    case ScalarType::Float: return f.template operator()<float, float>();
-    case ScalarType::Double: return f.template operator()<double, double>();
-    case ScalarType::Half: return f.template operator()<__half, float>();
-    case ScalarType::BFloat16: return f.template operator()<__nv_bfloat16, float>();
+    case ScalarType::Float: return f.template operator()<float>();
+    case ScalarType::Double: return f.template operator()<double>();
+    case ScalarType::Half: return f.template operator()<__half>();
+    case ScalarType::BFloat16: return f.template operator()<__nv_bfloat16>();
     default: fail("fastrnn: unsupported dtype on CUDA");
   }
 }
@@ -148,7 +131,7 @@ bool launch_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse
       ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh), bs,
       bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H), plan.tile, reverse);
   check_launch("persistent forward_kernel");
-  stepwise::copy_final_rows(job);
+  stepwise::copy_final_rows(*job.steps, job.out, job.h_n);
   return true;
 }
 
@@ -157,7 +140,7 @@ bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool rever
   const int64_t H = job.w_hh.size(0);
   PersistentPlan plan;
   if (!plan_persistent<acc_t>(L, H, 2, job.out.get_device_index(), plan)) return false;
-  stepwise::add_final_rows(job);
+  stepwise::add_final_rows(*job.steps, job.dA, job.dh_n);
   const std::optional<Tensor> layout = device_layout(L, job.out);
   const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
   auto kernel = persistent::backward_kernel<T, acc_t, A>;
@@ -195,39 +178,26 @@ struct CudaBackend {
     TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_addmm_out(c.get(), bias.get(), a.get(), b.get(), 1.0, 1.0));
   }
 
-  static void activation(const Tensor& h, Activation act) {
-    const int64_t n = h.numel();
-    if (n == 0) return;
-    with_dtype(h.scalar_type(), [&]<typename T, typename acc_t>() {
-      with_activation(act, [&](auto a) {
-        activation_kernel<T, decltype(a)::value><<<pointwise_blocks(n), 256, 0, current_stream(h)>>>(
-            ptr<T>(h), h.stride(0), h.size(0), h.size(1));
-      });
-    });
-    check_launch("activation_kernel");
+  template <typename F>
+  static void with_dtype(ScalarType t, F&& f) {
+    fastrnn::with_dtype(t, std::forward<F>(f));
   }
 
-  static void activation_backward(const Tensor& grad, const Tensor& out, Activation act) {
-    const int64_t n = grad.numel();
+  template <typename F>
+  static void for_each(const Tensor& like, int64_t rows, int64_t cols, const F& f) {
+    const int64_t n = rows * cols;
     if (n == 0) return;
-    with_dtype(grad.scalar_type(), [&]<typename T, typename acc_t>() {
-      with_activation(act, [&](auto a) {
-        activation_backward_kernel<T, decltype(a)::value>
-            <<<pointwise_blocks(n), 256, 0, current_stream(grad)>>>(
-                ptr<T>(grad), grad.stride(0), ptr<T>(out), out.stride(0), grad.size(0),
-                grad.size(1));
-      });
-    });
-    check_launch("activation_backward_kernel");
+    for_each_kernel<<<pointwise_blocks(n), 256, 0, current_stream(like)>>>(f, rows, cols);
+    check_launch("for_each_kernel");
   }
 
   static void forward_recurrences(const std::vector<ForwardJob>& jobs, Activation act) {
     for (const ForwardJob& job : jobs) {
       bool fused = false;
       if (persistent_enabled()) {
-        with_dtype(job.out.scalar_type(), [&]<typename T, typename acc_t>() {
+        with_dtype(job.out.scalar_type(), [&]<typename T>() {
           with_activation(act, [&](auto a) {
-            fused = launch_forward<T, acc_t, decltype(a)::value>(*job.layout, job, job.reverse);
+            fused = launch_forward<T, acc_type<T>, decltype(a)::value>(*job.layout, job, job.reverse);
           });
         });
       }
@@ -239,44 +209,46 @@ struct CudaBackend {
     for (const BackwardJob& job : jobs) {
       bool fused = false;
       if (persistent_enabled()) {
-        with_dtype(job.out.scalar_type(), [&]<typename T, typename acc_t>() {
+        with_dtype(job.out.scalar_type(), [&]<typename T>() {
           with_activation(act, [&](auto a) {
-            fused = launch_backward<T, acc_t, decltype(a)::value>(*job.layout, job, job.reverse);
+            fused = launch_backward<T, acc_type<T>, decltype(a)::value>(*job.layout, job, job.reverse);
           });
         });
       }
       if (!fused) stepwise::backward<CudaBackend>(job, act);
     }
   }
+
+  template <typename Job>
+  static void forward_recurrences(const std::vector<Job>& jobs) {
+    for (const Job& job : jobs) stepwise::forward<CudaBackend>(job);
+  }
+  template <typename Job>
+  static void backward_recurrences(const std::vector<Job>& jobs) {
+    for (const Job& job : jobs) stepwise::backward<CudaBackend>(job);
+  }
 };
 
 // Kernels run on the input's device whatever the current device is.
-RnnResult rnn_cuda(Tensor input, Tensor hx, std::vector<Tensor> weights, bool has_biases,
-                   int64_t num_layers, double dropout, bool train, bool bidirectional,
-                   std::string nonlinearity, std::optional<Tensor> batch_sizes) {
-  torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
-  return rnn_forward<CudaBackend>(input, hx, std::move(weights), has_biases, num_layers, dropout,
-                                  train, bidirectional, std::move(nonlinearity), batch_sizes);
-}
-
-RnnBackwardResult rnn_backward_cuda(Tensor input, Tensor hx, std::vector<Tensor> weights,
-                                    bool has_biases, int64_t num_layers, double dropout,
-                                    bool train, bool bidirectional, std::string nonlinearity,
-                                    std::optional<Tensor> batch_sizes, Tensor output,
-                                    Tensor reserve, Tensor grad_output, Tensor grad_h_n,
-                                    bool need_input_grad, bool need_weight_grad) {
-  torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
-  return rnn_backward<CudaBackend>(input, hx, std::move(weights), has_biases, num_layers, dropout,
-                                   train, bidirectional, std::move(nonlinearity), batch_sizes,
-                                   output, reserve, grad_output, grad_h_n, need_input_grad,
-                                   need_weight_grad);
-}
+template <auto Op>
+struct OnInputDevice;
+template <typename R, typename... Args, R (*Op)(Tensor, Args...)>
+struct OnInputDevice<Op> {
+  static R call(Tensor input, Args... args) {
+    torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
+    return Op(std::move(input), std::move(args)...);
+  }
+};
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(fastrnn, CUDA, m) {
-  m.impl("rnn", TORCH_BOX(&rnn_cuda));
-  m.impl("rnn_backward", TORCH_BOX(&rnn_backward_cuda));
+  m.impl("rnn", TORCH_BOX(&OnInputDevice<&rnn_forward<CudaBackend>>::call));
+  m.impl("rnn_backward", TORCH_BOX(&OnInputDevice<&rnn_backward<CudaBackend>>::call));
+  m.impl("lstm", TORCH_BOX(&OnInputDevice<&lstm_forward<CudaBackend>>::call));
+  m.impl("lstm_backward", TORCH_BOX(&OnInputDevice<&lstm_backward<CudaBackend>>::call));
+  m.impl("gru", TORCH_BOX(&OnInputDevice<&gru_forward<CudaBackend>>::call));
+  m.impl("gru_backward", TORCH_BOX(&OnInputDevice<&gru_backward<CudaBackend>>::call));
 }
 
 }  // namespace fastrnn

@@ -17,31 +17,13 @@
 #pragma once
 
 #include "../activation.h"
+#include "../numeric.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 namespace fastrnn {
-
-// Conversions between storage types and the accumulation type (float for the
-// half types, whose implicit conversions torch's build flags switch off).
-template <typename acc_t, typename T>
-__device__ __forceinline__ acc_t load(T v) { return static_cast<acc_t>(v); }
-template <>
-__device__ __forceinline__ float load<float, __half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float load<float, __nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <typename T, typename acc_t>
-__device__ __forceinline__ T store(acc_t v) { return static_cast<T>(v); }
-template <>
-__device__ __forceinline__ __half store<__half, float>(float v) { return __float2half(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16(v);
-}
 
 namespace persistent {
 

@@ -1,6 +1,12 @@
-"""Python side of the fastrnn ops: a typed wrapper, shapes for tracing
+"""Python side of the fastrnn ops: typed wrappers, shapes for tracing
 (register_fake), autograd (register_autograd) and autocast. The ops, their
 contracts and every argument check are in csrc/ (ops.h, checks.h).
+
+Three op pairs share one engine and one shape: ``rnn`` (Elman), ``lstm`` and
+``gru``, each with its ``*_backward``. Their arguments are
+``(input, *states, weights, has_biases, num_layers, dropout, train,
+bidirectional[, nonlinearity], batch_sizes)``, where states is (hx,) or, for
+LSTM, (hx, cx); they return ``(output, *final states, reserve)``.
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -11,6 +17,24 @@ from torch import Tensor
 from . import _loader
 
 _ops = torch.ops.fastrnn
+# op name -> how many state tensors it takes (hx; hx and cx) and its gate count
+_STATES = {"rnn": 1, "lstm": 2, "gru": 1}
+_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+
+
+def _check_cuda_built(input):
+    if isinstance(input, Tensor) and input.is_cuda and not _loader.cuda_loaded:
+        raise RuntimeError(
+            "fastrnn was built without CUDA kernels, so it cannot run on CUDA tensors; "
+            f"rebuild with a CUDA toolkit present (FASTRNN_CUDA=1): {_loader.REBUILD}"
+        )
+
+
+def _has_biases(weights, num_layers, bidirectional):
+    # torch.nn's flat weights have 2 per layer and direction without biases
+    # (3 with LSTM's projection), 4 with them (5).
+    per_cell = len(weights) // (num_layers * (2 if bidirectional else 1))
+    return per_cell in (4, 5)
 
 
 def rnn(
@@ -34,16 +58,62 @@ def rnn(
     between layers when ``train``. Returns (output [T, B, D*H] or [N, D*H],
     h_n [num_layers * D, B, H]).
     """
-    if isinstance(input, Tensor) and input.is_cuda and not _loader.cuda_loaded:
-        raise RuntimeError(
-            "fastrnn was built without CUDA kernels, so it cannot run on CUDA tensors; "
-            f"rebuild with a CUDA toolkit present (FASTRNN_CUDA=1): {_loader.REBUILD}"
-        )
-    directions = 2 if bidirectional else 1
-    has_biases = len(weights) != num_layers * directions * 2
-    output, h_n, _ = _ops.rnn(input, hx, list(weights), has_biases, num_layers, dropout, train,
-                              bidirectional, nonlinearity, batch_sizes)
+    _check_cuda_built(input)
+    output, h_n, _ = _ops.rnn(input, hx, list(weights), _has_biases(weights, num_layers, bidirectional),
+                              num_layers, dropout, train, bidirectional, nonlinearity, batch_sizes)
     return output, h_n
+
+
+def lstm(
+    input: Tensor,
+    hx: Tuple[Tensor, Tensor],
+    weights: Sequence[Tensor],
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    train: bool = False,
+    batch_sizes: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """A whole LSTM stack, like ``rnn``: hx is (h0 [L*D, B, R], c0 [L*D, B, H]),
+    weights torch.nn.LSTM's ``_flat_weights`` (with weight_hr under proj_size,
+    R = proj_size, else R = H). Returns (output, (h_n, c_n))."""
+    _check_cuda_built(input)
+    output, h_n, c_n, _ = _ops.lstm(input, hx[0], hx[1], list(weights),
+                                    _has_biases(weights, num_layers, bidirectional), num_layers,
+                                    dropout, train, bidirectional, batch_sizes)
+    return output, (h_n, c_n)
+
+
+def gru(
+    input: Tensor,
+    hx: Tensor,
+    weights: Sequence[Tensor],
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    train: bool = False,
+    batch_sizes: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """A whole GRU stack, like ``rnn``, from torch.nn.GRU's ``_flat_weights``."""
+    _check_cuda_built(input)
+    output, h_n, _ = _ops.gru(input, hx, list(weights), _has_biases(weights, num_layers, bidirectional),
+                              num_layers, dropout, train, bidirectional, batch_sizes)
+    return output, h_n
+
+
+class _Args:
+    """An op call's arguments by name: (input, *states, weights, *config, batch_sizes)."""
+
+    def __init__(self, name, args):
+        states = _STATES[name]
+        self.input = args[0]
+        self.states = list(args[1 : 1 + states])
+        self.weights = args[1 + states]
+        self.config = tuple(args[2 + states : -1])  # has_biases .. [nonlinearity]
+        self.batch_sizes = args[-1]
+        _, self.num_layers, self.dropout, self.train, self.bidirectional = self.config[:5]
 
 
 # Fake kernels: output shapes for meta tensors and tracing (torch.compile,
@@ -58,109 +128,125 @@ def _check_devices(op, input, tensors):
                                f"({input.device}), got one on {t.device}")
 
 
-def _reserve_size(input, hx, weights, num_layers, dropout, train, bidirectional):
-    directions = 2 if bidirectional else 1
-    rows = input.shape[0] if input.dim() == 2 else input.shape[0] * input.shape[1]
-    dropped = train and dropout > 0 and num_layers > 1
-    return (num_layers - 1) * rows * directions * hx.shape[2] * (2 if dropped else 1)
-
-
-@torch.library.register_fake("fastrnn::rnn")
-def _rnn_fake(input, hx, weights, has_biases, num_layers, dropout, train, bidirectional,
-              nonlinearity, batch_sizes):
-    _check_devices("fastrnn::rnn", input, [hx, *weights])
+def _reserve_size(name, a: _Args):
+    """csrc/checks.h RnnConfig::reserve_size."""
+    hx = a.states[0]
     if hx.dim() != 3:
-        raise RuntimeError(f"fastrnn::rnn: hx must be 3-D [L*D, B, H], got {hx.dim()}-D")
-    width = (2 if bidirectional else 1) * hx.shape[2]
-    output = input.new_empty((*input.shape[:-1], width))
-    reserve = input.new_empty(
-        _reserve_size(input, hx, weights, num_layers, dropout, train, bidirectional))
-    return output, hx.new_empty(hx.shape), reserve
+        raise RuntimeError(f"fastrnn::{name}: hx must be 3-D [L*D, B, H], got {hx.dim()}-D")
+    directions = 2 if a.bidirectional else 1
+    rows = a.input.shape[0] if a.input.dim() == 2 else a.input.shape[0] * a.input.shape[1]
+    hidden = a.states[-1].shape[2]  # cx's for LSTM
+    width = directions * hx.shape[2]
+    dropped = a.train and a.dropout > 0 and a.num_layers > 1
+    saved = {"rnn": 0, "lstm": 5 * hidden, "gru": 4 * hidden}[name]
+    if name == "lstm" and hx.shape[2] != hidden:  # the projection's m
+        saved += hidden
+    return ((a.num_layers - 1) * rows * width * (2 if dropped else 1)
+            + a.num_layers * rows * directions * saved)
 
 
-@torch.library.register_fake("fastrnn::rnn_backward")
-def _rnn_backward_fake(input, hx, weights, has_biases, num_layers, dropout, train, bidirectional,
-                       nonlinearity, batch_sizes, output, reserve, grad_output, grad_h_n,
-                       need_input_grad, need_weight_grad):
-    _check_devices("fastrnn::rnn_backward", input,
-                   [hx, *weights, output, reserve, grad_output, grad_h_n])
-    grad_input = input.new_empty(input.shape if need_input_grad else (0,))
-    grad_weights = [w.new_empty(w.shape if need_weight_grad else (0,)) for w in weights]
-    return grad_input, hx.new_empty(hx.shape), grad_weights
+def _register_fakes(name):
+    op = f"fastrnn::{name}"
+
+    @torch.library.register_fake(op)
+    def forward_fake(*args):
+        a = _Args(name, args)
+        _check_devices(op, a.input, [*a.states, *a.weights])
+        reserve = a.input.new_empty(_reserve_size(name, a))
+        width = (2 if a.bidirectional else 1) * a.states[0].shape[2]
+        output = a.input.new_empty((*a.input.shape[:-1], width))
+        return (output, *(s.new_empty(s.shape) for s in a.states), reserve)
+
+    # After the forward's arguments: output, reserve, grad_output, the states'
+    # gradients, need_input_grad, need_weight_grad.
+    tail = 5 + _STATES[name]
+
+    @torch.library.register_fake(f"{op}_backward")
+    def backward_fake(*args):
+        need_input_grad, need_weight_grad = args[-2:]
+        a = _Args(name, args[:-tail])
+        _check_devices(f"{op}_backward", a.input, [*a.states, *a.weights, *args[-tail:-2]])
+        grad_input = a.input.new_empty(a.input.shape if need_input_grad else (0,))
+        grad_weights = [w.new_empty(w.shape if need_weight_grad else (0,)) for w in a.weights]
+        return (grad_input, *(s.new_empty(s.shape) for s in a.states), grad_weights)
 
 
-# Autograd: one rnn_backward call for the whole stack.
-_CONFIG = slice(3, 9)  # has_biases .. nonlinearity: the arguments besides tensors
+# Autograd: one backward-op call for the whole stack.
+def _register_autograd(name):
+    states = _STATES[name]
+    backward_op = getattr(_ops, f"{name}_backward")
+
+    def setup_context(ctx, inputs, output):
+        a = _Args(name, inputs)
+        ctx.config = a.config
+        ctx.num_weights = len(a.weights)
+        reserve = output[-1]
+        ctx.save_for_backward(a.input, *a.states, a.batch_sizes, output[0], reserve, *a.weights)
+        ctx.mark_non_differentiable(reserve)
+
+    def backward(ctx, grad_output, *grads):
+        input, *rest = ctx.saved_tensors
+        state_tensors, (batch_sizes, out, reserve), weights = (
+            rest[:states], rest[states : states + 3], rest[states + 3 :])
+        need = ctx.needs_input_grad
+        need_input, need_states, need_weights = need[0], need[1 : 1 + states], need[1 + states]
+        if grad_output is None:
+            grad_output = torch.zeros_like(out)
+        grad_states = [g if g is not None else torch.zeros_like(s)
+                       for g, s in zip(grads[:states], state_tensors)]
+        results = backward_op(input, *state_tensors, weights, *ctx.config, batch_sizes, out, reserve,
+                              grad_output, *grad_states, need_input, any(need_weights))
+        grad_input, grad_states, grad_weights = results[0], results[1 : 1 + states], results[-1]
+        return (
+            grad_input if need_input else None,
+            *(g if n else None for g, n in zip(grad_states, need_states)),
+            [g if n else None for g, n in zip(grad_weights, need_weights)],
+            *([None] * (len(ctx.config) + 1)),
+        )
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"fastrnn: double backward (a gradient of a gradient, e.g. create_graph=True "
+            f"followed by another backward) is not supported by fastrnn's {name} op; use "
+            "torch.nn's module for higher-order gradients"
+        )
+
+    torch.library.register_autograd(f"fastrnn::{name}", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"fastrnn::{name}_backward", no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
-def _setup_context(ctx, inputs, output):
-    input, hx, weights, *_, batch_sizes = inputs
-    out, _, reserve = output
-    ctx.config = inputs[_CONFIG]
-    ctx.num_weights = len(weights)
-    ctx.save_for_backward(input, hx, batch_sizes, out, reserve, *weights)
-    ctx.mark_non_differentiable(reserve)
-
-
-def _backward(ctx, grad_output, grad_h_n, _grad_reserve):
-    input, hx, batch_sizes, out, reserve, *weights = ctx.saved_tensors
-    need_input, need_hx, need_weights = ctx.needs_input_grad[:3]
-    if grad_output is None:
-        grad_output = torch.zeros_like(out)
-    if grad_h_n is None:
-        grad_h_n = torch.zeros_like(hx)
-    grad_input, grad_hx, grad_weights = _ops.rnn_backward(
-        input, hx, weights, *ctx.config, batch_sizes, out, reserve, grad_output, grad_h_n,
-        need_input, any(need_weights))
-    return (
-        grad_input if need_input else None,
-        grad_hx if need_hx else None,
-        [g if needed else None for g, needed in zip(grad_weights, need_weights)],
-        *([None] * 7),
-    )
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fastrnn: double backward (a gradient of a gradient, e.g. create_graph=True "
-        "followed by another backward) is not supported by fastrnn.RNN; use torch.nn.RNN "
-        "for higher-order gradients"
-    )
-
-
-torch.library.register_autograd("fastrnn::rnn", _backward, setup_context=_setup_context)
-torch.library.register_autograd(
-    "fastrnn::rnn_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-)
-
-
-# Autocast. torch.nn.RNN under torch.autocast runs in the autocast dtype (on the
-# CPU its GEMMs are autocast ops; on CUDA cudnn's RNN is an autocast op), so its
-# output and h_n come out in that dtype. A custom op is not cast by default, and
-# torch.library.register_autocast casts to one dtype fixed at registration: this
-# kernel reads the current autocast dtype at call time, casts the floating-point
-# tensors of the autocast device (float64 excepted, as autocast does) and runs the
-# op with autocast off. The casts are recorded by autograd, so float32
-# parameters get float32 gradients.
+# Autocast. torch.nn's recurrent modules under torch.autocast run in the
+# autocast dtype (on the CPU their GEMMs are autocast ops; on CUDA cudnn's RNN
+# is an autocast op), so their outputs come out in that dtype. A custom op is
+# not cast by default, and torch.library.register_autocast casts to one dtype
+# fixed at registration: this kernel reads the current autocast dtype at call
+# time, casts the floating-point tensors of the autocast device (float64
+# excepted, as autocast does) and runs the op with autocast off. The casts are
+# recorded by autograd, so float32 parameters get float32 gradients.
 _autocast_lib = torch.library.Library("fastrnn", "IMPL")
 
 
-def _autocast_kernel(device_type: str):
-    def cast(value, dtype):
-        if isinstance(value, list):
-            return [cast(v, dtype) for v in value]
-        if (isinstance(value, Tensor) and value.is_floating_point()
-                and value.device.type == device_type and value.dtype != torch.float64):
-            return value.to(dtype)
-        return value
+def _register_autocast(name):
+    op = getattr(_ops, name).default
+    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        def cast(value, dtype, device_type=device_type):
+            if isinstance(value, list):
+                return [cast(v, dtype) for v in value]
+            if (isinstance(value, Tensor) and value.is_floating_point()
+                    and value.device.type == device_type and value.dtype != torch.float64):
+                return value.to(dtype)
+            return value
 
-    def kernel(*args):
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            return _ops.rnn.default(*(cast(a, dtype) for a in args))
+        def kernel(*args, device_type=device_type, cast=cast):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return op(*(cast(a, dtype) for a in args))
 
-    return kernel
+        _autocast_lib.impl(name, kernel, key)
 
 
-for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
-    _autocast_lib.impl("rnn", _autocast_kernel(_device_type), _key)
+for _name in _STATES:
+    _register_fakes(_name)
+    _register_autograd(_name)
+    _register_autocast(_name)

@@ -14,7 +14,16 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
-TORCH_TARGET_VERSION = "0x020a000000000000"  # the stable ABI of torch 2.10
+
+
+def compile_flags():
+    """{"common": [...], "cxx": [...], "nvcc": [...]} from csrc/compile_flags.txt."""
+    flags = {}
+    for line in (ROOT / CSRC / "compile_flags.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(":")
+            flags[key.strip()] = value.split()
+    return flags
 
 
 def is_toolkit(home):
@@ -56,10 +65,8 @@ def want_cuda():
 
 
 def extensions():
-    common = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
-    # -fno-trapping-math lets GCC if-convert, and so vectorise, the compare-and-select
-    # pointwise loops of the CPU kernels (relu, tanh's clamp); fastrnn never reads FP flags.
-    cxx = ["-O3", "-fno-trapping-math", *common]
+    flags = compile_flags()
+    cxx = flags["cxx"] + flags["common"]
     exts = [
         CppExtension(
             "fastrnn._C",
@@ -77,7 +84,7 @@ def extensions():
                 [f"{CSRC}/cuda/elman_cuda.cu", f"{CSRC}/python/module_cuda.cpp"],
                 extra_compile_args={
                     "cxx": cxx + ["-DUSE_CUDA"],
-                    "nvcc": ["-O3", "-DUSE_CUDA", *common],
+                    "nvcc": flags["nvcc"] + flags["common"] + ["-DUSE_CUDA"],
                 },
                 py_limited_api=True,
             )

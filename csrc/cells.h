@@ -29,8 +29,11 @@ template <typename T>
 struct PrevOrInit {
   Rows<const T> prev, init;
   int64_t carried = 0;
+  // A select of the row's address, not of two loads: loops over j then keep
+  // one pointer, and vectorise.
   FASTRNN_HD T operator()(int64_t b, int64_t j) const {
-    return b < carried ? prev(b, j) : init(b, j);
+    const T* row = b < carried ? prev.base + b * prev.ld : init.base + b * init.ld;
+    return row[j];
   }
 };
 
@@ -100,7 +103,8 @@ struct LstmBackward {
     const acc_t g = load<acc_t>(gates(b, 2 * H + j)), o = load<acc_t>(gates(b, 3 * H + j));
     const acc_t tc = tanh_acc(load<acc_t>(c(b, j)));
     const acc_t d_m = load<acc_t>(dm(b, j));
-    const acc_t dc_in = load<acc_t>(b < final_from ? dc(b, j) : dc_n(b, j));
+    const T* dc_row = b < final_from ? &dc(b, 0) : &dc_n(b, 0);
+    const acc_t dc_in = load<acc_t>(dc_row[j]);
     const acc_t dct = dc_in + d_m * o * (acc_t(1) - tc * tc);
     gates(b, j) = store<T>(dct * g * i * (acc_t(1) - i));
     gates(b, H + j) = store<T>(dct * load<acc_t>(c_prev(b, j)) * f * (acc_t(1) - f));
@@ -156,11 +160,11 @@ struct GruBackward {
     gates(b, H + j) = store<T>(d * (load<acc_t>(h_prev(b, j)) - n) * z * (acc_t(1) - z));
     gates(b, 2 * H + j) = store<T>(dan * r);
     hn(b, j) = store<T>(dan);
-    if (b < carried) {
-      prev_dh(b, j) = store<T>(load<acc_t>(prev_dh(b, j)) + d * z);
-    } else {
-      grad_h0(b, j) = store<T>(d * z);
-    }
+    // Accumulated into the previous step's rows, written into grad_h0 (whose
+    // old contents are discarded by the select, not multiplied by 0).
+    T* dst = b < carried ? &prev_dh(b, 0) : &grad_h0(b, 0);
+    const acc_t before = load<acc_t>(dst[j]);
+    dst[j] = store<T>((b < carried ? before : acc_t(0)) + d * z);
   }
 };
 

@@ -145,12 +145,15 @@ RnnConfig check_rnn_args(const char* op, CellKind cell, const Tensor& input, con
   c.dropout = dropout;
   c.train = train;
   const int64_t n = static_cast<int64_t>(weights.size()), base = has_biases ? 4 : 2;
+  // Every layer has at least two weights, so a num_layers past n cannot match
+  // (and c.cells() * ... below cannot overflow).
+  const bool plausible = num_layers <= n;
   // LSTM's projection adds one weight per cell.
-  const bool proj = cell == CellKind::Lstm && n == c.cells() * (base + 1) && n > 0;
-  const int64_t expected = c.cells() * (base + (proj ? 1 : 0));
-  FASTRNN_CHECK(n == expected, op, ": expected ", expected, " weights (", c.layers,
-                " layer(s) x ", c.directions, " direction(s) x ", expected / c.cells(),
-                has_biases ? ": weight_ih, weight_hh, bias_ih, bias_hh" : ": weight_ih, weight_hh",
+  const bool proj = plausible && cell == CellKind::Lstm && n == c.cells() * (base + 1);
+  const int64_t per_cell = base + (proj ? 1 : 0);
+  FASTRNN_CHECK(plausible && n == c.cells() * per_cell, op, ": expected ", c.layers,
+                " layer(s) x ", c.directions, " direction(s) x ", per_cell, " weights (",
+                has_biases ? "weight_ih, weight_hh, bias_ih, bias_hh" : "weight_ih, weight_hh",
                 cell == CellKind::Lstm ? " and, with proj_size, weight_hr" : "", "), got ", n);
   FASTRNN_CHECK(Backend::supports(input.scalar_type()), op, ": input dtype ",
                 torch::headeronly::toString(input.scalar_type()), " is not supported on ",

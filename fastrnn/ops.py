@@ -50,12 +50,23 @@ def rnn(
 # torch.export). The device kernels own the argument checks and their
 # messages; the few checks here are the ones a shape computation needs, and
 # the device check: with one meta tensor among CPU tensors the Meta key wins
-# dispatch, and returning meta "results" for CPU inputs would be wrong.
-def _check_devices(op, input, tensors):
-    for t in tensors:
+# dispatch, and returning meta "results" for CPU inputs would be wrong (nor
+# may batch_sizes be a meta tensor: CPU "results" of garbage).
+def _weight_names(count, has_biases, bidirectional):
+    """The flat weights' names as csrc/checks.h (param_name) gives them: weight_ih_l0, ..."""
+    per_cell, directions = (4 if has_biases else 2), (2 if bidirectional else 1)
+    kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    return [f"{kinds[i % per_cell]}_l{i // per_cell // directions}"
+            f"{'_reverse' if i // per_cell % directions else ''}" for i in range(count)]
+
+
+def _check_devices(op, input, named, batch_sizes):
+    """named: (name, tensor) pairs. The device kernels' messages (csrc/checks.h)."""
+    for name, t in named:
         if t.device != input.device:
-            raise RuntimeError(f"{op}: every tensor must be on the device of input "
-                               f"({input.device}), got one on {t.device}")
+            raise RuntimeError(f"{op}: {name} must be on the same device as input")
+    if batch_sizes is not None and batch_sizes.device.type != "cpu":
+        raise RuntimeError(f"{op}: batch_sizes must be a 1-D int64 CPU tensor")
 
 
 def _reserve_size(input, hx, weights, num_layers, dropout, train, bidirectional):
@@ -68,7 +79,9 @@ def _reserve_size(input, hx, weights, num_layers, dropout, train, bidirectional)
 @torch.library.register_fake("fastrnn::rnn")
 def _rnn_fake(input, hx, weights, has_biases, num_layers, dropout, train, bidirectional,
               nonlinearity, batch_sizes):
-    _check_devices("fastrnn::rnn", input, [hx, *weights])
+    _check_devices("fastrnn::rnn", input,
+                   [("hx", hx), *zip(_weight_names(len(weights), has_biases, bidirectional), weights)],
+                   batch_sizes)
     if hx.dim() != 3:
         raise RuntimeError(f"fastrnn::rnn: hx must be 3-D [L*D, B, H], got {hx.dim()}-D")
     width = (2 if bidirectional else 1) * hx.shape[2]
@@ -83,7 +96,10 @@ def _rnn_backward_fake(input, hx, weights, has_biases, num_layers, dropout, trai
                        nonlinearity, batch_sizes, output, reserve, grad_output, grad_h_n,
                        need_input_grad, need_weight_grad):
     _check_devices("fastrnn::rnn_backward", input,
-                   [hx, *weights, output, reserve, grad_output, grad_h_n])
+                   [("hx", hx), *zip(_weight_names(len(weights), has_biases, bidirectional), weights),
+                    ("output", output), ("reserve", reserve), ("grad_output", grad_output),
+                    ("grad_h_n", grad_h_n)],
+                   batch_sizes)
     grad_input = input.new_empty(input.shape if need_input_grad else (0,))
     grad_weights = [w.new_empty(w.shape if need_weight_grad else (0,)) for w in weights]
     return grad_input, hx.new_empty(hx.shape), grad_weights

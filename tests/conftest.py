@@ -23,6 +23,7 @@ from typing import List, Optional
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,6 +37,11 @@ TOL = {
 }
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+
+# Property-based tests: reproducible (derandomized), no deadline on a busy machine.
+PROPERTY = settings(max_examples=50, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+LAYOUTS = ["contiguous", "transposed", "sliced", "expanded"]
 
 
 def devices():
@@ -93,11 +99,42 @@ class Case:
         if self.dropout:
             parts.append(f"p{self.dropout:g}" + ("" if self.train else "-eval"))
         defaults = Case()
-        for name in ("dtype", "device", "steps", "batch", "input_size", "hidden_size", "seed"):
+        for name in ("dtype", "device", "steps", "batch", "input_size", "hidden_size"):
             value = getattr(self, name)
             if value != getattr(defaults, name):
                 parts.append(f"{name}={str(value).replace('torch.', '')}")
         return "-".join(parts)
+
+
+def weight_shapes(case: Case):
+    """The shapes of torch.nn.RNN's flat weights for ``case``."""
+    H, shapes = case.hidden_size, []
+    for layer in range(case.num_layers):
+        width = case.input_size if layer == 0 else case.directions * H
+        for _ in range(case.directions):
+            shapes += [(H, width), (H, H)] + ([(H,), (H,)] if case.bias else [])
+    return shapes
+
+
+def with_layout(t, layout):
+    """A leaf tensor with ``t``'s shape and the given memory layout, not requiring grad.
+
+    "transposed": every dimension's stride order reversed; "sliced": every other
+    element of a twice-as-wide last dimension (storage offset 1); "expanded": row 0 of
+    ``t`` repeated along dimension 0 with stride 0 (the values change: the caller gives
+    the same tensor to both sides of a comparison).
+    """
+    t = t.detach()
+    if layout == "transposed" and t.dim() >= 2:
+        order = list(range(t.dim()))[::-1]
+        return t.permute(order).contiguous().permute(order)
+    if layout == "sliced" and t.dim() >= 1:
+        big = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1] + 1)
+        big[..., 1::2] = t
+        return big[..., 1::2]
+    if layout == "expanded" and t.dim() >= 1 and t.shape[0] > 0:
+        return t[:1].expand(t.shape)
+    return t.contiguous()
 
 
 def grid(base: Case = Case(), **axes) -> List[Case]:

@@ -15,11 +15,14 @@ import sys
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 import fastrnn
 
 import hostile_ops_child
-from conftest import Case, OpCalls, case_id, devices, grid, op_inputs
+from conftest import (LAYOUTS, PROPERTY, TOL, Case, OpArgs, OpCalls, case_id, devices, grid,
+                      op_inputs, weight_shapes, with_layout)
 
 RNN = torch.ops.fastrnn.rnn
 RNN_BACKWARD = torch.ops.fastrnn.rnn_backward
@@ -120,6 +123,140 @@ def test_wrapper_matches_op():
                           batch_sizes=args.batch_sizes)
         assert len(got) == 2
         assert torch.equal(got[0], out) and torch.equal(got[1], h_n)
+
+
+# ---------------------------------------------------------------------------------------
+# Property-based: the raw op against the reference over sizes (0 included), memory
+# layouts, requires_grad patterns, packed lengths, dtypes, entry points
+# ---------------------------------------------------------------------------------------
+
+
+@st.composite
+def op_cases(draw):
+    packed = draw(st.booleans())
+    c = dict(
+        case=Case(
+            dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+            nonlinearity=draw(st.sampled_from(["tanh", "relu"])),
+            bias=draw(st.booleans()),
+            bidirectional=draw(st.booleans()),
+            num_layers=draw(st.integers(1, 3)),
+            packed=packed,
+            h0=True,
+            dropout=draw(st.sampled_from([0.0, 0.0, 0.5, 1.0])),
+            train=draw(st.booleans()),
+            steps=draw(st.integers(0, 5)),
+            batch=draw(st.integers(0, 4)),
+            input_size=draw(st.integers(0, 4)),
+            hidden_size=draw(st.integers(0, 5)),
+            seed=draw(st.integers(0, 2 ** 16)),
+        ),
+        layouts=draw(st.lists(st.sampled_from(LAYOUTS), min_size=26, max_size=26)),
+        batch_sizes_layout=draw(st.sampled_from(["contiguous", "sliced"])),
+        requires_grad=draw(st.lists(st.booleans(), min_size=26, max_size=26)),
+        entry=draw(st.sampled_from(["fastrnn.rnn", "torch.ops"])),
+    )
+    if packed:
+        steps = c["case"].steps
+        lengths = draw(st.lists(st.integers(1, max(steps, 1)), min_size=c["case"].batch,
+                                max_size=c["case"].batch))
+        c["lengths"] = sorted(lengths, reverse=True)
+    return c
+
+
+def build_op_property_case(c):
+    case = c["case"]
+    g = torch.Generator().manual_seed(case.seed)
+
+    def rand(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).to(case.dtype)
+
+    batch_sizes = None
+    if case.packed:
+        lengths = c["lengths"]
+        steps = max(lengths, default=0)
+        batch_sizes = with_layout(
+            torch.tensor([sum(1 for n in lengths if n > t) for t in range(steps)], dtype=torch.long),
+            c["batch_sizes_layout"])
+        x = rand(sum(lengths), case.input_size)
+    else:
+        x = rand(case.steps, case.batch, case.input_size)
+    hx = rand(case.cells, case.batch, case.hidden_size)
+    tensors = [x, hx, *[rand(*shape) for shape in weight_shapes(case)]]
+    laid = []
+    for t, layout, rg in zip(tensors, c["layouts"], c["requires_grad"]):
+        laid.append(with_layout(t, layout).requires_grad_(rg))
+    return OpArgs(case, laid[0], laid[1], laid[2:], batch_sizes)
+
+
+def grads_of(outputs, tensors):
+    """Gradients of a weighted sum of ``outputs`` (zeros for tensors not reached)."""
+    if not tensors:
+        return []
+    if not any(o.requires_grad for o in outputs):  # not connected: zero gradients
+        return [torch.zeros_like(t) for t in tensors]
+    g = torch.Generator().manual_seed(5)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum()
+               for o in outputs)
+    return list(torch.autograd.grad(loss, tensors, allow_unused=True, materialize_grads=True))
+
+
+def check_op_property(c):
+    args = build_op_property_case(c)
+    case = args.case
+    leaves = [t for t in args.leaves() if t.requires_grad]
+    torch.manual_seed(case.seed)
+    if c["entry"] == "torch.ops":
+        out, h_n, reserve = args.call()
+        _, masks = args.reserve_parts(reserve)
+    else:
+        out, h_n = fastrnn.rnn(args.input, args.hx, args.weights, num_layers=case.num_layers,
+                               bidirectional=case.bidirectional, nonlinearity=case.nonlinearity,
+                               dropout=case.dropout, train=case.train,
+                               batch_sizes=args.batch_sizes)
+        torch.manual_seed(case.seed)  # the same masks again, from the raw op's reserve
+        _, masks = args.reserve_parts(args.call()[2])
+    got = [out, h_n, *grads_of([out, h_n], leaves)]
+    ref_out, ref_h = args.reference(masks=[m.detach() for m in masks])
+    want = [ref_out, ref_h, *grads_of([ref_out, ref_h], leaves)]
+    assert len(got) == len(want)
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert a.shape == e.shape and a.dtype == e.dtype, (i, a.shape, e.shape)
+        torch.testing.assert_close(a, e, **TOL[case.dtype], msg=lambda m: f"tensor {i}: {m}")
+
+
+_OP_BASE = dict(case=Case(steps=3, batch=2, input_size=3, hidden_size=4, h0=True),
+                layouts=["contiguous"] * 26, batch_sizes_layout="contiguous",
+                requires_grad=[True] * 26, entry="torch.ops")
+
+
+def _op_example(lengths=None, **changes):
+    c = dict(_OP_BASE)
+    c["case"] = c["case"].replace(**changes)
+    if lengths is not None:
+        c["lengths"] = lengths
+    return c
+
+
+@given(op_cases())
+@example(_op_example(steps=0))  # T = 0: empty output, h_n = hx
+@example(_op_example(batch=0, num_layers=2, bidirectional=True))  # batch 0: empty results
+@example(_op_example(packed=True, batch=0, lengths=[]))  # packed, T = 0 and batch 0
+@example(_op_example(packed=True, batch=3, lengths=[2, 2, 2], bidirectional=True))
+@example(_op_example(input_size=0, num_layers=2))  # I = 0: only the recurrence and the bias
+@example(_op_example(hidden_size=0, num_layers=3, bidirectional=True))
+@example(_op_example(steps=0, batch=0, input_size=0, hidden_size=0, bias=False, num_layers=2,
+                     dtype=torch.float32) | dict(requires_grad=[True] + [False] * 25,
+                                                 entry="fastrnn.rnn"))
+@example(_op_example(nonlinearity="relu", num_layers=2) | dict(layouts=["expanded"] * 26))
+@example(_op_example(packed=True, batch=4, lengths=[5, 3, 3, 1], steps=5, num_layers=3,
+                     bidirectional=True, dropout=0.5, train=True)
+         | dict(batch_sizes_layout="sliced",
+                layouts=["sliced", "transposed", "transposed", "sliced", "expanded"] * 5 + ["sliced"],
+                requires_grad=[False, True, False, True, True, False] * 4 + [True, True]))
+@PROPERTY
+def test_ops_match_reference_property(c):
+    check_op_property(c)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,17 @@
 """The one case builder every test file uses.
 
+The suite, by the unit under test:
+  test_ops.py       the raw ops fastrnn::rnn / rnn_backward (and fastrnn.rnn): reference,
+                    gradcheck, opcheck, compile, fakes, argument errors, autocast, hostile
+                    arguments in a child process (hostile_ops_child.py)
+  test_module.py    fastrnn.RNN against torch.nn.RNN: the parity grid with one op call each
+                    way, dropout, property-based parity, interface, threads, determinism,
+                    precision, checkpoints, warnings, compile
+  test_cuda.py      CUDA-only behaviour (skipped without a GPU)
+  test_stress.py    slow: sizes past 2**31 elements/bytes, the memory soak
+  test_distributed.py  DistributedDataParallel (gloo)
+  csrc/test/        the C++ test of libfastrnn (ctest, .ci/cpp_test.sh)
+
 A ``Case`` is one configuration of an Elman RNN stack and its input (module
 settings, input shape and layout, dtype, device, sizes). From it:
 
@@ -99,10 +111,14 @@ class Case:
         if self.dropout:
             parts.append(f"p{self.dropout:g}" + ("" if self.train else "-eval"))
         defaults = Case()
-        for name in ("dtype", "device", "steps", "batch", "input_size", "hidden_size"):
-            value = getattr(self, name)
-            if value != getattr(defaults, name):
-                parts.append(f"{name}={str(value).replace('torch.', '')}")
+        for name, short in (("steps", "T"), ("batch", "B"), ("input_size", "I"),
+                            ("hidden_size", "H")):
+            if getattr(self, name) != getattr(defaults, name):
+                parts.append(f"{short}{getattr(self, name)}")
+        if self.dtype != defaults.dtype:
+            parts.append(str(self.dtype).replace("torch.", ""))
+        if self.device != defaults.device:
+            parts.append(self.device)
         return "-".join(parts)
 
 

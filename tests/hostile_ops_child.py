@@ -1,21 +1,27 @@
-"""Hostile arguments for the raw ops torch.ops.fastrnn.elman_forward / elman_backward.
+"""Hostile arguments for the raw ops torch.ops.fastrnn.rnn / rnn_backward.
 
-Run as a script (by tests/test_hardening.py), in a child process, so that a crash
+Run as a script (by tests/test_ops.py), in a child process, so that a crash
 (segfault, abort) is reported as a failing case instead of killing pytest:
 
     python tests/hostile_ops_child.py [CASE ...]      # no names: every case
 
 For each case it prints one JSON line {"case": name, "status": "start"} before
 running it, then one with the outcome:
-  {"case", "outcome": "raised", "type", "message"}       the op raised
+  {"case", "outcome": "raised", "type", "mro", "message"}  the op raised
   {"case", "outcome": "returned"}                          the op returned (an error case)
   {"case", "outcome": "checked", "ok", "detail"}           a parity case compared results
 
 CASES maps a name to (kind, argument, thunk):
-  kind "error": the op must raise RuntimeError or ValueError naming ``argument``;
+  kind "error": the op must raise RuntimeError or ValueError naming ``argument`` (a
+  name, or a tuple of acceptable names), its message starting "fastrnn::rnn: " or
+  "fastrnn::rnn_backward: "; kind "binding": the same, but torch's argument parser
+  rejects the value before fastrnn's code runs (message "fastrnn::rnn() Expected ...");
   kind "parity": ``thunk`` itself runs the op and compares it with torch.nn.RNN or
   fastrnn.reference (NaN/Inf propagation, unusual but valid arguments) and returns
   (ok, detail).
+
+The arguments are those of a 2-layer bidirectional stack with biases (16 weights),
+T=4, B=3, I=5, H=4, packed with batch_sizes [3, 2, 2, 1].
 """
 
 import json
@@ -26,16 +32,23 @@ import sys
 import torch
 
 import fastrnn  # noqa: F401 - loads the fastrnn ops
-from fastrnn.reference import elman_reference
+from fastrnn.reference import rnn_reference
 
-FWD = torch.ops.fastrnn.elman_forward
-BWD = torch.ops.fastrnn.elman_backward
+FWD = torch.ops.fastrnn.rnn
+BWD = torch.ops.fastrnn.rnn_backward
 T, B, I, H = 4, 3, 5, 4
+L, D = 2, 2
 BATCH_SIZES = [3, 2, 2, 1]  # sums to 8 rows
 N = sum(BATCH_SIZES)
 
+KINDS = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+CELLS = ["l0", "l0_reverse", "l1", "l1_reverse"]
+WEIGHT_NAMES = [f"{k}_{c}" for c in CELLS for k in KINDS]
 
-def fwd_args(packed=False, dtype=torch.float32, seed=0):
+
+def fwd_args(packed=False, dtype=torch.float32, seed=0, nonlinearity="tanh"):
+    """[input, hx, weights, has_biases, num_layers, dropout, train, bidirectional,
+    nonlinearity, batch_sizes]"""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -43,54 +56,67 @@ def fwd_args(packed=False, dtype=torch.float32, seed=0):
 
     x = rand(N, I) if packed else rand(T, B, I)
     bs = torch.tensor(BATCH_SIZES) if packed else None
-    return [x, rand(B, H), rand(H, I), rand(H, H), rand(H), rand(H), bs, False, False]
+    weights = []
+    for layer in range(L):
+        for _ in range(D):
+            weights += [rand(H, I if layer == 0 else D * H), rand(H, H), rand(H), rand(H)]
+    return [x, rand(L * D, B, H), weights, True, L, 0.0, False, True, nonlinearity, bs]
 
 
 def bwd_args(packed=False, dtype=torch.float32):
+    """fwd_args + [output, reserve, grad_output, grad_h_n, need_input_grad, need_weight_grad]"""
     a = fwd_args(packed, dtype)
-    out, h_n = FWD(*a)
-    #       grad_output, grad_h_n, input, hx, w_ih, w_hh, output, batch_sizes, relu, reverse, needs
-    return [torch.randn_like(out), torch.randn_like(h_n), a[0], a[1], a[2], a[3], out, a[6],
-            False, False, True, True, True]
+    out, h_n, reserve = FWD(*a)
+    return a + [out, reserve, torch.randn_like(out), torch.randn_like(h_n), True, True]
 
 
 # Positions of the arguments by name.
-F_POS = dict(input=0, hx=1, weight_ih=2, weight_hh=3, bias_ih=4, bias_hh=5, batch_sizes=6)
-B_POS = dict(grad_output=0, grad_h_n=1, input=2, hx=3, weight_ih=4, weight_hh=5, output=6,
-             batch_sizes=7)
+POS = dict(input=0, hx=1, weights=2, has_biases=3, num_layers=4, dropout=5, train=6,
+           bidirectional=7, nonlinearity=8, batch_sizes=9, output=10, reserve=11,
+           grad_output=12, grad_h_n=13, need_input_grad=14, need_weight_grad=15)
 
 CASES = {}
 
 
-def op_error(kind, name, arg, value, packed=False):
-    """The ``kind`` ("forward" or "backward") op with argument ``arg`` replaced by
+def _replace(a, arg, value):
+    if arg in WEIGHT_NAMES:
+        a[2] = list(a[2])
+        i = WEIGHT_NAMES.index(arg)
+        a[2][i] = value(a[2][i]) if callable(value) else value
+    else:
+        a[POS[arg]] = value(a[POS[arg]]) if callable(value) else value
+
+
+def op_error(kind, name, arg, value, packed=False, case_kind="error", at=None):
+    """The ``kind`` ("forward" or "backward") op with argument ``at`` (a name of POS or a
+    weight's name; by default ``arg``, or the first of a tuple) replaced by
     value(original) must name ``arg``."""
-    positions, make_args, op = (F_POS, fwd_args, FWD) if kind == "forward" else (B_POS, bwd_args, BWD)
-    pos = positions[arg if isinstance(arg, str) else arg[0]]
+    make_args, op = (fwd_args, FWD) if kind == "forward" else (bwd_args, BWD)
+    target = at or (arg if isinstance(arg, str) else arg[0])
 
     def thunk():
         a = make_args(packed)
-        a[pos] = value(a[pos]) if callable(value) else value
+        _replace(a, target, value)
         return op(*a)
 
-    CASES[f"{kind}/{name}"] = ("error", arg, thunk)
+    CASES[f"{kind}/{name}"] = (case_kind, arg, thunk)
 
 
-def fwd_error(name, arg, value, packed=False):
-    op_error("forward", name, arg, value, packed)
+def fwd_error(name, arg, value, packed=False, case_kind="error", at=None):
+    op_error("forward", name, arg, value, packed, case_kind, at)
 
 
-def bwd_error(name, arg, value, packed=False):
-    op_error("backward", name, arg, value, packed)
+def bwd_error(name, arg, value, packed=False, case_kind="error", at=None):
+    op_error("backward", name, arg, value, packed, case_kind, at)
 
 
 def meta(t):
     return t.to("meta")
 
 
-def huge_rows(rows, cols):
-    """A [rows, cols] tensor of any size with one element of storage (stride 0)."""
-    return torch.zeros(1).as_strided((rows, cols), (0, 0))
+def huge(*shape):
+    """A tensor of any size with one element of storage (stride 0)."""
+    return torch.zeros(1).as_strided(shape, (0,) * len(shape))
 
 
 # ---- wrong ranks -------------------------------------------------------------------------
@@ -98,76 +124,104 @@ fwd_error("input-1d", "input", lambda x: x.reshape(-1))
 fwd_error("input-4d", "input", lambda x: x[None])
 fwd_error("input-0d", "input", torch.tensor(1.0))
 fwd_error("packed-input-3d", "input", lambda x: x[None], packed=True)
-fwd_error("hx-1d", "hx", lambda h: h[0])
-fwd_error("hx-3d", "hx", lambda h: h[None])
-fwd_error("weight_ih-1d", "weight_ih", lambda w: w.reshape(-1))
-fwd_error("weight_ih-3d", "weight_ih", lambda w: w[None])
-fwd_error("weight_hh-1d", "weight_hh", lambda w: w.reshape(-1))
-fwd_error("weight_hh-3d", "weight_hh", lambda w: w[None])
-fwd_error("bias_ih-2d", "bias_ih", lambda b: b[None])
-fwd_error("bias_hh-0d", "bias_hh", lambda b: b[0])
+fwd_error("packed-input-1d", "input", lambda x: x.reshape(-1), packed=True)
+fwd_error("hx-2d", "hx", lambda h: h[0])
+fwd_error("hx-4d", "hx", lambda h: h[None])
+fwd_error("hx-0d", "hx", torch.tensor(0.0))
+# H is read from weight_hh_l0: its rank is checked before anything reads its size
+fwd_error("weight_hh_l0-1d", "weight_hh_l0", lambda w: w.reshape(-1))
+fwd_error("weight_hh_l0-3d", "weight_hh_l0", lambda w: w[None])
+fwd_error("weight_hh_l0-0d", "weight_hh_l0", torch.tensor(0.5))
+fwd_error("weight_ih_l0-1d", "weight_ih_l0", lambda w: w.reshape(-1))
+fwd_error("weight_ih_l0-3d", "weight_ih_l0", lambda w: w[None])
+fwd_error("weight_hh_l1_reverse-1d", "weight_hh_l1_reverse", lambda w: w.reshape(-1))
+fwd_error("weight_ih_l1-3d", "weight_ih_l1", lambda w: w[None])
+fwd_error("bias_ih_l1-2d", "bias_ih_l1", lambda b: b[None])
+fwd_error("bias_hh_l0-0d", "bias_hh_l0", lambda b: b[0])
 
 # ---- mismatched shapes -------------------------------------------------------------------
-fwd_error("hx-batch", "hx", lambda h: h[:2])
-fwd_error("hx-hidden", "hx", lambda h: torch.cat([h, h], 1))
-fwd_error("weight_ih-input-size", "weight_ih", lambda w: torch.cat([w, w], 1))
-fwd_error("weight_ih-hidden", "weight_ih", lambda w: w[:2])
-fwd_error("weight_hh-not-square", "weight_hh", lambda w: torch.cat([w, w], 1))
-fwd_error("bias_ih-size", "bias_ih", lambda b: b[:2])
-fwd_error("bias_hh-size", "bias_hh", lambda b: torch.cat([b, b]))
-fwd_error("packed-hx-batch", "hx", lambda h: h[:2], packed=True)
-fwd_error("packed-hx-batch-too-big", "hx", lambda h: torch.cat([h, h]), packed=True)
+fwd_error("hx-batch", "hx", lambda h: h[:, :2])
+fwd_error("hx-hidden", "hx", lambda h: torch.cat([h, h], 2))
+fwd_error("hx-layers", "hx", lambda h: h[:3])
+fwd_error("hx-layers-too-many", "hx", lambda h: torch.cat([h, h]))
+fwd_error("weight_ih_l0-input-size", "weight_ih_l0", lambda w: torch.cat([w, w], 1))
+fwd_error("weight_ih_l0-hidden", "weight_ih_l0", lambda w: w[:2])
+fwd_error("weight_ih_l1-width", "weight_ih_l1", lambda w: w[:, :H])  # must read D*H
+fwd_error("weight_ih_l0_reverse-hidden", "weight_ih_l0_reverse", lambda w: w[:3])
+fwd_error("weight_hh_l0-not-square", "weight_hh_l0", lambda w: torch.cat([w, w], 1))
+fwd_error("weight_hh_l1-size", "weight_hh_l1", lambda w: w[:3, :3])
+fwd_error("bias_ih_l0-size", "bias_ih_l0", lambda b: b[:2])
+fwd_error("bias_hh_l1_reverse-size", "bias_hh_l1_reverse", lambda b: torch.cat([b, b]))
+fwd_error("packed-hx-batch", "hx", lambda h: h[:, :2], packed=True)
+fwd_error("packed-hx-batch-too-big", "hx", lambda h: torch.cat([h, h], 1), packed=True)
+
+# ---- weights list, counts and flags ------------------------------------------------------
+fwd_error("weights-empty", "weights", [])
+fwd_error("weights-one-short", "weights", lambda w: w[:-1])
+fwd_error("weights-one-more", "weights", lambda w: w + [w[-1]])
+fwd_error("has_biases-false-with-biases", "weights", False, at="has_biases")
+fwd_error("bidirectional-false", "weights", False, at="bidirectional")
+fwd_error("num_layers-0", "num_layers", 0)
+fwd_error("num_layers-negative", "num_layers", -3)
+fwd_error("num_layers-3", "weights", 3, at="num_layers")
+fwd_error("num_layers-min-int64", "num_layers", -(2 ** 63))
+fwd_error("num_layers-huge", ("weights", "num_layers"), 2 ** 62, at="num_layers")
+# 2**61 layers x 2 directions x 4 tensors = 2**64: the expected weight count overflows
+# to 0, which an empty list matches.
+CASES["forward/num_layers-count-overflows-to-0"] = (
+    "error", ("weights", "num_layers"),
+    lambda: FWD(*(fwd_args()[:2] + [[], True, 2 ** 61] + fwd_args()[5:])))
+fwd_error("dropout-negative", "dropout", -0.1)
+fwd_error("dropout-above-1", "dropout", 1.0000001)
+fwd_error("dropout-nan", "dropout", math.nan)
+fwd_error("dropout-inf", "dropout", math.inf)
+fwd_error("dropout-minus-inf", "dropout", -math.inf)
+fwd_error("nonlinearity-empty", "nonlinearity", "")
+fwd_error("nonlinearity-upper", "nonlinearity", "TANH")
+fwd_error("nonlinearity-nul", "nonlinearity", "tanh\0")
+fwd_error("nonlinearity-sigmoid", "nonlinearity", "sigmoid")
 
 # ---- dtypes ------------------------------------------------------------------------------
 fwd_error("input-int", "input", lambda x: x.long())
 fwd_error("input-bool", "input", lambda x: x > 0)
 fwd_error("input-complex", "input", lambda x: x.to(torch.complex64))
+fwd_error("input-float8", "input", lambda x: x.to(torch.float8_e4m3fn))
 fwd_error("hx-double", "hx", lambda h: h.double())
-fwd_error("weight_ih-bfloat16", "weight_ih", lambda w: w.bfloat16())
-fwd_error("weight_hh-half", "weight_hh", lambda w: w.half())
-fwd_error("bias_ih-int", "bias_ih", lambda b: b.int())
-fwd_error("bias_hh-double", "bias_hh", lambda b: b.double())
+fwd_error("weight_ih_l0-bfloat16", "weight_ih_l0", lambda w: w.bfloat16())
+fwd_error("weight_hh_l1_reverse-half", "weight_hh_l1_reverse", lambda w: w.half())
+fwd_error("bias_ih_l1-int", "bias_ih_l1", lambda b: b.int())
+fwd_error("bias_hh_l0-double", "bias_hh_l0", lambda b: b.double())
 
-# ---- devices (a meta tensor among CPU tensors; all-meta is the fake kernel's job) --------
-for _arg in ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+# ---- devices (a meta tensor among CPU tensors: the Meta key wins dispatch, so the fake
+# kernel answers, and must refuse; all-meta is the fake kernel's job) ---------------------
+for _arg in ("input", "hx", "weight_ih_l0", "weight_hh_l0", "bias_ih_l1_reverse", "bias_hh_l1"):
     # With a meta input, every other argument is "on another device": the error names one.
-    fwd_error(f"{_arg}-meta", "hx" if _arg == "input" else _arg, meta)
+    fwd_error(f"{_arg}-meta", ("input", "hx") if _arg == "input" else _arg, meta)
 fwd_error("batch_sizes-meta", "batch_sizes", meta, packed=True)
 
-
-def _all_meta(mutate):
-    def thunk():
-        a = [meta(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-             for t in fwd_args()]
-        mutate(a)
-        return FWD(*a)
-    return thunk
-
-
-CASES["forward/all-meta-weight_ih-shape"] = (
-    "error", "weight_ih", _all_meta(lambda a: a.__setitem__(2, a[2][:, :2])))
-CASES["forward/all-meta-hx-batch"] = (
-    "error", "hx", _all_meta(lambda a: a.__setitem__(1, a[1][:1])))
-CASES["forward/all-meta-input-rank"] = (
-    "error", "input", _all_meta(lambda a: a.__setitem__(0, a[0][0])))
-
 # ---- missing tensors (None where a tensor is required) -----------------------------------
-for _arg in ("input", "hx", "weight_ih", "weight_hh"):
-    fwd_error(f"{_arg}-None", _arg, None)
+fwd_error("input-None", "input", None)
+fwd_error("hx-None", "hx", None)
+# None in the weights list, or no list: torch's argument parser refuses it
+fwd_error("weight_ih_l0-None", "weights", None, case_kind="binding", at="weight_ih_l0")
+fwd_error("weight_hh_l1-None", "weights", None, case_kind="binding", at="weight_hh_l1")
+fwd_error("weights-None", "weights", None, case_kind="binding")
 # A packed [N, I] input given without batch_sizes is a rank error naming input.
 CASES["forward/packed-input-batch_sizes-None"] = (
-    "error", "input", lambda: FWD(*(fwd_args(True)[:6] + [None, False, False])))
+    "error", "input", lambda: FWD(*(fwd_args(True)[:9] + [None])))
 
 # ---- empty tensors and absurd sizes ------------------------------------------------------
-fwd_error("hx-empty", "hx", torch.zeros(0, H))
-# H is read from weight_hh, so an inconsistent weight_hh may be reported as weight_ih's
-# mismatch: either name is right.
-fwd_error("weight_hh-empty", ("weight_hh", "weight_ih"), torch.zeros(0, 0))
-fwd_error("weight_ih-empty", "weight_ih", torch.zeros(H, 0))
-fwd_error("hx-huge-batch", "hx", huge_rows(2 ** 40, H))
-fwd_error("packed-hx-huge-batch", "hx", huge_rows(2 ** 40, H), packed=True)
-fwd_error("weight_hh-huge", ("weight_hh", "weight_ih"), huge_rows(2 ** 31 + 1, 2 ** 31 + 1))
-fwd_error("weight_ih-huge-input-size", "weight_ih", huge_rows(H, 2 ** 40))
+fwd_error("hx-empty", "hx", torch.zeros(0, B, H))
+# H is read from weight_hh_l0, so an inconsistent weight_hh_l0 may be reported as
+# weight_ih_l0's mismatch: either name is right.
+fwd_error("weight_hh_l0-empty", ("weight_hh_l0", "weight_ih_l0"), torch.zeros(0, 0))
+fwd_error("weight_ih_l0-empty", "weight_ih_l0", torch.zeros(H, 0))
+fwd_error("hx-huge-batch", "hx", huge(L * D, 2 ** 40, H))
+fwd_error("packed-hx-huge-batch", "hx", huge(L * D, 2 ** 40, H), packed=True)
+fwd_error("hx-huge-layers", "hx", huge(2 ** 40, B, H))
+fwd_error("weight_hh_l0-huge", ("weight_hh_l0", "weight_ih_l0"), huge(2 ** 31 + 1, 2 ** 31 + 1))
+fwd_error("weight_ih_l0-huge-input-size", "weight_ih_l0", huge(H, 2 ** 40))
+fwd_error("weight_ih_l1-huge-input-size", "weight_ih_l1", huge(H, 2 ** 60))
 
 # ---- batch_sizes -------------------------------------------------------------------------
 _bs = dict(
@@ -197,22 +251,27 @@ fwd_error("batch_sizes-0d", "batch_sizes", lambda b: b[0], packed=True)
 fwd_error("batch_sizes-empty-with-rows", "batch_sizes",
           torch.zeros(0, dtype=torch.long), packed=True)
 CASES["forward/batch_sizes-with-padded-input"] = (
-    "error", "input", lambda: FWD(*(fwd_args(False)[:6] + [torch.tensor(BATCH_SIZES), False, False])))
-CASES["forward/batch_sizes-absurd-empty-input"] = (
-    # 4 * 2**62 wraps around to 0 = the input's rows: must not be taken for an empty input
-    # (hidden size 0, so that an hx of 2**62 rows can exist).
-    "error", "batch_sizes",
-    lambda: FWD(torch.zeros(0, I), huge_rows(2 ** 62, 0), torch.zeros(0, I), torch.zeros(0, 0),
-                None, None, torch.tensor([2 ** 62] * 4), False, False))
+    "error", "input", lambda: FWD(*(fwd_args(False)[:9] + [torch.tensor(BATCH_SIZES)])))
+
+
+def _absurd_empty():
+    # 4 * 2**62 wraps around to 0 = the input's rows: must not be taken for an empty
+    # input (hidden size 0, so that an hx of 2**62 rows can exist).
+    weights = [torch.zeros(0, I), torch.zeros(0, 0), torch.zeros(0), torch.zeros(0)]
+    return FWD(torch.zeros(0, I), huge(1, 2 ** 62, 0), weights, True, 1, 0.0, False, False,
+               "tanh", torch.tensor([2 ** 62] * 4))
+
+
+CASES["forward/batch_sizes-absurd-empty-input"] = ("error", "batch_sizes", _absurd_empty)
 
 # ---- backward ----------------------------------------------------------------------------
-bwd_error("grad_output-shape", "grad_output", lambda g: g[:, :2])
+bwd_error("grad_output-shape", "grad_output", lambda g: g[:, :, :2])
 bwd_error("grad_output-rank", "grad_output", lambda g: g[0])
 bwd_error("grad_output-dtype", "grad_output", lambda g: g.double())
 bwd_error("grad_output-meta", "grad_output", meta)
 bwd_error("grad_output-None", "grad_output", None)
 bwd_error("grad_h_n-shape", "grad_h_n", lambda g: g[:1])
-bwd_error("grad_h_n-3d", "grad_h_n", lambda g: g[None])
+bwd_error("grad_h_n-2d", "grad_h_n", lambda g: g[0])
 bwd_error("grad_h_n-dtype", "grad_h_n", lambda g: g.bfloat16())
 bwd_error("grad_h_n-meta", "grad_h_n", meta)
 bwd_error("grad_h_n-None", "grad_h_n", None)
@@ -221,12 +280,30 @@ bwd_error("output-rank", "output", lambda o: o.reshape(-1))
 bwd_error("output-dtype", "output", lambda o: o.long())
 bwd_error("output-meta", "output", meta)
 bwd_error("output-None", "output", None)
+bwd_error("reserve-short", "reserve", lambda r: r[1:])
+bwd_error("reserve-long", "reserve", lambda r: torch.cat([r, r]))
+bwd_error("reserve-2d", "reserve", lambda r: r[None])
+bwd_error("reserve-empty", "reserve", lambda r: r[:0])
+bwd_error("reserve-dtype", "reserve", lambda r: r.double())
+bwd_error("reserve-meta", "reserve", meta)
+bwd_error("reserve-None", "reserve", None)
+# train=True with dropout: the reserve must also hold the masks
+def _without_masks(a):
+    a[POS["dropout"]], a[POS["train"]] = 0.5, True
+    return BWD(*a)
+
+
+CASES["backward/reserve-without-masks"] = ("error", "reserve", lambda: _without_masks(bwd_args()))
 bwd_error("input-rank", "input", lambda x: x[0])
 bwd_error("input-None", "input", None)
-bwd_error("hx-batch", "hx", lambda h: h[:1])
+bwd_error("hx-batch", "hx", lambda h: h[:, :1])
 bwd_error("hx-meta", "hx", meta)
-bwd_error("weight_ih-shape", "weight_ih", lambda w: w[:, :1])
-bwd_error("weight_hh-dtype", "weight_hh", lambda w: w.double())
+bwd_error("weight_ih_l0-shape", "weight_ih_l0", lambda w: w[:, :1])
+bwd_error("weight_hh_l1_reverse-dtype", "weight_hh_l1_reverse", lambda w: w.double())
+bwd_error("weights-empty", "weights", [])
+bwd_error("num_layers-0", "num_layers", 0)
+bwd_error("dropout-nan", "dropout", math.nan)
+bwd_error("nonlinearity", "nonlinearity", "gelu")
 bwd_error("packed-grad_output-rows", "grad_output", lambda g: g[:5], packed=True)
 bwd_error("packed-output-rows", "output", lambda o: torch.cat([o, o]), packed=True)
 bwd_error("batch_sizes-meta", "batch_sizes", meta, packed=True)
@@ -242,58 +319,118 @@ def parity_with_reference(mutate, packed=False):
     def thunk():
         a = fwd_args(packed)
         mutate(a)
-        out, h_n = FWD(*a)
-        ref_out, ref_h = elman_reference(*a[:7], relu=a[7], reverse=a[8])
+        out, h_n, _ = FWD(*a)
+        ref_out, ref_h = rnn_reference(a[0], a[1], a[2], num_layers=a[4], bidirectional=a[7],
+                                       nonlinearity=a[8], batch_sizes=a[9])
         ok = _close(out, ref_out) and _close(h_n, ref_h)
         return ok, f"out {tuple(out.shape)} vs {tuple(ref_out.shape)}"
     return thunk
 
 
-def _drop(*positions):
-    return lambda a: [a.__setitem__(p, None) for p in positions]
+def _no_bias(a):
+    a[2] = [w for i, w in enumerate(a[2]) if i % 4 < 2]
+    a[3] = False
 
 
-CASES["valid/bias_ih-only"] = ("parity", None, parity_with_reference(_drop(5)))
-CASES["valid/bias_hh-only"] = ("parity", None, parity_with_reference(_drop(4)))
-CASES["valid/no-bias"] = ("parity", None, parity_with_reference(_drop(4, 5)))
+def _one_layer_one_direction(a):
+    a[1], a[2], a[4], a[7] = a[1][:1], a[2][:4], 1, False
+
+
+def _empty_steps(a):
+    a[0] = a[0][:0]
+    if a[9] is not None:
+        a[9] = torch.zeros(0, dtype=torch.long)
+
+
+def _set(**changes):
+    return lambda a: [a.__setitem__(POS[k], v) for k, v in changes.items()]
+
+
+CASES["valid/no-bias"] = ("parity", None, parity_with_reference(_no_bias))
+CASES["valid/no-bias-packed"] = ("parity", None, parity_with_reference(_no_bias, packed=True))
+CASES["valid/one-layer-one-direction"] = ("parity", None,
+                                          parity_with_reference(_one_layer_one_direction))
 CASES["valid/batch_sizes-non-contiguous"] = ("parity", None, parity_with_reference(
-    lambda a: a.__setitem__(6, torch.tensor([[3, 9], [2, 9], [2, 9], [1, 9]])[:, 0]), packed=True))
-CASES["valid/T0-padded"] = ("parity", None, parity_with_reference(
-    lambda a: a.__setitem__(0, a[0][:0])))
-CASES["valid/T0-packed"] = ("parity", None, parity_with_reference(
-    lambda a: (a.__setitem__(0, a[0][:0]), a.__setitem__(6, torch.zeros(0, dtype=torch.long))),
-    packed=True))
+    _set(batch_sizes=torch.tensor([[3, 9], [2, 9], [2, 9], [1, 9]])[:, 0]), packed=True))
+CASES["valid/T0-padded"] = ("parity", None, parity_with_reference(_empty_steps))
+CASES["valid/T0-packed"] = ("parity", None, parity_with_reference(_empty_steps, packed=True))
 CASES["valid/B0"] = ("parity", None, parity_with_reference(
-    lambda a: (a.__setitem__(0, a[0][:, :0]), a.__setitem__(1, a[1][:0]))))
+    lambda a: (a.__setitem__(0, a[0][:, :0]), a.__setitem__(1, a[1][:, :0]))))
 CASES["valid/expanded-everything"] = ("parity", None, parity_with_reference(
-    lambda a: [a.__setitem__(i, a[i].flatten()[:1].expand(a[i].shape)) for i in range(6)]))
+    lambda a: (a.__setitem__(0, a[0].flatten()[:1].expand(a[0].shape)),
+               a.__setitem__(1, a[1].flatten()[:1].expand(a[1].shape)),
+               a.__setitem__(2, [w.flatten()[:1].expand(w.shape) for w in a[2]]))))
+CASES["valid/transposed-weights"] = ("parity", None, parity_with_reference(
+    lambda a: a.__setitem__(2, [w.t().contiguous().t() if w.dim() == 2 else w for w in a[2]]),
+    packed=True))
+CASES["valid/relu-packed"] = ("parity", None, parity_with_reference(
+    _set(nonlinearity="relu"), packed=True))
+CASES["valid/dropout-not-training"] = ("parity", None, parity_with_reference(
+    _set(dropout=1.0, train=False), packed=True))
+CASES["valid/dropout-0-training"] = ("parity", None, parity_with_reference(
+    _set(dropout=0.0, train=True)))
+
+
+def _dropout_1():
+    # Every mask zero: layer 1 reads zeros, so its output is that of a zero input.
+    a = fwd_args(True)
+    a[5], a[6] = 1.0, True
+    out, h_n, reserve = FWD(*a)
+    masks = [torch.zeros(N, D * H)]
+    ref_out, ref_h = rnn_reference(a[0], a[1], a[2], num_layers=L, bidirectional=True,
+                                   batch_sizes=a[9], dropout_masks=masks)
+    ok = _close(out, ref_out) and _close(h_n, ref_h) and bool((reserve[N * D * H:] == 0).all())
+    return ok, ""
+
+
+CASES["valid/dropout-1-training"] = ("parity", None, _dropout_1)
+
+
 def _all_meta_valid():
-    a = [meta(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-         for t in fwd_args(packed=True)]
-    out, h_n = FWD(*a)
-    ok = out.device.type == h_n.device.type == "meta" and out.shape == (N, H) and h_n.shape == (B, H)
-    return ok, f"{out.device} {tuple(out.shape)} {tuple(h_n.shape)}"
+    a = fwd_args(packed=True)
+    a[0], a[1], a[2] = meta(a[0]), meta(a[1]), [meta(w) for w in a[2]]
+    out, h_n, reserve = FWD(*a)
+    ok = (out.device.type == h_n.device.type == reserve.device.type == "meta"
+          and out.shape == (N, D * H) and h_n.shape == (L * D, B, H)
+          and reserve.shape == ((L - 1) * N * D * H,))
+    return ok, f"{out.device} {tuple(out.shape)} {tuple(h_n.shape)} {tuple(reserve.shape)}"
 
 
 CASES["valid/all-meta-packed"] = ("parity", None, _all_meta_valid)
-CASES["valid/relu-reverse-packed"] = ("parity", None, parity_with_reference(
-    lambda a: (a.__setitem__(7, True), a.__setitem__(8, True)), packed=True))
+
+
+def _all_meta_bad_shape():
+    # The fake kernels work out shapes and check devices; a wrong weight shape among meta
+    # tensors may pass there (the device kernel reports it). It must not crash.
+    a = fwd_args()
+    a[0], a[1], a[2] = meta(a[0]), meta(a[1]), [meta(w)[:, :2] if w.dim() == 2 else meta(w)
+                                               for w in a[2]]
+    try:
+        out, _, _ = FWD(*a)
+    except RuntimeError:
+        return True, "raised"
+    return out.device.type == "meta", "returned"
+
+
+CASES["valid/all-meta-bad-weight-shape-no-crash"] = ("parity", None, _all_meta_bad_shape)
 
 
 # ---- NaN and Inf: the same propagation as torch.nn.RNN, forward and backward --------------
 def nan_parity(poison, relu, packed, expect_nonfinite=True):
-    """Poisons one argument, runs one layer through fastrnn and torch.nn.RNN, and checks
-    that NaN/Inf land in the same places of output, h_n and every gradient, and that
-    finite values agree."""
+    """Poisons one argument, runs a 2-layer bidirectional stack through fastrnn and
+    torch.nn.RNN, and checks that NaN/Inf land in the same places of output, h_n and
+    every gradient, and that finite values agree."""
 
     def thunk():
+        nonlinearity = "relu" if relu else "tanh"
         torch.manual_seed(0)
-        ref = torch.nn.RNN(I, H, nonlinearity="relu" if relu else "tanh").double()
+        ref = torch.nn.RNN(I, H, L, nonlinearity=nonlinearity, bidirectional=True).double()
         x = torch.randn(T, B, I, dtype=torch.float64)
-        h0 = torch.randn(1, B, H, dtype=torch.float64)
+        h0 = torch.randn(L * D, B, H, dtype=torch.float64)
         with torch.no_grad():
             poison(x, h0, dict(ref.named_parameters()))
         lengths = torch.tensor([4, 3, 1])
+        names = [n for n, _ in ref.named_parameters()]
         results = []
         for use_fast in (False, True):
             xs = x.clone().requires_grad_()
@@ -305,25 +442,19 @@ def nan_parity(poison, relu, packed, expect_nonfinite=True):
             else:
                 inp, batch_sizes = xs, None
             if use_fast:
-                out, h_n = FWD(inp, hs[0], *params, batch_sizes, relu, False)
+                out, h_n, _ = FWD(inp, hs, params, True, L, 0.0, False, True, nonlinearity,
+                                  batch_sizes)
             else:
-                m = torch.nn.RNN(I, H, nonlinearity="relu" if relu else "tanh").double()
-                with torch.no_grad():
-                    for p, q in zip(m.parameters(), params):
-                        p.copy_(q)
                 feed = torch.nn.utils.rnn.PackedSequence(inp, batch_sizes) if packed else inp
-                out, h = torch.func.functional_call(
-                    m, dict(zip([n for n, _ in m.named_parameters()], params)), (feed, hs))
+                out, h_n = torch.func.functional_call(ref, dict(zip(names, params)), (feed, hs))
                 out = out.data if packed else out
-                h_n = h[0]
             g = torch.Generator().manual_seed(1)
             loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum() + (
                 h_n * torch.randn(h_n.shape, generator=g, dtype=out.dtype)).sum()
             results.append([out, h_n, *torch.autograd.grad(loss, [xs, hs, *params])])
-        names = ["output", "h_n", "grad_input", "grad_hx", "grad_weight_ih", "grad_weight_hh",
-                 "grad_bias_ih", "grad_bias_hh"]
+        labels = ["output", "h_n", "grad_input", "grad_hx"] + [f"grad_{n}" for n in names]
         bad = []
-        for name, want, got in zip(names, *results):
+        for name, want, got in zip(labels, *results):
             if not (torch.equal(want.isnan(), got.isnan()) and torch.equal(want.isinf(), got.isinf())
                     and torch.equal(want[want.isinf()], got[got.isinf()])
                     and torch.allclose(want, got, rtol=1e-9, atol=1e-10, equal_nan=True)):
@@ -342,12 +473,13 @@ _POISONS = {
     "input-nan": lambda x, h, p: x[1, 1, 2].fill_(NAN),
     "input-inf": lambda x, h, p: (x[2, 0, 1].fill_(INF), x[0, 2, 3].fill_(-INF)),
     "hx-inf": lambda x, h, p: h[0, 1, 0].fill_(INF),
-    "hx-nan": lambda x, h, p: h[0, 2, 3].fill_(NAN),
+    "hx-nan": lambda x, h, p: h[3, 2, 3].fill_(NAN),
     "weight_hh-nan": lambda x, h, p: p["weight_hh_l0"][1, 2].fill_(NAN),
-    "weight_ih-inf": lambda x, h, p: p["weight_ih_l0"][0, 4].fill_(-INF),
+    "weight_ih-inf": lambda x, h, p: p["weight_ih_l0_reverse"][0, 4].fill_(-INF),
+    "weight_ih_l1-nan": lambda x, h, p: p["weight_ih_l1"][2, 6].fill_(NAN),
     "bias-inf-minus-inf": lambda x, h, p: (p["bias_ih_l0"][2].fill_(INF),
                                            p["bias_hh_l0"][2].fill_(-INF)),
-    "bias-inf": lambda x, h, p: p["bias_hh_l0"][3].fill_(INF),
+    "bias-inf": lambda x, h, p: p["bias_hh_l1_reverse"][3].fill_(INF),
 }
 for _pname, _poison in _POISONS.items():
     for _relu in (False, True):

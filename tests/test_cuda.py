@@ -1,5 +1,7 @@
-"""CUDA-only behaviour (the parity grid in test_parity.py also runs on CUDA).
-Skipped with a reason where no GPU is visible; run whenever one is lent."""
+"""CUDA-only behaviour (the parity grid of test_module.py, the reference grid of
+test_ops.py and the dropout-mask consistency test also run on CUDA through
+conftest.devices()). Skipped with a reason where no GPU is visible; run whenever one
+is lent."""
 
 import copy
 
@@ -8,7 +10,8 @@ import torch
 
 import fastrnn
 
-from conftest import CUDA, grads, rnn_pair, weighted_sum
+from conftest import (CUDA, Case, OpCalls, case_id, grads, module_inputs, op_inputs, rnn_pair,
+                      run_module, twins, weighted_sum)
 
 pytestmark = CUDA
 
@@ -117,3 +120,69 @@ def test_persistent_kernels_match_torch(monkeypatch, hidden, packed, nonlinearit
         results.append([out.data if packed else out, h, *grads(m, weighted_sum(out, h), [x, h0])])
     for a, e in zip(results[1], results[0]):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+def test_cuda_device_errors_name_the_argument():
+    """The device kernel's own checks (csrc/checks.h): a CPU tensor among CUDA tensors,
+    and batch_sizes on the GPU."""
+    args = op_inputs(Case(num_layers=2, bidirectional=True, packed=True, device="cuda"))
+    raw = list(args.raw())
+    weights = list(raw[2])
+    weights[5] = weights[5].cpu()
+    with pytest.raises(RuntimeError, match="^fastrnn::rnn: weight_hh_l0_reverse must be on the "
+                                           "same device as input"):
+        torch.ops.fastrnn.rnn(raw[0], raw[1], weights, *raw[3:])
+    with pytest.raises(RuntimeError, match="^fastrnn::rnn: hx must be on the same device as input"):
+        torch.ops.fastrnn.rnn(raw[0], raw[1].cpu(), *raw[2:])
+    with pytest.raises(RuntimeError, match="^fastrnn::rnn: batch_sizes must be a 1-D int64 CPU tensor"):
+        torch.ops.fastrnn.rnn(*raw[:9], raw[9].cuda())
+
+
+def test_cuda_dropout_repeatable_and_one_call_each():
+    """Dropout masks on the GPU come from the CUDA generator: torch.manual_seed repeats a
+    training step bitwise; one op call each way."""
+    case = Case(num_layers=3, bidirectional=True, dropout=0.5, packed=True, h0=True,
+                device="cuda")
+    _, fast = twins(case)
+    x, h0, lengths = module_inputs(case)
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        with OpCalls() as calls:
+            runs.append(run_module(fast, case, x, h0, lengths))
+        assert calls.names() == ["rnn", "rnn_backward"]
+    (o0, h0_, g0), (o1, h1, g1), (o2, _, _) = runs
+    assert torch.equal(o0.data, o1.data) and torch.equal(h0_, h1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert not torch.equal(o0.data, o2.data)
+
+
+def test_autocast_cuda_like_torch():
+    """On CUDA torch.nn.RNN's cudnn op is an autocast op (float16 by default): fastrnn's
+    output and h_n come out in the same dtype."""
+    ref, fast = rnn_pair(8, 16, 2, bidirectional=True)
+    ref, fast = ref.cuda(), fast.cuda()
+    x = torch.randn(6, 3, 8, device="cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", dtype=dtype):
+            (o1, h1), (o2, h2) = ref(x), fast(x)
+        assert (o2.dtype, h2.dtype) == (o1.dtype, h1.dtype) == (dtype, dtype)
+        torch.testing.assert_close(o2.float(), o1.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("case", [
+    Case(num_layers=2, bidirectional=True, dtype=torch.float32, device="cuda"),
+    Case(num_layers=3, packed=True, nonlinearity="relu", dtype=torch.float32, device="cuda"),
+], ids=case_id)
+def test_compile_on_cuda(case):
+    """torch.compile(fullgraph=True) of the module on the GPU, inductor."""
+    torch._dynamo.reset()
+    _, rnn = twins(case)
+    compiled = torch.compile(rnn, fullgraph=True)
+    x, h0, lengths = module_inputs(case)
+    (o1, h1, g1), (o2, h2, g2) = (run_module(m, case, x, h0, lengths) for m in (rnn, compiled))
+    o1, o2 = (o1.data, o2.data) if case.packed else (o1, o2)
+    torch.testing.assert_close(o2, o1)
+    torch.testing.assert_close(h2, h1)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b)

@@ -1,178 +1,814 @@
-"""The raw fastrnn ops: against the plain-PyTorch reference, gradcheck,
-torch.library.opcheck, torch.compile, and the double-backward error."""
+"""The raw ops fastrnn::rnn and fastrnn::rnn_backward (and the wrapper fastrnn.rnn):
+against fastrnn.reference.rnn_reference (padded/packed, 1-3 layers, both directions,
+tanh/relu, with and without biases, dropout with the masks read back from ``reserve``),
+the reserve layout, dropout masks, gradcheck, torch.library.opcheck, torch.compile,
+fake kernels, gradients not needed, double backward, bad arguments (every check of
+csrc/checks.h), autocast, and hostile arguments in a child process (a crash is a
+failing case, not a dead pytest; tests/hostile_ops_child.py)."""
 
-import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 import fastrnn
-from fastrnn.reference import elman_reference
 
-from conftest import devices, lengths_for
+import hostile_ops_child
+from conftest import (LAYOUTS, PROPERTY, TOL, Case, OpArgs, OpCalls, case_id, devices, grid,
+                      op_inputs, weight_shapes, with_layout)
 
-T, B, I, H = 4, 3, 5, 4
+RNN = torch.ops.fastrnn.rnn
+RNN_BACKWARD = torch.ops.fastrnn.rnn_backward
+EXACT = dict(rtol=1e-10, atol=1e-12)  # float64, the same math in another order
 
-CASES = list(itertools.product([False, True], [False, True], [False, True], [False, True]))
+BASE = Case(steps=4, batch=3, input_size=5, hidden_size=4, h0=True)
+GRID = grid(BASE, nonlinearity=["tanh", "relu"], bias=[True, False], bidirectional=[False, True],
+            num_layers=[1, 2, 3], packed=[False, True])
+DROPOUT_GRID = grid(BASE.replace(dropout=0.5), nonlinearity=["tanh", "relu"],
+                    bidirectional=[False, True], num_layers=[2, 3], packed=[False, True])
+# dropout 1 (every mask zero), dropout set but not training (no masks), dropout with one
+# layer (never applied), no biases
+DROPOUT_EDGES = [
+    BASE.replace(dropout=1.0, num_layers=2, bidirectional=True, packed=True),
+    BASE.replace(dropout=0.5, num_layers=3, train=False),
+    BASE.replace(dropout=0.5, num_layers=1, bidirectional=True),
+    BASE.replace(dropout=0.25, num_layers=2, bias=False, nonlinearity="relu"),
+]
 
 
-def case_id(c):
-    relu, reverse, packed, bias = c
-    return "-".join(["relu" if relu else "tanh", "rev" if reverse else "fwd",
-                     "packed" if packed else "padded", "bias" if bias else "nobias"])
-
-
-def make_args(relu, reverse, packed, bias, dtype=torch.float64, device="cpu", requires_grad=True, seed=0):
+def upstream(out, h_n, seed=3):
     g = torch.Generator().manual_seed(seed)
+    return (torch.randn(out.shape, generator=g, dtype=torch.float64).to(out),
+            torch.randn(h_n.shape, generator=g, dtype=torch.float64).to(h_n))
 
-    def rand(*shape):
-        t = (torch.rand(*shape, generator=g, dtype=dtype) - 0.5).to(device)
-        return t.requires_grad_(requires_grad)
 
-    batch_sizes = None
-    if packed:
-        lengths = lengths_for(B, T).sort(descending=True).values
-        batch_sizes = torch.tensor([int((lengths > t).sum()) for t in range(T)])
-        x = rand(int(batch_sizes.sum()), I)
-    else:
-        x = rand(T, B, I)
-    args = (x, rand(B, H), rand(H, I), rand(H, H),
-            rand(H) if bias else None, rand(H) if bias else None, batch_sizes)
-    return args, dict(relu=relu, reverse=reverse)
+def check_against_reference(case):
+    """Forward (output, h_n, the reserve's layer outputs and masks) and every gradient
+    of the raw op against rnn_reference with the op's own masks."""
+    args = op_inputs(case, requires_grad=True)
+    torch.manual_seed(1234)
+    out, h_n, reserve = args.call()
+    rows, width = args.rows, case.directions * case.hidden_size
+    assert out.shape == (*args.input.shape[:-1], width)
+    assert h_n.shape == (case.cells, case.batch, case.hidden_size)
+    assert out.dtype == h_n.dtype == reserve.dtype == case.dtype
+    assert not reserve.requires_grad
+    layer_outputs, masks = args.reserve_parts(reserve)  # asserts the reserve's size
+
+    keep = 1 - case.dropout
+    for m in masks:
+        values = m.unique()
+        allowed = torch.tensor([0.0] + ([1 / keep] if keep > 0 else []), dtype=m.dtype)
+        assert all(bool(torch.isclose(v.cpu(), allowed).any()) for v in values), values
+
+    ref_out, ref_h = args.reference(masks=[m.detach() for m in masks])
+    torch.testing.assert_close(out, ref_out, **EXACT)
+    torch.testing.assert_close(h_n, ref_h, **EXACT)
+    for layer, saved in enumerate(layer_outputs):  # the reserve holds layer l's output
+        want, _ = args.reference(masks=[m.detach() for m in masks[:layer]], num_layers=layer + 1)
+        torch.testing.assert_close(saved, want.detach(), **EXACT)
+
+    g_out, g_h = upstream(out, h_n)
+    got = torch.autograd.grad((out, h_n), args.leaves(), (g_out, g_h))
+    want = torch.autograd.grad((ref_out, ref_h), args.leaves(), (g_out, g_h))
+    for i, (a, e) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, e, **EXACT, msg=lambda m: f"gradient {i}: {m}")
+    return masks
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("c", CASES, ids=case_id)
-def test_matches_reference(c, device):
-    args, kw = make_args(*c, device=device)
-    out, h_n = fastrnn.elman(*args, **kw)
-    ref_out, ref_h = elman_reference(*args, **kw)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(h_n, ref_h, rtol=1e-10, atol=1e-12)
-    tensors = [a for a in args[:6] if a is not None]
-    g = torch.randn_like(out), torch.randn_like(h_n)
-    got = torch.autograd.grad((out, h_n), tensors, g)
-    want = torch.autograd.grad((ref_out, ref_h), tensors, g)
-    for a, e in zip(got, want):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+@pytest.mark.parametrize("case", GRID, ids=case_id)
+def test_matches_reference(case, device):
+    check_against_reference(case.replace(device=device))
 
 
-@pytest.mark.parametrize("c", CASES, ids=case_id)
-def test_gradcheck(c):
-    args, kw = make_args(*c)
-    assert torch.autograd.gradcheck(lambda *a: fastrnn.elman(*a, **kw), args)
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", DROPOUT_GRID + DROPOUT_EDGES, ids=case_id)
+def test_dropout_matches_reference_with_reserved_masks(case, device):
+    masks = check_against_reference(case.replace(device=device))
+    assert len(masks) == (case.num_layers - 1 if case.dropout_applied else 0)
+    if case.dropout == 1.0:
+        assert all(bool((m == 0).all()) for m in masks)
+    elif masks:
+        assert all(bool((m == 0).any()) and bool((m != 0).any()) for m in masks)
 
 
-@pytest.mark.parametrize("c", CASES, ids=case_id)
-def test_opcheck_forward(c):
-    args, kw = make_args(*c)
-    torch.library.opcheck(torch.ops.fastrnn.elman_forward.default,
-                          (*args, kw["relu"], kw["reverse"]))
+def test_zero_hx_and_float32():
+    """No h0 (zeros, what the module passes) and float32 against the float64 reference."""
+    case = BASE.replace(h0=False, dtype=torch.float32, num_layers=2, bidirectional=True)
+    args = op_inputs(case)
+    out, h_n, _ = args.call()
+    args64 = op_inputs(case.replace(dtype=torch.float64))
+    ref_out, ref_h = args64.reference()
+    torch.testing.assert_close(out, ref_out.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_n, ref_h.float(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("need", [(True, True, True), (False, True, False), (False, False, False)],
-                         ids=["all", "weights-only", "none"])
-@pytest.mark.parametrize("c", CASES[::3], ids=case_id)
-def test_opcheck_backward(c, need):
-    args, kw = make_args(*c, requires_grad=False)
-    x, hx, w_ih, w_hh, _, _, batch_sizes = args
-    out, h_n = fastrnn.elman(*args, **kw)
-    bwd_args = (torch.randn_like(out), torch.randn_like(h_n), x, hx, w_ih, w_hh, out,
-                batch_sizes, kw["relu"], kw["reverse"], *need)
-    torch.library.opcheck(torch.ops.fastrnn.elman_backward.default, bwd_args)
-    results = torch.ops.fastrnn.elman_backward(*bwd_args)
-    # Gradients that were not asked for are empty (nothing was computed).
-    for needed, result, like in zip((need[0], True, need[1], need[1], need[2]), results,
-                                    (x, hx, w_ih, w_hh, w_hh[0])):
-        assert result.shape == (like.shape if needed else (0,))
+def test_wrapper_matches_op():
+    """fastrnn.rnn is the op with keyword arguments (has_biases from the weight count),
+    returning (output, h_n)."""
+    for case in (BASE.replace(num_layers=2, bidirectional=True, packed=True),
+                 BASE.replace(num_layers=3, bias=False, nonlinearity="relu")):
+        args = op_inputs(case)
+        out, h_n, _ = args.call()
+        got = fastrnn.rnn(args.input, args.hx, args.weights, num_layers=case.num_layers,
+                          bidirectional=case.bidirectional, nonlinearity=case.nonlinearity,
+                          batch_sizes=args.batch_sizes)
+        assert len(got) == 2
+        assert torch.equal(got[0], out) and torch.equal(got[1], h_n)
 
 
-def test_unneeded_grads_are_not_computed():
-    args, kw = make_args(False, False, False, True)
-    x, hx, w_ih, w_hh, b_ih, b_hh, _ = args
-    x.requires_grad_(False)
-    b_ih.requires_grad_(False)
-    b_hh.requires_grad_(False)
-    out, h_n = fastrnn.elman(*args, **kw)
-    grad_w_ih, grad_hx = torch.autograd.grad(out.sum(), [w_ih, hx])
-    assert grad_w_ih.shape == w_ih.shape and grad_hx.shape == hx.shape
+# ---------------------------------------------------------------------------------------
+# Property-based: the raw op against the reference over sizes (0 included), memory
+# layouts, requires_grad patterns, packed lengths, dtypes, entry points
+# ---------------------------------------------------------------------------------------
+
+
+@st.composite
+def op_cases(draw):
+    packed = draw(st.booleans())
+    c = dict(
+        case=Case(
+            dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+            nonlinearity=draw(st.sampled_from(["tanh", "relu"])),
+            bias=draw(st.booleans()),
+            bidirectional=draw(st.booleans()),
+            num_layers=draw(st.integers(1, 3)),
+            packed=packed,
+            h0=True,
+            dropout=draw(st.sampled_from([0.0, 0.0, 0.5, 1.0])),
+            train=draw(st.booleans()),
+            steps=draw(st.integers(0, 5)),
+            batch=draw(st.integers(0, 4)),
+            input_size=draw(st.integers(0, 4)),
+            hidden_size=draw(st.integers(0, 5)),
+            seed=draw(st.integers(0, 2 ** 16)),
+        ),
+        layouts=draw(st.lists(st.sampled_from(LAYOUTS), min_size=26, max_size=26)),
+        batch_sizes_layout=draw(st.sampled_from(["contiguous", "sliced"])),
+        requires_grad=draw(st.lists(st.booleans(), min_size=26, max_size=26)),
+        entry=draw(st.sampled_from(["fastrnn.rnn", "torch.ops"])),
+    )
+    if packed:
+        steps = c["case"].steps
+        lengths = draw(st.lists(st.integers(1, max(steps, 1)), min_size=c["case"].batch,
+                                max_size=c["case"].batch))
+        c["lengths"] = sorted(lengths, reverse=True)
+    return c
+
+
+def build_op_property_case(c):
+    case = c["case"]
+    g = torch.Generator().manual_seed(case.seed)
+
+    def rand(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).to(case.dtype)
+
+    batch_sizes = None
+    if case.packed:
+        lengths = c["lengths"]
+        steps = max(lengths, default=0)
+        batch_sizes = with_layout(
+            torch.tensor([sum(1 for n in lengths if n > t) for t in range(steps)], dtype=torch.long),
+            c["batch_sizes_layout"])
+        x = rand(sum(lengths), case.input_size)
+    else:
+        x = rand(case.steps, case.batch, case.input_size)
+    hx = rand(case.cells, case.batch, case.hidden_size)
+    tensors = [x, hx, *[rand(*shape) for shape in weight_shapes(case)]]
+    laid = []
+    for t, layout, rg in zip(tensors, c["layouts"], c["requires_grad"]):
+        laid.append(with_layout(t, layout).requires_grad_(rg))
+    return OpArgs(case, laid[0], laid[1], laid[2:], batch_sizes)
+
+
+def grads_of(outputs, tensors):
+    """Gradients of a weighted sum of ``outputs`` (zeros for tensors not reached)."""
+    if not tensors:
+        return []
+    if not any(o.requires_grad for o in outputs):  # not connected: zero gradients
+        return [torch.zeros_like(t) for t in tensors]
+    g = torch.Generator().manual_seed(5)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum()
+               for o in outputs)
+    return list(torch.autograd.grad(loss, tensors, allow_unused=True, materialize_grads=True))
+
+
+def check_op_property(c):
+    args = build_op_property_case(c)
+    case = args.case
+    leaves = [t for t in args.leaves() if t.requires_grad]
+    torch.manual_seed(case.seed)
+    if c["entry"] == "torch.ops":
+        out, h_n, reserve = args.call()
+        _, masks = args.reserve_parts(reserve)
+    else:
+        out, h_n = fastrnn.rnn(args.input, args.hx, args.weights, num_layers=case.num_layers,
+                               bidirectional=case.bidirectional, nonlinearity=case.nonlinearity,
+                               dropout=case.dropout, train=case.train,
+                               batch_sizes=args.batch_sizes)
+        torch.manual_seed(case.seed)  # the same masks again, from the raw op's reserve
+        _, masks = args.reserve_parts(args.call()[2])
+    got = [out, h_n, *grads_of([out, h_n], leaves)]
+    ref_out, ref_h = args.reference(masks=[m.detach() for m in masks])
+    want = [ref_out, ref_h, *grads_of([ref_out, ref_h], leaves)]
+    assert len(got) == len(want)
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert a.shape == e.shape and a.dtype == e.dtype, (i, a.shape, e.shape)
+        torch.testing.assert_close(a, e, **TOL[case.dtype], msg=lambda m: f"tensor {i}: {m}")
+
+
+_OP_BASE = dict(case=Case(steps=3, batch=2, input_size=3, hidden_size=4, h0=True),
+                layouts=["contiguous"] * 26, batch_sizes_layout="contiguous",
+                requires_grad=[True] * 26, entry="torch.ops")
+
+
+def _op_example(lengths=None, **changes):
+    c = dict(_OP_BASE)
+    c["case"] = c["case"].replace(**changes)
+    if lengths is not None:
+        c["lengths"] = lengths
+    return c
+
+
+@given(op_cases())
+@example(_op_example(steps=0))  # T = 0: empty output, h_n = hx
+@example(_op_example(batch=0, num_layers=2, bidirectional=True))  # batch 0: empty results
+@example(_op_example(packed=True, batch=0, lengths=[]))  # packed, T = 0 and batch 0
+@example(_op_example(packed=True, batch=3, lengths=[2, 2, 2], bidirectional=True))
+@example(_op_example(input_size=0, num_layers=2))  # I = 0: only the recurrence and the bias
+@example(_op_example(hidden_size=0, num_layers=3, bidirectional=True))
+@example(_op_example(steps=0, batch=0, input_size=0, hidden_size=0, bias=False, num_layers=2,
+                     dtype=torch.float32) | dict(requires_grad=[True] + [False] * 25,
+                                                 entry="fastrnn.rnn"))
+@example(_op_example(nonlinearity="relu", num_layers=2) | dict(layouts=["expanded"] * 26))
+@example(_op_example(packed=True, batch=4, lengths=[5, 3, 3, 1], steps=5, num_layers=3,
+                     bidirectional=True, dropout=0.5, train=True)
+         | dict(batch_sizes_layout="sliced",
+                layouts=["sliced", "transposed", "transposed", "sliced", "expanded"] * 5 + ["sliced"],
+                requires_grad=[False, True, False, True, True, False] * 4 + [True, True]))
+@PROPERTY
+def test_ops_match_reference_property(c):
+    check_op_property(c)
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout: the masks
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
+def test_dropout_mask_statistics(p):
+    """Each mask element is 0 with probability p (else 1/(1-p)), independently: the
+    fraction of zeros per layer is within 5 standard deviations of p; layers' masks
+    differ; two calls draw new masks; torch.manual_seed repeats them."""
+    case = Case(num_layers=3, bidirectional=True, dropout=p, steps=20, batch=50,
+                input_size=3, hidden_size=16, dtype=torch.float32)
+    args = op_inputs(case)
+    torch.manual_seed(7)
+    _, _, reserve = args.call()
+    _, masks = args.reserve_parts(reserve)
+    n = masks[0].numel()
+    sigma = math.sqrt(p * (1 - p) / n)
+    for m in masks:
+        assert abs(float((m == 0).float().mean()) - p) < 5 * sigma
+        assert torch.equal(m.unique(), torch.tensor([0.0, 1 / (1 - p)]))
+        # the mean of the mask is 1: the expectation of a layer's input is kept
+        assert abs(float(m.mean()) - 1) < 5 * sigma / (1 - p)
+    assert not torch.equal(masks[0], masks[1])
+    _, _, again = args.call()
+    assert not torch.equal(args.reserve_parts(again)[1][0], masks[0])
+    torch.manual_seed(7)
+    _, _, repeat = args.call()
+    assert torch.equal(repeat, reserve)
+
+
+def test_dropout_not_applied_when_not_training_or_one_layer():
+    """train=False: no masks in the reserve and the output of the plain stack; the same
+    for one layer in training (dropout only applies between layers)."""
+    for case in (BASE.replace(num_layers=2, dropout=0.9, train=False),
+                 BASE.replace(num_layers=1, dropout=0.9, train=True)):
+        args = op_inputs(case)
+        out, h_n, reserve = args.call()
+        assert reserve.numel() == (case.num_layers - 1) * args.rows * case.hidden_size
+        ref_out, ref_h = args.reference()
+        torch.testing.assert_close(out, ref_out, **EXACT)
+        torch.testing.assert_close(h_n, ref_h, **EXACT)
+
+
+def test_dropout_uses_torch_generator_not_global_state():
+    """Masks come from torch's default generator: torch.manual_seed repeats a whole
+    training forward, and a draw from the generator in between changes it."""
+    args = op_inputs(BASE.replace(num_layers=2, dropout=0.5))
+    torch.manual_seed(3)
+    first = args.call()
+    torch.manual_seed(3)
+    torch.rand(1)
+    other = args.call()
+    torch.manual_seed(3)
+    same = args.call()
+    assert all(torch.equal(a, b) for a, b in zip(first, same))
+    assert not torch.equal(first[2], other[2])
+
+
+# ---------------------------------------------------------------------------------------
+# gradcheck
+# ---------------------------------------------------------------------------------------
+
+SMALL = Case(steps=3, batch=2, input_size=2, hidden_size=3, h0=True, seed=5)
+GRADCHECK = [
+    SMALL,
+    SMALL.replace(nonlinearity="relu", bias=False, bidirectional=True, packed=True),
+    SMALL.replace(num_layers=2, packed=True),
+    SMALL.replace(num_layers=3, bidirectional=True, nonlinearity="relu"),
+    SMALL.replace(num_layers=2, bidirectional=True, packed=True, dropout=0.4),
+    SMALL.replace(num_layers=3, nonlinearity="relu", bias=False, dropout=0.5),
+]
+
+
+@pytest.mark.parametrize("case", GRADCHECK, ids=case_id)
+def test_gradcheck(case):
+    """float64 gradcheck of fastrnn.rnn with respect to input, hx and every weight; with
+    dropout, every evaluation draws the same masks (a fixed seed)."""
+    args = op_inputs(case, requires_grad=True, scale=0.5)
+
+    def fn(x, hx, *weights):
+        with torch.random.fork_rng():
+            torch.manual_seed(99)
+            return fastrnn.rnn(x, hx, weights, num_layers=case.num_layers,
+                               bidirectional=case.bidirectional, nonlinearity=case.nonlinearity,
+                               dropout=case.dropout, train=case.train,
+                               batch_sizes=args.batch_sizes)
+
+    assert torch.autograd.gradcheck(fn, tuple(args.leaves()))
+
+
+# ---------------------------------------------------------------------------------------
+# opcheck
+# ---------------------------------------------------------------------------------------
+
+# Deterministic configurations only: opcheck runs the op several times and compares.
+OPCHECK = [
+    BASE,
+    BASE.replace(packed=True, nonlinearity="relu", bias=False),
+    BASE.replace(num_layers=2, bidirectional=True, packed=True),
+    BASE.replace(num_layers=3, bidirectional=True, dropout=0.5, train=False),
+    BASE.replace(num_layers=2, nonlinearity="relu", h0=False),
+]
+
+
+@pytest.mark.parametrize("case", OPCHECK, ids=case_id)
+def test_opcheck_forward(case):
+    args = op_inputs(case, requires_grad=True)
+    torch.library.opcheck(RNN.default, args.raw())
+
+
+def test_opcheck_forward_with_dropout():
+    """Random masks: the checks that do not compare two runs' values."""
+    args = op_inputs(BASE.replace(num_layers=3, bidirectional=True, packed=True, dropout=0.5),
+                     requires_grad=True)
+    torch.library.opcheck(RNN.default, args.raw(),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def backward_args(case, need_input, need_weight, seed=0):
+    args = op_inputs(case)
+    torch.manual_seed(seed)
+    out, h_n, reserve = args.call()
+    g_out, g_h = upstream(out, h_n)
+    return args, (*args.raw(), out, reserve, g_out, g_h, need_input, need_weight)
+
+
+NEEDS = [(True, True), (False, True), (True, False), (False, False)]
+
+
+@pytest.mark.parametrize("need", NEEDS, ids=lambda n: f"input{int(n[0])}-weight{int(n[1])}")
+@pytest.mark.parametrize("case", [
+    BASE.replace(num_layers=2, bidirectional=True, packed=True),
+    # the backward reads its masks from the reserve: deterministic with dropout too
+    BASE.replace(num_layers=3, dropout=0.5, nonlinearity="relu", bias=False),
+], ids=case_id)
+def test_opcheck_backward(case, need):
+    _, bwd = backward_args(case, *need)
+    torch.library.opcheck(RNN_BACKWARD.default, bwd)
+
+
+@pytest.mark.parametrize("case", [
+    BASE.replace(num_layers=2, bidirectional=True, packed=True),
+    BASE.replace(num_layers=3, dropout=0.5, nonlinearity="relu"),
+    BASE.replace(num_layers=1, bias=False),
+], ids=case_id)
+def test_gradients_not_needed_are_empty(case):
+    """need_input_grad / need_weight_grad False: those gradients are empty [0] tensors,
+    the others (and grad_hx, always) equal to the full call's."""
+    args, full_args = backward_args(case, True, True)
+    full_input, full_hx, full_weights = RNN_BACKWARD(*full_args)
+    assert full_input.shape == args.input.shape
+    assert [g.shape for g in full_weights] == [w.shape for w in args.weights]
+    for need_input, need_weight in NEEDS[1:]:
+        bwd = (*full_args[:-2], need_input, need_weight)
+        g_input, g_hx, g_weights = RNN_BACKWARD(*bwd)
+        assert len(g_weights) == len(args.weights)
+        assert torch.equal(g_hx, full_hx)
+        if need_input:
+            assert torch.equal(g_input, full_input)
+        else:
+            assert g_input.shape == (0,)
+        for g, full in zip(g_weights, full_weights):
+            if need_weight:
+                assert torch.equal(g, full)
+            else:
+                assert g.shape == (0,)
+    # the two bias gradients are equal (and distinct tensors)
+    if case.bias:
+        for cell in range(case.cells):
+            b_ih, b_hh = full_weights[cell * 4 + 2], full_weights[cell * 4 + 3]
+            assert torch.equal(b_ih, b_hh) and b_ih.data_ptr() != b_hh.data_ptr()
+
+
+@pytest.mark.parametrize("wanted", ["input", "hx", "weights", "input+hx", "one weight"])
+def test_autograd_asks_only_for_needed_gradients(wanted):
+    """The autograd formula passes need_input_grad / need_weight_grad from what requires
+    grad: one rnn_backward call, and the gradients asked for are right."""
+    case = BASE.replace(num_layers=2, bidirectional=True)
+    args = op_inputs(case)
+    leaves = {"input": [args.input], "hx": [args.hx], "weights": args.weights,
+              "input+hx": [args.input, args.hx], "one weight": [args.weights[5]]}[wanted]
+    for t in leaves:
+        t.requires_grad_()
+    full = op_inputs(case, requires_grad=True)
+    with OpCalls() as calls:
+        out, h_n, _ = args.call()
+        got = torch.autograd.grad(out.sum() + h_n.sum(), leaves)
+    assert calls.names() == ["rnn", "rnn_backward"]
+    need_input, need_weight = calls.calls[1][1][-2:]
+    assert need_input == args.input.requires_grad
+    assert need_weight == any(w.requires_grad for w in args.weights)
+    out, h_n, _ = full.call()
+    want = dict(zip(map(id, args.leaves()),
+                    torch.autograd.grad(out.sum() + h_n.sum(), full.leaves())))
+    for t, g in zip(leaves, got):
+        torch.testing.assert_close(g, want[id(t)], **EXACT)
 
 
 def test_double_backward_raises():
-    args, kw = make_args(False, False, False, True)
-    out, h_n = fastrnn.elman(*args, **kw)
-    (gx,) = torch.autograd.grad(out.square().sum(), [args[0]], create_graph=True)
+    args = op_inputs(BASE.replace(num_layers=2), requires_grad=True)
+    out, h_n, _ = args.call()
+    (gx,) = torch.autograd.grad(out.square().sum(), [args.input], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gx.sum().backward()
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_compile_fullgraph_matches_eager(packed):
-    torch._dynamo.reset()
-    from conftest import pack, rnn_pair
+# ---------------------------------------------------------------------------------------
+# torch.compile of the raw op
+# ---------------------------------------------------------------------------------------
 
-    _, rnn = rnn_pair(I, H, num_layers=2, bidirectional=True, seed=3)
-    compiled = torch.compile(rnn, fullgraph=True, backend="aot_eager")
-    x = torch.randn(T, B, I, requires_grad=True)
+
+COMPILE = [
+    (BASE.replace(num_layers=2, bidirectional=True), "aot_eager"),
+    (BASE.replace(num_layers=2, bidirectional=True, packed=True, nonlinearity="relu"), "aot_eager"),
+    (BASE.replace(num_layers=3, dropout=0.5), "aot_eager"),
+    (BASE.replace(num_layers=2, bidirectional=True), "inductor"),
+    (BASE.replace(num_layers=3, dropout=0.5, packed=True), "inductor"),
+]
+
+
+@pytest.mark.parametrize("case, backend", COMPILE, ids=[f"{c}-{b}" for c, b in COMPILE])
+def test_compile_fullgraph_matches_eager(case, backend):
+    """torch.compile(fullgraph=True) of a function calling fastrnn.rnn: output, h_n and
+    every gradient as in eager (the same masks under the same seed)."""
+    torch._dynamo.reset()
+
+    def step(x, hx, weights, batch_sizes):
+        out, h_n = fastrnn.rnn(x, hx, weights, num_layers=case.num_layers,
+                               bidirectional=case.bidirectional, nonlinearity=case.nonlinearity,
+                               dropout=case.dropout, train=case.train, batch_sizes=batch_sizes)
+        return out.tanh() * 2, h_n
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     results = []
-    for module in (rnn, compiled):
-        inp = pack(x, lengths_for(B, T), False) if packed else x
-        out, h_n = module(inp)
-        out = out.data if packed else out
-        loss = (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum() + h_n.square().sum()
-        results.append((out, h_n, torch.autograd.grad(loss, [x, *rnn.parameters()])))
-    (o1, h1, g1), (o2, h2, g2) = results
-    torch.testing.assert_close(o2, o1)
-    torch.testing.assert_close(h2, h1)
-    for a, b in zip(g2, g1):
-        torch.testing.assert_close(a, b)
+    for fn in (step, compiled):
+        args = op_inputs(case, requires_grad=True)
+        torch.manual_seed(5)
+        out, h_n = fn(args.input, args.hx, args.weights, args.batch_sizes)
+        g = torch.autograd.grad((out, h_n), args.leaves(), upstream(out, h_n))
+        results.append([out, h_n, *g])
+    for i, (a, e) in enumerate(zip(*results[::-1])):
+        torch.testing.assert_close(a, e, **EXACT, msg=lambda m: f"tensor {i}: {m}")
 
 
-def test_compile_inductor_forward_backward():
-    """The default backend (inductor) too, on a small training step."""
+def test_compile_raw_op_under_fake_tensors():
+    """torch.ops.fastrnn.rnn itself under torch.compile, its three outputs included."""
     torch._dynamo.reset()
-    from conftest import rnn_pair
-
-    _, rnn = rnn_pair(I, H, num_layers=2, seed=4)
-    compiled = torch.compile(rnn, fullgraph=True)
-    x = torch.randn(B, T, I).transpose(0, 1)
-    out_e, h_e = rnn(x)
-    out_c, h_c = compiled(x)
-    torch.testing.assert_close(out_c, out_e)
-    torch.testing.assert_close(h_c, h_e)
-    ge = torch.autograd.grad(out_e.sum() + h_e.sum(), list(rnn.parameters()))
-    gc = torch.autograd.grad(out_c.sum() + h_c.sum(), list(rnn.parameters()))
-    for a, b in zip(gc, ge):
-        torch.testing.assert_close(a, b)
+    case = BASE.replace(num_layers=3, bidirectional=True, packed=True)
+    args = op_inputs(case)
+    compiled = torch.compile(lambda *a: RNN(*a), fullgraph=True, backend="aot_eager")
+    for a, e in zip(compiled(*args.raw()), args.call()):
+        torch.testing.assert_close(a, e, **EXACT)
 
 
-BAD_ARGUMENTS = {
-    # name: (packed input?, how to break the arguments, what the error must say)
-    "input-rank": (False, lambda a: a.__setitem__(0, a[0][0]), "input must be 3-D"),
-    "packed-input-rank": (True, lambda a: a.__setitem__(0, a[0][None]), "input must be 2-D"),
-    "hx-rank": (False, lambda a: a.__setitem__(1, a[1][0]), "hx must be 2-D"),
-    "hx-batch": (False, lambda a: a.__setitem__(1, a[1][:1]), r"hx must have shape \[3, 4\]"),
-    "w_ih-shape": (False, lambda a: a.__setitem__(2, a[2][:, :2]), "weight_ih must have shape"),
-    "w_hh-shape": (False, lambda a: a.__setitem__(3, a[3][:2]), "weight_hh must have shape"),
-    "bias-shape": (False, lambda a: a.__setitem__(4, a[4][:2]), "bias_ih must have shape"),
-    "dtype-mismatch": (False, lambda a: a.__setitem__(3, a[3].float()),
-                       "weight_hh must have the same dtype as input"),
-    "int-dtype": (False, lambda a: a.__setitem__(0, a[0].int()), "input dtype Int is not supported"),
-    "batch-sizes-order": (True, lambda a: a.__setitem__(6, torch.tensor([2, 3, 1, 1])),
-                          "batch_sizes must be non-increasing"),
-    "batch-sizes-zero": (True, lambda a: a.__setitem__(6, torch.tensor([3, 2, 2, 0])),
-                         "batch_sizes must be positive"),
-    "batch-sizes-sum": (True, lambda a: a.__setitem__(6, a[6] + 1), "batch_sizes sums to"),
-    "batch-sizes-dtype": (True, lambda a: a.__setitem__(6, a[6].double()), "1-D int64 CPU tensor"),
+def test_fake_kernels_give_the_real_shapes():
+    """Meta tensors (the fake kernels) report the shapes the CPU kernels return, for the
+    forward (output, h_n, reserve incl. masks) and the backward (with gradients not
+    needed)."""
+    for case in (BASE.replace(num_layers=3, bidirectional=True, packed=True, dropout=0.3),
+                 BASE.replace(num_layers=2, dropout=0.3, train=False),
+                 BASE.replace(num_layers=2, bias=False)):
+        args = op_inputs(case)
+        real = args.call()
+        meta = RNN(*[t.to("meta") if isinstance(t, torch.Tensor) and t.is_floating_point() else
+                     [w.to("meta") for w in t] if isinstance(t, list) else t for t in args.raw()])
+        assert [m.shape for m in meta] == [r.shape for r in real]
+        assert all(m.device.type == "meta" for m in meta)
+        for need in NEEDS:
+            _, bwd = backward_args(case, *need)
+            real_bwd = RNN_BACKWARD(*bwd)
+            meta_bwd = RNN_BACKWARD(*[
+                t.to("meta") if isinstance(t, torch.Tensor) and t.is_floating_point() else
+                [w.to("meta") for w in t] if isinstance(t, list) else t for t in bwd])
+            assert meta_bwd[0].shape == real_bwd[0].shape and meta_bwd[1].shape == real_bwd[1].shape
+            assert [m.shape for m in meta_bwd[2]] == [r.shape for r in real_bwd[2]]
+
+
+# ---------------------------------------------------------------------------------------
+# Bad arguments: every check of csrc/checks.h names the problem
+# ---------------------------------------------------------------------------------------
+
+
+def _weight(index, change):
+    def mutate(a):
+        a["weights"] = list(a["weights"])
+        a["weights"][index] = change(a["weights"][index])
+    return mutate
+
+
+def _set(name, value):
+    def mutate(a):
+        a[name] = value(a[name]) if callable(value) else value
+    return mutate
+
+
+# 2 layers, bidirectional, with biases: weights are 16 tensors, cell c's at 4c .. 4c+3
+# (weight_ih, weight_hh, bias_ih, bias_hh), cells l0, l0_reverse, l1, l1_reverse.
+BAD_FORWARD = {
+    # name: (packed input?, mutation, message (a regex))
+    "input-None": (False, _set("input", None), "input must be a tensor, got None"),
+    "hx-None": (False, _set("hx", None), "hx must be a tensor, got None"),
+    "nonlinearity": (False, _set("nonlinearity", "sigmoid"),
+                     "unknown nonlinearity 'sigmoid', expected 'tanh' or 'relu'"),
+    "num_layers-0": (False, _set("num_layers", 0), "num_layers must be at least 1, got 0"),
+    "dropout-negative": (False, _set("dropout", -0.5), r"dropout must be in \[0, 1\], got -0.5"),
+    "dropout-above-1": (False, _set("dropout", 1.5), r"dropout must be in \[0, 1\], got 1.5"),
+    "dropout-nan": (False, _set("dropout", math.nan), r"dropout must be in \[0, 1\], got nan"),
+    "weights-count": (False, _set("weights", lambda w: w[:-1]),
+                      r"expected 2 layer\(s\) x 2 direction\(s\) x 4 weights \(weight_ih, "
+                      r"weight_hh, bias_ih, bias_hh\), got 15"),
+    "weights-count-no-bias": (False, _set("has_biases", False),
+                              r"expected 2 layer\(s\) x 2 direction\(s\) x 2 weights "
+                              r"\(weight_ih, weight_hh\), got 16"),
+    "num_layers-vs-weights": (False, _set("num_layers", 3), r"expected 3 layer\(s\) x 2 direction\(s\) x 4 weights"),
+    "input-int": (False, _set("input", lambda x: x.int()), "input dtype Int is not supported on CPU"),
+    "input-bool": (False, _set("input", lambda x: x > 0), "input dtype Bool is not supported on CPU"),
+    "input-2d-padded": (False, _set("input", lambda x: x[0]),
+                        r"input must be 3-D \[T, B, I\] when batch_sizes is None, got 2-D"),
+    "input-3d-packed": (True, _set("input", lambda x: x[None]),
+                        r"input must be 2-D \[N, I\] when batch_sizes is given, got 3-D"),
+    "hx-2d": (False, _set("hx", lambda h: h[0]), r"hx must be 3-D \[L\*D, B, H\], got 2-D"),
+    "weight_hh_l0-1d": (False, _weight(1, lambda w: w[0]), r"weight_hh_l0 must be 2-D \[H, H\], got \[4\]"),
+    "weight_ih_l0-shape": (False, _weight(0, lambda w: w[:, :2]),
+                           r"weight_ih_l0 must have shape \[4, 5\], got \[4, 2\]"),
+    "weight_ih_l1-shape": (False, _weight(8, lambda w: w[:, :4]),
+                           r"weight_ih_l1 must have shape \[4, 8\], got \[4, 4\]"),
+    "weight_hh_l0_reverse-shape": (False, _weight(5, lambda w: w[:3]),
+                                   r"weight_hh_l0_reverse must have shape \[4, 4\], got \[3, 4\]"),
+    "weight_hh_l1-not-square": (False, _weight(9, lambda w: torch.cat([w, w], 1)),
+                                r"weight_hh_l1 must have shape \[4, 4\], got \[4, 8\]"),
+    "bias_ih_l1_reverse-shape": (False, _weight(14, lambda b: b[:2]),
+                                 r"bias_ih_l1_reverse must have shape \[4\], got \[2\]"),
+    "bias_hh_l0-2d": (False, _weight(3, lambda b: b[None]),
+                      r"bias_hh_l0 must have shape \[4\], got \[1, 4\]"),
+    "weight_hh_l1_reverse-dtype": (False, _weight(13, lambda w: w.float()),
+                                   r"weight_hh_l1_reverse must have the same dtype as input "
+                                   r"\(Double\), got Float"),
+    "bias_ih_l0-dtype": (False, _weight(2, lambda b: b.half()),
+                         r"bias_ih_l0 must have the same dtype as input \(Double\), got Half"),
+    "hx-dtype": (False, _set("hx", lambda h: h.float()),
+                 r"hx must have the same dtype as input \(Double\), got Float"),
+    "hx-layers": (False, _set("hx", lambda h: h[:3]), r"hx must have shape \[4, 3, 4\], got \[3, 3, 4\]"),
+    "hx-batch": (False, _set("hx", lambda h: h[:, :2]), r"hx must have shape \[4, 3, 4\], got \[4, 2, 4\]"),
+    "hx-hidden": (False, _set("hx", lambda h: torch.cat([h, h], 2)),
+                  r"hx must have shape \[4, 3, 4\], got \[4, 3, 8\]"),
+    "packed-hx-batch": (True, _set("hx", lambda h: h[:, :2]), r"hx must have shape \[4, 3, 4\]"),
+    # a meta tensor among CPU tensors: the fake kernel answers (fastrnn/ops.py)
+    "hx-meta": (False, _set("hx", lambda h: h.to("meta")), "hx must be on the same device as input"),
+    "bias_hh_l1_reverse-meta": (False, _weight(15, lambda b: b.to("meta")),
+                                "bias_hh_l1_reverse must be on the same device as input"),
+    "batch_sizes-meta": (True, _set("batch_sizes", lambda b: b.to("meta")),
+                         "batch_sizes must be a 1-D int64 CPU tensor"),
+    "batch_sizes-dtype": (True, _set("batch_sizes", lambda b: b.double()),
+                          "batch_sizes must be a 1-D int64 CPU tensor"),
+    "batch_sizes-2d": (True, _set("batch_sizes", lambda b: b[None]),
+                       "batch_sizes must be a 1-D int64 CPU tensor"),
+    "batch_sizes-zero": (True, _set("batch_sizes", torch.tensor([3, 3, 2, 0])),
+                         r"batch_sizes must be positive, got batch_sizes\[3\] = 0"),
+    "batch_sizes-increasing": (True, _set("batch_sizes", torch.tensor([2, 3, 2, 1])),
+                               r"batch_sizes must be non-increasing, got batch_sizes\[1\] = 3 after 2"),
+    "batch_sizes-sum-too-big": (True, _set("batch_sizes", lambda b: b + 1),
+                                r"input has \d+ rows but batch_sizes sums to more \(\d+ \+ \d+ by "
+                                r"batch_sizes\[\d\]\)"),
+    "batch_sizes-sum-too-small": (True, _set("batch_sizes", lambda b: b[:-1]),
+                                  r"input has \d+ rows but batch_sizes sums to \d+$"),
 }
 
+BAD_CASE = BASE.replace(num_layers=2, bidirectional=True)
+ARG_NAMES = ["input", "hx", "weights", "has_biases", "num_layers", "dropout", "train",
+             "bidirectional", "nonlinearity", "batch_sizes"]
 
-@pytest.mark.parametrize("name", BAD_ARGUMENTS)
-def test_bad_arguments_name_the_problem(name):
-    packed, mutate, match = BAD_ARGUMENTS[name]
-    args, kw = make_args(False, False, packed, True, requires_grad=False)
-    args = list(args)
-    mutate(args)
+
+def named_args(packed):
+    args = op_inputs(BAD_CASE.replace(packed=packed))
+    return dict(zip(ARG_NAMES, args.raw())), args
+
+
+@pytest.mark.parametrize("name", list(BAD_FORWARD))
+def test_forward_bad_arguments_name_the_problem(name):
+    packed, mutate, match = BAD_FORWARD[name]
+    a, _ = named_args(packed)
+    mutate(a)
     with pytest.raises(RuntimeError, match=match) as info:
-        fastrnn.elman(*args, **kw)
-    assert info.value.args[0].startswith("fastrnn::elman_forward: ")
+        RNN(*a.values())
+    assert str(info.value).startswith("fastrnn::rnn: "), str(info.value)
+
+
+BAD_BACKWARD = {
+    # name: (packed?, mutation of the backward's arguments, message)
+    "output-shape": (False, _set("output", lambda o: o[:, :, :4]),
+                     r"output must have shape \[4, 3, 8\], got \[4, 3, 4\]"),
+    "output-None": (False, _set("output", None), "output must be a tensor, got None"),
+    "output-dtype": (False, _set("output", lambda o: o.float()),
+                     r"output must have the same dtype as input \(Double\), got Float"),
+    "grad_output-rows": (True, _set("grad_output", lambda g: g[:5]),
+                         r"grad_output must have shape \[\d+, 8\], got \[5, 8\]"),
+    "grad_output-None": (False, _set("grad_output", None), "grad_output must be a tensor, got None"),
+    "grad_output-dtype": (False, _set("grad_output", lambda g: g.bfloat16()),
+                          r"grad_output must have the same dtype as input \(Double\), got BFloat16"),
+    "reserve-size": (False, _set("reserve", lambda r: r[1:]), r"reserve must have shape \[\d+\]"),
+    "reserve-masks-missing": (False, _set("train", True), r"reserve must have shape \[\d+\]"),
+    "reserve-None": (False, _set("reserve", None), "reserve must be a tensor, got None"),
+    "reserve-dtype": (False, _set("reserve", lambda r: r.float()),
+                      r"reserve must have the same dtype as input \(Double\), got Float"),
+    "grad_h_n-shape": (False, _set("grad_h_n", lambda g: g[:2]),
+                       r"grad_h_n must have shape \[4, 3, 4\], got \[2, 3, 4\]"),
+    "reserve-meta": (False, _set("reserve", lambda r: r.to("meta")),
+                     "reserve must be on the same device as input"),
+    "grad_h_n-None": (False, _set("grad_h_n", None), "grad_h_n must be a tensor, got None"),
+    "grad_h_n-dtype": (False, _set("grad_h_n", lambda g: g.float()),
+                       r"grad_h_n must have the same dtype as input \(Double\), got Float"),
+    # the forward's checks run in the backward too
+    "hx-shape": (False, _set("hx", lambda h: h[:, :2]), r"hx must have shape \[4, 3, 4\]"),
+    "weight_ih_l1_reverse-shape": (False, _weight(12, lambda w: w[:, :2]),
+                                   r"weight_ih_l1_reverse must have shape \[4, 8\]"),
+    "nonlinearity": (False, _set("nonlinearity", "gelu"), "unknown nonlinearity 'gelu'"),
+    "batch_sizes-increasing": (True, _set("batch_sizes", torch.tensor([2, 3, 2, 1])),
+                               "batch_sizes must be non-increasing"),
+}
+BWD_NAMES = ARG_NAMES + ["output", "reserve", "grad_output", "grad_h_n", "need_input_grad",
+                         "need_weight_grad"]
+
+
+@pytest.mark.parametrize("name", list(BAD_BACKWARD))
+def test_backward_bad_arguments_name_the_problem(name):
+    packed, mutate, match = BAD_BACKWARD[name]
+    # dropout 0.5 without training: flipping train to True makes the reserve too small
+    case = BAD_CASE.replace(packed=packed, dropout=0.5, train=False)
+    _, bwd = backward_args(case, True, True)
+    a = dict(zip(BWD_NAMES, bwd))
+    mutate(a)
+    with pytest.raises(RuntimeError, match=match) as info:
+        RNN_BACKWARD(*a.values())
+    assert str(info.value).startswith("fastrnn::rnn_backward: "), str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Autocast on the raw op
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_autocast_raw_op(dtype):
+    """Under CPU autocast the op (torch.ops.fastrnn.rnn and fastrnn.rnn) runs in the
+    autocast dtype: outputs in it, close to the float32 reference; float32 leaves get
+    float32 gradients; float64 is not autocast."""
+    case = BASE.replace(num_layers=2, bidirectional=True, packed=True, dtype=torch.float32)
+    args = op_inputs(case, requires_grad=True)
+    ref_out, ref_h = args.reference()
+    with torch.autocast("cpu", dtype=dtype):
+        out, h_n, reserve = args.call()
+        out2, h2 = fastrnn.rnn(args.input, args.hx, args.weights, num_layers=2,
+                               bidirectional=True, batch_sizes=args.batch_sizes)
+    assert out.dtype == h_n.dtype == reserve.dtype == out2.dtype == h2.dtype == dtype
+    assert torch.equal(out, out2) and torch.equal(h_n, h2)
+    torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(h_n.float(), ref_h, atol=3e-2, rtol=3e-2)
+    assert not torch.equal(out.float(), ref_out)  # it really ran in reduced precision
+    grads = torch.autograd.grad(out.float().sum() + h_n.float().sum(), args.leaves())
+    assert all(g.dtype == torch.float32 for g in grads)
+
+    args64 = op_inputs(case.replace(dtype=torch.float64))
+    with torch.autocast("cpu", dtype=dtype):
+        out64, h64, _ = args64.call()
+    assert out64.dtype == h64.dtype == torch.float64
+    # autocast disabled inside an enabled region: float32 again
+    with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast("cpu", enabled=False):
+            assert args.call()[0].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile arguments to the raw ops, in a child process (tests/hostile_ops_child.py)
+# ---------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Known bugs: (reason) by case name; strict, so that a fix is noticed.
+HOSTILE_BUGS = {}
+
+
+def run_hostile_children(names, **extra_env):
+    """Runs the cases in child processes; a case during which the child died is 'crashed'
+    and the rest are run again in a fresh child."""
+    env = dict(os.environ)
+    # The child must import the very fastrnn this process imported (in place or installed).
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(fastrnn.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root, HERE, env.get("PYTHONPATH", "")])
+    env.update(extra_env)
+    results, remaining = {}, list(names)
+    while remaining:
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "hostile_ops_child.py"), *remaining],
+                              capture_output=True, text=True, timeout=600, env=env)
+        running = None
+        for line in proc.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            if record.get("status") == "start":
+                running = record["case"]
+            else:
+                results[record["case"]] = record
+                running = None
+        if proc.returncode != 0:
+            crashed = running or next(n for n in remaining if n not in results)
+            results[crashed] = {"outcome": "crashed", "returncode": proc.returncode,
+                                "stderr": proc.stderr[-3000:]}
+        remaining = [n for n in remaining if n not in results]
+    return results
+
+
+@pytest.fixture(scope="module")
+def hostile_results():
+    return run_hostile_children(list(hostile_ops_child.CASES))
+
+
+def _hostile_params():
+    for name in hostile_ops_child.CASES:
+        marks = ()
+        if name in HOSTILE_BUGS:
+            marks = pytest.mark.xfail(strict=True, reason=HOSTILE_BUGS[name])
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", list(_hostile_params()))
+def test_hostile_arguments(name, hostile_results):
+    kind, argument, _ = hostile_ops_child.CASES[name]
+    r = hostile_results[name]
+    assert r["outcome"] != "crashed", f"the child process died (rc {r['returncode']}): {r['stderr']}"
+    if kind == "parity":
+        assert r["outcome"] == "checked" and r["ok"], r
+        return
+    assert r["outcome"] == "raised", f"returned instead of raising: {r}"
+    assert "RuntimeError" in r["mro"] or "ValueError" in r["mro"], r
+    assert r["type"] != "NotImplementedError", r
+    names = (argument,) if isinstance(argument, str) else argument
+    assert any(re.search(rf"\b{n}\b", r["message"]) for n in names), (names, r["message"])
+    op = "rnn" if name.startswith("forward/") else "rnn_backward"
+    if kind == "binding":  # torch's argument parser: "fastrnn::rnn() Expected a value ..."
+        assert r["message"].startswith(f"fastrnn::{op}() "), r["message"]
+    else:
+        assert r["message"].startswith(f"fastrnn::{op}: "), r["message"]
+
+
+def test_hostile_child_reports_a_crash():
+    """The harness itself: a child that dies mid-case (here by abort()) gets that case
+    reported as crashed, and the cases after it still run, in a fresh child."""
+    names = ["forward/hx-2d", "selftest/abort", "forward/hx-batch"]
+    results = run_hostile_children(names, FASTRNN_HOSTILE_SELFTEST="1")
+    assert set(results) == set(names)
+    assert results["selftest/abort"]["outcome"] == "crashed"
+    assert results["selftest/abort"]["returncode"] != 0
+    assert results["forward/hx-2d"]["outcome"] == results["forward/hx-batch"]["outcome"] == "raised"

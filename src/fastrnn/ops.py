@@ -120,12 +120,32 @@ class _Args:
 # torch.export). The device kernels own the argument checks and their
 # messages; the few checks here are the ones a shape computation needs, and
 # the device check: with one meta tensor among CPU tensors the Meta key wins
-# dispatch, and returning meta "results" for CPU inputs would be wrong.
-def _check_devices(op, input, tensors):
-    for t in tensors:
+# dispatch, and returning meta "results" for CPU inputs would be wrong (nor
+# may batch_sizes be a meta tensor: CPU "results" of garbage).
+def _weight_names(count, has_biases, num_layers, bidirectional):
+    """The flat weights' names as csrc/checks.h (param_name) gives them: weight_ih_l0, ..."""
+    directions = 2 if bidirectional else 1
+    per_cell = max(count // max(num_layers * directions, 1), 1)
+    kinds = (("weight_ih", "weight_hh", "bias_ih", "bias_hh") if has_biases
+             else ("weight_ih", "weight_hh")) + ("weight_hr",)
+    return [f"{kinds[i % per_cell]}_l{i // per_cell // directions}"
+            f"{'_reverse' if i // per_cell % directions else ''}" for i in range(count)]
+
+
+def _check_devices(op, input, named, batch_sizes):
+    """named: (name, tensor) pairs. The device kernels' messages (csrc/checks.h)."""
+    for name, t in named:
         if t.device != input.device:
-            raise RuntimeError(f"{op}: every tensor must be on the device of input "
-                               f"({input.device}), got one on {t.device}")
+            raise RuntimeError(f"{op}: {name} must be on the same device as input")
+    if batch_sizes is not None and batch_sizes.device.type != "cpu":
+        raise RuntimeError(f"{op}: batch_sizes must be a 1-D int64 CPU tensor")
+
+
+def _named(a: "_Args"):
+    states = zip(("hx", "cx"), a.states)
+    weights = zip(_weight_names(len(a.weights), a.config[0], a.num_layers, a.bidirectional),
+                  a.weights)
+    return [*states, *weights]
 
 
 def _reserve_size(name, a: _Args):
@@ -151,7 +171,7 @@ def _register_fakes(name):
     @torch.library.register_fake(op)
     def forward_fake(*args):
         a = _Args(name, args)
-        _check_devices(op, a.input, [*a.states, *a.weights])
+        _check_devices(op, a.input, _named(a), a.batch_sizes)
         reserve = a.input.new_empty(_reserve_size(name, a))
         width = (2 if a.bidirectional else 1) * a.states[0].shape[2]
         output = a.input.new_empty((*a.input.shape[:-1], width))
@@ -165,7 +185,9 @@ def _register_fakes(name):
     def backward_fake(*args):
         need_input_grad, need_weight_grad = args[-2:]
         a = _Args(name, args[:-tail])
-        _check_devices(f"{op}_backward", a.input, [*a.states, *a.weights, *args[-tail:-2]])
+        tail_names = ("output", "reserve", "grad_output", "grad_h_n", "grad_c_n")
+        _check_devices(f"{op}_backward", a.input, [*_named(a), *zip(tail_names, args[-tail:-2])],
+                       a.batch_sizes)
         grad_input = a.input.new_empty(a.input.shape if need_input_grad else (0,))
         grad_weights = [w.new_empty(w.shape if need_weight_grad else (0,)) for w in a.weights]
         return (grad_input, *(s.new_empty(s.shape) for s in a.states), grad_weights)
@@ -227,23 +249,27 @@ def _register_autograd(name):
 _autocast_lib = torch.library.Library("fastrnn", "IMPL")
 
 
+def _autocast_kernel(op, device_type):
+    def cast(value, dtype):
+        if isinstance(value, list):
+            return [cast(v, dtype) for v in value]
+        if (isinstance(value, Tensor) and value.is_floating_point()
+                and value.device.type == device_type and value.dtype != torch.float64):
+            return value.to(dtype)
+        return value
+
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return op(*(cast(a, dtype) for a in args))
+
+    return kernel
+
+
 def _register_autocast(name):
     op = getattr(_ops, name).default
     for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
-        def cast(value, dtype, device_type=device_type):
-            if isinstance(value, list):
-                return [cast(v, dtype) for v in value]
-            if (isinstance(value, Tensor) and value.is_floating_point()
-                    and value.device.type == device_type and value.dtype != torch.float64):
-                return value.to(dtype)
-            return value
-
-        def kernel(*args, device_type=device_type, cast=cast):
-            dtype = torch.get_autocast_dtype(device_type)
-            with torch.autocast(device_type, enabled=False):
-                return op(*(cast(a, dtype) for a in args))
-
-        _autocast_lib.impl(name, kernel, key)
+        _autocast_lib.impl(name, _autocast_kernel(op, device_type), key)
 
 
 for _name in _STATES:

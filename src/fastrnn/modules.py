@@ -13,7 +13,7 @@ must compile with fullgraph=True.
 """
 
 import warnings
-from typing import Optional
+from typing import Optional, Tuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,19 @@ class RNN(nn.RNNBase):
         # print(model) tells a converted model from the original.
         return "fastrnn.RNN"
 
-    def forward(self, input, hx: Optional[Tensor] = None):
+    # TorchScript compiles forward once per overload, as for torch.nn.RNN.
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        pass
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: PackedSequence,
+                hx: Optional[Tensor] = None) -> Tuple[PackedSequence, Tensor]:
+        pass
+
+    def forward(self, input, hx=None):
         # The input handling mirrors torch.nn.RNN.forward so that shapes,
         # defaults and error messages are the same.
         if not torch.compiler.is_compiling():
@@ -82,9 +94,10 @@ class RNN(nn.RNNBase):
             input, batch_sizes, sorted_indices, unsorted_indices = input
             # The same number as batch_sizes[0], but known without reading data
             # when the sequence was sorted by pack_*(enforce_sorted=False).
-            max_batch_size = (
-                sorted_indices.numel() if sorted_indices is not None else int(batch_sizes[0])
-            )
+            if sorted_indices is not None:
+                max_batch_size = sorted_indices.numel()
+            else:
+                max_batch_size = int(batch_sizes[0])
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
             if input.dim() not in (2, 3):
@@ -118,15 +131,9 @@ class RNN(nn.RNNBase):
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_input(input, batch_sizes)
         expected_hidden_size = (self.num_layers * num_directions, max_batch_size, self.hidden_size)
-        if torch.compiler.is_compiling() and batch_sizes is not None:
+        if not torch.jit.is_scripting() and torch.compiler.is_compiling() and batch_sizes is not None:
             # max_batch_size may be data-dependent here: assert instead of guarding.
-            torch._check(
-                hx.dim() == 3
-                and hx.size(0) == expected_hidden_size[0]
-                and hx.size(1) == expected_hidden_size[1]
-                and hx.size(2) == expected_hidden_size[2],
-                lambda: "hx does not have the expected size (num_layers * num_directions, batch, hidden_size)",
-            )
+            _check_hidden_size_compiling(hx, expected_hidden_size)
         else:
             self.check_hidden_size(hx, expected_hidden_size)
 
@@ -135,7 +142,10 @@ class RNN(nn.RNNBase):
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
             if self.batch_first:
                 input = input.transpose(0, 1)
-        output, hidden = self._run_layers(input, hx, batch_sizes)
+        if torch.jit.is_scripting():
+            output, hidden = self._run_scripted(input, hx, batch_sizes)
+        else:
+            output, hidden = self._run_layers(input, hx, batch_sizes)
 
         if isinstance(orig_input, PackedSequence):
             packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -167,6 +177,24 @@ class RNN(nn.RNNBase):
         return _rnn(input, hx, weights, num_layers=self.num_layers,
                     bidirectional=self.bidirectional, nonlinearity=self.nonlinearity,
                     dropout=self.dropout, train=self.training, batch_sizes=batch_sizes)
+
+    def _run_scripted(self, input: Tensor, hx: Tensor,
+                      batch_sizes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """_run_layers under TorchScript: the same op call; the op checks devices and dtypes."""
+        output, h_n, _ = torch.ops.fastrnn.rnn(
+            input, hx, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
+            self.training, self.bidirectional, self.nonlinearity, batch_sizes)
+        return output, h_n
+
+
+def _check_hidden_size_compiling(hx: Tensor, expected_hidden_size):
+    torch._check(
+        hx.dim() == 3
+        and hx.size(0) == expected_hidden_size[0]
+        and hx.size(1) == expected_hidden_size[1]
+        and hx.size(2) == expected_hidden_size[2],
+        lambda: "hx does not have the expected size (num_layers * num_directions, batch, hidden_size)",
+    )
 
 
 def convert(module: nn.Module) -> nn.Module:

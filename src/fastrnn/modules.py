@@ -10,6 +10,11 @@ per-step ops, and one call of ``fastrnn::rnn_backward`` in backward.
 It is deliberately not a subclass of torch.nn.RNN: torch.compile refuses to
 trace anything that is an instance of torch.nn.RNN/GRU/LSTM, and fastrnn.RNN
 must compile with fullgraph=True.
+
+Deployment: torch.jit.script compiles forward (once per input type, as for
+torch.nn.RNN) into the same op call; torch.jit.trace and torch.export record
+the op; torch.onnx.export goes through fastrnn/onnx.py, which is imported only
+when a model is traced, exported or scripted.
 """
 
 import warnings
@@ -68,6 +73,13 @@ class RNN(nn.RNNBase):
         # print(model) tells a converted model from the original.
         return "fastrnn.RNN"
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this. A scripted model may go on to the
+        # TorchScript-based ONNX exporter, which needs fastrnn::rnn's symbolic.
+        from . import onnx  # noqa: F401
+
+        return self
+
     # TorchScript compiles forward once per overload, as for torch.nn.RNN.
     @overload
     @torch._jit_internal._overload_method
@@ -96,6 +108,10 @@ class RNN(nn.RNNBase):
             # when the sequence was sorted by pack_*(enforce_sorted=False).
             if sorted_indices is not None:
                 max_batch_size = sorted_indices.numel()
+            elif not torch.jit.is_scripting() and torch.jit.is_tracing():
+                # A trace records int() as a constant; the tensor keeps h0's batch
+                # dynamic (the ONNX exporter rewrites it), as in torch.nn.RNN.
+                max_batch_size = batch_sizes[0]
             else:
                 max_batch_size = int(batch_sizes[0])
         else:
@@ -174,9 +190,12 @@ class RNN(nn.RNNBase):
                 "mat1 and mat2 must have the same dtype, but got "
                 f"{_dtype_name(hx.dtype)} and {_dtype_name(weights[0].dtype)}"
             )
-        return _rnn(input, hx, weights, num_layers=self.num_layers,
-                    bidirectional=self.bidirectional, nonlinearity=self.nonlinearity,
-                    dropout=self.dropout, train=self.training, batch_sizes=batch_sizes)
+        rnn = _rnn
+        if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
+            rnn = _recording_rnn()
+        return rnn(input, hx, weights, num_layers=self.num_layers,
+                   bidirectional=self.bidirectional, nonlinearity=self.nonlinearity,
+                   dropout=self.dropout, train=self.training, batch_sizes=batch_sizes)
 
     def _run_scripted(self, input: Tensor, hx: Tensor,
                       batch_sizes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -195,6 +214,16 @@ def _check_hidden_size_compiling(hx: Tensor, expected_hidden_size):
         and hx.size(2) == expected_hidden_size[2],
         lambda: "hx does not have the expected size (num_layers * num_directions, batch, hidden_size)",
     )
+
+
+def _recording_rnn():
+    """The op's wrapper for a model being traced (torch.jit.trace) or exported
+    (torch.export): either may be torch.onnx.export at work, which needs fastrnn.onnx."""
+    from . import onnx  # importing it registers the TorchScript-based exporter's symbolic
+
+    if torch.compiler.is_exporting() and onnx.exporting():
+        return onnx.rnn
+    return _rnn
 
 
 def convert(module: nn.Module) -> nn.Module:

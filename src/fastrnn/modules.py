@@ -1,4 +1,4 @@
-"""fastrnn.RNN, the drop-in torch.nn.RNN, and convert().
+"""fastrnn.RNN, the drop-in torch.nn.RNN, and convert() / revert().
 
 fastrnn.RNN is built on torch.nn.RNNBase, like torch.nn.RNN itself, with
 torch.nn.RNN's constructor: parameters, state_dict, repr, argument checks,
@@ -246,4 +246,18 @@ def convert(module: nn.Module) -> nn.Module:
     if skipped:
         warnings.warn("fastrnn.convert left these as they are (fastrnn converts torch.nn.RNN "
                       "only): " + ", ".join(skipped), stacklevel=2)
+    return module
+
+
+def revert(module: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert`: turns every fastrnn.RNN inside ``module``
+    (``module`` itself included) back into a torch.nn.RNN, in place, and returns
+    ``module``, for tools that know torch.nn.RNN only.
+
+    As with convert, the modules keep their identity, parameters (the same
+    Parameter objects), buffers and settings. Subclasses of fastrnn.RNN are left alone.
+    """
+    for sub in module.modules():
+        if type(sub) is RNN:
+            sub.__class__ = nn.RNN
     return module

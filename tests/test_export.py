@@ -275,6 +275,12 @@ def test_script_matches_eager(c):
             torch.testing.assert_close(a, e, **TOL[torch.float32])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("c", [c for c in GRID if c not in PAIRWISE], ids=Config.id)
+def test_script_matches_eager_whole_grid(c):
+    test_script_matches_eager(c)
+
+
 @pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
 def test_script_packed(enforce_sorted):
     c = Config(2, True, True, "tanh", True, True)
@@ -354,6 +360,12 @@ def check_torch_export(c, strict):
 
 @pytest.mark.parametrize("c", PAIRWISE, ids=Config.id)
 def test_torch_export_dynamic_batch_and_time(c):
+    check_torch_export(c, strict=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", [c for c in GRID if c not in PAIRWISE], ids=Config.id)
+def test_torch_export_whole_grid(c):
     check_torch_export(c, strict=False)
 
 

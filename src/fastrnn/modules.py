@@ -1,4 +1,4 @@
-"""fastrnn.RNN, the drop-in torch.nn.RNN, and convert().
+"""fastrnn.RNN, the drop-in torch.nn.RNN, and convert() / revert().
 
 fastrnn.RNN is built on torch.nn.RNNBase, like torch.nn.RNN itself, with
 torch.nn.RNN's constructor: parameters, state_dict, repr, argument checks,
@@ -10,10 +10,15 @@ per-step ops, and one call of ``fastrnn::rnn_backward`` in backward.
 It is deliberately not a subclass of torch.nn.RNN: torch.compile refuses to
 trace anything that is an instance of torch.nn.RNN/GRU/LSTM, and fastrnn.RNN
 must compile with fullgraph=True.
+
+Deployment: torch.jit.script compiles forward (once per input type, as for
+torch.nn.RNN) into the same op call; torch.jit.trace and torch.export record
+the op; torch.onnx.export goes through fastrnn/onnx.py, which is imported only
+when a model is traced, exported or scripted.
 """
 
 import warnings
-from typing import Optional
+from typing import Optional, Tuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +73,26 @@ class RNN(nn.RNNBase):
         # print(model) tells a converted model from the original.
         return "fastrnn.RNN"
 
-    def forward(self, input, hx: Optional[Tensor] = None):
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this. A scripted model may go on to the
+        # TorchScript-based ONNX exporter, which needs fastrnn::rnn's symbolic.
+        from . import onnx  # noqa: F401
+
+        return self
+
+    # TorchScript compiles forward once per overload, as for torch.nn.RNN.
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        pass
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: PackedSequence,
+                hx: Optional[Tensor] = None) -> Tuple[PackedSequence, Tensor]:
+        pass
+
+    def forward(self, input, hx=None):
         # The input handling mirrors torch.nn.RNN.forward so that shapes,
         # defaults and error messages are the same.
         if not torch.compiler.is_compiling():
@@ -82,9 +106,14 @@ class RNN(nn.RNNBase):
             input, batch_sizes, sorted_indices, unsorted_indices = input
             # The same number as batch_sizes[0], but known without reading data
             # when the sequence was sorted by pack_*(enforce_sorted=False).
-            max_batch_size = (
-                sorted_indices.numel() if sorted_indices is not None else int(batch_sizes[0])
-            )
+            if sorted_indices is not None:
+                max_batch_size = sorted_indices.numel()
+            elif not torch.jit.is_scripting() and torch.jit.is_tracing():
+                # A trace records int() as a constant; the tensor keeps h0's batch
+                # dynamic (the ONNX exporter rewrites it), as in torch.nn.RNN.
+                max_batch_size = batch_sizes[0]
+            else:
+                max_batch_size = int(batch_sizes[0])
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
             if input.dim() not in (2, 3):
@@ -118,15 +147,9 @@ class RNN(nn.RNNBase):
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_input(input, batch_sizes)
         expected_hidden_size = (self.num_layers * num_directions, max_batch_size, self.hidden_size)
-        if torch.compiler.is_compiling() and batch_sizes is not None:
+        if not torch.jit.is_scripting() and torch.compiler.is_compiling() and batch_sizes is not None:
             # max_batch_size may be data-dependent here: assert instead of guarding.
-            torch._check(
-                hx.dim() == 3
-                and hx.size(0) == expected_hidden_size[0]
-                and hx.size(1) == expected_hidden_size[1]
-                and hx.size(2) == expected_hidden_size[2],
-                lambda: "hx does not have the expected size (num_layers * num_directions, batch, hidden_size)",
-            )
+            _check_hidden_size_compiling(hx, expected_hidden_size)
         else:
             self.check_hidden_size(hx, expected_hidden_size)
 
@@ -135,7 +158,10 @@ class RNN(nn.RNNBase):
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
             if self.batch_first:
                 input = input.transpose(0, 1)
-        output, hidden = self._run_layers(input, hx, batch_sizes)
+        if torch.jit.is_scripting():
+            output, hidden = self._run_scripted(input, hx, batch_sizes)
+        else:
+            output, hidden = self._run_layers(input, hx, batch_sizes)
 
         if isinstance(orig_input, PackedSequence):
             packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -164,9 +190,40 @@ class RNN(nn.RNNBase):
                 "mat1 and mat2 must have the same dtype, but got "
                 f"{_dtype_name(hx.dtype)} and {_dtype_name(weights[0].dtype)}"
             )
-        return _rnn(input, hx, weights, num_layers=self.num_layers,
-                    bidirectional=self.bidirectional, nonlinearity=self.nonlinearity,
-                    dropout=self.dropout, train=self.training, batch_sizes=batch_sizes)
+        rnn = _rnn
+        if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
+            rnn = _recording_rnn()
+        return rnn(input, hx, weights, num_layers=self.num_layers,
+                   bidirectional=self.bidirectional, nonlinearity=self.nonlinearity,
+                   dropout=self.dropout, train=self.training, batch_sizes=batch_sizes)
+
+    def _run_scripted(self, input: Tensor, hx: Tensor,
+                      batch_sizes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """_run_layers under TorchScript: the same op call; the op checks devices and dtypes."""
+        output, h_n, _ = torch.ops.fastrnn.rnn(
+            input, hx, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
+            self.training, self.bidirectional, self.nonlinearity, batch_sizes)
+        return output, h_n
+
+
+def _check_hidden_size_compiling(hx: Tensor, expected_hidden_size):
+    torch._check(
+        hx.dim() == 3
+        and hx.size(0) == expected_hidden_size[0]
+        and hx.size(1) == expected_hidden_size[1]
+        and hx.size(2) == expected_hidden_size[2],
+        lambda: "hx does not have the expected size (num_layers * num_directions, batch, hidden_size)",
+    )
+
+
+def _recording_rnn():
+    """The op's wrapper for a model being traced (torch.jit.trace) or exported
+    (torch.export): either may be torch.onnx.export at work, which needs fastrnn.onnx."""
+    from . import onnx  # importing it registers the TorchScript-based exporter's symbolic
+
+    if torch.compiler.is_exporting() and onnx.exporting():
+        return onnx.rnn
+    return _rnn
 
 
 def convert(module: nn.Module) -> nn.Module:
@@ -189,4 +246,18 @@ def convert(module: nn.Module) -> nn.Module:
     if skipped:
         warnings.warn("fastrnn.convert left these as they are (fastrnn converts torch.nn.RNN "
                       "only): " + ", ".join(skipped), stacklevel=2)
+    return module
+
+
+def revert(module: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert`: turns every fastrnn.RNN inside ``module``
+    (``module`` itself included) back into a torch.nn.RNN, in place, and returns
+    ``module``, for tools that know torch.nn.RNN only.
+
+    As with convert, the modules keep their identity, parameters (the same
+    Parameter objects), buffers and settings. Subclasses of fastrnn.RNN are left alone.
+    """
+    for sub in module.modules():
+        if type(sub) is RNN:
+            sub.__class__ = nn.RNN
     return module

@@ -452,13 +452,18 @@ def test_convert_in_place_keeps_parameters():
     assert fastrnn.convert(nn.RNN(2, 3)).__class__ is fastrnn.RNN
 
 
-def test_convert_leaves_other_modules_alone():
+def test_convert_swaps_every_recurrent_module_but_subclasses():
     class MyRNN(nn.RNN):
         pass
 
-    model = nn.Sequential(MyRNN(2, 3), nn.LSTM(2, 3), nn.GRU(2, 3))
+    class MyLSTM(nn.LSTM):
+        pass
+
+    model = nn.Sequential(MyRNN(2, 3), nn.LSTM(2, 3), nn.GRU(2, 3), MyLSTM(2, 3), nn.Linear(2, 3))
     fastrnn.convert(model)
-    assert [type(m) for m in model] == [MyRNN, nn.LSTM, nn.GRU]
+    assert [type(m) for m in model] == [MyRNN, fastrnn.LSTM, fastrnn.GRU, MyLSTM, nn.Linear]
+    fastrnn.revert(model)
+    assert [type(m) for m in model] == [MyRNN, nn.LSTM, nn.GRU, MyLSTM, nn.Linear]
 
 
 def test_copies_pickle_and_save():

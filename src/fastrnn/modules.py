@@ -17,13 +17,14 @@ the op; torch.onnx.export goes through fastrnn/onnx.py, which is imported only
 when a model is traced, exported or scripted.
 """
 
-import warnings
-from typing import Optional, Tuple, overload
+from typing import List, Optional, Tuple, overload
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .ops import gru as _gru
+from .ops import lstm as _lstm
 from .ops import rnn as _rnn
 
 # c10's names of the dtypes, as torch's own messages spell them.
@@ -71,7 +72,7 @@ class RNN(nn.RNNBase):
 
     def _get_name(self):
         # print(model) tells a converted model from the original.
-        return "fastrnn.RNN"
+        return "fastrnn." + type(self).__name__
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this. A scripted model may go on to the
@@ -104,16 +105,7 @@ class RNN(nn.RNNBase):
 
         if isinstance(orig_input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices = input
-            # The same number as batch_sizes[0], but known without reading data
-            # when the sequence was sorted by pack_*(enforce_sorted=False).
-            if sorted_indices is not None:
-                max_batch_size = sorted_indices.numel()
-            elif not torch.jit.is_scripting() and torch.jit.is_tracing():
-                # A trace records int() as a constant; the tensor keeps h0's batch
-                # dynamic (the ONNX exporter rewrites it), as in torch.nn.RNN.
-                max_batch_size = batch_sizes[0]
-            else:
-                max_batch_size = int(batch_sizes[0])
+            max_batch_size = _packed_batch(batch_sizes, sorted_indices)
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
             if input.dim() not in (2, 3):
@@ -176,20 +168,7 @@ class RNN(nn.RNNBase):
     def _run_layers(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor]):
         """input: time-major [T, B, I] or packed [N, I]; hx: [L * D, B, H]."""
         weights = self._flat_weights
-        # torch.nn.RNN's device checks (check_attributes in aten's RNN.cpp), hidden first.
-        for what, tensors in (("hidden", [hx]), ("parameter", weights)):
-            for t in tensors:
-                if t.device != input.device:
-                    raise RuntimeError(
-                        f"Input and {what} tensors are not at the same device, found input "
-                        f"tensor at {input.device} and {what} tensor at {t.device}"
-                    )
-        if hx.dtype != weights[0].dtype and not _autocast_reconciles(hx, weights[0]):
-            # torch.nn.RNN reports this from its GEMM: the same words.
-            raise RuntimeError(
-                "mat1 and mat2 must have the same dtype, but got "
-                f"{_dtype_name(hx.dtype)} and {_dtype_name(weights[0].dtype)}"
-            )
+        _check_like_torch(input, [hx], weights)
         rnn = _rnn
         if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
             rnn = _recording_rnn()
@@ -204,6 +183,228 @@ class RNN(nn.RNNBase):
             input, hx, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
             self.training, self.bidirectional, self.nonlinearity, batch_sizes)
         return output, h_n
+
+
+class GRU(nn.RNNBase):
+    __doc__ = (
+        "Drop-in replacement for :class:`torch.nn.GRU`, computed by fastrnn's fused kernels.\n\n"
+        "Same constructor, parameters, inputs and outputs as torch.nn.GRU:\n\n" + (nn.GRU.__doc__ or "")
+    )
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    def _get_name(self):
+        return "fastrnn.GRU"
+
+    # TorchScript compiles forward once per overload, and its overloads must be
+    # declared in the class that defines forward: hence a forward per module,
+    # each mirroring torch.nn's own (messages included).
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        pass
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: PackedSequence,
+                hx: Optional[Tensor] = None) -> Tuple[PackedSequence, Tensor]:
+        pass
+
+    def forward(self, input, hx=None):
+        if not torch.compiler.is_compiling():
+            self._update_flat_weights()
+        num_directions = 2 if self.bidirectional else 1
+        orig_input = input
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = _packed_batch(batch_sizes, sorted_indices)
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(f"GRU: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                        )
+                    hx = hx.unsqueeze(1)
+            elif hx is not None and hx.dim() != 3:
+                raise RuntimeError(
+                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+                )
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+        if hx is None:
+            hx = torch.zeros(self.num_layers * num_directions, max_batch_size, self.hidden_size,
+                             dtype=input.dtype, device=input.device)
+        else:
+            hx = self.permute_hidden(hx, sorted_indices)
+        self.check_input(input, batch_sizes)
+        expected_hidden_size = (self.num_layers * num_directions, max_batch_size, self.hidden_size)
+        if not torch.jit.is_scripting() and torch.compiler.is_compiling() and batch_sizes is not None:
+            _check_hidden_size_compiling(hx, expected_hidden_size)
+        else:
+            self.check_hidden_size(hx, expected_hidden_size)
+        if batch_sizes is None and self.batch_first:
+            input = input.transpose(0, 1)
+        if torch.jit.is_scripting():
+            output, hidden, _ = torch.ops.fastrnn.gru(
+                input, hx, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
+                self.training, self.bidirectional, batch_sizes)
+        else:
+            _check_like_torch(input, [hx], self._flat_weights)
+            output, hidden = _gru(input, hx, self._flat_weights, num_layers=self.num_layers,
+                                  bidirectional=self.bidirectional, dropout=self.dropout,
+                                  train=self.training, batch_sizes=batch_sizes)
+        if isinstance(orig_input, PackedSequence):
+            packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return packed, self.permute_hidden(hidden, unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = hidden.squeeze(1)
+        return output, hidden
+
+
+class LSTM(nn.RNNBase):
+    __doc__ = (
+        "Drop-in replacement for :class:`torch.nn.LSTM`, computed by fastrnn's fused kernels.\n\n"
+        "Same constructor, parameters, inputs and outputs as torch.nn.LSTM:\n\n" + (nn.LSTM.__doc__ or "")
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    def _get_name(self):
+        return "fastrnn.LSTM"
+
+    # torch.nn.LSTM's own helpers: the cell state's expected size, both states'
+    # checks and their permutation.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        pass
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        pass
+
+    def forward(self, input, hx=None):
+        if not torch.compiler.is_compiling():
+            self._update_flat_weights()
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        orig_input = input
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = _packed_batch(batch_sizes, sorted_indices)
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            if hx is not None:
+                if is_batched:
+                    if hx[0].dim() != 3 or hx[1].dim() != 3:
+                        raise RuntimeError(
+                            "For batched 3-D input, hx and cx should also be 3-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                        )
+                else:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError(
+                            "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                        )
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        if hx is None:
+            h_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
+                                  real_hidden_size, dtype=input.dtype, device=input.device)
+            c_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
+                                  self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (h_zeros, c_zeros)
+        else:
+            hx = self.permute_hidden(hx, sorted_indices)
+        if not torch.jit.is_scripting() and torch.compiler.is_compiling() and batch_sizes is not None:
+            self.check_input(input, batch_sizes)
+            _check_hidden_size_compiling(
+                hx[0], (self.num_layers * num_directions, max_batch_size, real_hidden_size))
+            _check_hidden_size_compiling(
+                hx[1], (self.num_layers * num_directions, max_batch_size, self.hidden_size))
+        else:
+            self.check_forward_args(input, hx, batch_sizes)
+        if batch_sizes is None and self.batch_first:
+            input = input.transpose(0, 1)
+        if torch.jit.is_scripting():
+            output, h_n, c_n, _ = torch.ops.fastrnn.lstm(
+                input, hx[0], hx[1], self._flat_weights, self.bias, self.num_layers,
+                float(self.dropout), self.training, self.bidirectional, batch_sizes)
+            hidden = (h_n, c_n)
+        else:
+            _check_like_torch(input, [hx[0], hx[1]], self._flat_weights)
+            output, hidden = _lstm(input, hx, self._flat_weights, num_layers=self.num_layers,
+                                   bidirectional=self.bidirectional, dropout=self.dropout,
+                                   train=self.training, batch_sizes=batch_sizes)
+        if isinstance(orig_input, PackedSequence):
+            packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return packed, self.permute_hidden(hidden, unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, hidden
+
+
+def _packed_batch(batch_sizes: Tensor, sorted_indices: Optional[Tensor]):
+    """A packed sequence's batch: batch_sizes[0], but known without reading data when
+    the sequence was sorted by pack_*(enforce_sorted=False)."""
+    if sorted_indices is not None:
+        return sorted_indices.numel()
+    if not torch.jit.is_scripting() and torch.jit.is_tracing():
+        # A trace records int() as a constant; the tensor keeps h0's batch
+        # dynamic (the ONNX exporter rewrites it), as in torch.nn's modules.
+        return batch_sizes[0]
+    return int(batch_sizes[0])
+
+
+def _check_like_torch(input: Tensor, states: List[Tensor], weights: List[Tensor]):
+    """torch.nn's own errors for what the op would report in its words: devices
+    (check_attributes in aten's RNN.cpp, hidden first), then hidden vs weight dtypes
+    (which torch.nn reports from its GEMM)."""
+    for what, tensors in (("hidden", states), ("parameter", weights)):
+        for t in tensors:
+            if t.device != input.device:
+                raise RuntimeError(
+                    f"Input and {what} tensors are not at the same device, found input "
+                    f"tensor at {input.device} and {what} tensor at {t.device}"
+                )
+    hx = states[0]
+    if hx.dtype != weights[0].dtype and not _autocast_reconciles(hx, weights[0]):
+        raise RuntimeError(
+            "mat1 and mat2 must have the same dtype, but got "
+            f"{_dtype_name(hx.dtype)} and {_dtype_name(weights[0].dtype)}"
+        )
 
 
 def _check_hidden_size_compiling(hx: Tensor, expected_hidden_size):
@@ -226,38 +427,38 @@ def _recording_rnn():
     return _rnn
 
 
+# torch.nn's modules and their drop-ins.
+_DROP_INS = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}
+
+
 def convert(module: nn.Module) -> nn.Module:
-    """Turns every torch.nn.RNN inside ``module`` (``module`` itself included) into a
-    fastrnn.RNN, in place, and returns ``module``.
+    """Turns every torch.nn.RNN, torch.nn.LSTM and torch.nn.GRU inside ``module``
+    (``module`` itself included) into fastrnn's drop-in, in place, and returns
+    ``module``.
 
     The converted modules keep their identity, parameters (the same Parameter
     objects, so optimizers and hooks keep working), buffers and settings; only
-    the forward computation changes. Subclasses of torch.nn.RNN other than
-    fastrnn.RNN are left alone, as their forward may differ. Recurrent modules
-    fastrnn has no kernels for (torch.nn.LSTM, torch.nn.GRU) stay as they are,
-    with a warning naming them.
+    the forward computation changes. Subclasses of torch.nn's modules are left
+    alone, as their forward may differ.
     """
-    skipped = []
-    for name, sub in module.named_modules():
-        if type(sub) is nn.RNN:
-            sub.__class__ = RNN
-        elif isinstance(sub, (nn.LSTM, nn.GRU)):
-            skipped.append(f"{name or 'the module itself'} ({type(sub).__name__})")
-    if skipped:
-        warnings.warn("fastrnn.convert left these as they are (fastrnn converts torch.nn.RNN "
-                      "only): " + ", ".join(skipped), stacklevel=2)
+    for sub in module.modules():
+        drop_in = _DROP_INS.get(type(sub))
+        if drop_in is not None:
+            sub.__class__ = drop_in
     return module
 
 
 def revert(module: nn.Module) -> nn.Module:
-    """The inverse of :func:`convert`: turns every fastrnn.RNN inside ``module``
-    (``module`` itself included) back into a torch.nn.RNN, in place, and returns
-    ``module``, for tools that know torch.nn.RNN only.
+    """The inverse of :func:`convert`: turns every fastrnn.RNN, LSTM and GRU inside
+    ``module`` (``module`` itself included) back into torch.nn's module, in place,
+    and returns ``module``, for tools that know torch.nn's modules only.
 
     As with convert, the modules keep their identity, parameters (the same
-    Parameter objects), buffers and settings. Subclasses of fastrnn.RNN are left alone.
+    Parameter objects), buffers and settings. Subclasses are left alone.
     """
+    originals = {drop_in: original for original, drop_in in _DROP_INS.items()}
     for sub in module.modules():
-        if type(sub) is RNN:
-            sub.__class__ = nn.RNN
+        original = originals.get(type(sub))
+        if original is not None:
+            sub.__class__ = original
     return module

@@ -4,8 +4,8 @@ Each 28x28 image is read as a sequence of 28 rows of 28 pixels. The model is
 built once on torch.nn.RNN, and fastrnn.convert() turns a copy of it into the
 fastrnn model, so both start from identical weights. They train in lockstep on
 identical batches; every training step of one is timed right beside the same
-step of the other, so that a busy machine slows both alike and the speedup
-holds.
+step of the other, so that load coming and going on the machine hits both
+alike.
 
     python examples/mnist_rnn.py                          # tanh-2x256, 3 epochs
     python examples/mnist_rnn.py --preset relu-1x100
@@ -200,7 +200,7 @@ def main():
               "training steps took {:.1f} s and {:.1f} s\n".format(
                   epoch, accuracy[IMPLS[0]], accuracy[IMPLS[1]], seconds[IMPLS[0]], seconds[IMPLS[1]]))
 
-    # The two steps of a pair ran back to back, so load that comes and goes slows both alike;
+    # The two steps of a pair ran back to back, so load that comes and goes hits both alike;
     # the median of the pairs' ratios also sets aside the odd step that a burst of load hit.
     ratios = [t / f for t, f in zip(step_times[IMPLS[0]], step_times[IMPLS[1]])]
     print(f"Test accuracy: torch.nn.RNN {accuracy[IMPLS[0]]:.2f}%, fastrnn.RNN {accuracy[IMPLS[1]]:.2f}%")

@@ -12,6 +12,11 @@ would take more than --cpu-budget-gflop GFLOP are skipped (2 cores make them
 minutes long); the table says which. Columns: both times (median, and the
 spread min-max), the speedup, the fraction of the sgemm rate reached (CPU) or
 the microseconds per step per layer (CUDA), and peak forward+backward memory.
+
+The CPU results in benchmarks/results/ (tabled in benchmarks/RESULTS.md) come from
+
+    python benchmarks/bench.py --device cpu --budget-s 0.6 --json benchmarks/results/bench_cpu.json \
+        --csv benchmarks/results/bench_cpu.csv --plot benchmarks/results/bench_cpu_speedup.png
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""fastrnn.RNN vs torch.nn.RNN on the CPU, on the seed notebooks' shapes.
+"""fastrnn.RNN vs torch.nn.RNN on the CPU, on the MNIST example's shapes (examples/mnist_rnn.py).
 
 Both modules hold identical weights and see identical inputs; runs are
 interleaved (A B B A ...) after a warm-up, and medians are reported. The FLOP
@@ -33,7 +33,7 @@ def main():
     peak = sgemm_peak()
     rows = []
     for name, layers, nl, hidden, batch in SEED_SHAPES:
-        # batch_first, as the notebooks feed [batch, 28 rows, 28 pixels] images.
+        # batch_first, as the example feeds [batch, 28 rows, 28 pixels] images.
         ref, fast = twin_rnns(INPUT, hidden, layers, nl, batch_first=True)
         x = torch.randn(batch, T, INPUT)
         for backward in (True, False):

@@ -3,32 +3,28 @@
 A step is what examples/mnist_rnn.py does per batch: the whole model's forward
 (RNN and readout), cross-entropy, backward, gradient clipping where the preset
 clips, and the optimizer's step. Both models start from identical weights
-(the preset's initialisation) and see the same batch; steps run interleaved
-(A B, B A, ...) after a warm-up, and medians are reported. Timing one step side
-by side in one process is steadier on a shared machine than comparing the
-example's end-to-end runs, which are minutes apart.
+(the preset's initialisation) and see the same random batch, so no data is
+needed; steps run interleaved (A B, B A, ...) after a warm-up, and medians are
+reported. benchmarks/mnist_train.py times the same steps over whole training
+runs on MNIST.
 
     python benchmarks/mnist_step.py [--repeats N] [--device cpu|cuda] [--markdown FILE]
 """
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from harness import time_interleaved
-
 import fastrnn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import mnist_rnn  # noqa: E402  (the example's presets, model and optimizer)
+from harness import time_interleaved
+from mnist_model import INPUT_SIZE, NUM_CLASSES, PRESETS, SEQ_LEN, initial_model, make_optimizer
 
 
 def training_step(model, hp, x, y):
-    opt, _ = mnist_rnn.make_optimizer(model, hp, total_steps=1)
+    opt, _ = make_optimizer(model, hp, total_steps=1)
     params = list(model.parameters())
 
     def step():
@@ -49,14 +45,14 @@ def main():
     args = parser.parse_args()
 
     rows = []
-    for name, preset in mnist_rnn.PRESETS.items():
+    for name, preset in PRESETS.items():
         hp = dict(preset)
-        base = mnist_rnn.initial_model(hp, seed=0)
+        base = initial_model(hp, seed=0)
         ref = copy.deepcopy(base).to(args.device)
         fast = fastrnn.convert(copy.deepcopy(base)).to(args.device)
         b = hp["batch_size"]
-        x = torch.randn(b, mnist_rnn.SEQ_LEN, mnist_rnn.INPUT_SIZE, device=args.device)
-        y = torch.randint(0, mnist_rnn.NUM_CLASSES, (b,), device=args.device)
+        x = torch.randn(b, SEQ_LEN, INPUT_SIZE, device=args.device)
+        y = torch.randint(0, NUM_CLASSES, (b,), device=args.device)
         ref_t, fast_t = time_interleaved(
             [training_step(ref, hp, x, y), training_step(fast, hp, x, y)],
             device=args.device, repeats=args.repeats, warmup=5,

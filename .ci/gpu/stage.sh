@@ -3,13 +3,14 @@
 # root, with dist/ (built here by .ci/gpu/wheel.sh) carried along:
 #   bash .ci/gpu/stage.sh 1    the test suite's CUDA tests (and a CPU-vs-CUDA check)
 #   bash .ci/gpu/stage.sh 2    compute-sanitizer memcheck and racecheck on every CUDA kernel
-#   bash .ci/gpu/stage.sh 3    fastrnn against cuDNN: seed shapes and grid, every precision;
-#                              the MNIST training step
+#   bash .ci/gpu/stage.sh 3    fastrnn against cuDNN: the MNIST models' shapes and the grid,
+#                              every precision; the MNIST training step
+#   bash .ci/gpu/stage.sh 4    MNIST training runs (carry mnist-gz/, the four .gz files)
 # Each stage finishes well inside 8 minutes and writes its results under $OUT
 # (at most 8 files come back): summary.txt plus the stage's own files.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-STAGE=${1:?usage: stage.sh 1|2|3}
+STAGE=${1:?usage: stage.sh 1|2|3|4}
 OUT=${OUT:-/tmp/fastrnn-gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -56,6 +57,16 @@ case "$STAGE" in
     --markdown "$OUT/bench_cuda.md" > /dev/null 2>> "$OUT/summary.txt" || status=1
   timeout 60 $PY benchmarks/mnist_step.py --device cuda --markdown "$OUT/mnist_step.md" \
     2>&1 | tee -a "$OUT/summary.txt" || status=1
+  ;;
+4)
+  note "MNIST training on the GPU, both implementations side by side"
+  # MNIST's four .gz files carried in mnist-gz/ (git-ignored), decompressed where torchvision reads.
+  mkdir -p /tmp/mnist/MNIST/raw
+  for f in mnist-gz/*.gz; do gunzip -c "$f" > "/tmp/mnist/MNIST/raw/$(basename "$f" .gz)"; done
+  for preset in relu-1x100 tanh-2x256; do
+    timeout 200 $PY benchmarks/mnist_train.py --preset "$preset" --device cuda --data-dir /tmp/mnist \
+      2>&1 | grep -v "^epoch" | tee -a "$OUT/summary.txt" || status=1
+  done
   ;;
 *)
   echo "unknown stage $STAGE" >&2; exit 2

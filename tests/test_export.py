@@ -466,6 +466,18 @@ def test_onnx_lstm_gru_packed_torchscript_exporter(c, enforce_sorted):
 
 
 @ONNX
+@pytest.mark.parametrize("cell", ["RNN", "LSTM", "GRU"])
+def test_onnx_packed_dynamo_exporter_is_a_clear_error(cell):
+    """torch.export cannot capture pack_padded_sequence, for torch.nn's modules either;
+    the error says so, and not the strict-mode fallback's failure."""
+    rnn = getattr(fastrnn, cell)(I, H)
+    model = (LSTMPackedWrap if cell == "LSTM" else PackedWrap)(rnn, enforce_sorted=False).eval()
+    with pytest.raises(RuntimeError, match=f"fastrnn.{cell}: a PackedSequence cannot be exported"):
+        onnx_export(model, (torch.randn(*EXAMPLE, I), lengths_for(EXAMPLE[1], EXAMPLE[0])),
+                    ["x", "lengths"], {"x": {0: "T", 1: "B"}, "lengths": {0: "B"}}, dynamo=True)
+
+
+@ONNX
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
 def test_onnx_of_a_scripted_lstm_gru_model(cell):
     class Model(nn.Module):

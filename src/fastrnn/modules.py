@@ -75,11 +75,7 @@ class RNN(nn.RNNBase):
         return "fastrnn." + type(self).__name__
 
     def __prepare_scriptable__(self):
-        # torch.jit.script calls this. A scripted model may go on to the
-        # TorchScript-based ONNX exporter, which needs fastrnn::rnn's symbolic.
-        from . import onnx  # noqa: F401
-
-        return self
+        return _prepare_scriptable(self)
 
     # TorchScript compiles forward once per overload, as for torch.nn.RNN.
     @overload
@@ -171,7 +167,7 @@ class RNN(nn.RNNBase):
         _check_like_torch(input, [hx], weights)
         rnn = _rnn
         if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
-            rnn = _recording_rnn()
+            rnn = _recording_op("rnn")
         return rnn(input, hx, weights, num_layers=self.num_layers,
                    bidirectional=self.bidirectional, nonlinearity=self.nonlinearity,
                    dropout=self.dropout, train=self.training, batch_sizes=batch_sizes)
@@ -198,6 +194,9 @@ class GRU(nn.RNNBase):
 
     def _get_name(self):
         return "fastrnn.GRU"
+
+    def __prepare_scriptable__(self):
+        return _prepare_scriptable(self)
 
     # TorchScript compiles forward once per overload, and its overloads must be
     # declared in the class that defines forward: hence a forward per module,
@@ -252,17 +251,23 @@ class GRU(nn.RNNBase):
             _check_hidden_size_compiling(hx, expected_hidden_size)
         else:
             self.check_hidden_size(hx, expected_hidden_size)
-        if batch_sizes is None and self.batch_first:
-            input = input.transpose(0, 1)
+        if batch_sizes is None:
+            if input.size(1 if self.batch_first else 0) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            if self.batch_first:
+                input = input.transpose(0, 1)
         if torch.jit.is_scripting():
             output, hidden, _ = torch.ops.fastrnn.gru(
                 input, hx, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
                 self.training, self.bidirectional, batch_sizes)
         else:
             _check_like_torch(input, [hx], self._flat_weights)
-            output, hidden = _gru(input, hx, self._flat_weights, num_layers=self.num_layers,
-                                  bidirectional=self.bidirectional, dropout=self.dropout,
-                                  train=self.training, batch_sizes=batch_sizes)
+            gru = _gru
+            if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
+                gru = _recording_op("gru")
+            output, hidden = gru(input, hx, self._flat_weights, num_layers=self.num_layers,
+                                 bidirectional=self.bidirectional, dropout=self.dropout,
+                                 train=self.training, batch_sizes=batch_sizes)
         if isinstance(orig_input, PackedSequence):
             packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             return packed, self.permute_hidden(hidden, unsorted_indices)
@@ -285,6 +290,9 @@ class LSTM(nn.RNNBase):
 
     def _get_name(self):
         return "fastrnn.LSTM"
+
+    def __prepare_scriptable__(self):
+        return _prepare_scriptable(self)
 
     # torch.nn.LSTM's own helpers: the cell state's expected size, both states'
     # checks and their permutation.
@@ -353,8 +361,11 @@ class LSTM(nn.RNNBase):
                 hx[1], (self.num_layers * num_directions, max_batch_size, self.hidden_size))
         else:
             self.check_forward_args(input, hx, batch_sizes)
-        if batch_sizes is None and self.batch_first:
-            input = input.transpose(0, 1)
+        if batch_sizes is None:
+            if input.size(1 if self.batch_first else 0) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            if self.batch_first:
+                input = input.transpose(0, 1)
         if torch.jit.is_scripting():
             output, h_n, c_n, _ = torch.ops.fastrnn.lstm(
                 input, hx[0], hx[1], self._flat_weights, self.bias, self.num_layers,
@@ -362,9 +373,12 @@ class LSTM(nn.RNNBase):
             hidden = (h_n, c_n)
         else:
             _check_like_torch(input, [hx[0], hx[1]], self._flat_weights)
-            output, hidden = _lstm(input, hx, self._flat_weights, num_layers=self.num_layers,
-                                   bidirectional=self.bidirectional, dropout=self.dropout,
-                                   train=self.training, batch_sizes=batch_sizes)
+            lstm = _lstm
+            if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
+                lstm = _recording_op("lstm")
+            output, hidden = lstm(input, hx, self._flat_weights, num_layers=self.num_layers,
+                                  bidirectional=self.bidirectional, dropout=self.dropout,
+                                  train=self.training, batch_sizes=batch_sizes)
         if isinstance(orig_input, PackedSequence):
             packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             return packed, self.permute_hidden(hidden, unsorted_indices)
@@ -417,14 +431,23 @@ def _check_hidden_size_compiling(hx: Tensor, expected_hidden_size):
     )
 
 
-def _recording_rnn():
-    """The op's wrapper for a model being traced (torch.jit.trace) or exported
-    (torch.export): either may be torch.onnx.export at work, which needs fastrnn.onnx."""
-    from . import onnx  # importing it registers the TorchScript-based exporter's symbolic
+def _recording_op(name: str):
+    """The wrapper of op ``name`` ("rnn", "lstm" or "gru") for a model being traced
+    (torch.jit.trace) or exported (torch.export): either may be torch.onnx.export at
+    work, which needs fastrnn.onnx."""
+    from . import onnx  # importing it registers the TorchScript-based exporter's symbolics
 
     if torch.compiler.is_exporting() and onnx.exporting():
-        return onnx.rnn
-    return _rnn
+        return getattr(onnx, name)
+    return {"rnn": _rnn, "lstm": _lstm, "gru": _gru}[name]
+
+
+def _prepare_scriptable(module):
+    # torch.jit.script calls __prepare_scriptable__. A scripted model may go on
+    # to the TorchScript-based ONNX exporter, which needs the ops' symbolics.
+    from . import onnx  # noqa: F401
+
+    return module
 
 
 # torch.nn's modules and their drop-ins.

@@ -15,24 +15,31 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # relu-1x100 reaches 97.7% test accuracy and tanh-2x256 98.8% (benchmarks/RESULTS.md has
 # the runs behind each setting); every preset anneals the learning rate to 0 on a cosine.
 PRESETS = {
-    "tanh-2x256": dict(hidden_size=256, num_layers=2, nonlinearity="tanh", readout="all",
+    "tanh-2x256": dict(cell="rnn", hidden_size=256, num_layers=2, nonlinearity="tanh", readout="all",
                        optimizer="adam", lr=1e-3, momentum=0.0, clip=0.0, init="default",
                        batch_size=64, epochs=3, schedule="cosine"),
-    "relu-1x100": dict(hidden_size=100, num_layers=1, nonlinearity="relu", readout="last",
+    "relu-1x100": dict(cell="rnn", hidden_size=100, num_layers=1, nonlinearity="relu", readout="last",
                        optimizer="sgd", lr=0.01, momentum=0.9, clip=1.0, init="irnn",
                        batch_size=128, epochs=6, schedule="cosine"),
-    "tanh-2x128": dict(hidden_size=128, num_layers=2, nonlinearity="tanh", readout="last",
+    "tanh-2x128": dict(cell="rnn", hidden_size=128, num_layers=2, nonlinearity="tanh", readout="last",
                        optimizer="adam", lr=1e-3, momentum=0.0, clip=0.0, init="default",
                        batch_size=100, epochs=2, schedule="cosine"),
+    "lstm-2x128": dict(cell="lstm", hidden_size=128, num_layers=2, nonlinearity=None, readout="last",
+                       optimizer="adam", lr=1e-3, momentum=0.0, clip=0.0, init="default",
+                       batch_size=64, epochs=2, schedule="cosine"),
 }
-MODEL_KEYS = ("hidden_size", "num_layers", "nonlinearity", "readout")
+MODEL_KEYS = ("cell", "hidden_size", "num_layers", "nonlinearity", "readout")
 TRAIN_KEYS = ("optimizer", "lr", "momentum", "clip", "init", "batch_size", "epochs", "schedule")
 
 
 class Net(nn.Module):
-    def __init__(self, hidden_size, num_layers, nonlinearity, readout):
+    def __init__(self, cell, hidden_size, num_layers, nonlinearity, readout):
         super().__init__()
-        self.rnn = nn.RNN(INPUT_SIZE, hidden_size, num_layers, nonlinearity=nonlinearity, batch_first=True)
+        if cell == "lstm":
+            self.rnn = nn.LSTM(INPUT_SIZE, hidden_size, num_layers, batch_first=True)
+        else:
+            self.rnn = nn.RNN(INPUT_SIZE, hidden_size, num_layers, nonlinearity=nonlinearity,
+                              batch_first=True)
         self.readout = readout
         self.fc = nn.Linear(hidden_size * (SEQ_LEN if readout == "all" else 1), NUM_CLASSES)
 
@@ -80,7 +87,7 @@ def describe(hp):
     momentum = f" momentum {hp['momentum']:g}" if hp["optimizer"] == "sgd" and hp["momentum"] else ""
     clip = f"clip {hp['clip']:g}" if hp["clip"] > 0 else "no clipping"
     return (
-        f"{hp['num_layers']} layer(s), {hp['nonlinearity']}, hidden {hp['hidden_size']}, readout from "
+        f"{hp['num_layers']} layer(s), {hp['nonlinearity'] or hp['cell']}, hidden {hp['hidden_size']}, readout from "
         f"{'all steps' if hp['readout'] == 'all' else 'the last step'}; {hp['optimizer']} lr {hp['lr']:g}"
         f"{momentum} ({hp['schedule']}), {clip}, {hp['init']} init, batch {hp['batch_size']}, "
         f"{hp['epochs']} epoch(s)"

@@ -86,13 +86,13 @@ def assert_clean_exit(proc):
 
 
 def final_accuracies(stdout):
-    m = re.search(r"^Test accuracy: torch\.nn\.RNN ([\d.]+)%, fastrnn\.RNN ([\d.]+)%$", stdout, re.M)
+    m = re.search(r"^Test accuracy: torch\.nn\.\w+ ([\d.]+)%, fastrnn\.\w+ ([\d.]+)%$", stdout, re.M)
     assert m, stdout[-2000:]
     return float(m.group(1)), float(m.group(2))
 
 
 def speedup(stdout):
-    m = re.search(r"^Speedup: fastrnn\.RNN trains ([\d.]+)x as fast as torch\.nn\.RNN "
+    m = re.search(r"^Speedup: fastrnn\.\w+ trains ([\d.]+)x as fast as torch\.nn\.\w+ "
                   r"\(median over (\d+) training steps", stdout, re.M)
     assert m, stdout[-2000:]
     return float(m.group(1)), int(m.group(2))
@@ -121,7 +121,7 @@ def test_quick_run_learns_and_both_agree(quick):
     # Same initial weights and the same batches: the losses coincide up to rounding,
     # the first step's most closely.
     losses = [(float(a), float(b)) for a, b in
-              re.findall(r"^Train Epoch: 1 .*Loss: torch\.nn\.RNN ([\d.]+)  fastrnn\.RNN ([\d.]+)$", proc.stdout, re.M)]
+              re.findall(r"^Train Epoch: 1 .*Loss: torch\.nn ([\d.]+)  fastrnn ([\d.]+)$", proc.stdout, re.M)]
     assert len(losses) == 6, proc.stdout  # 60 steps, logged every 10
     assert 2.0 < losses[0][0] < 2.6  # about ln(10) before any training
     assert math.isclose(*losses[0], rel_tol=1e-4), losses

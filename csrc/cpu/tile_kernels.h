@@ -1,0 +1,340 @@
+// fastrnn CPU: one thread's share of one recurrence step, as a register-
+// blocked GEMM with the step's pointwise work as its epilogue.
+//
+// A step multiplies rows of A (h_{t-1} in forward, dA_t in backward) by W_hh
+// packed into panels, and finishes each output element where its sum is
+// still in a register:
+//
+//   forward   h[i, j]      = act(P[i, j] + sum_k h_prev[i, k] W[j, k])
+//   backward  dA_prev[i, k] = (dA_prev[i, k] + sum_j dA[i, j] W[j, k]) * act'(h_prev[i, k])
+//             grad_h0[i, k] = sum_j dA[i, j] W[j, k]     (rows that began at h0)
+//
+// Panels: the columns of the product in blocks of NR (= NV vectors of N
+// lanes); panel p is a [K][NR] array (K = H) holding W^T's (forward) or W's
+// (backward) columns [p*NR, p*NR + NR), zero beyond H. A tile is M <= MR rows
+// by one panel: M*NV accumulators stay in registers over the whole k loop,
+// each k loads NV vectors of the panel and broadcasts M values of A.
+//
+// Every output element is one accumulator summed over k = 0 .. K-1 in order,
+// and every column runs through the same vector code (a partial panel goes
+// through a padded copy), whichever tile or thread computes it: results do
+// not depend on how rows and panels are split among threads.
+#pragma once
+
+#include "../activation.h"
+#include "simd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace fastrnn::cpu {
+
+// Row i of a matrix at base + i * ld.
+template <typename T>
+struct Rows {
+  T* base = nullptr;
+  int64_t ld = 0;
+  T* row(int64_t i) const { return base + i * ld; }
+};
+
+// One thread's share of one step: rows [row_begin, row_end) of the step and
+// the columns of panels [panel_begin, panel_end).
+template <typename T>
+struct StepTask {
+  // A's row i: a_lo.row(i) for i < a_split, else a_hi.row(i).
+  Rows<const T> a_lo, a_hi;
+  int64_t a_split = 0;
+  // Output row i. Forward: d_lo.row(i) for every row (it holds P on entry).
+  // Backward: i < d_split: d_lo.row(i) (the earlier step's dA, with y_lo its
+  // h), else d_hi.row(i) (grad_h0).
+  Rows<T> d_lo, d_hi;
+  int64_t d_split = 0;
+  Rows<const T> y_lo;
+  int64_t row_begin = 0, row_end = 0;
+  const T* panels = nullptr;  // [panel_end - panel_begin][K][NR], 64-byte aligned
+  int64_t panel_begin = 0, panel_end = 0;
+  int64_t K = 0;  // reduction length (H)
+  int64_t H = 0;  // output columns
+  Activation act = Activation::Tanh;
+};
+
+// g *= act'(y) on rows [row_begin, row_end) of g and y, columns [col_begin, col_end).
+template <typename T>
+struct ScaleTask {
+  Rows<T> g;
+  Rows<const T> y;
+  int64_t row_begin = 0, row_end = 0, col_begin = 0, col_end = 0;
+  Activation act = Activation::Tanh;
+};
+
+// T: float or double; N lanes per vector; NV vectors per panel row; MR rows
+// per tile at most (MR * NV accumulators must fit the register file).
+template <typename T, int N, int NV, int MR>
+struct TileKernel {
+  using V = typename simd::Vec<T, N>::type;
+  static constexpr int kNR = N * NV;
+  static constexpr int kMR = MR;
+
+  static FASTRNN_INLINE void tanh_(V& v) {
+    if constexpr (std::is_same_v<T, float>) {
+      tanh_rational_inplace(v);
+    } else {
+      for (int l = 0; l < N; ++l) v[l] = std::tanh(v[l]);
+    }
+  }
+
+  // v = act(v), as activate<A> in activation.h.
+  static FASTRNN_INLINE void activate_(V& v, Activation act) {
+    if (act == Activation::Relu) {
+      v = v < T(0) ? V{} : v;
+    } else {
+      tanh_(v);
+    }
+  }
+
+  // g = g * act'(y), as activation_grad<A> in activation.h.
+  static FASTRNN_INLINE void grad_(V& g, const V& y, Activation act) {
+    if (act == Activation::Relu) {
+      g = y <= T(0) ? V{} : g;
+    } else {
+      g = g * (T(1) - y * y);
+    }
+  }
+
+  // The epilogue of one tile row: columns [c0, c0 + nc) of row i.
+  template <bool Backward>
+  static FASTRNN_INLINE void finish_row(const StepTask<T>& t, int64_t i, int64_t c0, int nc,
+                                        V (&acc)[NV]) {
+    // A partial panel goes through a padded copy, so that its columns see
+    // exactly the arithmetic of a full one.
+    T dbuf[kNR], ybuf[kNR];
+    const bool full = nc == kNR;
+    if constexpr (!Backward) {
+      T* d = t.d_lo.row(i) + c0;
+      T* dv = full ? d : dbuf;
+      if (!full) {
+        std::memset(dbuf, 0, sizeof dbuf);
+        std::memcpy(dbuf, d, nc * sizeof(T));
+      }
+      for (int v = 0; v < NV; ++v) {
+        V h;
+        simd::load(h, dv + v * N);
+        h = h + acc[v];
+        activate_(h, t.act);
+        simd::store(dv + v * N, h);
+      }
+      if (!full) std::memcpy(d, dbuf, nc * sizeof(T));
+    } else if (i < t.d_split) {
+      T* d = t.d_lo.row(i) + c0;
+      const T* y = t.y_lo.row(i) + c0;
+      T* dv = full ? d : dbuf;
+      const T* yv = full ? y : ybuf;
+      if (!full) {
+        std::memset(dbuf, 0, sizeof dbuf);
+        std::memset(ybuf, 0, sizeof ybuf);
+        std::memcpy(dbuf, d, nc * sizeof(T));
+        std::memcpy(ybuf, y, nc * sizeof(T));
+      }
+      for (int v = 0; v < NV; ++v) {
+        V g, yy;
+        simd::load(g, dv + v * N);
+        simd::load(yy, yv + v * N);
+        g = g + acc[v];
+        grad_(g, yy, t.act);
+        simd::store(dv + v * N, g);
+      }
+      if (!full) std::memcpy(d, dbuf, nc * sizeof(T));
+    } else {
+      T* d = t.d_hi.row(i) + c0;
+      T* dv = full ? d : dbuf;
+      for (int v = 0; v < NV; ++v) simd::store(dv + v * N, acc[v]);
+      if (!full) std::memcpy(d, dbuf, nc * sizeof(T));
+    }
+  }
+
+  // Rows [i0, i0 + M) by one panel.
+  template <int M, bool Backward>
+  static FASTRNN_INLINE void tile(const StepTask<T>& t, int64_t i0, const T* panel, int64_t c0,
+                                  int nc) {
+    const T* a[M];
+    for (int r = 0; r < M; ++r) {
+      const int64_t i = i0 + r;
+      a[r] = i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i);
+    }
+    V acc[M][NV];
+    for (int r = 0; r < M; ++r) {
+      for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    }
+    const int64_t K = t.K;
+    for (int64_t k = 0; k < K; ++k) {
+      V b[NV];
+      for (int v = 0; v < NV; ++v) simd::load(b[v], panel + k * kNR + v * N);
+      for (int r = 0; r < M; ++r) {
+        const T x = a[r][k];
+        for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] + x * b[v];
+      }
+    }
+    for (int r = 0; r < M; ++r) finish_row<Backward>(t, i0 + r, c0, nc, acc[r]);
+  }
+
+  // A tile of m rows, 1 <= m <= MR: one unrolled kernel per row count.
+  template <bool Backward, int M = MR>
+  static FASTRNN_INLINE void tile_rows(int m, const StepTask<T>& t, int64_t i0, const T* panel,
+                                       int64_t c0, int nc) {
+    if (m == M) {
+      tile<M, Backward>(t, i0, panel, c0, nc);
+    } else if constexpr (M > 1) {
+      tile_rows<Backward, M - 1>(m, t, i0, panel, c0, nc);
+    }
+  }
+
+  template <bool Backward>
+  static FASTRNN_INLINE void step(const StepTask<T>& t) {
+    const int64_t n = t.row_end - t.row_begin;
+    if (n <= 0) return;
+    // Row tiles as even as possible (50 rows: 8 + 6 * 7, not 6 * 8 + 2).
+    const int64_t tiles = (n + MR - 1) / MR;
+    const int64_t base = n / tiles, extra = n % tiles;
+    const int64_t panel_size = t.K * kNR;
+    for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
+      const T* panel = t.panels + (p - t.panel_begin) * panel_size;
+      const int64_t c0 = p * kNR;
+      const int nc = static_cast<int>(std::min<int64_t>(kNR, t.H - c0));
+      int64_t i = t.row_begin;
+      for (int64_t b = 0; b < tiles; ++b) {
+        const int m = static_cast<int>(base + (b < extra));
+        tile_rows<Backward>(m, t, i, panel, c0, nc);
+        i += m;
+      }
+    }
+  }
+
+  static FASTRNN_INLINE void scale(const ScaleTask<T>& s) {
+    for (int64_t i = s.row_begin; i < s.row_end; ++i) {
+      T* g = s.g.row(i);
+      const T* y = s.y.row(i);
+      for (int64_t c = s.col_begin; c < s.col_end; c += N) {
+        const int nc = static_cast<int>(std::min<int64_t>(N, s.col_end - c));
+        T gbuf[N] = {}, ybuf[N] = {};
+        std::memcpy(gbuf, g + c, nc * sizeof(T));
+        std::memcpy(ybuf, y + c, nc * sizeof(T));
+        V gv, yv;
+        simd::load(gv, gbuf);
+        simd::load(yv, ybuf);
+        grad_(gv, yv, s.act);
+        simd::store(gbuf, gv);
+        std::memcpy(g + c, gbuf, nc * sizeof(T));
+      }
+    }
+  }
+};
+
+// Packs W's panels [panel_begin, panel_end) for the forward (transposed:
+// panel[k][c] = W[p*NR + c][k]) or the backward (panel[j][c] = W[j][p*NR + c]).
+template <typename T>
+void pack_panels(const T* w, int64_t H, int nr, bool transposed, int64_t panel_begin,
+                 int64_t panel_end, T* dst) {
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    T* panel = dst + (p - panel_begin) * H * nr;
+    const int64_t c0 = p * nr;
+    const int nc = static_cast<int>(std::min<int64_t>(nr, H - c0));
+    if (transposed) {
+      for (int c = 0; c < nr; ++c) {
+        if (c < nc) {
+          const T* src = w + (c0 + c) * H;
+          for (int64_t k = 0; k < H; ++k) panel[k * nr + c] = src[k];
+        } else {
+          for (int64_t k = 0; k < H; ++k) panel[k * nr + c] = T(0);
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < H; ++j) {
+        std::memcpy(panel + j * nr, w + j * H + c0, nc * sizeof(T));
+        std::fill(panel + j * nr + nc, panel + (j + 1) * nr, T(0));
+      }
+    }
+  }
+}
+
+// The kernels of one ISA for one dtype, and their panel width.
+template <typename T>
+struct KernelSet {
+  int nr;  // columns per panel
+  int mr;  // rows per tile at most
+  void (*forward)(const StepTask<T>&);
+  void (*backward)(const StepTask<T>&);
+  void (*scale)(const ScaleTask<T>&);
+};
+
+// The instantiations: (lanes, vectors per panel row, rows per tile) per ISA.
+// AVX-512 (32 registers): 8 x 2 vectors = 16 accumulators. AVX2 (16
+// registers): 6 x 2 = 12 accumulators, 2 panel vectors and a broadcast.
+// Baseline (SSE2 / NEON, 16-byte vectors): 4 x 2.
+namespace kernels {
+
+template <typename T>
+using Baseline = TileKernel<T, 16 / sizeof(T), 2, 4>;
+
+inline void forward_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<false>(t); }
+inline void backward_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<true>(t); }
+inline void scale_baseline_f32(const ScaleTask<float>& s) { Baseline<float>::scale(s); }
+inline void forward_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<false>(t); }
+inline void backward_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<true>(t); }
+inline void scale_baseline_f64(const ScaleTask<double>& s) { Baseline<double>::scale(s); }
+
+#if FASTRNN_X86_DISPATCH
+template <typename T>
+using Avx2 = TileKernel<T, 32 / sizeof(T), 2, 6>;
+template <typename T>
+using Avx512 = TileKernel<T, 64 / sizeof(T), 2, 8>;
+
+FASTRNN_TARGET_AVX2 inline void forward_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<false>(t); }
+FASTRNN_TARGET_AVX2 inline void backward_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<true>(t); }
+FASTRNN_TARGET_AVX2 inline void scale_avx2_f32(const ScaleTask<float>& s) { Avx2<float>::scale(s); }
+FASTRNN_TARGET_AVX2 inline void forward_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<false>(t); }
+FASTRNN_TARGET_AVX2 inline void backward_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<true>(t); }
+FASTRNN_TARGET_AVX2 inline void scale_avx2_f64(const ScaleTask<double>& s) { Avx2<double>::scale(s); }
+
+FASTRNN_TARGET_AVX512 inline void forward_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<false>(t); }
+FASTRNN_TARGET_AVX512 inline void backward_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<true>(t); }
+FASTRNN_TARGET_AVX512 inline void scale_avx512_f32(const ScaleTask<float>& s) { Avx512<float>::scale(s); }
+FASTRNN_TARGET_AVX512 inline void forward_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<false>(t); }
+FASTRNN_TARGET_AVX512 inline void backward_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<true>(t); }
+FASTRNN_TARGET_AVX512 inline void scale_avx512_f64(const ScaleTask<double>& s) { Avx512<double>::scale(s); }
+#endif
+
+}  // namespace kernels
+
+template <typename T>
+KernelSet<T> kernel_set(simd::Isa isa) {
+  using namespace kernels;
+  constexpr bool f32 = std::is_same_v<T, float>;
+#if FASTRNN_X86_DISPATCH
+  if (isa == simd::Isa::Avx512) {
+    if constexpr (f32) {
+      return {Avx512<T>::kNR, Avx512<T>::kMR, forward_avx512_f32, backward_avx512_f32, scale_avx512_f32};
+    } else {
+      return {Avx512<T>::kNR, Avx512<T>::kMR, forward_avx512_f64, backward_avx512_f64, scale_avx512_f64};
+    }
+  }
+  if (isa == simd::Isa::Avx2) {
+    if constexpr (f32) {
+      return {Avx2<T>::kNR, Avx2<T>::kMR, forward_avx2_f32, backward_avx2_f32, scale_avx2_f32};
+    } else {
+      return {Avx2<T>::kNR, Avx2<T>::kMR, forward_avx2_f64, backward_avx2_f64, scale_avx2_f64};
+    }
+  }
+#else
+  (void)isa;
+#endif
+  if constexpr (f32) {
+    return {Baseline<T>::kNR, Baseline<T>::kMR, forward_baseline_f32, backward_baseline_f32, scale_baseline_f32};
+  } else {
+    return {Baseline<T>::kNR, Baseline<T>::kMR, forward_baseline_f64, backward_baseline_f64, scale_baseline_f64};
+  }
+}
+
+}  // namespace fastrnn::cpu

@@ -44,6 +44,8 @@
 //       bias_ih and of bias_hh alike)
 #pragma once
 
+#include "layout.h"
+
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -88,20 +90,5 @@ template <typename... Args>
 
 using ForwardResult = std::tuple<Tensor, Tensor>;
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-// Where each time step's rows live in the flattened [N, *] layout.
-struct SequenceLayout {
-  int64_t steps = 0;                 // T
-  int64_t batch = 0;                 // B (max batch)
-  int64_t rows = 0;                  // N
-  std::vector<int64_t> batch_sizes;  // [T]
-  std::vector<int64_t> offsets;      // [T], first row of each step
-  bool packed = false;
-
-  // Rows of step t that exist at step `t` (0 beyond the sequence ends).
-  int64_t batch_at(int64_t t) const {
-    return (t < 0 || t >= steps) ? 0 : batch_sizes[t];
-  }
-};
 
 }  // namespace fastrnn

@@ -182,35 +182,6 @@ SequenceLayout check_and_layout(const char* op, const Tensor& input,
   return L;
 }
 
-// Rows of step t that no later step reads: their h is the sequence's h_n.
-inline int64_t first_final_row(const SequenceLayout& L, int64_t t, bool reverse) {
-  return std::min(L.batch_at(t), L.batch_at(reverse ? t - 1 : t + 1));
-}
-
-// One step of the recurrence: its rows, and where their h_{t-1} comes from.
-// Rows [0, carried) continue from the previous step's first `carried` rows;
-// rows [carried, count) start from the same rows of hx (a packed sequence in
-// the reverse direction starts there).
-struct StepRows {
-  int64_t begin;       // first row of step t in the flattened [N, *] layout
-  int64_t count;       // rows of step t
-  int64_t carried;     // rows fed by the previous step
-  int64_t prev_begin;  // first row of the previous step (when carried > 0)
-};
-
-// Every step, in the order the forward recurrence visits them.
-inline std::vector<StepRows> steps_in_order(const SequenceLayout& L, bool reverse) {
-  std::vector<StepRows> steps;
-  steps.reserve(L.steps);
-  for (int64_t i = 0; i < L.steps; ++i) {
-    const int64_t t = reverse ? L.steps - 1 - i : i;
-    const int64_t p = reverse ? t + 1 : t - 1;
-    const int64_t carried = std::min(L.batch_at(t), L.batch_at(p));
-    steps.push_back({L.offsets[t], L.batch_at(t), carried, carried > 0 ? L.offsets[p] : 0});
-  }
-  return steps;
-}
-
 // Views of one step into a sequence tensor [N, H] (the output in forward,
 // dA in backward) and a state tensor [B, H] (hx in forward, grad_hx in
 // backward). Made before the time loop, so that the loop only runs kernels.
@@ -226,39 +197,6 @@ inline StepViews step_views(const StepRows& s, const Tensor& seq, const Tensor& 
           s.carried ? rows(seq, s.prev_begin, s.carried) : Tensor(),
           fresh ? rows(seq, s.begin + s.carried, fresh) : Tensor(),
           fresh ? rows(state, s.carried, fresh) : Tensor()};
-}
-
-// One block of h_{t-1} rows: rows [dst, dst + count) of the flattened output
-// read h_{t-1} from rows [src, src + count) of `from_hx ? hx : output`.
-struct PrevRows {
-  int64_t dst, src, count;
-  bool from_hx;
-};
-
-// Every (h_t row <- h_{t-1} row) pairing of the sequence, in row order of
-// the output, with contiguous runs merged (a padded sequence gives two).
-inline std::vector<PrevRows> prev_row_blocks(const SequenceLayout& L,
-                                             bool reverse) {
-  std::vector<PrevRows> blocks;
-  auto push = [&](PrevRows b) {
-    if (b.count == 0) return;
-    if (!blocks.empty()) {
-      PrevRows& last = blocks.back();
-      if (last.from_hx == b.from_hx && last.dst + last.count == b.dst &&
-          last.src + last.count == b.src) {
-        last.count += b.count;
-        return;
-      }
-    }
-    blocks.push_back(b);
-  };
-  std::vector<StepRows> steps = steps_in_order(L, reverse);
-  if (reverse) std::reverse(steps.begin(), steps.end());  // row order
-  for (const StepRows& st : steps) {
-    push({st.begin, st.prev_begin, st.carried, false});
-    push({st.begin + st.carried, st.carried, st.count - st.carried, true});
-  }
-  return blocks;
 }
 
 inline Tensor empty_rows(const Tensor& like, int64_t rows, int64_t cols) {

@@ -1,6 +1,8 @@
-// fastrnn CPU kernels: the shared driver (elman_driver.h) with BLAS GEMMs
-// through torch's CPU shims and a fused activation-derivative loop.
+// fastrnn CPU kernels: the shared driver (elman_driver.h) with the fused
+// recurrence (recurrence.h) for float and double, and BLAS GEMMs through
+// torch's CPU shims for everything else.
 #include "../elman_driver.h"
+#include "recurrence.h"
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 #include <torch/headeronly/util/BFloat16.h>
@@ -89,15 +91,51 @@ struct CpuBackend {
     TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(out.get(), a.get(), b.get()));
   }
 
-  // On the CPU the per-step GEMMs are the fused path: BLAS runs each step at
-  // near its peak, and the driver adds no allocation or copy between them.
-  static bool fused_forward(const SequenceLayout&, bool, bool, Tensor&, const Tensor&,
-                            const Tensor&) {
-    return false;
+  // The whole recurrence in one parallel region (recurrence.h) for float and
+  // double; bfloat16 and half step with one BLAS call per step.
+  static bool fused_forward(const SequenceLayout& L, bool reverse, bool relu, Tensor& out,
+                            const Tensor& hx, const Tensor& w_hh) {
+    switch (out.scalar_type()) {
+      case ScalarType::Float: return forward_kernel<float>(L, reverse, relu, out, hx, w_hh);
+      case ScalarType::Double: return forward_kernel<double>(L, reverse, relu, out, hx, w_hh);
+      default: return false;
+    }
   }
-  static bool fused_backward(const SequenceLayout&, bool, bool, Tensor&, const Tensor&,
-                             Tensor&, const Tensor&) {
-    return false;
+  static bool fused_backward(const SequenceLayout& L, bool reverse, bool relu, Tensor& dA,
+                             const Tensor& out, Tensor& grad_hx, const Tensor& w_hh) {
+    switch (dA.scalar_type()) {
+      case ScalarType::Float:
+        return backward_kernel<float>(L, reverse, relu, dA, out, grad_hx, w_hh);
+      case ScalarType::Double:
+        return backward_kernel<double>(L, reverse, relu, dA, out, grad_hx, w_hh);
+      default: return false;
+    }
+  }
+
+  // out, hx, w_hh, dA, grad_hx: contiguous (the driver makes them so).
+  template <typename T>
+  static bool forward_kernel(const SequenceLayout& L, bool reverse, bool relu, Tensor& out,
+                             const Tensor& hx, const Tensor& w_hh) {
+    const int64_t H = w_hh.size(0);
+    if (!cpu::supports<T>(H)) return false;
+    const std::vector<StepRows> steps = steps_in_order(L, reverse);
+    const cpu::ForwardRecurrence<T> job{steps, H, out.mutable_data_ptr<T>(), H,
+                                        hx.const_data_ptr<T>(), H, w_hh.const_data_ptr<T>(),
+                                        relu ? Activation::Relu : Activation::Tanh};
+    return cpu::forward_recurrences<T>({&job, 1});
+  }
+  template <typename T>
+  static bool backward_kernel(const SequenceLayout& L, bool reverse, bool relu, Tensor& dA,
+                              const Tensor& out, Tensor& grad_hx, const Tensor& w_hh) {
+    const int64_t H = w_hh.size(0);
+    if (!cpu::supports<T>(H)) return false;
+    const std::vector<StepRows> steps = steps_in_order(L, reverse);
+    const cpu::BackwardRecurrence<T> job{steps, H, dA.mutable_data_ptr<T>(), H,
+                                         out.const_data_ptr<T>(), H,
+                                         grad_hx.mutable_data_ptr<T>(), H,
+                                         w_hh.const_data_ptr<T>(),
+                                         relu ? Activation::Relu : Activation::Tanh};
+    return cpu::backward_recurrences<T>({&job, 1});
   }
 
   // h = act(h) in place, h contiguous.

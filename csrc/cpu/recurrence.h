@@ -153,14 +153,11 @@ inline double rows_cost(int64_t n, int mr) {
 inline int64_t split(int64_t n, int64_t parts, int64_t i) { return n * i / parts; }
 
 // FASTRNN_CPU_SPLIT=rows|cols forces the grid's shape where it is possible
-// (tests use it to run both on one machine).
+// (tests and benchmarks use it to run both on one machine; read per call).
 inline int forced_split() {
-  static const int forced = [] {
-    const char* s = std::getenv("FASTRNN_CPU_SPLIT");
-    const std::string_view v(s ? s : "");
-    return v == "rows" ? 1 : v == "cols" ? 2 : 0;
-  }();
-  return forced;
+  const char* s = std::getenv("FASTRNN_CPU_SPLIT");
+  const std::string_view v(s ? s : "");
+  return v == "rows" ? 1 : v == "cols" ? 2 : 0;
 }
 
 // Chooses each job's grid and lays out the slots.
@@ -169,6 +166,7 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int nr, i
   Plan plan;
   const int64_t R = static_cast<int64_t>(jobs.size());
   const int64_t l2_budget = l2_bytes() * 3 / 4;
+  const int forced = forced_split();
   for (int64_t r = 0; r < R; ++r) {
     const JobShape& job = jobs[r];
     const int64_t H = job.hidden;
@@ -183,7 +181,7 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int nr, i
     double best = std::numeric_limits<double>::infinity();
     for (int64_t rs = 1; rs <= std::min(budget, std::max<int64_t>(batch, 1)); ++rs) {
       for (int64_t cs = 1; rs * cs <= budget && cs <= panels; ++cs) {
-        if ((forced_split() == 1 && cs > 1) || (forced_split() == 2 && rs > 1)) continue;
+        if ((forced == 1 && cs > 1) || (forced == 2 && rs > 1)) continue;
         const int64_t max_panels = (panels + cs - 1) / cs;
         double cost = 0;
         for (const StepRows& st : job.steps) {
@@ -260,7 +258,7 @@ void run_slots(std::span<const Job> jobs, const Plan& plan, const KernelSet<T>& 
     for (int64_t i = begin; i < end; ++i) {
       const Slot& s = plan.slots[i];
       const Job& j = jobs[s.job];
-      pack_panels(j.w_hh, j.hidden, ks.nr, /*transposed=*/!std::is_same_v<Job, BackwardRecurrence<T>>,
+      pack_panels(j.w_hh, j.hidden, ks.nr, ks.lanes, /*transposed=*/!std::is_same_v<Job, BackwardRecurrence<T>>,
                   s.panel_begin, s.panel_end, pack.data + s.pack_offset);
     }
     for (int64_t p = 0; p < phases; ++p) {

@@ -11,9 +11,11 @@
 //
 // Panels: the columns of the product in blocks of NR (= NV vectors of N
 // lanes); panel p is a [K][NR] array (K = H) holding W^T's (forward) or W's
-// (backward) columns [p*NR, p*NR + NR), zero beyond H. A tile is M <= MR rows
-// by one panel: M*NV accumulators stay in registers over the whole k loop,
-// each k loads NV vectors of the panel and broadcasts M values of A.
+// (backward) columns [p*NR, p*NR + NR), zero beyond H; a last panel whose
+// columns fit in one vector is one vector wide ([K][N]: H = 100 computes 112
+// columns, not 128). A tile is M <= MR rows by one panel: M*NV accumulators
+// stay in registers over the whole k loop, each k loads NV vectors of the
+// panel and broadcasts M values of A.
 //
 // Every output element is one accumulator summed over k = 0 .. K-1 in order,
 // and every column runs through the same vector code (a partial panel goes
@@ -77,6 +79,24 @@ struct TileKernel {
   using V = typename simd::Vec<T, N>::type;
   static constexpr int kNR = N * NV;
   static constexpr int kMR = MR;
+  static constexpr int kLanes = N;
+
+  // n <= N lanes from p (the rest zero) / to p: one vector move when n == N.
+  static FASTRNN_INLINE void load_part(V& v, const T* p, int n) {
+    if (n == N) {
+      simd::load(v, p);
+    } else {
+      v = V{};
+      for (int l = 0; l < n; ++l) v[l] = p[l];
+    }
+  }
+  static FASTRNN_INLINE void store_part(T* p, const V& v, int n) {
+    if (n == N) {
+      simd::store(p, v);
+    } else {
+      for (int l = 0; l < n; ++l) p[l] = v[l];
+    }
+  }
 
   static FASTRNN_INLINE void tanh_(V& v) {
     if constexpr (std::is_same_v<T, float>) {
@@ -104,59 +124,49 @@ struct TileKernel {
     }
   }
 
-  // The epilogue of one tile row: columns [c0, c0 + nc) of row i.
-  template <bool Backward>
+  // The epilogue of one tile row: columns [c0, c0 + nc) of row i, from a
+  // panel of W vectors (nc <= W * N). A vector that straddles nc is moved
+  // lane by lane, so that its columns see exactly the arithmetic of a full
+  // one (a library memcpy per row cost more than the row's tanh).
+  template <int W, bool Backward>
   static FASTRNN_INLINE void finish_row(const StepTask<T>& t, int64_t i, int64_t c0, int nc,
-                                        V (&acc)[NV]) {
-    // A partial panel goes through a padded copy, so that its columns see
-    // exactly the arithmetic of a full one.
-    T dbuf[kNR], ybuf[kNR];
-    const bool full = nc == kNR;
+                                        V (&acc)[W]) {
     if constexpr (!Backward) {
       T* d = t.d_lo.row(i) + c0;
-      T* dv = full ? d : dbuf;
-      if (!full) {
-        std::memset(dbuf, 0, sizeof dbuf);
-        std::memcpy(dbuf, d, nc * sizeof(T));
-      }
-      for (int v = 0; v < NV; ++v) {
+      for (int v = 0; v < W; ++v) {
+        const int n = std::min(N, nc - v * N);
+        if (n <= 0) break;
         V h;
-        simd::load(h, dv + v * N);
+        load_part(h, d + v * N, n);
         h = h + acc[v];
         activate_(h, t.act);
-        simd::store(dv + v * N, h);
+        store_part(d + v * N, h, n);
       }
-      if (!full) std::memcpy(d, dbuf, nc * sizeof(T));
     } else if (i < t.d_split) {
       T* d = t.d_lo.row(i) + c0;
       const T* y = t.y_lo.row(i) + c0;
-      T* dv = full ? d : dbuf;
-      const T* yv = full ? y : ybuf;
-      if (!full) {
-        std::memset(dbuf, 0, sizeof dbuf);
-        std::memset(ybuf, 0, sizeof ybuf);
-        std::memcpy(dbuf, d, nc * sizeof(T));
-        std::memcpy(ybuf, y, nc * sizeof(T));
-      }
-      for (int v = 0; v < NV; ++v) {
+      for (int v = 0; v < W; ++v) {
+        const int n = std::min(N, nc - v * N);
+        if (n <= 0) break;
         V g, yy;
-        simd::load(g, dv + v * N);
-        simd::load(yy, yv + v * N);
+        load_part(g, d + v * N, n);
+        load_part(yy, y + v * N, n);
         g = g + acc[v];
         grad_(g, yy, t.act);
-        simd::store(dv + v * N, g);
+        store_part(d + v * N, g, n);
       }
-      if (!full) std::memcpy(d, dbuf, nc * sizeof(T));
     } else {
       T* d = t.d_hi.row(i) + c0;
-      T* dv = full ? d : dbuf;
-      for (int v = 0; v < NV; ++v) simd::store(dv + v * N, acc[v]);
-      if (!full) std::memcpy(d, dbuf, nc * sizeof(T));
+      for (int v = 0; v < W; ++v) {
+        const int n = std::min(N, nc - v * N);
+        if (n <= 0) break;
+        store_part(d + v * N, acc[v], n);
+      }
     }
   }
 
-  // Rows [i0, i0 + M) by one panel.
-  template <int M, bool Backward>
+  // Rows [i0, i0 + M) by one panel of W vectors ([K][W * N]).
+  template <int M, int W, bool Backward>
   static FASTRNN_INLINE void tile(const StepTask<T>& t, int64_t i0, const T* panel, int64_t c0,
                                   int nc) {
     const T* a[M];
@@ -164,50 +174,59 @@ struct TileKernel {
       const int64_t i = i0 + r;
       a[r] = i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i);
     }
-    V acc[M][NV];
+    V acc[M][W];
     for (int r = 0; r < M; ++r) {
-      for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+      for (int v = 0; v < W; ++v) acc[r][v] = V{};
     }
     const int64_t K = t.K;
     for (int64_t k = 0; k < K; ++k) {
-      V b[NV];
-      for (int v = 0; v < NV; ++v) simd::load(b[v], panel + k * kNR + v * N);
+      V b[W];
+      for (int v = 0; v < W; ++v) simd::load(b[v], panel + (k * W + v) * N);
       for (int r = 0; r < M; ++r) {
         const T x = a[r][k];
-        for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] + x * b[v];
+        for (int v = 0; v < W; ++v) acc[r][v] = acc[r][v] + x * b[v];
       }
     }
-    for (int r = 0; r < M; ++r) finish_row<Backward>(t, i0 + r, c0, nc, acc[r]);
+    for (int r = 0; r < M; ++r) finish_row<W, Backward>(t, i0 + r, c0, nc, acc[r]);
   }
 
   // A tile of m rows, 1 <= m <= MR: one unrolled kernel per row count.
-  template <bool Backward, int M = MR>
+  template <int W, bool Backward, int M = MR>
   static FASTRNN_INLINE void tile_rows(int m, const StepTask<T>& t, int64_t i0, const T* panel,
                                        int64_t c0, int nc) {
     if (m == M) {
-      tile<M, Backward>(t, i0, panel, c0, nc);
+      tile<M, W, Backward>(t, i0, panel, c0, nc);
     } else if constexpr (M > 1) {
-      tile_rows<Backward, M - 1>(m, t, i0, panel, c0, nc);
+      tile_rows<W, Backward, M - 1>(m, t, i0, panel, c0, nc);
+    }
+  }
+
+  template <int W, bool Backward>
+  static FASTRNN_INLINE void panel_rows(const StepTask<T>& t, const T* panel, int64_t c0, int nc) {
+    // Row tiles as even as possible (50 rows: 8 + 6 * 7, not 6 * 8 + 2).
+    const int64_t n = t.row_end - t.row_begin;
+    const int64_t tiles = (n + MR - 1) / MR;
+    const int64_t base = n / tiles, extra = n % tiles;
+    int64_t i = t.row_begin;
+    for (int64_t b = 0; b < tiles; ++b) {
+      const int m = static_cast<int>(base + (b < extra));
+      tile_rows<W, Backward>(m, t, i, panel, c0, nc);
+      i += m;
     }
   }
 
   template <bool Backward>
   static FASTRNN_INLINE void step(const StepTask<T>& t) {
-    const int64_t n = t.row_end - t.row_begin;
-    if (n <= 0) return;
-    // Row tiles as even as possible (50 rows: 8 + 6 * 7, not 6 * 8 + 2).
-    const int64_t tiles = (n + MR - 1) / MR;
-    const int64_t base = n / tiles, extra = n % tiles;
-    const int64_t panel_size = t.K * kNR;
+    if (t.row_end <= t.row_begin) return;
     for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
-      const T* panel = t.panels + (p - t.panel_begin) * panel_size;
+      const T* panel = t.panels + (p - t.panel_begin) * t.K * kNR;
       const int64_t c0 = p * kNR;
       const int nc = static_cast<int>(std::min<int64_t>(kNR, t.H - c0));
-      int64_t i = t.row_begin;
-      for (int64_t b = 0; b < tiles; ++b) {
-        const int m = static_cast<int>(base + (b < extra));
-        tile_rows<Backward>(m, t, i, panel, c0, nc);
-        i += m;
+      // The last panel is one vector wide where its columns fit in one.
+      if (NV > 1 && nc <= N) {
+        panel_rows<1, Backward>(t, panel, c0, nc);
+      } else {
+        panel_rows<NV, Backward>(t, panel, c0, nc);
       }
     }
   }
@@ -217,43 +236,54 @@ struct TileKernel {
       T* g = s.g.row(i);
       const T* y = s.y.row(i);
       for (int64_t c = s.col_begin; c < s.col_end; c += N) {
-        const int nc = static_cast<int>(std::min<int64_t>(N, s.col_end - c));
-        T gbuf[N] = {}, ybuf[N] = {};
-        std::memcpy(gbuf, g + c, nc * sizeof(T));
-        std::memcpy(ybuf, y + c, nc * sizeof(T));
+        const int n = static_cast<int>(std::min<int64_t>(N, s.col_end - c));
         V gv, yv;
-        simd::load(gv, gbuf);
-        simd::load(yv, ybuf);
+        load_part(gv, g + c, n);
+        load_part(yv, y + c, n);
         grad_(gv, yv, s.act);
-        simd::store(gbuf, gv);
-        std::memcpy(g + c, gbuf, nc * sizeof(T));
+        store_part(g + c, gv, n);
       }
     }
   }
 };
 
+// Width of panel p: nr columns, or one vector (`lanes`) for a last panel
+// whose columns fit in one (TileKernel::step).
+inline int panel_width(int64_t H, int nr, int lanes, int64_t p) {
+  const int64_t nc = std::min<int64_t>(nr, H - p * nr);
+  return nc <= lanes ? lanes : nr;
+}
+
 // Packs W's panels [panel_begin, panel_end) for the forward (transposed:
-// panel[k][c] = W[p*NR + c][k]) or the backward (panel[j][c] = W[j][p*NR + c]).
+// panel[k][c] = W[p*nr + c][k]) or the backward (panel[j][c] = W[j][p*nr + c]),
+// zero beyond H. Panel p starts at (p - panel_begin) * H * nr.
 template <typename T>
-void pack_panels(const T* w, int64_t H, int nr, bool transposed, int64_t panel_begin,
+void pack_panels(const T* w, int64_t H, int nr, int lanes, bool transposed, int64_t panel_begin,
                  int64_t panel_end, T* dst) {
   for (int64_t p = panel_begin; p < panel_end; ++p) {
     T* panel = dst + (p - panel_begin) * H * nr;
     const int64_t c0 = p * nr;
     const int nc = static_cast<int>(std::min<int64_t>(nr, H - c0));
+    const int width = panel_width(H, nr, lanes, p);
     if (transposed) {
-      for (int c = 0; c < nr; ++c) {
-        if (c < nc) {
-          const T* src = w + (c0 + c) * H;
-          for (int64_t k = 0; k < H; ++k) panel[k * nr + c] = src[k];
-        } else {
-          for (int64_t k = 0; k < H; ++k) panel[k * nr + c] = T(0);
+      // In blocks of 16 k: the block's rows of W are read a cache line at a
+      // time and its panel rows stay in L1 while they fill.
+      constexpr int64_t kb = 16;
+      for (int64_t k0 = 0; k0 < H; k0 += kb) {
+        const int64_t k1 = std::min(H, k0 + kb);
+        for (int c = 0; c < width; ++c) {
+          if (c < nc) {
+            const T* src = w + (c0 + c) * H;
+            for (int64_t k = k0; k < k1; ++k) panel[k * width + c] = src[k];
+          } else {
+            for (int64_t k = k0; k < k1; ++k) panel[k * width + c] = T(0);
+          }
         }
       }
     } else {
       for (int64_t j = 0; j < H; ++j) {
-        std::memcpy(panel + j * nr, w + j * H + c0, nc * sizeof(T));
-        std::fill(panel + j * nr + nc, panel + (j + 1) * nr, T(0));
+        std::memcpy(panel + j * width, w + j * H + c0, nc * sizeof(T));
+        std::fill(panel + j * width + nc, panel + (j + 1) * width, T(0));
       }
     }
   }
@@ -262,8 +292,9 @@ void pack_panels(const T* w, int64_t H, int nr, bool transposed, int64_t panel_b
 // The kernels of one ISA for one dtype, and their panel width.
 template <typename T>
 struct KernelSet {
-  int nr;  // columns per panel
-  int mr;  // rows per tile at most
+  int nr;     // columns per panel
+  int mr;     // rows per tile at most
+  int lanes;  // columns per vector (the width of a narrow last panel)
   void (*forward)(const StepTask<T>&);
   void (*backward)(const StepTask<T>&);
   void (*scale)(const ScaleTask<T>&);
@@ -315,25 +346,25 @@ KernelSet<T> kernel_set(simd::Isa isa) {
 #if FASTRNN_X86_DISPATCH
   if (isa == simd::Isa::Avx512) {
     if constexpr (f32) {
-      return {Avx512<T>::kNR, Avx512<T>::kMR, forward_avx512_f32, backward_avx512_f32, scale_avx512_f32};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, scale_avx512_f32};
     } else {
-      return {Avx512<T>::kNR, Avx512<T>::kMR, forward_avx512_f64, backward_avx512_f64, scale_avx512_f64};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, scale_avx512_f64};
     }
   }
   if (isa == simd::Isa::Avx2) {
     if constexpr (f32) {
-      return {Avx2<T>::kNR, Avx2<T>::kMR, forward_avx2_f32, backward_avx2_f32, scale_avx2_f32};
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f32, backward_avx2_f32, scale_avx2_f32};
     } else {
-      return {Avx2<T>::kNR, Avx2<T>::kMR, forward_avx2_f64, backward_avx2_f64, scale_avx2_f64};
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f64, backward_avx2_f64, scale_avx2_f64};
     }
   }
 #else
   (void)isa;
 #endif
   if constexpr (f32) {
-    return {Baseline<T>::kNR, Baseline<T>::kMR, forward_baseline_f32, backward_baseline_f32, scale_baseline_f32};
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f32, backward_baseline_f32, scale_baseline_f32};
   } else {
-    return {Baseline<T>::kNR, Baseline<T>::kMR, forward_baseline_f64, backward_baseline_f64, scale_baseline_f64};
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f64, backward_baseline_f64, scale_baseline_f64};
   }
 }
 

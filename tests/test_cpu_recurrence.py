@@ -129,14 +129,16 @@ def test_nonfinite_values_propagate_like_torch():
     torch.testing.assert_close(h_f, h_r, equal_nan=True)
 
 
-ISAS = ["avx2", "baseline"]
-SPLITS = ["rows", "cols"]
+# Each other kernel once, and each forced split at least once.
+CHILD_ENVS = [
+    dict(FASTRNN_CPU_SPLIT="cols"),
+    dict(FASTRNN_CPU_ISA="avx2", FASTRNN_CPU_SPLIT="rows"),
+    dict(FASTRNN_CPU_ISA="baseline", FASTRNN_CPU_SPLIT="cols"),
+]
 
 
 @pytest.mark.skipif(CHILD, reason="runs in the parent only")
-@pytest.mark.parametrize("env", [dict(FASTRNN_CPU_SPLIT=s) for s in SPLITS]
-                         + [dict(FASTRNN_CPU_ISA=i) for i in ISAS]
-                         + [dict(FASTRNN_CPU_ISA="avx2", FASTRNN_CPU_SPLIT="cols")],
+@pytest.mark.parametrize("env", CHILD_ENVS,
                          ids=lambda e: "-".join(f"{k[11:].lower()}={v}" for k, v in e.items()))
 def test_other_kernels_and_splits(env):
     """This file again, with the kernel capped at another ISA or the grid forced to split
@@ -146,7 +148,19 @@ def test_other_kernels_and_splits(env):
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(fastrnn.__file__)))
     child_env["PYTHONPATH"] = os.pathsep.join([pkg_root, child_env.get("PYTHONPATH", "")])
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         "-k", "not wide_hidden and not nonfinite"],
         env=child_env, capture_output=True, text=True, timeout=600,
         cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_fused_kernel_is_in_use(monkeypatch):
+    """The per-step BLAS path (FASTRNN_CPU_FUSED=0) sums in another order: if no bit differed,
+    the kernel would not be running and every test above would test the fallback."""
+    results = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("FASTRNN_CPU_FUSED", fused)
+        results.append(compare(128, 64, 6, "tanh", torch.float32))
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(*results))
+    assert not all(torch.equal(a, b) for a, b in zip(*results))

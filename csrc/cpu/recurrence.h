@@ -20,8 +20,8 @@
 // that split a recurrence's columns read each other's h_{t-1} and meet at a
 // spin barrier once per step; a row split needs no barrier at all; separate
 // recurrences never wait for each other. The grid is chosen per call by a
-// cost model (rows per tile, panels per slot, barrier cost, whether W_hh's
-// slice fits the L2 cache), simulated over the real batch sizes.
+// cost model (rows per tile, panels per slot, barriers), simulated over the
+// real batch sizes; rows win unless splitting them leaves tiles too short.
 //
 // Results are the same bits for any thread count and any grid: each output
 // element is summed over k in order by one accumulator, with the same vector
@@ -52,9 +52,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <unistd.h>
-#endif
 
 namespace fastrnn::cpu {
 
@@ -126,22 +123,15 @@ struct JobShape {
 
 // The cost model, in units of one vector FMA. A tile of m rows costs
 // max(2m, m + 2) per k with two panel vectors (FMA-bound from m = 2; one row
-// is bound by its loads). A barrier, with the skew between threads it
-// exposes, costs about 0.5 us.
+// is bound by its loads). A column split pays a barrier per step (about
+// 0.5 us) and, as measured, some 5% more for the skew between threads that
+// each barrier exposes (and much more when a thread is preempted: a row
+// split has nothing to wait for). Whether a slot's slice of W_hh fits its L2
+// did not matter here: a panel is reused by every row tile of the step, so
+// even W_hh at H = 512 (1 MB, a whole L2) per thread ran as fast split by
+// rows as by columns.
 constexpr double kBarrierCost = 2000;
-// A slice of W_hh beyond this share of L2 streams from L3 on every step.
-constexpr double kL3Penalty = 1.3;
-
-inline int64_t l2_bytes() {
-  static const int64_t bytes = [] {
-    int64_t b = 0;
-#if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
-    b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    return b > 0 ? b : int64_t(1) << 20;
-  }();
-  return bytes;
-}
+constexpr double kColumnSplitFactor = 1.05;
 
 inline double rows_cost(int64_t n, int mr) {
   if (n <= 0) return 0;
@@ -165,7 +155,6 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int nr, i
                       int64_t elem_bytes) {
   Plan plan;
   const int64_t R = static_cast<int64_t>(jobs.size());
-  const int64_t l2_budget = l2_bytes() * 3 / 4;
   const int forced = forced_split();
   for (int64_t r = 0; r < R; ++r) {
     const JobShape& job = jobs[r];
@@ -190,9 +179,9 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int nr, i
             const int64_t lo = split(batch, rs, g), hi = std::min(split(batch, rs, g + 1), st.count);
             worst = std::max(worst, rows_cost(hi - lo, mr));
           }
-          cost += worst * max_panels * H + (cs > 1 ? kBarrierCost : 0);
+          cost += cs > 1 ? worst * max_panels * H * kColumnSplitFactor + kBarrierCost
+                         : worst * max_panels * H;
         }
-        if (H * max_panels * nr * elem_bytes > l2_budget) cost *= kL3Penalty;
         // Ties go to the split with fewer barriers (rows first).
         if (cost < best * 0.999) {
           best = cost;

@@ -1,7 +1,8 @@
 """The CPU fused recurrence (csrc/cpu/recurrence.h) against torch.nn.RNN, on shapes that reach
 every path of the kernel: hidden sizes below, at and off the vector width and the panel width,
 batches below and off the tile height, packed uneven lengths in both directions, relu and tanh,
-float32 and float64, T = 1, one and two threads; and its claim that results do not depend on
+float32 and float64 (the kernel takes float64 with relu; float64 tanh checks the fallback), T = 1,
+one and two threads; and its claim that results do not depend on
 the thread count or on how rows and columns are split among threads.
 
 The other kernels of the binary (AVX2, baseline) and both splits are run on this machine by
@@ -101,6 +102,8 @@ def test_stacked_bidirectional_matches_torch(nonlinearity, threads):
 def test_same_bits_for_any_thread_count(packed, nonlinearity, dtype):
     """Each output element is one accumulator over k in order, so 1 and 2 threads (and row or
     column splits, in the child runs) give the same bits."""
+    if dtype == torch.float64 and nonlinearity == "tanh":
+        pytest.skip("float64 tanh runs the per-step BLAS path (recurrence.h: supports)")
     saved = torch.get_num_threads()
     results = []
     try:

@@ -91,8 +91,9 @@ struct CpuBackend {
     TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(out.get(), a.get(), b.get()));
   }
 
-  // The whole recurrence in one parallel region (recurrence.h) for float and
-  // double; bfloat16 and half step with one BLAS call per step.
+  // The whole recurrence in one parallel region (recurrence.h) where
+  // cpu::supports() takes it (float; double with relu); otherwise, and for
+  // bfloat16 and half, one BLAS call per step.
   static bool fused_forward(const SequenceLayout& L, bool reverse, bool relu, Tensor& out,
                             const Tensor& hx, const Tensor& w_hh) {
     switch (out.scalar_type()) {
@@ -117,7 +118,7 @@ struct CpuBackend {
   static bool forward_kernel(const SequenceLayout& L, bool reverse, bool relu, Tensor& out,
                              const Tensor& hx, const Tensor& w_hh) {
     const int64_t H = w_hh.size(0);
-    if (!cpu::supports<T>(H)) return false;
+    if (!cpu::supports<T>(H, relu ? Activation::Relu : Activation::Tanh)) return false;
     const std::vector<StepRows> steps = steps_in_order(L, reverse);
     const cpu::ForwardRecurrence<T> job{steps, H, out.mutable_data_ptr<T>(), H,
                                         hx.const_data_ptr<T>(), H, w_hh.const_data_ptr<T>(),
@@ -128,7 +129,7 @@ struct CpuBackend {
   static bool backward_kernel(const SequenceLayout& L, bool reverse, bool relu, Tensor& dA,
                               const Tensor& out, Tensor& grad_hx, const Tensor& w_hh) {
     const int64_t H = w_hh.size(0);
-    if (!cpu::supports<T>(H)) return false;
+    if (!cpu::supports<T>(H, relu ? Activation::Relu : Activation::Tanh)) return false;
     const std::vector<StepRows> steps = steps_in_order(L, reverse);
     const cpu::BackwardRecurrence<T> job{steps, H, dA.mutable_data_ptr<T>(), H,
                                          out.const_data_ptr<T>(), H,

@@ -29,9 +29,11 @@
 // (FMA or not): AVX-512 and AVX2 agree, the baseline path differs in the
 // last bits.
 //
-// Types: float (fast; tanh is activation.h's tanh_rational) and double
-// (vectorised GEMM, std::tanh). Others (bfloat16, half) are not taken:
-// supports<T>() is false and the caller keeps its per-step BLAS path.
+// Types: float (tanh is activation.h's tanh_rational) and double with relu.
+// Not taken (supports() is false; the caller keeps its per-step BLAS path):
+// double with tanh (std::tanh per element took twice the per-step path's
+// whole time; torch's vectorised tanh_ is not reachable from inside the
+// kernel), bfloat16 and half.
 #pragma once
 
 #include "../activation.h"
@@ -91,11 +93,12 @@ inline bool enabled() {
   return !(v && v[0] == '0' && v[1] == 0);
 }
 
-// Whether the fused kernel takes this dtype and hidden size; where it does
-// not, the caller steps with one GEMM per step.
+// Whether the fused kernel takes this dtype, hidden size and activation;
+// where it does not, the caller steps with one GEMM per step.
 template <typename T>
-bool supports(int64_t hidden) {
-  return (std::is_same_v<T, float> || std::is_same_v<T, double>) && hidden >= 1 && enabled();
+bool supports(int64_t hidden, Activation act) {
+  const bool dtype = std::is_same_v<T, float> || (std::is_same_v<T, double> && act == Activation::Relu);
+  return dtype && hidden >= 1 && enabled();
 }
 
 namespace detail {
@@ -286,7 +289,7 @@ std::vector<JobShape> shapes_of(std::span<const Job> jobs) {
 template <typename T>
 bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
   for (const auto& j : jobs) {
-    if (!supports<T>(j.hidden)) return false;
+    if (!supports<T>(j.hidden, j.act)) return false;
   }
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
@@ -319,7 +322,7 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
 template <typename T>
 bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
   for (const auto& j : jobs) {
-    if (!supports<T>(j.hidden)) return false;
+    if (!supports<T>(j.hidden, j.act)) return false;
   }
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());

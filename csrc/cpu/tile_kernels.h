@@ -102,6 +102,8 @@ struct TileKernel {
     if constexpr (std::is_same_v<T, float>) {
       tanh_rational_inplace(v);
     } else {
+      // Correct but slow: recurrence.h's supports() leaves double tanh to
+      // the per-step path.
       for (int l = 0; l < N; ++l) v[l] = std::tanh(v[l]);
     }
   }

@@ -8,9 +8,14 @@ measured in the same run (the best of repeated 2048^3 float32 GEMMs, re-measured
 shapes, best kept): on a shared machine only ratios within one run mean anything.
 
     python benchmarks/cpu_seed.py [--repeats N] [--markdown FILE] [--shapes NAME ...]
+                                  [--onednn LIB]
+
+--onednn adds oneDNN's vanilla RNN primitive as a fourth contender, from a library built from
+benchmarks/onednn_rnn.cpp (see there); oneDNN is not a dependency of fastrnn.
 """
 
 import argparse
+import ctypes
 import os
 import platform
 import subprocess
@@ -52,12 +57,30 @@ def with_fused(step, fused):
     return run
 
 
+def onednn_contender(lib, layers, nl, hidden, batch, steps, backward):
+    """A step running oneDNN's RNN primitives on this shape (weights already in its layout)."""
+    lib.onednn_rnn_create.restype = ctypes.c_void_p
+    lib.onednn_rnn_run.argtypes = [ctypes.c_void_p]
+    handle = lib.onednn_rnn_create(steps, batch, INPUT, hidden, layers, int(nl == "relu"),
+                                   int(backward))
+    return lambda: lib.onednn_rnn_run(handle)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--shapes", nargs="*", help="only these shapes (names as in the table)")
+    parser.add_argument("--onednn", help="a library built from benchmarks/onednn_rnn.cpp")
+    parser.add_argument("--stat", choices=["median", "min"], default="median",
+                        help="min: on a loaded machine, the runs least disturbed")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Loaded after torch, so that oneDNN's libgomp.so.1 is torch's (one OpenMP runtime).
+    onednn = ctypes.CDLL(args.onednn) if args.onednn else None
+    contenders = CONTENDERS + (["oneDNN 3.x RNN"] if onednn else [])
 
     torch.manual_seed(0)
     peak = sgemm_peak()
@@ -70,26 +93,32 @@ def main():
         x = torch.randn(batch, steps, INPUT)
         for backward in (True, False):
             fast_step = make_step(fast, (x,), backward)
-            times = time_interleaved(
-                [make_step(ref, (x,), backward), with_fused(fast_step, False), with_fused(fast_step, True)],
-                repeats=args.repeats)
+            steps_ = [make_step(ref, (x,), backward), with_fused(fast_step, False),
+                      with_fused(fast_step, True)]
+            if onednn:
+                steps_.append(onednn_contender(onednn, layers, nl, hidden, batch, steps, backward))
+            times = time_interleaved(steps_, repeats=args.repeats)
             flops = rnn_flops(steps, batch, INPUT, hidden, layers, backward=backward)
             rows.append((name, "fwd+bwd" if backward else "inference",
-                         [t["median"] for t in times], flops))
+                         [t[args.stat] for t in times], flops))
         # The sgemm peak drifts with the machine's load: re-measure, keep the best.
         peak = max(peak, sgemm_peak(samples=3))
 
     lines = [
         f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"sgemm peak {peak / 1e9:.0f} GFLOP/s (best 2048^3), input={INPUT}, "
-        f"median of {args.repeats} interleaved runs; ms (% of the sgemm peak)",
+        f"{args.stat} of {args.repeats} interleaved runs; ms (% of the sgemm peak)",
         "",
-        "| shape | pass | " + " | ".join(CONTENDERS) + " | fused vs torch | fused vs per-step |",
-        "|---|---|" + "---|" * len(CONTENDERS) + "---|---|",
+        "| shape | pass | " + " | ".join(contenders) + " | fused vs torch | fused vs per-step |"
+        + (" fused vs oneDNN |" if onednn else ""),
+        "|---|---|" + "---|" * len(contenders) + "---|---|" + ("---|" if onednn else ""),
     ]
     for name, kind, ts, flops in rows:
         cells = " | ".join(f"{t * 1e3:.2f} ({flops / t / peak:.0%})" for t in ts)
-        lines.append(f"| {name} | {kind} | {cells} | {ts[0] / ts[2]:.2f}x | {ts[1] / ts[2]:.2f}x |")
+        line = f"| {name} | {kind} | {cells} | {ts[0] / ts[2]:.2f}x | {ts[1] / ts[2]:.2f}x |"
+        if onednn:
+            line += f" {ts[3] / ts[2]:.2f}x |"
+        lines.append(line)
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -10,7 +10,9 @@
 // before it; rows [carried, count) start from the same rows of h0.
 //
 // How it runs. The kernel runs inside one torch::stable::parallel_for over
-// "slots" (at most get_num_threads()). Each recurrence gets one or more slots
+// "slots" (at most get_num_threads(), and at most the CPUs there are: a slot
+// waits for the others at its barriers, so two must never share a CPU). Each
+// recurrence gets one or more slots
 // arranged as a grid: row groups (blocks of batch rows, independent for the
 // whole sequence) times column groups (blocks of hidden units). A slot owns
 // its rows x columns of every step and packs its columns of W_hh once per
@@ -51,6 +53,7 @@
 #include <new>
 #include <span>
 #include <string_view>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -124,16 +127,17 @@ struct JobShape {
   int64_t hidden;
 };
 
-// The cost model, in units of one vector FMA. A tile of m rows costs
-// max(2m, m + 2) per k with two panel vectors (FMA-bound from m = 2; one row
-// is bound by its loads). A column split pays a barrier per step (about
-// 0.5 us) and, as measured, some 5% more for the skew between threads that
-// each barrier exposes (and much more when a thread is preempted: a row
-// split has nothing to wait for). Whether a slot's slice of W_hh fits its L2
-// did not matter here: a panel is reused by every row tile of the step, so
-// even W_hh at H = 512 (1 MB, a whole L2) per thread ran as fast split by
-// rows as by columns.
-constexpr double kBarrierCost = 2000;
+// The cost model, in units of one vector FMA (half a cycle). A tile of m rows
+// costs max(2m, m + 2) per k with two panel vectors (FMA-bound from m = 2;
+// one row is bound by its loads). A column split pays a barrier per step and
+// some 5% for the skew between threads that each barrier exposes. The
+// barrier is charged at 1-2 us, several times what it takes on an idle
+// machine: a step of a few microseconds (B = 1, H = 256) ran slower split
+// than on one thread, and much slower when a waiter's partner was preempted;
+// a row split has nothing to wait for. Whether a slot's slice of W_hh fits
+// its L2 did not matter: a panel is reused by every row tile of a step, and
+// W_hh at H = 512 (1 MB, a whole L2 here) ran as fast split by rows.
+constexpr double kBarrierCost = 10000;
 constexpr double kColumnSplitFactor = 1.05;
 
 inline double rows_cost(int64_t n, int mr) {
@@ -216,6 +220,13 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int nr, i
   return plan;
 }
 
+// Threads to plan for: torch's intra-op threads, but no more than the CPUs.
+inline int64_t slot_budget() {
+  const int64_t threads = torch::stable::get_num_threads();
+  const int64_t cpus = std::thread::hardware_concurrency();
+  return std::max<int64_t>(1, cpus > 0 ? std::min(threads, cpus) : threads);
+}
+
 template <typename T>
 struct AlignedBuffer {
   T* data = nullptr;
@@ -295,7 +306,7 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
     const std::vector<detail::JobShape> shapes = detail::shapes_of(jobs);
     const detail::Plan plan =
-        detail::make_plan(shapes, torch::stable::get_num_threads(), ks.nr, ks.mr, sizeof(T));
+        detail::make_plan(shapes, detail::slot_budget(), ks.nr, ks.mr, sizeof(T));
     detail::run_slots<T>(jobs, plan, ks, 0,
                          [&](const detail::Slot& s, const ForwardRecurrence<T>& j,
                              const T* panels, int64_t p) {
@@ -328,7 +339,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
     const std::vector<detail::JobShape> shapes = detail::shapes_of(jobs);
     const detail::Plan plan =
-        detail::make_plan(shapes, torch::stable::get_num_threads(), ks.nr, ks.mr, sizeof(T));
+        detail::make_plan(shapes, detail::slot_budget(), ks.nr, ks.mr, sizeof(T));
     // Phase 0 finishes the last step's dA; phase q >= 1 runs step n - q's
     // GEMM, whose epilogue finishes the earlier step's carried rows, and
     // finishes that step's other rows (no later step feeds them).

@@ -43,10 +43,10 @@ class alignas(64) SpinBarrier {
   }
 
   void wait(int64_t ticket) const {
-    // Spin with a pause; after a while also yield, so that a waiter on an
-    // oversubscribed machine gives its core to the thread it waits for.
+    // Spin with a pause; after some 10-50 us also yield, so that a waiter on
+    // an oversubscribed machine gives its core to the thread it waits for.
     for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == ticket; ++spins) {
-      if (spins < (1 << 14)) {
+      if (spins < (1 << 11)) {
         spin_pause();
       } else {
         std::this_thread::yield();

@@ -5,8 +5,10 @@ float32 and float64 (the kernel takes float64 with relu; float64 tanh checks the
 one and two threads; and its claim that results do not depend on
 the thread count or on how rows and columns are split among threads.
 
-The other kernels of the binary (AVX2, baseline) and both splits are run on this machine by
-re-running this file in child processes with FASTRNN_CPU_ISA / FASTRNN_CPU_SPLIT set."""
+The other kernels of the binary (AVX2, baseline), both splits, and the input projection and
+gradient products on the same tiles (csrc/cpu/linear.h, on by default only on AMD) are run on
+this machine by re-running this file in child processes with FASTRNN_CPU_ISA /
+FASTRNN_CPU_SPLIT / FASTRNN_CPU_LINEAR set."""
 
 import itertools
 import os
@@ -132,17 +134,18 @@ def test_nonfinite_values_propagate_like_torch():
     torch.testing.assert_close(h_f, h_r, equal_nan=True)
 
 
-# Each other kernel once, and each forced split at least once.
+# Each other kernel once, each forced split at least once, and the products around the
+# recurrence (linear.h) on our kernels and on BLAS whatever the CPU's vendor.
 CHILD_ENVS = [
-    dict(FASTRNN_CPU_SPLIT="cols"),
-    dict(FASTRNN_CPU_ISA="avx2", FASTRNN_CPU_SPLIT="rows"),
-    dict(FASTRNN_CPU_ISA="baseline", FASTRNN_CPU_SPLIT="cols"),
+    dict(FASTRNN_CPU_SPLIT="cols", FASTRNN_CPU_LINEAR="1"),
+    dict(FASTRNN_CPU_ISA="avx2", FASTRNN_CPU_SPLIT="rows", FASTRNN_CPU_LINEAR="1"),
+    dict(FASTRNN_CPU_ISA="baseline", FASTRNN_CPU_SPLIT="cols", FASTRNN_CPU_LINEAR="0"),
 ]
 
 
 @pytest.mark.skipif(CHILD, reason="runs in the parent only")
 @pytest.mark.parametrize("env", CHILD_ENVS,
-                         ids=lambda e: "-".join(f"{k[11:].lower()}={v}" for k, v in e.items()))
+                         ids=lambda e: "-".join(f"{k[12:].lower()}={v}" for k, v in e.items()))
 def test_other_kernels_and_splits(env):
     """This file again, with the kernel capped at another ISA or the grid forced to split
     rows or columns (where the shape allows). A cap above what the CPU runs changes nothing,

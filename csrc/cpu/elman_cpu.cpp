@@ -2,6 +2,7 @@
 // recurrence (recurrence.h) for float and double, and BLAS GEMMs through
 // torch's CPU shims for everything else.
 #include "../elman_driver.h"
+#include "linear.h"
 #include "recurrence.h"
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
@@ -83,12 +84,73 @@ struct CpuBackend {
 
   static void addmm(Tensor& out, const Tensor& self, const Tensor& a,
                     const Tensor& b) {
+    if (self.dim() == 1 && own_linear(out, &self, a, b)) return;
+    // out += a b, out = self (dW_hh's second block of rows)
+    if (self.dim() == 2 && self.data_ptr() == out.data_ptr() && self.stride(0) == out.stride(0) &&
+        self.stride(1) == out.stride(1) && own_linear(out, nullptr, a, b, true)) {
+      return;
+    }
     TORCH_ERROR_CODE_CHECK(
         aoti_torch_cpu_addmm_out(out.get(), self.get(), a.get(), b.get(), 1.0, 1.0));
   }
 
   static void mm(Tensor& out, const Tensor& a, const Tensor& b) {
+    if (own_linear(out, nullptr, a, b)) return;
     TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(out.get(), a.get(), b.get()));
+  }
+
+  // out = a b (+ bias) (+ out) through cpu::linear where it beats BLAS
+  // (linear.h): out contiguous [M, N] not overlapping a or b, a and b each
+  // row- or column-major, bias [N] contiguous; anything else goes to BLAS.
+  static bool own_linear(Tensor& out, const Tensor* bias, const Tensor& a, const Tensor& b,
+                         bool accumulate = false) {
+    if (!cpu::prefer_linear()) return false;
+    switch (out.scalar_type()) {
+      case ScalarType::Float: return own_linear_typed<float>(out, bias, a, b, accumulate);
+      case ScalarType::Double: return own_linear_typed<double>(out, bias, a, b, accumulate);
+      default: return false;
+    }
+  }
+  template <typename T>
+  static bool own_linear_typed(Tensor& out, const Tensor* bias, const Tensor& a, const Tensor& b,
+                               bool accumulate) {
+    if (out.dim() != 2 || a.dim() != 2 || b.dim() != 2 || !out.is_contiguous()) return false;
+    const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+    if (M < 2 || K < 2 || N < 2 || b.size(0) != K) return false;
+    if (a.scalar_type() != out.scalar_type() || b.scalar_type() != out.scalar_type()) return false;
+    cpu::LinearProduct<T> p;
+    p.rows = M;
+    p.cols = N;
+    p.depth = K;
+    p.a = a.const_data_ptr<T>();
+    if (a.stride(1) == 1) {
+      p.lda = a.stride(0);
+    } else if (a.stride(0) == 1) {
+      p.a_transposed = true;
+      p.lda = a.stride(1);
+    } else {
+      return false;
+    }
+    p.accumulate = accumulate;
+    if (b.stride(0) == 1) {
+      p.w_transposed = true;
+      p.ldw = b.stride(1);
+    } else if (b.stride(1) == 1) {
+      p.ldw = b.stride(0);
+    } else {
+      return false;
+    }
+    p.w = b.const_data_ptr<T>();
+    if (bias) {
+      if (bias->size(0) != N || !bias->is_contiguous() ||
+          bias->scalar_type() != out.scalar_type()) {
+        return false;
+      }
+      p.bias = bias->const_data_ptr<T>();
+    }
+    p.c = out.mutable_data_ptr<T>();
+    p.ldc = N;
+    return cpu::linear(p);
   }
 
   // The whole recurrence in one parallel region (recurrence.h) where

@@ -261,7 +261,7 @@ void run_slots(std::span<const Job> jobs, const Plan& plan, const KernelSet<T>& 
     for (int64_t i = begin; i < end; ++i) {
       const Slot& s = plan.slots[i];
       const Job& j = jobs[s.job];
-      pack_panels(j.w_hh, j.hidden, ks.nr, ks.lanes, /*transposed=*/!std::is_same_v<Job, BackwardRecurrence<T>>,
+      pack_panels(j.w_hh, j.hidden, j.hidden, j.hidden, ks.nr, ks.lanes, /*transposed=*/!std::is_same_v<Job, BackwardRecurrence<T>>,
                   s.panel_begin, s.panel_end, pack.data + s.pack_offset);
     }
     for (int64_t p = 0; p < phases; ++p) {

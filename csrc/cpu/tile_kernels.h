@@ -42,6 +42,14 @@ struct Rows {
   T* row(int64_t i) const { return base + i * ld; }
 };
 
+// What a tile does with its sums.
+enum class Epilogue {
+  Forward,   // d = act(d + acc)                      (d holds P)
+  Backward,  // d_lo = (d_lo + acc) * act'(y_lo); d_hi = acc
+  Linear,    // d = acc + bias (+ d if accumulate)    (bias may be null)
+  LinearAT,  // as Linear, with A transposed: A(i, k) at a_lo.base[k * a_lo.ld + i]
+};
+
 // One thread's share of one step: rows [row_begin, row_end) of the step and
 // the columns of panels [panel_begin, panel_end).
 template <typename T>
@@ -55,10 +63,12 @@ struct StepTask {
   Rows<T> d_lo, d_hi;
   int64_t d_split = 0;
   Rows<const T> y_lo;
+  const T* bias = nullptr;  // Linear: [H] or null
+  bool accumulate = false;  // Linear: add to what d holds
   int64_t row_begin = 0, row_end = 0;
   const T* panels = nullptr;  // [panel_end - panel_begin][K][NR], 64-byte aligned
   int64_t panel_begin = 0, panel_end = 0;
-  int64_t K = 0;  // reduction length (H)
+  int64_t K = 0;  // reduction length (H; the input size for a Linear product)
   int64_t H = 0;  // output columns
   Activation act = Activation::Tanh;
 };
@@ -130,10 +140,28 @@ struct TileKernel {
   // panel of W vectors (nc <= W * N). A vector that straddles nc is moved
   // lane by lane, so that its columns see exactly the arithmetic of a full
   // one (a library memcpy per row cost more than the row's tanh).
-  template <int W, bool Backward>
+  template <int W, Epilogue E>
   static FASTRNN_INLINE void finish_row(const StepTask<T>& t, int64_t i, int64_t c0, int nc,
                                         V (&acc)[W]) {
-    if constexpr (!Backward) {
+    if constexpr (E == Epilogue::Linear || E == Epilogue::LinearAT) {
+      T* d = t.d_lo.row(i) + c0;
+      for (int v = 0; v < W; ++v) {
+        const int n = std::min(N, nc - v * N);
+        if (n <= 0) break;
+        V h = acc[v];
+        if (t.bias) {
+          V b;
+          load_part(b, t.bias + c0 + v * N, n);
+          h = b + h;
+        }
+        if (t.accumulate) {
+          V old;
+          load_part(old, d + v * N, n);
+          h = old + h;
+        }
+        store_part(d + v * N, h, n);
+      }
+    } else if constexpr (E == Epilogue::Forward) {
       T* d = t.d_lo.row(i) + c0;
       for (int v = 0; v < W; ++v) {
         const int n = std::min(N, nc - v * N);
@@ -168,42 +196,56 @@ struct TileKernel {
   }
 
   // Rows [i0, i0 + M) by one panel of W vectors ([K][W * N]).
-  template <int M, int W, bool Backward>
+  template <int M, int W, Epilogue E>
   static FASTRNN_INLINE void tile(const StepTask<T>& t, int64_t i0, const T* panel, int64_t c0,
                                   int nc) {
-    const T* a[M];
-    for (int r = 0; r < M; ++r) {
-      const int64_t i = i0 + r;
-      a[r] = i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i);
-    }
     V acc[M][W];
     for (int r = 0; r < M; ++r) {
       for (int v = 0; v < W; ++v) acc[r][v] = V{};
     }
     const int64_t K = t.K;
-    for (int64_t k = 0; k < K; ++k) {
-      V b[W];
-      for (int v = 0; v < W; ++v) simd::load(b[v], panel + (k * W + v) * N);
+    if constexpr (E == Epilogue::LinearAT) {
+      // The tile's M values of A at each k are adjacent (one cache line).
+      const T* a = t.a_lo.base + i0;
+      const int64_t lda = t.a_lo.ld;
+      for (int64_t k = 0; k < K; ++k) {
+        V b[W];
+        for (int v = 0; v < W; ++v) simd::load(b[v], panel + (k * W + v) * N);
+        for (int r = 0; r < M; ++r) {
+          const T x = a[k * lda + r];
+          for (int v = 0; v < W; ++v) acc[r][v] = acc[r][v] + x * b[v];
+        }
+      }
+    } else {
+      const T* a[M];
       for (int r = 0; r < M; ++r) {
-        const T x = a[r][k];
-        for (int v = 0; v < W; ++v) acc[r][v] = acc[r][v] + x * b[v];
+        const int64_t i = i0 + r;
+        a[r] = i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        V b[W];
+        for (int v = 0; v < W; ++v) simd::load(b[v], panel + (k * W + v) * N);
+        for (int r = 0; r < M; ++r) {
+          const T x = a[r][k];
+          for (int v = 0; v < W; ++v) acc[r][v] = acc[r][v] + x * b[v];
+        }
       }
     }
-    for (int r = 0; r < M; ++r) finish_row<W, Backward>(t, i0 + r, c0, nc, acc[r]);
+    for (int r = 0; r < M; ++r) finish_row<W, E>(t, i0 + r, c0, nc, acc[r]);
   }
 
   // A tile of m rows, 1 <= m <= MR: one unrolled kernel per row count.
-  template <int W, bool Backward, int M = MR>
+  template <int W, Epilogue E, int M = MR>
   static FASTRNN_INLINE void tile_rows(int m, const StepTask<T>& t, int64_t i0, const T* panel,
                                        int64_t c0, int nc) {
     if (m == M) {
-      tile<M, W, Backward>(t, i0, panel, c0, nc);
+      tile<M, W, E>(t, i0, panel, c0, nc);
     } else if constexpr (M > 1) {
-      tile_rows<W, Backward, M - 1>(m, t, i0, panel, c0, nc);
+      tile_rows<W, E, M - 1>(m, t, i0, panel, c0, nc);
     }
   }
 
-  template <int W, bool Backward>
+  template <int W, Epilogue E>
   static FASTRNN_INLINE void panel_rows(const StepTask<T>& t, const T* panel, int64_t c0, int nc) {
     // Row tiles as even as possible (50 rows: 8 + 6 * 7, not 6 * 8 + 2).
     const int64_t n = t.row_end - t.row_begin;
@@ -212,12 +254,12 @@ struct TileKernel {
     int64_t i = t.row_begin;
     for (int64_t b = 0; b < tiles; ++b) {
       const int m = static_cast<int>(base + (b < extra));
-      tile_rows<W, Backward>(m, t, i, panel, c0, nc);
+      tile_rows<W, E>(m, t, i, panel, c0, nc);
       i += m;
     }
   }
 
-  template <bool Backward>
+  template <Epilogue E>
   static FASTRNN_INLINE void step(const StepTask<T>& t) {
     if (t.row_end <= t.row_begin) return;
     for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
@@ -226,9 +268,9 @@ struct TileKernel {
       const int nc = static_cast<int>(std::min<int64_t>(kNR, t.H - c0));
       // The last panel is one vector wide where its columns fit in one.
       if (NV > 1 && nc <= N) {
-        panel_rows<1, Backward>(t, panel, c0, nc);
+        panel_rows<1, E>(t, panel, c0, nc);
       } else {
-        panel_rows<NV, Backward>(t, panel, c0, nc);
+        panel_rows<NV, E>(t, panel, c0, nc);
       }
     }
   }
@@ -256,26 +298,29 @@ inline int panel_width(int64_t H, int nr, int lanes, int64_t p) {
   return nc <= lanes ? lanes : nr;
 }
 
-// Packs W's panels [panel_begin, panel_end) for the forward (transposed:
-// panel[k][c] = W[p*nr + c][k]) or the backward (panel[j][c] = W[j][p*nr + c]),
-// zero beyond H. Panel p starts at (p - panel_begin) * H * nr.
+// Packs the panels [panel_begin, panel_end) of a product's right operand B
+// ([K][cols]) from a row-major W with row stride ldw: transposed, B = W^T
+// (W is [cols][K]: panel[k][c] = W[p*nr + c][k]; the forward's W_hh^T, an
+// input projection's W_ih^T), or not, B = W (W is [K][cols]: panel[k][c] =
+// W[k][p*nr + c]; the backward's W_hh). Zero beyond cols; panel p starts at
+// (p - panel_begin) * K * nr.
 template <typename T>
-void pack_panels(const T* w, int64_t H, int nr, int lanes, bool transposed, int64_t panel_begin,
-                 int64_t panel_end, T* dst) {
+void pack_panels(const T* w, int64_t ldw, int64_t cols, int64_t K, int nr, int lanes,
+                 bool transposed, int64_t panel_begin, int64_t panel_end, T* dst) {
   for (int64_t p = panel_begin; p < panel_end; ++p) {
-    T* panel = dst + (p - panel_begin) * H * nr;
+    T* panel = dst + (p - panel_begin) * K * nr;
     const int64_t c0 = p * nr;
-    const int nc = static_cast<int>(std::min<int64_t>(nr, H - c0));
-    const int width = panel_width(H, nr, lanes, p);
+    const int nc = static_cast<int>(std::min<int64_t>(nr, cols - c0));
+    const int width = panel_width(cols, nr, lanes, p);
     if (transposed) {
       // In blocks of 16 k: the block's rows of W are read a cache line at a
       // time and its panel rows stay in L1 while they fill.
       constexpr int64_t kb = 16;
-      for (int64_t k0 = 0; k0 < H; k0 += kb) {
-        const int64_t k1 = std::min(H, k0 + kb);
+      for (int64_t k0 = 0; k0 < K; k0 += kb) {
+        const int64_t k1 = std::min(K, k0 + kb);
         for (int c = 0; c < width; ++c) {
           if (c < nc) {
-            const T* src = w + (c0 + c) * H;
+            const T* src = w + (c0 + c) * ldw;
             for (int64_t k = k0; k < k1; ++k) panel[k * width + c] = src[k];
           } else {
             for (int64_t k = k0; k < k1; ++k) panel[k * width + c] = T(0);
@@ -283,9 +328,9 @@ void pack_panels(const T* w, int64_t H, int nr, int lanes, bool transposed, int6
         }
       }
     } else {
-      for (int64_t j = 0; j < H; ++j) {
-        std::memcpy(panel + j * width, w + j * H + c0, nc * sizeof(T));
-        std::fill(panel + j * width + nc, panel + (j + 1) * width, T(0));
+      for (int64_t k = 0; k < K; ++k) {
+        std::memcpy(panel + k * width, w + k * ldw + c0, nc * sizeof(T));
+        std::fill(panel + k * width + nc, panel + (k + 1) * width, T(0));
       }
     }
   }
@@ -299,6 +344,8 @@ struct KernelSet {
   int lanes;  // columns per vector (the width of a narrow last panel)
   void (*forward)(const StepTask<T>&);
   void (*backward)(const StepTask<T>&);
+  void (*linear)(const StepTask<T>&);
+  void (*linear_at)(const StepTask<T>&);
   void (*scale)(const ScaleTask<T>&);
 };
 
@@ -311,11 +358,15 @@ namespace kernels {
 template <typename T>
 using Baseline = TileKernel<T, 16 / sizeof(T), 2, 4>;
 
-inline void forward_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<false>(t); }
-inline void backward_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<true>(t); }
+inline void forward_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<Epilogue::Forward>(t); }
+inline void backward_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<Epilogue::Backward>(t); }
+inline void linear_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<Epilogue::Linear>(t); }
+inline void linear_at_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<Epilogue::LinearAT>(t); }
 inline void scale_baseline_f32(const ScaleTask<float>& s) { Baseline<float>::scale(s); }
-inline void forward_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<false>(t); }
-inline void backward_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<true>(t); }
+inline void forward_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<Epilogue::Forward>(t); }
+inline void backward_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<Epilogue::Backward>(t); }
+inline void linear_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<Epilogue::Linear>(t); }
+inline void linear_at_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<Epilogue::LinearAT>(t); }
 inline void scale_baseline_f64(const ScaleTask<double>& s) { Baseline<double>::scale(s); }
 
 #if FASTRNN_X86_DISPATCH
@@ -324,18 +375,26 @@ using Avx2 = TileKernel<T, 32 / sizeof(T), 2, 6>;
 template <typename T>
 using Avx512 = TileKernel<T, 64 / sizeof(T), 2, 8>;
 
-FASTRNN_TARGET_AVX2 inline void forward_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<false>(t); }
-FASTRNN_TARGET_AVX2 inline void backward_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<true>(t); }
+FASTRNN_TARGET_AVX2 inline void forward_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<Epilogue::Forward>(t); }
+FASTRNN_TARGET_AVX2 inline void backward_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<Epilogue::Backward>(t); }
+FASTRNN_TARGET_AVX2 inline void linear_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<Epilogue::Linear>(t); }
+FASTRNN_TARGET_AVX2 inline void linear_at_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<Epilogue::LinearAT>(t); }
 FASTRNN_TARGET_AVX2 inline void scale_avx2_f32(const ScaleTask<float>& s) { Avx2<float>::scale(s); }
-FASTRNN_TARGET_AVX2 inline void forward_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<false>(t); }
-FASTRNN_TARGET_AVX2 inline void backward_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<true>(t); }
+FASTRNN_TARGET_AVX2 inline void forward_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<Epilogue::Forward>(t); }
+FASTRNN_TARGET_AVX2 inline void backward_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<Epilogue::Backward>(t); }
+FASTRNN_TARGET_AVX2 inline void linear_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<Epilogue::Linear>(t); }
+FASTRNN_TARGET_AVX2 inline void linear_at_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<Epilogue::LinearAT>(t); }
 FASTRNN_TARGET_AVX2 inline void scale_avx2_f64(const ScaleTask<double>& s) { Avx2<double>::scale(s); }
 
-FASTRNN_TARGET_AVX512 inline void forward_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<false>(t); }
-FASTRNN_TARGET_AVX512 inline void backward_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<true>(t); }
+FASTRNN_TARGET_AVX512 inline void forward_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Forward>(t); }
+FASTRNN_TARGET_AVX512 inline void backward_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Backward>(t); }
+FASTRNN_TARGET_AVX512 inline void linear_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Linear>(t); }
+FASTRNN_TARGET_AVX512 inline void linear_at_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<Epilogue::LinearAT>(t); }
 FASTRNN_TARGET_AVX512 inline void scale_avx512_f32(const ScaleTask<float>& s) { Avx512<float>::scale(s); }
-FASTRNN_TARGET_AVX512 inline void forward_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<false>(t); }
-FASTRNN_TARGET_AVX512 inline void backward_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<true>(t); }
+FASTRNN_TARGET_AVX512 inline void forward_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<Epilogue::Forward>(t); }
+FASTRNN_TARGET_AVX512 inline void backward_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<Epilogue::Backward>(t); }
+FASTRNN_TARGET_AVX512 inline void linear_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<Epilogue::Linear>(t); }
+FASTRNN_TARGET_AVX512 inline void linear_at_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<Epilogue::LinearAT>(t); }
 FASTRNN_TARGET_AVX512 inline void scale_avx512_f64(const ScaleTask<double>& s) { Avx512<double>::scale(s); }
 #endif
 
@@ -348,25 +407,25 @@ KernelSet<T> kernel_set(simd::Isa isa) {
 #if FASTRNN_X86_DISPATCH
   if (isa == simd::Isa::Avx512) {
     if constexpr (f32) {
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, scale_avx512_f32};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, linear_avx512_f32, linear_at_avx512_f32, scale_avx512_f32};
     } else {
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, scale_avx512_f64};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, linear_avx512_f64, linear_at_avx512_f64, scale_avx512_f64};
     }
   }
   if (isa == simd::Isa::Avx2) {
     if constexpr (f32) {
-      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f32, backward_avx2_f32, scale_avx2_f32};
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f32, backward_avx2_f32, linear_avx2_f32, linear_at_avx2_f32, scale_avx2_f32};
     } else {
-      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f64, backward_avx2_f64, scale_avx2_f64};
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f64, backward_avx2_f64, linear_avx2_f64, linear_at_avx2_f64, scale_avx2_f64};
     }
   }
 #else
   (void)isa;
 #endif
   if constexpr (f32) {
-    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f32, backward_baseline_f32, scale_baseline_f32};
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f32, backward_baseline_f32, linear_baseline_f32, linear_at_baseline_f32, scale_baseline_f32};
   } else {
-    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f64, backward_baseline_f64, scale_baseline_f64};
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f64, backward_baseline_f64, linear_baseline_f64, linear_at_baseline_f64, scale_baseline_f64};
   }
 }
 

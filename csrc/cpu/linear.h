@@ -56,7 +56,8 @@ inline bool prefer_linear() {
 }
 
 // Computes p; false (nothing done) for a dtype other than float / double, an
-// empty product or K > kMaxDepth, so that the caller falls back to BLAS.
+// empty product, K > kMaxDepth or a CPU without AVX-512, so that the caller
+// falls back to BLAS.
 template <typename T>
 bool linear(const LinearProduct<T>& p) {
   if constexpr (!(std::is_same_v<T, float> || std::is_same_v<T, double>)) {
@@ -66,6 +67,7 @@ bool linear(const LinearProduct<T>& p) {
     // stream from L3 once per panel and BLAS, which blocks, is faster.
     if (p.rows <= 0 || p.cols <= 0 || p.depth <= 0 || p.depth > kMaxDepth) return false;
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
+    if (!ks.linear) return false;
     const int64_t panels = (p.cols + ks.nr - 1) / ks.nr;
     const int64_t budget = detail::slot_budget();
     // Packing an element of B costs about as much as 50 of a tile's

@@ -344,6 +344,8 @@ struct KernelSet {
   int lanes;  // columns per vector (the width of a narrow last panel)
   void (*forward)(const StepTask<T>&);
   void (*backward)(const StepTask<T>&);
+  // Linear / LinearAT (linear.h): AVX-512 only, the one ISA that uses them
+  // by default (null elsewhere: the caller keeps BLAS).
   void (*linear)(const StepTask<T>&);
   void (*linear_at)(const StepTask<T>&);
   void (*scale)(const ScaleTask<T>&);
@@ -360,13 +362,9 @@ using Baseline = TileKernel<T, 16 / sizeof(T), 2, 4>;
 
 inline void forward_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<Epilogue::Forward>(t); }
 inline void backward_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<Epilogue::Backward>(t); }
-inline void linear_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<Epilogue::Linear>(t); }
-inline void linear_at_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<Epilogue::LinearAT>(t); }
 inline void scale_baseline_f32(const ScaleTask<float>& s) { Baseline<float>::scale(s); }
 inline void forward_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<Epilogue::Forward>(t); }
 inline void backward_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<Epilogue::Backward>(t); }
-inline void linear_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<Epilogue::Linear>(t); }
-inline void linear_at_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<Epilogue::LinearAT>(t); }
 inline void scale_baseline_f64(const ScaleTask<double>& s) { Baseline<double>::scale(s); }
 
 #if FASTRNN_X86_DISPATCH
@@ -377,13 +375,9 @@ using Avx512 = TileKernel<T, 64 / sizeof(T), 2, 8>;
 
 FASTRNN_TARGET_AVX2 inline void forward_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<Epilogue::Forward>(t); }
 FASTRNN_TARGET_AVX2 inline void backward_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<Epilogue::Backward>(t); }
-FASTRNN_TARGET_AVX2 inline void linear_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<Epilogue::Linear>(t); }
-FASTRNN_TARGET_AVX2 inline void linear_at_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<Epilogue::LinearAT>(t); }
 FASTRNN_TARGET_AVX2 inline void scale_avx2_f32(const ScaleTask<float>& s) { Avx2<float>::scale(s); }
 FASTRNN_TARGET_AVX2 inline void forward_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<Epilogue::Forward>(t); }
 FASTRNN_TARGET_AVX2 inline void backward_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<Epilogue::Backward>(t); }
-FASTRNN_TARGET_AVX2 inline void linear_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<Epilogue::Linear>(t); }
-FASTRNN_TARGET_AVX2 inline void linear_at_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<Epilogue::LinearAT>(t); }
 FASTRNN_TARGET_AVX2 inline void scale_avx2_f64(const ScaleTask<double>& s) { Avx2<double>::scale(s); }
 
 FASTRNN_TARGET_AVX512 inline void forward_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Forward>(t); }
@@ -414,18 +408,18 @@ KernelSet<T> kernel_set(simd::Isa isa) {
   }
   if (isa == simd::Isa::Avx2) {
     if constexpr (f32) {
-      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f32, backward_avx2_f32, linear_avx2_f32, linear_at_avx2_f32, scale_avx2_f32};
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f32, backward_avx2_f32, nullptr, nullptr, scale_avx2_f32};
     } else {
-      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f64, backward_avx2_f64, linear_avx2_f64, linear_at_avx2_f64, scale_avx2_f64};
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f64, backward_avx2_f64, nullptr, nullptr, scale_avx2_f64};
     }
   }
 #else
   (void)isa;
 #endif
   if constexpr (f32) {
-    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f32, backward_baseline_f32, linear_baseline_f32, linear_at_baseline_f32, scale_baseline_f32};
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f32, backward_baseline_f32, nullptr, nullptr, scale_baseline_f32};
   } else {
-    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f64, backward_baseline_f64, linear_baseline_f64, linear_at_baseline_f64, scale_baseline_f64};
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f64, backward_baseline_f64, nullptr, nullptr, scale_baseline_f64};
   }
 }
 

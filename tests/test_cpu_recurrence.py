@@ -124,6 +124,14 @@ def test_wide_hidden_matches_torch():
     compare(600, 16, 3, "tanh", torch.float32)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_long_sequence_matches_torch(nonlinearity, packed):
+    # T * B past linear.h's chunk of k (1024): dW_ih and dW_hh add up several chunks. In
+    # float64: float32 sums of 1440 rows are beyond the float32 tolerance, whoever sums them.
+    compare(40, 48, 30, nonlinearity, torch.float64, layers=2, packed=packed)
+
+
 def test_nonfinite_values_propagate_like_torch():
     ref, fast = rnn_pair(3, 20, nonlinearity="relu")
     x = torch.randn(4, 5, 3)

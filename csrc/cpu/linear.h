@@ -37,7 +37,10 @@ struct LinearProduct {
   bool accumulate = false;
 };
 
-constexpr int64_t kMaxDepth = 4096;
+// k in chunks of this many: a panel chunk (128 KB in float) stays in L2
+// while every row tile of the slot streams past it. (Unchunked, dW at
+// T*B = 8192 ran slower than BLAS: the operands came from L3 per panel.)
+constexpr int64_t kDepthChunk = 1024;
 
 inline bool prefer_linear() {
   if (const char* v = std::getenv("FASTRNN_CPU_LINEAR"); v && (v[0] == '0' || v[0] == '1') && !v[1]) {
@@ -56,16 +59,14 @@ inline bool prefer_linear() {
 }
 
 // Computes p; false (nothing done) for a dtype other than float / double, an
-// empty product, K > kMaxDepth or a CPU without AVX-512, so that the caller
-// falls back to BLAS.
+// empty product or a CPU without AVX-512, so that the caller falls back to
+// BLAS.
 template <typename T>
 bool linear(const LinearProduct<T>& p) {
   if constexpr (!(std::is_same_v<T, float> || std::is_same_v<T, double>)) {
     return false;
   } else {
-    // No blocking of k: past a few thousand (dW at T*B = 8192) the operands
-    // stream from L3 once per panel and BLAS, which blocks, is faster.
-    if (p.rows <= 0 || p.cols <= 0 || p.depth <= 0 || p.depth > kMaxDepth) return false;
+    if (p.rows <= 0 || p.cols <= 0 || p.depth <= 0) return false;
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
     if (!ks.linear) return false;
     const int64_t panels = (p.cols + ks.nr - 1) / ks.nr;
@@ -79,28 +80,32 @@ bool linear(const LinearProduct<T>& p) {
                                     : std::max<int64_t>(1, std::min(budget, (p.rows + ks.mr - 1) / ks.mr));
     const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
     const int64_t max_panels = by_panels ? (panels + slots - 1) / slots : panels;
-    const int64_t per_slot = (max_panels * p.depth * ks.nr + line - 1) / line * line;
+    const int64_t chunk = std::min(p.depth, kDepthChunk);
+    const int64_t per_slot = (max_panels * chunk * ks.nr + line - 1) / line * line;
     detail::AlignedBuffer<T> pack(slots * per_slot);
     torch::stable::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
         T* panels_s = pack.data + s * per_slot;
         StepTask<T> t;
-        t.a_lo = {p.a, p.lda};
-        t.a_split = p.rows;
         t.d_lo = {p.c, p.ldc};
-        t.d_split = p.rows;
-        t.bias = p.bias;
-        t.accumulate = p.accumulate;
+        t.a_split = t.d_split = p.rows;
         t.row_begin = by_panels ? 0 : detail::split(p.rows, slots, s);
         t.row_end = by_panels ? p.rows : detail::split(p.rows, slots, s + 1);
         t.panel_begin = by_panels ? detail::split(panels, slots, s) : 0;
         t.panel_end = by_panels ? detail::split(panels, slots, s + 1) : panels;
         t.panels = panels_s;
-        t.K = p.depth;
         t.H = p.cols;
-        pack_panels(p.w, p.ldw, p.cols, p.depth, ks.nr, ks.lanes, p.w_transposed, t.panel_begin,
-                    t.panel_end, panels_s);
-        (p.a_transposed ? ks.linear_at : ks.linear)(t);
+        for (int64_t k0 = 0; k0 < p.depth; k0 += chunk) {
+          // Chunks after the first add to what the first wrote; the bias once.
+          t.K = std::min(chunk, p.depth - k0);
+          t.a_lo = {p.a + (p.a_transposed ? k0 * p.lda : k0), p.lda};
+          t.bias = k0 == 0 ? p.bias : nullptr;
+          t.accumulate = p.accumulate || k0 > 0;
+          const T* w = p.w + (p.w_transposed ? k0 : k0 * p.ldw);
+          pack_panels(w, p.ldw, p.cols, t.K, ks.nr, ks.lanes, p.w_transposed, t.panel_begin,
+                      t.panel_end, panels_s);
+          (p.a_transposed ? ks.linear_at : ks.linear)(t);
+        }
       }
     });
     return true;

@@ -1,62 +1,124 @@
-"""fastrnn.RNN vs torch.nn.RNN on the CPU, on the MNIST example's shapes (examples/mnist_rnn.py).
+"""fastrnn.RNN vs torch.nn.RNN on the CPU, on the MNIST example's shapes (examples/mnist_rnn.py) and a long one.
 
-Both modules hold identical weights and see identical inputs; runs are
-interleaved (A B B A ...) after a warm-up, and medians are reported. The FLOP
-rate is compared with this machine's sgemm rate measured in the same run (the
-best of repeated 2048^3 float32 GEMMs).
+Three contenders, in one process, on identical weights and inputs: torch.nn.RNN, fastrnn
+with its per-step BLAS recurrence (FASTRNN_CPU_FUSED=0) and fastrnn with the fused
+recurrence kernel (csrc/cpu/recurrence.h). Runs are interleaved (A B C, C B A, ...) after a
+warm-up, and medians are reported. FLOP rates are compared with this machine's sgemm rate
+measured in the same run (the best of repeated 2048^3 float32 GEMMs, re-measured between
+shapes, best kept): on a shared machine only ratios within one run mean anything.
 
-    python benchmarks/cpu_seed.py [--repeats N] [--markdown FILE]
+    python benchmarks/cpu_seed.py [--repeats N] [--markdown FILE] [--shapes NAME ...]
+                                  [--onednn LIB]
+
+--onednn adds oneDNN's vanilla RNN primitive as a fourth contender, from a library built from
+benchmarks/onednn_rnn.cpp (see there); oneDNN is not a dependency of fastrnn.
 """
 
 import argparse
+import ctypes
+import os
+import platform
+import subprocess
 
 import torch
 
 from harness import make_step, rnn_flops, sgemm_peak, time_interleaved, twin_rnns
 
-# (name, layers, nonlinearity, hidden, batch); all T = 28, input 28.
+# (name, layers, nonlinearity, hidden, batch, steps); input 28.
 SEED_SHAPES = [
-    ("relu-1x100", 1, "relu", 100, 128),
-    ("tanh-2x256", 2, "tanh", 256, 64),
-    ("tanh-2x128", 2, "tanh", 128, 100),
+    ("relu-1x100", 1, "relu", 100, 128, 28),
+    ("tanh-2x256", 2, "tanh", 256, 64, 28),
+    ("tanh-2x128", 2, "tanh", 128, 100, 28),
+    ("tanh-1x512-T128", 1, "tanh", 512, 64, 128),
 ]
-T, INPUT = 28, 28
+INPUT = 28
+CONTENDERS = ["torch.nn.RNN", "fastrnn per-step", "fastrnn fused"]
+
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def with_fused(step, fused):
+    """`step` with the fused CPU kernel switched on or off (read by the kernel on each call)."""
+    def run():
+        os.environ["FASTRNN_CPU_FUSED"] = "1" if fused else "0"
+        try:
+            step()
+        finally:
+            os.environ.pop("FASTRNN_CPU_FUSED", None)
+    return run
+
+
+def onednn_contender(lib, layers, nl, hidden, batch, steps, backward):
+    """A step running oneDNN's RNN primitives on this shape (weights already in its layout)."""
+    lib.onednn_rnn_create.restype = ctypes.c_void_p
+    lib.onednn_rnn_run.argtypes = [ctypes.c_void_p]
+    handle = lib.onednn_rnn_create(steps, batch, INPUT, hidden, layers, int(nl == "relu"),
+                                   int(backward))
+    return lambda: lib.onednn_rnn_run(handle)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--shapes", nargs="*", help="only these shapes (names as in the table)")
+    parser.add_argument("--onednn", help="a library built from benchmarks/onednn_rnn.cpp")
+    parser.add_argument("--stat", choices=["median", "min"], default="median",
+                        help="min: on a loaded machine, the runs least disturbed")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Loaded after torch, so that oneDNN's libgomp.so.1 is torch's (one OpenMP runtime).
+    onednn = ctypes.CDLL(args.onednn) if args.onednn else None
+    contenders = CONTENDERS + (["oneDNN 3.x RNN"] if onednn else [])
 
     torch.manual_seed(0)
     peak = sgemm_peak()
     rows = []
-    for name, layers, nl, hidden, batch in SEED_SHAPES:
+    for name, layers, nl, hidden, batch, steps in SEED_SHAPES:
+        if args.shapes and name not in args.shapes:
+            continue
         # batch_first, as the example feeds [batch, 28 rows, 28 pixels] images.
         ref, fast = twin_rnns(INPUT, hidden, layers, nl, batch_first=True)
-        x = torch.randn(batch, T, INPUT)
+        x = torch.randn(batch, steps, INPUT)
         for backward in (True, False):
-            ref_t, fast_t = time_interleaved(
-                [make_step(ref, (x,), backward), make_step(fast, (x,), backward)],
-                repeats=args.repeats)
-            t_ref, t_fast = ref_t["median"], fast_t["median"]
-            flops = rnn_flops(T, batch, INPUT, hidden, layers, backward=backward)
-            rows.append((name, "fwd+bwd" if backward else "inference", t_ref * 1e3, t_fast * 1e3,
-                         t_ref / t_fast, flops / t_ref / peak, flops / t_fast / peak))
+            fast_step = make_step(fast, (x,), backward)
+            steps_ = [make_step(ref, (x,), backward), with_fused(fast_step, False),
+                      with_fused(fast_step, True)]
+            if onednn:
+                steps_.append(onednn_contender(onednn, layers, nl, hidden, batch, steps, backward))
+            times = time_interleaved(steps_, repeats=args.repeats)
+            flops = rnn_flops(steps, batch, INPUT, hidden, layers, backward=backward)
+            rows.append((name, "fwd+bwd" if backward else "inference",
+                         [t[args.stat] for t in times], flops))
         # The sgemm peak drifts with the machine's load: re-measure, keep the best.
         peak = max(peak, sgemm_peak(samples=3))
 
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"sgemm peak {peak / 1e9:.0f} GFLOP/s (best 2048^3), T={T}, input={INPUT}, "
-        f"median of {args.repeats} interleaved runs",
+        f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"sgemm peak {peak / 1e9:.0f} GFLOP/s (best 2048^3), input={INPUT}, "
+        f"{args.stat} of {args.repeats} interleaved runs; ms (% of the sgemm peak)",
         "",
-        "| shape | pass | torch.nn.RNN ms | fastrnn ms | speedup | torch % of peak | fastrnn % of peak |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | pass | " + " | ".join(contenders) + " | fused vs torch | fused vs per-step |"
+        + (" fused vs oneDNN |" if onednn else ""),
+        "|---|---|" + "---|" * len(contenders) + "---|---|" + ("---|" if onednn else ""),
     ]
-    for name, kind, tr, tf, sp, er, ef in rows:
-        lines.append(f"| {name} | {kind} | {tr:.2f} | {tf:.2f} | {sp:.2f}x | {er:.0%} | {ef:.0%} |")
+    for name, kind, ts, flops in rows:
+        cells = " | ".join(f"{t * 1e3:.2f} ({flops / t / peak:.0%})" for t in ts)
+        line = f"| {name} | {kind} | {cells} | {ts[0] / ts[2]:.2f}x | {ts[1] / ts[2]:.2f}x |"
+        if onednn:
+            line += f" {ts[3] / ts[2]:.2f}x |"
+        lines.append(line)
     text = "\n".join(lines)
     print(text)
     if args.markdown:

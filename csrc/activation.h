@@ -32,21 +32,32 @@ inline bool parse_activation(std::string_view name, Activation& out) {
 // function: within a few ulp of std::tanh, and plain arithmetic, so a loop of
 // it vectorises (std::tanh / torch's tanh_ cost as much as a step's GEMM at
 // hidden 128-256). NaN stays NaN: every comparison with it is false.
-FASTRNN_HD float tanh_rational(float v) {
-  const float x = v < -9.f ? -9.f : (v > 9.f ? 9.f : v);
-  const float x2 = x * x;
-  float p = -2.76076847742355e-16f;
+//
+// Written once for a float and for a GCC/Clang vector of floats (the CPU
+// recurrence kernel's epilogue, csrc/cpu/tile_kernels.h), in place: a vector
+// wider than the caller's baseline ISA must not be passed by value (Clang
+// rejects that ABI even for an inlined callee). `V{} + c` splats c.
+template <typename V>
+FASTRNN_HD void tanh_rational_inplace(V& v) {
+  const V x = v < -9.f ? V{} - 9.f : (v > 9.f ? V{} + 9.f : v);
+  const V x2 = x * x;
+  V p = V{} + -2.76076847742355e-16f;
   p = p * x2 + 2.00018790482477e-13f;
   p = p * x2 - 8.60467152213735e-11f;
   p = p * x2 + 5.12229709037114e-08f;
   p = p * x2 + 1.48572235717979e-05f;
   p = p * x2 + 6.37261928875436e-04f;
   p = p * x2 + 4.89352455891786e-03f;
-  float q = 1.19825839466702e-06f;
+  V q = V{} + 1.19825839466702e-06f;
   q = q * x2 + 1.18534705686654e-04f;
   q = q * x2 + 2.26843463243900e-03f;
   q = q * x2 + 4.89352518554385e-03f;
-  return x * p / q;
+  v = x * p / q;
+}
+
+FASTRNN_HD float tanh_rational(float v) {
+  tanh_rational_inplace(v);
+  return v;
 }
 
 FASTRNN_HD float tanh_acc(float v) {

@@ -1,8 +1,12 @@
-// fastrnn CPU kernels: the stack driver (stack.h) with BLAS GEMMs through
-// torch's CPU shims and the cells' pointwise math (cells.h) in vectorisable
-// loops.
+// fastrnn CPU kernels: the stack driver (stack.h) with the fused Elman
+// recurrence (recurrence.h) where it takes the dtype, the cells' pointwise
+// math (cells.h) in vectorisable loops after per-step GEMMs elsewhere, and
+// the large products on fastrnn's own tiles (linear.h) where they beat
+// torch's BLAS, else BLAS through torch's CPU shims.
 #include "../stack.h"
 #include "../stepwise.h"
+#include "linear.h"
+#include "recurrence.h"
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 #include <torch/headeronly/util/BFloat16.h>
@@ -14,6 +18,60 @@ namespace {
 // Below this many elements a pointwise pass stays on one thread (torch's own
 // grain size for pointwise kernels).
 constexpr int64_t kGrain = 32768;
+
+// c = a @ b (+ bias) (+ c) on fastrnn's tiles (linear.h) where they beat
+// BLAS: float or double, c with unit column stride not overlapping a or b,
+// a and b each row- or column-major, bias [N] contiguous. False: not taken.
+template <typename T>
+bool own_linear(const Tensor& c, const Tensor* bias, const Tensor& a, const Tensor& b,
+                bool accumulate) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (c.stride(1) != 1 || M < 2 || K < 2 || N < 2) return false;
+  if (a.scalar_type() != c.scalar_type() || b.scalar_type() != c.scalar_type()) return false;
+  cpu::LinearProduct<T> p;
+  p.rows = M;
+  p.cols = N;
+  p.depth = K;
+  p.a = a.const_data_ptr<T>();
+  if (a.stride(1) == 1) {
+    p.lda = a.stride(0);
+  } else if (a.stride(0) == 1) {
+    p.a_transposed = true;
+    p.lda = a.stride(1);
+  } else {
+    return false;
+  }
+  if (b.stride(0) == 1) {
+    p.w_transposed = true;
+    p.ldw = b.stride(1);
+  } else if (b.stride(1) == 1) {
+    p.ldw = b.stride(0);
+  } else {
+    return false;
+  }
+  p.w = b.const_data_ptr<T>();
+  if (bias) {
+    if (bias->dim() != 1 || bias->size(0) != N || !bias->is_contiguous() ||
+        bias->scalar_type() != c.scalar_type()) {
+      return false;
+    }
+    p.bias = bias->const_data_ptr<T>();
+  }
+  p.c = static_cast<T*>(c.data_ptr());
+  p.ldc = c.stride(0);
+  p.accumulate = accumulate;
+  return cpu::linear(p);
+}
+
+bool own_linear(const Tensor& c, const Tensor* bias, const Tensor& a, const Tensor& b,
+                bool accumulate) {
+  if (!cpu::prefer_linear()) return false;
+  switch (c.scalar_type()) {
+    case ScalarType::Float: return own_linear<float>(c, bias, a, b, accumulate);
+    case ScalarType::Double: return own_linear<double>(c, bias, a, b, accumulate);
+    default: return false;
+  }
+}
 
 struct CpuBackend {
   static constexpr const char* device_name = "CPU";
@@ -37,6 +95,7 @@ struct CpuBackend {
   }
 
   static void gemm(const Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
+    if (own_linear(c, nullptr, a, b, accumulate)) return;
     if (accumulate) {
       TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(c.get(), c.get(), a.get(), b.get(), 1.0, 1.0));
     } else {
@@ -45,6 +104,7 @@ struct CpuBackend {
   }
 
   static void addmm(const Tensor& c, const Tensor& bias, const Tensor& a, const Tensor& b) {
+    if (own_linear(c, &bias, a, b, false)) return;
     TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(c.get(), bias.get(), a.get(), b.get(), 1.0, 1.0));
   }
 
@@ -63,12 +123,54 @@ struct CpuBackend {
     });
   }
 
+  // Elman: every direction of the layer in one parallel region of the fused
+  // recurrence (recurrence.h) where it takes the dtype (float; double with
+  // relu), else one GEMM per step.
   static void forward_recurrences(const std::vector<ForwardJob>& jobs, Activation act) {
-    for (const ForwardJob& job : jobs) stepwise::forward<CpuBackend>(job, act);
+    bool fused = false;
+    with_dtype(jobs[0].out.scalar_type(), [&]<typename T>() {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        std::vector<cpu::ForwardRecurrence<T>> rec;
+        for (const ForwardJob& j : jobs) {
+          rec.push_back({*j.steps, j.w_hh.size(0), static_cast<T*>(j.out.data_ptr()),
+                         j.out.stride(0), static_cast<const T*>(j.h0.data_ptr()), j.h0.stride(0),
+                         static_cast<const T*>(j.w_hh.data_ptr()), act});
+        }
+        fused = cpu::forward_recurrences<T>(rec);
+      }
+    });
+    if (!fused) {
+      for (const ForwardJob& job : jobs) stepwise::forward<CpuBackend>(job, act);
+      return;
+    }
+    for (const ForwardJob& j : jobs) stepwise::copy_final_rows(*j.steps, j.out, j.h_n);
   }
+
   static void backward_recurrences(const std::vector<BackwardJob>& jobs, Activation act) {
-    for (const BackwardJob& job : jobs) stepwise::backward<CpuBackend>(job, act);
+    bool fused = false;
+    with_dtype(jobs[0].dA.scalar_type(), [&]<typename T>() {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        bool supported = true;
+        for (const BackwardJob& j : jobs) supported = supported && cpu::supports<T>(j.w_hh.size(0), act);
+        if (!supported) return;
+        for (const BackwardJob& j : jobs) stepwise::add_final_rows(*j.steps, j.dA, j.dh_n);
+        std::vector<cpu::BackwardRecurrence<T>> rec;
+        for (const BackwardJob& j : jobs) {
+          rec.push_back({*j.steps, j.w_hh.size(0), static_cast<T*>(j.dA.data_ptr()), j.dA.stride(0),
+                         static_cast<const T*>(j.out.data_ptr()), j.out.stride(0),
+                         static_cast<T*>(j.grad_hx.data_ptr()), j.grad_hx.stride(0),
+                         static_cast<const T*>(j.w_hh.data_ptr()), act});
+        }
+        fused = cpu::backward_recurrences<T>(rec);
+        FASTRNN_CHECK(fused, "fastrnn: the CPU recurrence refused a job it supports");
+      }
+    });
+    if (!fused) {
+      for (const BackwardJob& job : jobs) stepwise::backward<CpuBackend>(job, act);
+    }
   }
+
+  // LSTM and GRU: one GEMM per step and the cell's fused pointwise pass.
   template <typename Job>
   static void forward_recurrences(const std::vector<Job>& jobs) {
     for (const Job& job : jobs) stepwise::forward<CpuBackend>(job);

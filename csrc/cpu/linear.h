@@ -1,0 +1,115 @@
+// fastrnn CPU: C (+)= A B + bias with the recurrence's tiles
+// (tile_kernels.h), for the products around the recurrence: the input
+// projection P = X W_ih^T + b, the input gradient dX = dA W_ih and the weight
+// gradients dW_ih = dA^T X, dW_hh = dA^T H_prev (A transposed).
+//
+// Why: torch's BLAS (MKL) runs AVX2 kernels on AMD CPUs, half the AVX-512
+// rate, so there these products cost more than the whole recurrence.
+// prefer_linear() says where to use this instead of BLAS: AMD with AVX-512
+// (FASTRNN_CPU_LINEAR=1/0 forces it on/off, read per call). Elsewhere BLAS
+// runs at its peak and stays.
+//
+// Threads split C's rows or its panels (no barrier): panels where B is big
+// (dW_hh: B = H_prev, [T*B, H]) so that each thread packs only its own, rows
+// otherwise (each thread packs all of a small B, e.g. W_ih). Each output
+// element is one accumulator over k in order: the same bits for any thread
+// count.
+#pragma once
+
+#include "recurrence.h"
+
+namespace fastrnn::cpu {
+
+template <typename T>
+struct LinearProduct {
+  int64_t rows = 0;              // M
+  int64_t cols = 0;              // N
+  int64_t depth = 0;             // K
+  const T* a = nullptr;          // [M, lda] row-major, columns [0, K); or, a_transposed,
+  int64_t lda = 0;               //   [K, lda] with A(i, k) = a[k * lda + i]
+  bool a_transposed = false;
+  const T* w = nullptr;          // B = w^T with w [N, ldw] (w_transposed), or B = w with w [K, ldw]
+  int64_t ldw = 0;
+  bool w_transposed = false;
+  const T* bias = nullptr;       // [N] or null
+  T* c = nullptr;                // [M, ldc]: A B + bias (+ c on entry if accumulate) on exit
+  int64_t ldc = 0;               //   (must not overlap a, w, bias)
+  bool accumulate = false;
+};
+
+// k in chunks of this many: a panel chunk (128 KB in float) stays in L2
+// while every row tile of the slot streams past it. (Unchunked, dW at
+// T*B = 8192 ran slower than BLAS: the operands came from L3 per panel.)
+constexpr int64_t kDepthChunk = 1024;
+
+inline bool prefer_linear() {
+  if (const char* v = std::getenv("FASTRNN_CPU_LINEAR"); v && (v[0] == '0' || v[0] == '1') && !v[1]) {
+    return v[0] == '1';
+  }
+  if (!enabled()) return false;
+#if FASTRNN_X86_DISPATCH
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return amd && simd::runtime_isa() == simd::Isa::Avx512;
+#else
+  return false;
+#endif
+}
+
+// Computes p; false (nothing done) for a dtype other than float / double, an
+// empty product or a CPU without AVX-512, so that the caller falls back to
+// BLAS.
+template <typename T>
+bool linear(const LinearProduct<T>& p) {
+  if constexpr (!(std::is_same_v<T, float> || std::is_same_v<T, double>)) {
+    return false;
+  } else {
+    if (p.rows <= 0 || p.cols <= 0 || p.depth <= 0) return false;
+    const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
+    if (!ks.linear) return false;
+    const int64_t panels = (p.cols + ks.nr - 1) / ks.nr;
+    const int64_t budget = detail::slot_budget();
+    // Packing an element of B costs about as much as 50 of a tile's
+    // multiply-adds, so a thread that packs all of B (a row split) spends
+    // some 50 * threads / M of its time packing: split panels instead where
+    // that passes 10% and there are enough panels.
+    const bool by_panels = budget > 1 && panels >= budget && p.rows < 500 * budget;
+    const int64_t slots = by_panels ? budget
+                                    : std::max<int64_t>(1, std::min(budget, (p.rows + ks.mr - 1) / ks.mr));
+    const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+    const int64_t max_panels = by_panels ? (panels + slots - 1) / slots : panels;
+    const int64_t chunk = std::min(p.depth, kDepthChunk);
+    const int64_t per_slot = (max_panels * chunk * ks.nr + line - 1) / line * line;
+    detail::AlignedBuffer<T> pack(slots * per_slot);
+    torch::stable::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        T* panels_s = pack.data + s * per_slot;
+        StepTask<T> t;
+        t.d_lo = {p.c, p.ldc};
+        t.a_split = t.d_split = p.rows;
+        t.row_begin = by_panels ? 0 : detail::split(p.rows, slots, s);
+        t.row_end = by_panels ? p.rows : detail::split(p.rows, slots, s + 1);
+        t.panel_begin = by_panels ? detail::split(panels, slots, s) : 0;
+        t.panel_end = by_panels ? detail::split(panels, slots, s + 1) : panels;
+        t.panels = panels_s;
+        t.H = p.cols;
+        for (int64_t k0 = 0; k0 < p.depth; k0 += chunk) {
+          // Chunks after the first add to what the first wrote; the bias once.
+          t.K = std::min(chunk, p.depth - k0);
+          t.a_lo = {p.a + (p.a_transposed ? k0 * p.lda : k0), p.lda};
+          t.bias = k0 == 0 ? p.bias : nullptr;
+          t.accumulate = p.accumulate || k0 > 0;
+          const T* w = p.w + (p.w_transposed ? k0 : k0 * p.ldw);
+          pack_panels(w, p.ldw, p.cols, t.K, ks.nr, ks.lanes, p.w_transposed, t.panel_begin,
+                      t.panel_end, panels_s);
+          (p.a_transposed ? ks.linear_at : ks.linear)(t);
+        }
+      }
+    });
+    return true;
+  }
+}
+
+}  // namespace fastrnn::cpu

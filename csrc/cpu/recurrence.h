@@ -1,0 +1,390 @@
+// fastrnn CPU: the fused Elman recurrence, forward and backward, for one or
+// more independent recurrences at once (the layer-directions that can run
+// together, e.g. both directions of a bidirectional layer).
+//
+//   forward   h_t  = act(P_t + h_{t-1} W_hh^T)          P_t = X_t W_ih^T + b, in out on entry
+//   backward  dA_t = (dY_t + dh_t) * act'(h_t)          dh_{t-1} = dA_t W_hh
+//
+// Step semantics are those of the per-step loops in csrc/elman_driver.h: rows
+// [0, carried) of a step continue rows [0, carried) of the step visited
+// before it; rows [carried, count) start from the same rows of h0.
+//
+// How it runs. The kernel runs inside one torch::stable::parallel_for over
+// "slots" (at most get_num_threads(), and at most the CPUs there are: a slot
+// waits for the others at its barriers, so two must never share a CPU). Each
+// recurrence gets one or more slots
+// arranged as a grid: row groups (blocks of batch rows, independent for the
+// whole sequence) times column groups (blocks of hidden units). A slot owns
+// its rows x columns of every step and packs its columns of W_hh once per
+// call into its own panels (tile_kernels.h), which stay in its core's cache.
+// Per step a slot runs one pass: register-blocked GEMM with the bias add and
+// activation (forward) or the act' product (backward) as the epilogue. Slots
+// that split a recurrence's columns read each other's h_{t-1} and meet at a
+// spin barrier once per step; a row split needs no barrier at all; separate
+// recurrences never wait for each other. The grid is chosen per call by a
+// cost model (rows per tile, panels per slot, barriers), simulated over the
+// real batch sizes; rows win unless splitting them leaves tiles too short.
+//
+// Results are the same bits for any thread count and any grid: each output
+// element is summed over k in order by one accumulator, with the same vector
+// code, whoever computes it (tile_kernels.h). They depend on the ISA path
+// (FMA or not): AVX-512 and AVX2 agree, the baseline path differs in the
+// last bits.
+//
+// Types: float (tanh is activation.h's tanh_rational) and double with relu.
+// Not taken (supports() is false; the caller keeps its per-step BLAS path):
+// double with tanh (std::tanh per element took twice the per-step path's
+// whole time; torch's vectorised tanh_ is not reachable from inside the
+// kernel), bfloat16 and half.
+#pragma once
+
+#include "../activation.h"
+#include "../layout.h"
+#include "spin_barrier.h"
+#include "tile_kernels.h"
+
+#include <torch/csrc/stable/ops.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <new>
+#include <span>
+#include <string_view>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+
+namespace fastrnn::cpu {
+
+// One forward recurrence (one layer, one direction).
+template <typename T>
+struct ForwardRecurrence {
+  std::span<const StepRows> steps;  // [T] visiting order: steps_in_order(layout, reverse)
+  int64_t hidden = 0;               // H
+  T* out = nullptr;                 // [N, ld_out], columns [0, H): P on entry, h on exit
+  int64_t ld_out = 0;               // >= H (2H for one direction of a bidirectional output)
+  const T* h0 = nullptr;            // [B, ld_h0]: the initial state
+  int64_t ld_h0 = 0;
+  const T* w_hh = nullptr;          // [H, H] contiguous, row-major: w_hh[j * H + k] = W_hh[j][k]
+  Activation act = Activation::Tanh;
+};
+
+// One backward (dh) recurrence, over the same steps as its forward.
+template <typename T>
+struct BackwardRecurrence {
+  std::span<const StepRows> steps;  // [T] the forward visiting order (walked in reverse)
+  int64_t hidden = 0;               // H
+  T* grad = nullptr;                // [N, ld_grad]: dY, plus dh_n on each sequence's final
+  int64_t ld_grad = 0;              //   rows, on entry; dA = (dY + dh) * act'(h) on exit
+  const T* out = nullptr;           // [N, ld_out]: the forward's h
+  int64_t ld_out = 0;
+  T* grad_h0 = nullptr;             // [B, ld_grad_h0]: gets dh_{t-1} = dA_t W_hh of the rows
+  int64_t ld_grad_h0 = 0;           //   that began at h0 (rows [carried, count) of a step)
+  const T* w_hh = nullptr;          // [H, H] as in forward (used untransposed: dA W_hh)
+  Activation act = Activation::Tanh;
+};
+
+// FASTRNN_CPU_FUSED=0 turns the kernel off (supports() is false), read on
+// every call: benchmarks time the per-step path against it in one process,
+// and it is a way out should the kernel misbehave somewhere.
+inline bool enabled() {
+  const char* v = std::getenv("FASTRNN_CPU_FUSED");
+  return !(v && v[0] == '0' && v[1] == 0);
+}
+
+// Whether the fused kernel takes this dtype, hidden size and activation;
+// where it does not, the caller steps with one GEMM per step.
+template <typename T>
+bool supports(int64_t hidden, Activation act) {
+  const bool dtype = std::is_same_v<T, float> || (std::is_same_v<T, double> && act == Activation::Relu);
+  return dtype && hidden >= 1 && enabled();
+}
+
+namespace detail {
+
+// Rows of a sequence that run as one block: [row_begin, row_end) of every
+// step, and panels [panel_begin, panel_end) of the columns.
+struct Slot {
+  int64_t job = 0;
+  int64_t team = 0;  // the barrier its column group meets at; a team's slots are consecutive
+  int64_t row_begin = 0, row_end = 0;
+  int64_t panel_begin = 0, panel_end = 0;
+  int64_t pack_offset = 0;  // elements into the panel buffer
+};
+
+struct Plan {
+  std::vector<Slot> slots;
+  std::vector<int64_t> team_size;  // slots per team
+  int64_t pack_elems = 0;
+};
+
+struct JobShape {
+  std::span<const StepRows> steps;
+  int64_t hidden;
+};
+
+// The cost model, in units of one vector FMA (half a cycle). A tile of m rows
+// costs max(2m, m + 2) per k with two panel vectors (FMA-bound from m = 2;
+// one row is bound by its loads). A column split pays a barrier per step and
+// some 5% for the skew between threads that each barrier exposes. The
+// barrier is charged at 1-2 us, several times what it takes on an idle
+// machine: a step of a few microseconds (B = 1, H = 256) ran slower split
+// than on one thread, and much slower when a waiter's partner was preempted;
+// a row split has nothing to wait for. Whether a slot's slice of W_hh fits
+// its L2 did not matter: a panel is reused by every row tile of a step, and
+// W_hh at H = 512 (1 MB, a whole L2 here) ran as fast split by rows.
+constexpr double kBarrierCost = 10000;
+constexpr double kColumnSplitFactor = 1.05;
+
+inline double rows_cost(int64_t n, int mr) {
+  if (n <= 0) return 0;
+  const int64_t tiles = (n + mr - 1) / mr, base = n / tiles, extra = n % tiles;
+  auto tile = [](int64_t m) { return double(std::max(2 * m, m + 2)); };
+  return extra * tile(base + 1) + (tiles - extra) * tile(base);
+}
+
+inline int64_t split(int64_t n, int64_t parts, int64_t i) { return n * i / parts; }
+
+// FASTRNN_CPU_SPLIT=rows|cols forces the grid's shape where it is possible
+// (tests and benchmarks use it to run both on one machine; read per call).
+inline int forced_split() {
+  const char* s = std::getenv("FASTRNN_CPU_SPLIT");
+  const std::string_view v(s ? s : "");
+  return v == "rows" ? 1 : v == "cols" ? 2 : 0;
+}
+
+// Chooses each job's grid and lays out the slots.
+inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int nr, int mr,
+                      int64_t elem_bytes) {
+  Plan plan;
+  const int64_t R = static_cast<int64_t>(jobs.size());
+  const int forced = forced_split();
+  for (int64_t r = 0; r < R; ++r) {
+    const JobShape& job = jobs[r];
+    const int64_t H = job.hidden;
+    const int64_t panels = (H + nr - 1) / nr;
+    int64_t batch = 0;
+    for (const StepRows& st : job.steps) batch = std::max(batch, st.count);
+    // Threads are shared out among the jobs; more jobs than threads run one
+    // slot each, several to a thread.
+    const int64_t budget = std::max<int64_t>(1, threads / R + (r < threads % R));
+
+    int64_t best_rs = 1, best_cs = 1;
+    double best = std::numeric_limits<double>::infinity();
+    for (int64_t rs = 1; rs <= std::min(budget, std::max<int64_t>(batch, 1)); ++rs) {
+      for (int64_t cs = 1; rs * cs <= budget && cs <= panels; ++cs) {
+        if ((forced == 1 && cs > 1) || (forced == 2 && rs > 1)) continue;
+        const int64_t max_panels = (panels + cs - 1) / cs;
+        double cost = 0;
+        for (const StepRows& st : job.steps) {
+          double worst = 0;
+          for (int64_t g = 0; g < rs; ++g) {
+            const int64_t lo = split(batch, rs, g), hi = std::min(split(batch, rs, g + 1), st.count);
+            worst = std::max(worst, rows_cost(hi - lo, mr));
+          }
+          cost += cs > 1 ? worst * max_panels * H * kColumnSplitFactor + kBarrierCost
+                         : worst * max_panels * H;
+        }
+        // Ties go to the split with fewer barriers (rows first).
+        if (cost < best * 0.999) {
+          best = cost;
+          best_rs = rs;
+          best_cs = cs;
+        }
+      }
+    }
+
+    for (int64_t g = 0; g < best_rs; ++g) {
+      const int64_t team = static_cast<int64_t>(plan.team_size.size());
+      plan.team_size.push_back(best_cs);
+      for (int64_t c = 0; c < best_cs; ++c) {
+        Slot s;
+        s.job = r;
+        s.team = team;
+        s.row_begin = split(batch, best_rs, g);
+        s.row_end = split(batch, best_rs, g + 1);
+        s.panel_begin = split(panels, best_cs, c);
+        s.panel_end = split(panels, best_cs, c + 1);
+        s.pack_offset = plan.pack_elems;
+        // Each slot's panels start on their own cache line.
+        const int64_t line = 64 / elem_bytes;
+        plan.pack_elems += ((s.panel_end - s.panel_begin) * H * nr + line - 1) / line * line;
+        plan.slots.push_back(s);
+      }
+    }
+  }
+  return plan;
+}
+
+// Threads to plan for: torch's intra-op threads, but no more than the CPUs.
+inline int64_t slot_budget() {
+  const int64_t threads = torch::stable::get_num_threads();
+  const int64_t cpus = std::thread::hardware_concurrency();
+  return std::max<int64_t>(1, cpus > 0 ? std::min(threads, cpus) : threads);
+}
+
+template <typename T>
+struct AlignedBuffer {
+  T* data = nullptr;
+  explicit AlignedBuffer(int64_t n)
+      : data(static_cast<T*>(::operator new(std::max<int64_t>(n, 1) * sizeof(T),
+                                            std::align_val_t(64)))) {}
+  ~AlignedBuffer() { ::operator delete(data, std::align_val_t(64)); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+};
+
+// Runs every job's phases on the plan's slots: phase(slot, job, phase) does a
+// slot's work of one phase; a team's slots meet after each phase they share.
+// The per-phase functions must not throw (a thread that left would leave the
+// others spinning).
+template <typename T, typename Job, typename PhaseFn>
+void run_slots(std::span<const Job> jobs, const Plan& plan, const KernelSet<T>& ks,
+               int64_t extra_phases, PhaseFn phase_fn) {
+  const int64_t S = static_cast<int64_t>(plan.slots.size());
+  std::unique_ptr<SpinBarrier[]> barriers(new SpinBarrier[plan.team_size.size()]);
+  for (size_t i = 0; i < plan.team_size.size(); ++i) barriers[i].reset(plan.team_size[i]);
+  std::vector<int64_t> tickets(S, -1);
+  AlignedBuffer<T> pack(plan.pack_elems);
+  int64_t phases = 0;
+  for (const Job& j : jobs) phases = std::max<int64_t>(phases, j.steps.size() + extra_phases);
+
+  auto job_phases = [&](const Slot& s) {
+    return static_cast<int64_t>(jobs[s.job].steps.size()) + extra_phases;
+  };
+
+  torch::stable::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Slot& s = plan.slots[i];
+      const Job& j = jobs[s.job];
+      pack_panels(j.w_hh, j.hidden, j.hidden, j.hidden, ks.nr, ks.lanes, /*transposed=*/!std::is_same_v<Job, BackwardRecurrence<T>>,
+                  s.panel_begin, s.panel_end, pack.data + s.pack_offset);
+    }
+    for (int64_t p = 0; p < phases; ++p) {
+      for (int64_t i = begin; i < end; ++i) {
+        const Slot& s = plan.slots[i];
+        if (p < job_phases(s)) phase_fn(s, jobs[s.job], pack.data + s.pack_offset, p);
+      }
+      // Arrive at every team this chunk holds slots of (all its slots of the
+      // team at once), then wait: no order among teams, so no deadlock.
+      for (int64_t i = begin; i < end;) {
+        const Slot& s = plan.slots[i];
+        int64_t held = 1;
+        while (i + held < end && plan.slots[i + held].team == s.team) ++held;
+        const bool meet = plan.team_size[s.team] > 1 && p + 1 < job_phases(s);
+        tickets[i] = meet ? barriers[s.team].arrive(held) : -1;
+        i += held;
+      }
+      for (int64_t i = begin; i < end; ++i) {
+        if (tickets[i] >= 0) barriers[plan.slots[i].team].wait(tickets[i]);
+      }
+    }
+  });
+}
+
+template <typename Job>
+std::vector<JobShape> shapes_of(std::span<const Job> jobs) {
+  std::vector<JobShape> shapes;
+  for (const Job& j : jobs) shapes.push_back({j.steps, j.hidden});
+  return shapes;
+}
+
+}  // namespace detail
+
+// Runs the forward recurrences; false (nothing done) where supports() is not
+// met, so that the caller can fall back.
+template <typename T>
+bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
+  for (const auto& j : jobs) {
+    if (!supports<T>(j.hidden, j.act)) return false;
+  }
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
+    const std::vector<detail::JobShape> shapes = detail::shapes_of(jobs);
+    const detail::Plan plan =
+        detail::make_plan(shapes, detail::slot_budget(), ks.nr, ks.mr, sizeof(T));
+    detail::run_slots<T>(jobs, plan, ks, 0,
+                         [&](const detail::Slot& s, const ForwardRecurrence<T>& j,
+                             const T* panels, int64_t p) {
+      const StepRows& st = j.steps[p];
+      StepTask<T> t;
+      t.a_lo = {j.out + st.prev_begin * j.ld_out, j.ld_out};
+      t.a_hi = {j.h0, j.ld_h0};
+      t.a_split = st.carried;
+      t.d_lo = {j.out + st.begin * j.ld_out, j.ld_out};
+      t.d_split = st.count;
+      t.row_begin = s.row_begin;
+      t.row_end = std::min(s.row_end, st.count);
+      t.panels = panels;
+      t.panel_begin = s.panel_begin;
+      t.panel_end = s.panel_end;
+      t.K = t.H = j.hidden;
+      t.act = j.act;
+      ks.forward(t);
+    });
+  }
+  return true;
+}
+
+template <typename T>
+bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
+  for (const auto& j : jobs) {
+    if (!supports<T>(j.hidden, j.act)) return false;
+  }
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
+    const std::vector<detail::JobShape> shapes = detail::shapes_of(jobs);
+    const detail::Plan plan =
+        detail::make_plan(shapes, detail::slot_budget(), ks.nr, ks.mr, sizeof(T));
+    // Phase 0 finishes the last step's dA; phase q >= 1 runs step n - q's
+    // GEMM, whose epilogue finishes the earlier step's carried rows, and
+    // finishes that step's other rows (no later step feeds them).
+    auto scale_rows = [&](const detail::Slot& s, const BackwardRecurrence<T>& j,
+                          const StepRows& st, int64_t first_row) {
+      ScaleTask<T> c;
+      c.g = {j.grad + st.begin * j.ld_grad, j.ld_grad};
+      c.y = {j.out + st.begin * j.ld_out, j.ld_out};
+      c.row_begin = std::max(s.row_begin, first_row);
+      c.row_end = std::min(s.row_end, st.count);
+      c.col_begin = s.panel_begin * ks.nr;
+      c.col_end = std::min<int64_t>(s.panel_end * ks.nr, j.hidden);
+      c.act = j.act;
+      if (c.row_begin < c.row_end) ks.scale(c);
+    };
+    detail::run_slots<T>(jobs, plan, ks, 1,
+                         [&](const detail::Slot& s, const BackwardRecurrence<T>& j,
+                             const T* panels, int64_t p) {
+      const int64_t n = static_cast<int64_t>(j.steps.size());
+      if (n == 0) return;
+      if (p == 0) {
+        scale_rows(s, j, j.steps[n - 1], 0);
+        return;
+      }
+      const int64_t i = n - p;
+      const StepRows& st = j.steps[i];
+      StepTask<T> t;
+      t.a_lo = {j.grad + st.begin * j.ld_grad, j.ld_grad};
+      t.a_split = st.count;
+      t.d_lo = {j.grad + st.prev_begin * j.ld_grad, j.ld_grad};
+      t.y_lo = {j.out + st.prev_begin * j.ld_out, j.ld_out};
+      t.d_hi = {j.grad_h0, j.ld_grad_h0};
+      t.d_split = st.carried;
+      t.row_begin = s.row_begin;
+      t.row_end = std::min(s.row_end, st.count);
+      t.panels = panels;
+      t.panel_begin = s.panel_begin;
+      t.panel_end = s.panel_end;
+      t.K = t.H = j.hidden;
+      t.act = j.act;
+      ks.backward(t);
+      if (i > 0) scale_rows(s, j, j.steps[i - 1], st.carried);
+    });
+  }
+  return true;
+}
+
+}  // namespace fastrnn::cpu

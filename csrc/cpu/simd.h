@@ -1,0 +1,92 @@
+// fastrnn CPU: portable SIMD vectors and runtime ISA selection for the
+// recurrence kernel.
+//
+// The kernels are written once with GCC/Clang vector extensions
+// (`T __attribute__((vector_size(...)))`) in always_inline templates that
+// carry no target attribute; thin entry points with a target attribute
+// (FASTRNN_TARGET_AVX512 / FASTRNN_TARGET_AVX2) instantiate them, and the
+// compiler lowers the generic vectors and contracts a * b + c into FMA in
+// that ISA. One binary built for baseline x86-64 thus carries an AVX-512, an
+// AVX2+FMA and a baseline (SSE2) kernel and picks one at run time; aarch64
+// and other targets get the baseline kernel on 16-byte vectors (NEON).
+//
+// Rule for code under these templates: never pass or return a vector by
+// value across a function boundary (take it by reference). Clang rejects a
+// 32/64-byte vector argument to a callee without the matching target feature,
+// even an always_inline one.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+
+#if defined(__GNUC__) && !defined(__clang__)
+// The always_inline templates below take 32/64-byte vectors in functions that
+// have no AVX target; they are only ever inlined into ones that do, so the
+// "changes the ABI" note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTRNN_X86_DISPATCH 1
+#define FASTRNN_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define FASTRNN_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define FASTRNN_X86_DISPATCH 0
+#endif
+
+#define FASTRNN_INLINE inline __attribute__((always_inline))
+
+namespace fastrnn::cpu::simd {
+
+// N lanes of T.
+template <typename T, int N>
+struct Vec {
+  typedef T type __attribute__((vector_size(N * sizeof(T))));
+};
+
+// Unaligned load/store (memcpy compiles to one vector move).
+template <typename V, typename T>
+FASTRNN_INLINE void load(V& v, const T* p) {
+  std::memcpy(&v, p, sizeof(V));
+}
+template <typename V, typename T>
+FASTRNN_INLINE void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+enum class Isa { Baseline = 0, Avx2 = 1, Avx512 = 2 };
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+// The best ISA this CPU (and OS: __builtin_cpu_supports checks that the OS
+// saves the wide registers) runs. FASTRNN_CPU_ISA=baseline|avx2 caps it, so
+// that the tests can run every kernel on one machine; it never raises it.
+inline Isa detect_isa() {
+  Isa best = Isa::Baseline;
+#if FASTRNN_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::Avx2;
+  if (best == Isa::Avx2 && __builtin_cpu_supports("avx512f")) best = Isa::Avx512;
+#endif
+  if (const char* cap = std::getenv("FASTRNN_CPU_ISA")) {
+    const std::string_view c(cap);
+    const Isa limit = c == "baseline" ? Isa::Baseline : c == "avx2" ? Isa::Avx2 : best;
+    if (static_cast<int>(limit) < static_cast<int>(best)) best = limit;
+  }
+  return best;
+}
+
+inline Isa runtime_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+}  // namespace fastrnn::cpu::simd

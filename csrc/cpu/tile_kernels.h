@@ -1,0 +1,426 @@
+// fastrnn CPU: one thread's share of one recurrence step, as a register-
+// blocked GEMM with the step's pointwise work as its epilogue.
+//
+// A step multiplies rows of A (h_{t-1} in forward, dA_t in backward) by W_hh
+// packed into panels, and finishes each output element where its sum is
+// still in a register:
+//
+//   forward   h[i, j]      = act(P[i, j] + sum_k h_prev[i, k] W[j, k])
+//   backward  dA_prev[i, k] = (dA_prev[i, k] + sum_j dA[i, j] W[j, k]) * act'(h_prev[i, k])
+//             grad_h0[i, k] = sum_j dA[i, j] W[j, k]     (rows that began at h0)
+//
+// Panels: the columns of the product in blocks of NR (= NV vectors of N
+// lanes); panel p is a [K][NR] array (K = H) holding W^T's (forward) or W's
+// (backward) columns [p*NR, p*NR + NR), zero beyond H; a last panel whose
+// columns fit in one vector is one vector wide ([K][N]: H = 100 computes 112
+// columns, not 128). A tile is M <= MR rows by one panel: M*NV accumulators
+// stay in registers over the whole k loop, each k loads NV vectors of the
+// panel and broadcasts M values of A.
+//
+// Every output element is one accumulator summed over k = 0 .. K-1 in order,
+// and every column runs through the same vector code (a partial panel goes
+// through a padded copy), whichever tile or thread computes it: results do
+// not depend on how rows and panels are split among threads.
+#pragma once
+
+#include "../activation.h"
+#include "simd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace fastrnn::cpu {
+
+// Row i of a matrix at base + i * ld.
+template <typename T>
+struct Rows {
+  T* base = nullptr;
+  int64_t ld = 0;
+  T* row(int64_t i) const { return base + i * ld; }
+};
+
+// What a tile does with its sums.
+enum class Epilogue {
+  Forward,   // d = act(d + acc)                      (d holds P)
+  Backward,  // d_lo = (d_lo + acc) * act'(y_lo); d_hi = acc
+  Linear,    // d = acc + bias (+ d if accumulate)    (bias may be null)
+  LinearAT,  // as Linear, with A transposed: A(i, k) at a_lo.base[k * a_lo.ld + i]
+};
+
+// One thread's share of one step: rows [row_begin, row_end) of the step and
+// the columns of panels [panel_begin, panel_end).
+template <typename T>
+struct StepTask {
+  // A's row i: a_lo.row(i) for i < a_split, else a_hi.row(i).
+  Rows<const T> a_lo, a_hi;
+  int64_t a_split = 0;
+  // Output row i. Forward: d_lo.row(i) for every row (it holds P on entry).
+  // Backward: i < d_split: d_lo.row(i) (the earlier step's dA, with y_lo its
+  // h), else d_hi.row(i) (grad_h0).
+  Rows<T> d_lo, d_hi;
+  int64_t d_split = 0;
+  Rows<const T> y_lo;
+  const T* bias = nullptr;  // Linear: [H] or null
+  bool accumulate = false;  // Linear: add to what d holds
+  int64_t row_begin = 0, row_end = 0;
+  const T* panels = nullptr;  // [panel_end - panel_begin][K][NR], 64-byte aligned
+  int64_t panel_begin = 0, panel_end = 0;
+  int64_t K = 0;  // reduction length (H; the input size for a Linear product)
+  int64_t H = 0;  // output columns
+  Activation act = Activation::Tanh;
+};
+
+// g *= act'(y) on rows [row_begin, row_end) of g and y, columns [col_begin, col_end).
+template <typename T>
+struct ScaleTask {
+  Rows<T> g;
+  Rows<const T> y;
+  int64_t row_begin = 0, row_end = 0, col_begin = 0, col_end = 0;
+  Activation act = Activation::Tanh;
+};
+
+// T: float or double; N lanes per vector; NV vectors per panel row; MR rows
+// per tile at most (MR * NV accumulators must fit the register file).
+template <typename T, int N, int NV, int MR>
+struct TileKernel {
+  using V = typename simd::Vec<T, N>::type;
+  static constexpr int kNR = N * NV;
+  static constexpr int kMR = MR;
+  static constexpr int kLanes = N;
+
+  // n <= N lanes from p (the rest zero) / to p: one vector move when n == N.
+  static FASTRNN_INLINE void load_part(V& v, const T* p, int n) {
+    if (n == N) {
+      simd::load(v, p);
+    } else {
+      v = V{};
+      for (int l = 0; l < n; ++l) v[l] = p[l];
+    }
+  }
+  static FASTRNN_INLINE void store_part(T* p, const V& v, int n) {
+    if (n == N) {
+      simd::store(p, v);
+    } else {
+      for (int l = 0; l < n; ++l) p[l] = v[l];
+    }
+  }
+
+  static FASTRNN_INLINE void tanh_(V& v) {
+    if constexpr (std::is_same_v<T, float>) {
+      tanh_rational_inplace(v);
+    } else {
+      // Correct but slow: recurrence.h's supports() leaves double tanh to
+      // the per-step path.
+      for (int l = 0; l < N; ++l) v[l] = std::tanh(v[l]);
+    }
+  }
+
+  // v = act(v), as activate<A> in activation.h.
+  static FASTRNN_INLINE void activate_(V& v, Activation act) {
+    if (act == Activation::Relu) {
+      v = v < T(0) ? V{} : v;
+    } else {
+      tanh_(v);
+    }
+  }
+
+  // g = g * act'(y), as activation_grad<A> in activation.h.
+  static FASTRNN_INLINE void grad_(V& g, const V& y, Activation act) {
+    if (act == Activation::Relu) {
+      g = y <= T(0) ? V{} : g;
+    } else {
+      g = g * (T(1) - y * y);
+    }
+  }
+
+  // The epilogue of one tile row: columns [c0, c0 + nc) of row i, from a
+  // panel of W vectors (nc <= W * N). A vector that straddles nc is moved
+  // lane by lane, so that its columns see exactly the arithmetic of a full
+  // one (a library memcpy per row cost more than the row's tanh).
+  template <int W, Epilogue E>
+  static FASTRNN_INLINE void finish_row(const StepTask<T>& t, int64_t i, int64_t c0, int nc,
+                                        V (&acc)[W]) {
+    if constexpr (E == Epilogue::Linear || E == Epilogue::LinearAT) {
+      T* d = t.d_lo.row(i) + c0;
+      for (int v = 0; v < W; ++v) {
+        const int n = std::min(N, nc - v * N);
+        if (n <= 0) break;
+        V h = acc[v];
+        if (t.bias) {
+          V b;
+          load_part(b, t.bias + c0 + v * N, n);
+          h = b + h;
+        }
+        if (t.accumulate) {
+          V old;
+          load_part(old, d + v * N, n);
+          h = old + h;
+        }
+        store_part(d + v * N, h, n);
+      }
+    } else if constexpr (E == Epilogue::Forward) {
+      T* d = t.d_lo.row(i) + c0;
+      for (int v = 0; v < W; ++v) {
+        const int n = std::min(N, nc - v * N);
+        if (n <= 0) break;
+        V h;
+        load_part(h, d + v * N, n);
+        h = h + acc[v];
+        activate_(h, t.act);
+        store_part(d + v * N, h, n);
+      }
+    } else if (i < t.d_split) {
+      T* d = t.d_lo.row(i) + c0;
+      const T* y = t.y_lo.row(i) + c0;
+      for (int v = 0; v < W; ++v) {
+        const int n = std::min(N, nc - v * N);
+        if (n <= 0) break;
+        V g, yy;
+        load_part(g, d + v * N, n);
+        load_part(yy, y + v * N, n);
+        g = g + acc[v];
+        grad_(g, yy, t.act);
+        store_part(d + v * N, g, n);
+      }
+    } else {
+      T* d = t.d_hi.row(i) + c0;
+      for (int v = 0; v < W; ++v) {
+        const int n = std::min(N, nc - v * N);
+        if (n <= 0) break;
+        store_part(d + v * N, acc[v], n);
+      }
+    }
+  }
+
+  // Rows [i0, i0 + M) by one panel of W vectors ([K][W * N]).
+  template <int M, int W, Epilogue E>
+  static FASTRNN_INLINE void tile(const StepTask<T>& t, int64_t i0, const T* panel, int64_t c0,
+                                  int nc) {
+    V acc[M][W];
+    for (int r = 0; r < M; ++r) {
+      for (int v = 0; v < W; ++v) acc[r][v] = V{};
+    }
+    const int64_t K = t.K;
+    if constexpr (E == Epilogue::LinearAT) {
+      // The tile's M values of A at each k are adjacent (one cache line).
+      const T* a = t.a_lo.base + i0;
+      const int64_t lda = t.a_lo.ld;
+      for (int64_t k = 0; k < K; ++k) {
+        V b[W];
+        for (int v = 0; v < W; ++v) simd::load(b[v], panel + (k * W + v) * N);
+        for (int r = 0; r < M; ++r) {
+          const T x = a[k * lda + r];
+          for (int v = 0; v < W; ++v) acc[r][v] = acc[r][v] + x * b[v];
+        }
+      }
+    } else {
+      const T* a[M];
+      for (int r = 0; r < M; ++r) {
+        const int64_t i = i0 + r;
+        a[r] = i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        V b[W];
+        for (int v = 0; v < W; ++v) simd::load(b[v], panel + (k * W + v) * N);
+        for (int r = 0; r < M; ++r) {
+          const T x = a[r][k];
+          for (int v = 0; v < W; ++v) acc[r][v] = acc[r][v] + x * b[v];
+        }
+      }
+    }
+    for (int r = 0; r < M; ++r) finish_row<W, E>(t, i0 + r, c0, nc, acc[r]);
+  }
+
+  // A tile of m rows, 1 <= m <= MR: one unrolled kernel per row count.
+  template <int W, Epilogue E, int M = MR>
+  static FASTRNN_INLINE void tile_rows(int m, const StepTask<T>& t, int64_t i0, const T* panel,
+                                       int64_t c0, int nc) {
+    if (m == M) {
+      tile<M, W, E>(t, i0, panel, c0, nc);
+    } else if constexpr (M > 1) {
+      tile_rows<W, E, M - 1>(m, t, i0, panel, c0, nc);
+    }
+  }
+
+  template <int W, Epilogue E>
+  static FASTRNN_INLINE void panel_rows(const StepTask<T>& t, const T* panel, int64_t c0, int nc) {
+    // Row tiles as even as possible (50 rows: 8 + 6 * 7, not 6 * 8 + 2).
+    const int64_t n = t.row_end - t.row_begin;
+    const int64_t tiles = (n + MR - 1) / MR;
+    const int64_t base = n / tiles, extra = n % tiles;
+    int64_t i = t.row_begin;
+    for (int64_t b = 0; b < tiles; ++b) {
+      const int m = static_cast<int>(base + (b < extra));
+      tile_rows<W, E>(m, t, i, panel, c0, nc);
+      i += m;
+    }
+  }
+
+  template <Epilogue E>
+  static FASTRNN_INLINE void step(const StepTask<T>& t) {
+    if (t.row_end <= t.row_begin) return;
+    for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
+      const T* panel = t.panels + (p - t.panel_begin) * t.K * kNR;
+      const int64_t c0 = p * kNR;
+      const int nc = static_cast<int>(std::min<int64_t>(kNR, t.H - c0));
+      // The last panel is one vector wide where its columns fit in one.
+      if (NV > 1 && nc <= N) {
+        panel_rows<1, E>(t, panel, c0, nc);
+      } else {
+        panel_rows<NV, E>(t, panel, c0, nc);
+      }
+    }
+  }
+
+  static FASTRNN_INLINE void scale(const ScaleTask<T>& s) {
+    for (int64_t i = s.row_begin; i < s.row_end; ++i) {
+      T* g = s.g.row(i);
+      const T* y = s.y.row(i);
+      for (int64_t c = s.col_begin; c < s.col_end; c += N) {
+        const int n = static_cast<int>(std::min<int64_t>(N, s.col_end - c));
+        V gv, yv;
+        load_part(gv, g + c, n);
+        load_part(yv, y + c, n);
+        grad_(gv, yv, s.act);
+        store_part(g + c, gv, n);
+      }
+    }
+  }
+};
+
+// Width of panel p: nr columns, or one vector (`lanes`) for a last panel
+// whose columns fit in one (TileKernel::step).
+inline int panel_width(int64_t H, int nr, int lanes, int64_t p) {
+  const int64_t nc = std::min<int64_t>(nr, H - p * nr);
+  return nc <= lanes ? lanes : nr;
+}
+
+// Packs the panels [panel_begin, panel_end) of a product's right operand B
+// ([K][cols]) from a row-major W with row stride ldw: transposed, B = W^T
+// (W is [cols][K]: panel[k][c] = W[p*nr + c][k]; the forward's W_hh^T, an
+// input projection's W_ih^T), or not, B = W (W is [K][cols]: panel[k][c] =
+// W[k][p*nr + c]; the backward's W_hh). Zero beyond cols; panel p starts at
+// (p - panel_begin) * K * nr.
+template <typename T>
+void pack_panels(const T* w, int64_t ldw, int64_t cols, int64_t K, int nr, int lanes,
+                 bool transposed, int64_t panel_begin, int64_t panel_end, T* dst) {
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    T* panel = dst + (p - panel_begin) * K * nr;
+    const int64_t c0 = p * nr;
+    const int nc = static_cast<int>(std::min<int64_t>(nr, cols - c0));
+    const int width = panel_width(cols, nr, lanes, p);
+    if (transposed) {
+      // In blocks of 16 k: the block's rows of W are read a cache line at a
+      // time and its panel rows stay in L1 while they fill.
+      constexpr int64_t kb = 16;
+      for (int64_t k0 = 0; k0 < K; k0 += kb) {
+        const int64_t k1 = std::min(K, k0 + kb);
+        for (int c = 0; c < width; ++c) {
+          if (c < nc) {
+            const T* src = w + (c0 + c) * ldw;
+            for (int64_t k = k0; k < k1; ++k) panel[k * width + c] = src[k];
+          } else {
+            for (int64_t k = k0; k < k1; ++k) panel[k * width + c] = T(0);
+          }
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        std::memcpy(panel + k * width, w + k * ldw + c0, nc * sizeof(T));
+        std::fill(panel + k * width + nc, panel + (k + 1) * width, T(0));
+      }
+    }
+  }
+}
+
+// The kernels of one ISA for one dtype, and their panel width.
+template <typename T>
+struct KernelSet {
+  int nr;     // columns per panel
+  int mr;     // rows per tile at most
+  int lanes;  // columns per vector (the width of a narrow last panel)
+  void (*forward)(const StepTask<T>&);
+  void (*backward)(const StepTask<T>&);
+  // Linear / LinearAT (linear.h): AVX-512 only, the one ISA that uses them
+  // by default (null elsewhere: the caller keeps BLAS).
+  void (*linear)(const StepTask<T>&);
+  void (*linear_at)(const StepTask<T>&);
+  void (*scale)(const ScaleTask<T>&);
+};
+
+// The instantiations: (lanes, vectors per panel row, rows per tile) per ISA.
+// AVX-512 (32 registers): 8 x 2 vectors = 16 accumulators. AVX2 (16
+// registers): 6 x 2 = 12 accumulators, 2 panel vectors and a broadcast.
+// Baseline (SSE2 / NEON, 16-byte vectors): 4 x 2.
+namespace kernels {
+
+template <typename T>
+using Baseline = TileKernel<T, 16 / sizeof(T), 2, 4>;
+
+inline void forward_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<Epilogue::Forward>(t); }
+inline void backward_baseline_f32(const StepTask<float>& t) { Baseline<float>::step<Epilogue::Backward>(t); }
+inline void scale_baseline_f32(const ScaleTask<float>& s) { Baseline<float>::scale(s); }
+inline void forward_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<Epilogue::Forward>(t); }
+inline void backward_baseline_f64(const StepTask<double>& t) { Baseline<double>::step<Epilogue::Backward>(t); }
+inline void scale_baseline_f64(const ScaleTask<double>& s) { Baseline<double>::scale(s); }
+
+#if FASTRNN_X86_DISPATCH
+template <typename T>
+using Avx2 = TileKernel<T, 32 / sizeof(T), 2, 6>;
+template <typename T>
+using Avx512 = TileKernel<T, 64 / sizeof(T), 2, 8>;
+
+FASTRNN_TARGET_AVX2 inline void forward_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<Epilogue::Forward>(t); }
+FASTRNN_TARGET_AVX2 inline void backward_avx2_f32(const StepTask<float>& t) { Avx2<float>::step<Epilogue::Backward>(t); }
+FASTRNN_TARGET_AVX2 inline void scale_avx2_f32(const ScaleTask<float>& s) { Avx2<float>::scale(s); }
+FASTRNN_TARGET_AVX2 inline void forward_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<Epilogue::Forward>(t); }
+FASTRNN_TARGET_AVX2 inline void backward_avx2_f64(const StepTask<double>& t) { Avx2<double>::step<Epilogue::Backward>(t); }
+FASTRNN_TARGET_AVX2 inline void scale_avx2_f64(const ScaleTask<double>& s) { Avx2<double>::scale(s); }
+
+FASTRNN_TARGET_AVX512 inline void forward_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Forward>(t); }
+FASTRNN_TARGET_AVX512 inline void backward_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Backward>(t); }
+FASTRNN_TARGET_AVX512 inline void linear_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Linear>(t); }
+FASTRNN_TARGET_AVX512 inline void linear_at_avx512_f32(const StepTask<float>& t) { Avx512<float>::step<Epilogue::LinearAT>(t); }
+FASTRNN_TARGET_AVX512 inline void scale_avx512_f32(const ScaleTask<float>& s) { Avx512<float>::scale(s); }
+FASTRNN_TARGET_AVX512 inline void forward_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<Epilogue::Forward>(t); }
+FASTRNN_TARGET_AVX512 inline void backward_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<Epilogue::Backward>(t); }
+FASTRNN_TARGET_AVX512 inline void linear_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<Epilogue::Linear>(t); }
+FASTRNN_TARGET_AVX512 inline void linear_at_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<Epilogue::LinearAT>(t); }
+FASTRNN_TARGET_AVX512 inline void scale_avx512_f64(const ScaleTask<double>& s) { Avx512<double>::scale(s); }
+#endif
+
+}  // namespace kernels
+
+template <typename T>
+KernelSet<T> kernel_set(simd::Isa isa) {
+  using namespace kernels;
+  constexpr bool f32 = std::is_same_v<T, float>;
+#if FASTRNN_X86_DISPATCH
+  if (isa == simd::Isa::Avx512) {
+    if constexpr (f32) {
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, linear_avx512_f32, linear_at_avx512_f32, scale_avx512_f32};
+    } else {
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, linear_avx512_f64, linear_at_avx512_f64, scale_avx512_f64};
+    }
+  }
+  if (isa == simd::Isa::Avx2) {
+    if constexpr (f32) {
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f32, backward_avx2_f32, nullptr, nullptr, scale_avx2_f32};
+    } else {
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f64, backward_avx2_f64, nullptr, nullptr, scale_avx2_f64};
+    }
+  }
+#else
+  (void)isa;
+#endif
+  if constexpr (f32) {
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f32, backward_baseline_f32, nullptr, nullptr, scale_baseline_f32};
+  } else {
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f64, backward_baseline_f64, nullptr, nullptr, scale_baseline_f64};
+  }
+}
+
+}  // namespace fastrnn::cpu

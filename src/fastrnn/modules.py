@@ -29,7 +29,9 @@ from .ops import rnn as _rnn
 
 # c10's names of the dtypes, as torch's own messages spell them.
 _C10_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
-              torch.float16: "Half"}
+              torch.float16: "Half", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+              torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+              torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
 
 
 def _dtype_name(dtype):
@@ -252,8 +254,11 @@ class GRU(nn.RNNBase):
             _check_hidden_size_compiling(hx, expected_hidden_size)
         else:
             self.check_hidden_size(hx, expected_hidden_size)
-        if batch_sizes is None and self.batch_first:
-            input = input.transpose(0, 1)
+        if batch_sizes is None:
+            if input.size(1 if self.batch_first else 0) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            if self.batch_first:
+                input = input.transpose(0, 1)
         if torch.jit.is_scripting():
             output, hidden, _ = torch.ops.fastrnn.gru(
                 input, hx, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
@@ -353,8 +358,11 @@ class LSTM(nn.RNNBase):
                 hx[1], (self.num_layers * num_directions, max_batch_size, self.hidden_size))
         else:
             self.check_forward_args(input, hx, batch_sizes)
-        if batch_sizes is None and self.batch_first:
-            input = input.transpose(0, 1)
+        if batch_sizes is None:
+            if input.size(1 if self.batch_first else 0) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            if self.batch_first:
+                input = input.transpose(0, 1)
         if torch.jit.is_scripting():
             output, h_n, c_n, _ = torch.ops.fastrnn.lstm(
                 input, hx[0], hx[1], self._flat_weights, self.bias, self.num_layers,

@@ -203,6 +203,31 @@ def test_no_backward_call_without_gradients(cell):
         assert not any(t.requires_grad for t in (out, *flat(h_n)))
 
 
+@pytest.mark.parametrize("cell", [
+    "rnn",
+    pytest.param("lstm", marks=pytest.mark.xfail(strict=True, reason=(
+        "fastrnn::lstm_backward overwrites the reserve saved for backward (tests/test_ops.py "
+        "RESERVE_MUTATED): a second backward through a retained graph is wrong"))),
+    pytest.param("gru", marks=pytest.mark.xfail(strict=True, reason=(
+        "fastrnn::gru_backward overwrites the reserve saved for backward (tests/test_ops.py "
+        "RESERVE_MUTATED): a second backward through a retained graph is wrong"))),
+])
+def test_backward_twice_through_a_retained_graph(cell):
+    """loss.backward(retain_graph=True) and again: the same gradients both times, as
+    torch.nn's modules give."""
+    case = Case(cell=cell, num_layers=2, bidirectional=True, h0=True, steps=4, batch=3,
+                input_size=3, hidden_size=4)
+    ref, fast = twins(case)
+    x, h0, _ = module_inputs(case)
+    for module in (ref, fast):
+        out, h_n = module(x, h0)
+        loss = weighted_sum(out, h_n)
+        first = torch.autograd.grad(loss, [x, *flat(h0), *module.parameters()],
+                                    retain_graph=True)
+        again = torch.autograd.grad(loss, [x, *flat(h0), *module.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(first, again)), type(module).__name__
+
+
 # ---------------------------------------------------------------------------------------
 # Dropout between layers
 # ---------------------------------------------------------------------------------------

@@ -798,7 +798,8 @@ def test_hostile_arguments(name, hostile_results):
     assert r["type"] != "NotImplementedError", r
     names = (argument,) if isinstance(argument, str) else argument
     assert any(re.search(rf"\b{n}\b", r["message"]) for n in names), (names, r["message"])
-    op = "rnn" if name.startswith("forward/") else "rnn_backward"
+    cell, _, rest = name.partition("/") if name.startswith(("lstm/", "gru/")) else ("rnn", "", name)
+    op = cell if rest.startswith("forward/") else cell + "_backward"
     if kind == "binding":  # torch's argument parser: "fastrnn::rnn() Expected a value ..."
         assert r["message"].startswith(f"fastrnn::{op}() "), r["message"]
     else:

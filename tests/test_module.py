@@ -1375,8 +1375,9 @@ def _exact(ref, x, feed_=lambda t: t):
     return [e.detach() for e in exact], exact_grads
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("dtype, packed", [(torch.bfloat16, False), (torch.float16, False),
+                                           (torch.bfloat16, True)],
+                         ids=["bf16-padded", "f16-padded", "bf16-packed"])
 @pytest.mark.parametrize("cell, kwargs", CELL_PRECISION, ids=CELL_PRECISION_IDS)
 def test_cell_autocast_cpu_error_within_twice_torch(cell, kwargs, dtype, packed):
     """fastrnn.LSTM / GRU under CPU autocast compute in the autocast dtype: output, h_n

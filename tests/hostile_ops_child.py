@@ -489,6 +489,187 @@ for _pname, _poison in _POISONS.items():
                 nan_parity(_poison, _relu, _packed, expect_nonfinite=_relu or _pname != "bias-inf"))
 
 
+# ==== fastrnn::lstm / gru and their *_backward ============================================
+# Case names "lstm/forward/...", "gru/backward/..."; the same kinds. The arguments are those
+# of a 2-layer bidirectional stack with biases (LSTM: 16 weights, 20 with proj_size 2),
+# T=4, B=3, I=5, H=4, packed with batch_sizes [3, 2, 2, 1] where packed.
+from fastrnn.reference import gru_reference, lstm_reference  # noqa: E402
+
+CELL_OPS = {"lstm": (torch.ops.fastrnn.lstm, torch.ops.fastrnn.lstm_backward),
+            "gru": (torch.ops.fastrnn.gru, torch.ops.fastrnn.gru_backward)}
+CELL_GATES = {"lstm": 4, "gru": 3}
+CELL_POS = {
+    "lstm": dict(input=0, hx=1, cx=2, weights=3, has_biases=4, num_layers=5, dropout=6, train=7,
+                 bidirectional=8, batch_sizes=9, output=10, reserve=11, grad_output=12,
+                 grad_h_n=13, grad_c_n=14, need_input_grad=15, need_weight_grad=16),
+    "gru": dict(input=0, hx=1, weights=2, has_biases=3, num_layers=4, dropout=5, train=6,
+                bidirectional=7, batch_sizes=8, output=9, reserve=10, grad_output=11,
+                grad_h_n=12, need_input_grad=13, need_weight_grad=14),
+}
+
+
+def cell_weight_names(proj):
+    kinds = KINDS + (["weight_hr"] if proj else [])
+    return [f"{k}_{c}" for c in CELLS for k in kinds]
+
+
+def cell_fwd_args(cell, packed=False, proj=0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=dtype) - 0.5
+
+    G, R = CELL_GATES[cell], proj or H
+    x = rand(N, I) if packed else rand(T, B, I)
+    bs = torch.tensor(BATCH_SIZES) if packed else None
+    weights = []
+    for layer in range(L):
+        for _ in range(D):
+            weights += [rand(G * H, I if layer == 0 else D * R), rand(G * H, R), rand(G * H),
+                        rand(G * H)] + ([rand(R, H)] if proj else [])
+    states = [rand(L * D, B, R)] + ([rand(L * D, B, H)] if cell == "lstm" else [])
+    return [x, *states, weights, True, L, 0.0, False, True, bs]
+
+
+def cell_bwd_args(cell, packed=False, proj=0):
+    a = cell_fwd_args(cell, packed, proj)
+    *outputs, reserve = CELL_OPS[cell][0](*a)
+    return a + [outputs[0], reserve, *[torch.randn_like(o) for o in outputs], True, True]
+
+
+def cell_error(cell, kind, name, arg, value, packed=False, proj=0, case_kind="error", at=None):
+    target = at or (arg if isinstance(arg, str) else arg[0])
+    names = cell_weight_names(proj)
+
+    def thunk():
+        a = cell_fwd_args(cell, packed, proj) if kind == "forward" else cell_bwd_args(cell, packed, proj)
+        if target in names:
+            w = CELL_POS[cell]["weights"]
+            a[w] = list(a[w])
+            i = names.index(target)
+            a[w][i] = value(a[w][i]) if callable(value) else value
+        else:
+            i = CELL_POS[cell][target]
+            a[i] = value(a[i]) if callable(value) else value
+        return CELL_OPS[cell][0 if kind == "forward" else 1](*a)
+
+    CASES[f"{cell}/{kind}/{name}"] = (case_kind, arg, thunk)
+
+
+for _cell in ("lstm", "gru"):
+    for _kind in ("forward", "backward"):
+        def _e(name, arg, value, **kw):
+            cell_error(_cell, _kind, name, arg, value, **kw)
+
+        _e("hx-huge-batch", "hx", huge(L * D, 2 ** 40, H))
+        _e("hx-huge-layers", "hx", huge(2 ** 40, B, H))
+        _e("hx-2d", "hx", lambda h: h[0])
+        _e("hx-None", "hx", None)
+        _e("hx-meta", "hx", meta)
+        _e("weights-empty", "weights", [])
+        _e("weights-one-short", "weights", lambda w: w[:-1])
+        _e("num_layers-huge", ("weights", "num_layers"), 2 ** 62, at="num_layers")
+        _e("num_layers-min-int64", "num_layers", -(2 ** 63))
+        _e("dropout-nan", "dropout", math.nan)
+        # the gate count divides weight_hh's rows: a row more or a row less
+        _e("weight_hh_l0-rows-not-multiple", ("weight_hh_l0", "weight_ih_l0"),
+           lambda w: torch.cat([w, w[:1]]))
+        _e("weight_hh_l0-empty", ("weight_hh_l0", "weight_ih_l0"), torch.zeros(0, 0))
+        _e("weight_hh_l0-huge", ("weight_hh_l0", "weight_ih_l0"), huge(2 ** 31 + 2, 2 ** 31 + 1))
+        _e("weight_ih_l1-huge-input-size", "weight_ih_l1", huge(CELL_GATES[_cell] * H, 2 ** 58))
+        _e("bias_ih_l1_reverse-H-not-GH", "bias_ih_l1_reverse", lambda b: b[:H])
+        _e("weight_ih_l0-int", "weight_ih_l0", lambda w: w.int())
+        _e("input-float8", "input", lambda x: x.to(torch.float8_e4m3fn))
+        _e("batch_sizes-absurd", "batch_sizes", torch.tensor([2 ** 62] * 4), packed=True)
+        _e("batch_sizes-increasing", "batch_sizes", torch.tensor([1, 2, 2, 3]), packed=True)
+        if _cell == "lstm":
+            _e("cx-None", "cx", None)
+            _e("cx-2d", "cx", lambda c: c[0])
+            _e("cx-huge-batch", "cx", huge(L * D, 2 ** 40, H))
+            _e("cx-meta", "cx", meta)
+            _e("cx-int", "cx", lambda c: c.long())
+            _e("cx-of-proj_size", "cx", lambda c: c[..., :2], proj=2)
+            _e("proj-weight_hr_l0-transposed", "weight_hr_l0", lambda w: w.t(), proj=2)
+            _e("proj-weight_hr_l1-huge", "weight_hr_l1", huge(2, 2 ** 40), proj=2)
+            _e("proj-weight_hr_l0-None", "weights", None, proj=2, case_kind="binding",
+               at="weight_hr_l0")
+            # 20 weights read as 5 per cell with has_biases False: not a valid count
+            _e("proj-has_biases-false", "weights", False, proj=2, at="has_biases")
+            # proj_size = H: weight_hr [H, H] and hx of H look like a 5th weight of an
+            # unprojected stack: the shapes must still be checked, not crash
+            _e("proj-weight_hh_l1-proj-mismatch", "weight_hh_l1", lambda w: w[:, :1], proj=2)
+        if _kind == "backward":
+            _e("reserve-short", "reserve", lambda r: r[1:])
+            _e("reserve-None", "reserve", None)
+            _e("reserve-meta", "reserve", meta)
+            _e("grad_output-shape", "grad_output", lambda g: g[..., :2])
+            _e("grad_h_n-huge", "grad_h_n", huge(L * D, 2 ** 40, H))
+            _e("output-None", "output", None)
+            if _cell == "lstm":
+                _e("grad_c_n-None", "grad_c_n", None)
+                _e("grad_c_n-shape", "grad_c_n", lambda g: g[:1])
+                _e("grad_c_n-huge", "grad_c_n", huge(2 ** 40, B, H))
+                _e("grad_c_n-meta", "grad_c_n", meta)
+                _e("grad_c_n-dtype", "grad_c_n", lambda g: g.double())
+                _e("proj-reserve-without-m", "reserve", lambda r: r[: r.numel() - 2 * N * D * H],
+                   proj=2)
+
+
+def cell_parity(cell, mutate=lambda a: None, packed=False, proj=0):
+    """The op on valid but unusual arguments against fastrnn.reference."""
+    def thunk():
+        a = cell_fwd_args(cell, packed, proj)
+        mutate(a)
+        P = CELL_POS[cell]
+        *outputs, _ = CELL_OPS[cell][0](*a)
+        common = dict(num_layers=a[P["num_layers"]], bidirectional=a[P["bidirectional"]],
+                      batch_sizes=a[P["batch_sizes"]])
+        if cell == "lstm":
+            out, (h, c) = lstm_reference(a[0], (a[1], a[2]), a[3], **common)
+            want = [out, h, c]
+        else:
+            want = list(gru_reference(a[0], a[1], a[2], **common))
+        ok = len(outputs) == len(want) and all(_close(o, w) for o, w in zip(outputs, want))
+        return ok, " ".join(f"{tuple(o.shape)} vs {tuple(w.shape)}" for o, w in zip(outputs, want))
+    return thunk
+
+
+def _cell_empty_steps(cell):
+    def mutate(a):
+        a[0] = a[0][:0]
+        bs = CELL_POS[cell]["batch_sizes"]
+        if a[bs] is not None:
+            a[bs] = torch.zeros(0, dtype=torch.long)
+    return mutate
+
+
+def _cell_expanded(cell):
+    def mutate(a):
+        w = CELL_POS[cell]["weights"]
+        for i in range(w):
+            a[i] = a[i].flatten()[:1].expand(a[i].shape)
+        a[w] = [t.flatten()[:1].expand(t.shape) for t in a[w]]
+    return mutate
+
+
+def _cell_poison(cell):
+    def mutate(a):
+        a[0][1, 1, 2] = math.nan  # NaN input: NaN where torch has it (rows of batch 1)
+    return mutate
+
+
+for _cell in ("lstm", "gru"):
+    for _packed in (False, True):
+        _p = "packed" if _packed else "padded"
+        CASES[f"{_cell}/valid/T0-{_p}"] = ("parity", None, cell_parity(_cell, _cell_empty_steps(_cell), _packed))
+        CASES[f"{_cell}/valid/expanded-everything-{_p}"] = ("parity", None, cell_parity(_cell, _cell_expanded(_cell), _packed))
+    CASES[f"{_cell}/valid/B0"] = ("parity", None, cell_parity(_cell, lambda a, n=3 if _cell == "lstm" else 2: [
+        a.__setitem__(i, a[i][:, :0]) for i in range(n)]))  # input, hx (, cx): batch 0
+    CASES[f"{_cell}/valid/nan-input"] = ("parity", None, cell_parity(_cell, _cell_poison(_cell)))
+CASES["lstm/valid/proj-packed"] = ("parity", None, cell_parity("lstm", packed=True, proj=2))
+CASES["lstm/valid/proj-T0"] = ("parity", None, cell_parity("lstm", _cell_empty_steps("lstm"), proj=1))
+
+
 if os.environ.get("FASTRNN_HOSTILE_SELFTEST"):
     # For the harness's own test: a case that kills the process.
     CASES["selftest/abort"] = ("error", "none", os.abort)

@@ -1,6 +1,6 @@
-"""CUDA-only behaviour (the parity grid of test_module.py, the reference grid of
+"""CUDA-only behaviour (the parity grids of test_module.py, the reference grids of
 test_ops.py and the dropout-mask consistency test also run on CUDA through
-conftest.devices()). Skipped with a reason where no GPU is visible; run whenever one
+conftest.devices(), LSTM and GRU included). Skipped with a reason where no GPU is visible; run whenever one
 is lent."""
 
 import copy
@@ -186,3 +186,128 @@ def test_compile_on_cuda(case):
     torch.testing.assert_close(h2, h1)
     for a, b in zip(g2, g1):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# LSTM and GRU
+# ---------------------------------------------------------------------------------------
+
+CELL_CUDA = [("lstm", {}), ("lstm", dict(proj_size=7)), ("gru", {})]
+CELL_CUDA_IDS = ["lstm", "lstm-proj", "gru"]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell, kwargs", CELL_CUDA, ids=CELL_CUDA_IDS)
+def test_cell_cuda_matches_cpu_float64(cell, kwargs, packed):
+    """fastrnn.LSTM / GRU on CUDA against the same module on the CPU in float64: output,
+    h_n, c_n and every gradient (h0 and c0 included)."""
+    _, fast = rnn_pair(5, 16, 2, bidirectional=True, cell=cell, **kwargs)
+    fast = fast.double()
+    gpu = copy.deepcopy(fast).cuda()
+    x = torch.randn(9, 4, 5, dtype=torch.float64)
+    R = kwargs.get("proj_size", 16)
+    h0 = [torch.randn(4, 4, R, dtype=torch.float64)]
+    if cell == "lstm":
+        h0.append(torch.randn(4, 4, 16, dtype=torch.float64))
+    lengths = torch.tensor([9, 3, 7, 1])
+    results = []
+    for module, device in ((fast, "cpu"), (gpu, "cuda")):
+        xs = x.to(device).requires_grad_()
+        hs = [h.to(device).requires_grad_() for h in h0]
+        inp = torch.nn.utils.rnn.pack_padded_sequence(xs, lengths, enforce_sorted=False) if packed else xs
+        out, h = module(inp, tuple(hs) if cell == "lstm" else hs[0])
+        out = out.data if packed else out
+        hs_out = list(h) if cell == "lstm" else [h]
+        results.append([t.cpu() for t in [out, *hs_out, *grads(module, weighted_sum(out, h), [xs, *hs])]])
+    for a, e in zip(results[1], results[0]):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell, kwargs", CELL_CUDA, ids=CELL_CUDA_IDS)
+def test_cell_matches_cudnn_float32(cell, kwargs, packed):
+    """Against torch.nn.LSTM / GRU on CUDA (cuDNN) in float32 with TF32 off: output,
+    states and parameter gradients within float32 tolerances."""
+    ref, fast = rnn_pair(8, 32, 2, bidirectional=True, cell=cell, **kwargs)
+    ref, fast = ref.cuda(), fast.cuda()
+    x = torch.randn(12, 6, 8, device="cuda")
+    lengths = torch.tensor([12, 11, 7, 7, 2, 1])
+    results = []
+    assert torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for m in (ref, fast):
+            inp = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+            out, h = m(inp)
+            out = out.data if packed else out
+            hs = list(h) if cell == "lstm" else [h]
+            results.append([out, *hs, *grads(m, weighted_sum(out, h), [])])
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    for a, e in zip(results[1], results[0]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("cell, kwargs", CELL_CUDA, ids=CELL_CUDA_IDS)
+def test_cell_half_precision_error_within_twice_torch(cell, kwargs, dtype):
+    ref, fast = rnn_pair(32, 64, 2, cell=cell, **kwargs)
+    x = torch.randn(20, 8, 32)
+    exact = copy.deepcopy(ref).double()(x.double())
+    exact = [exact[0], *(exact[1] if cell == "lstm" else [exact[1]])]
+    errors = []
+    for m in (ref, fast):
+        out, h = copy.deepcopy(m).to("cuda", dtype)(x.to("cuda", dtype))
+        got = [out, *(h if cell == "lstm" else [h])]
+        assert all(t.dtype == dtype for t in got)
+        errors.append(max(float((a.double().cpu() - e).abs().max()) for a, e in zip(got, exact)))
+    assert errors[1] <= 2 * errors[0], errors
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_cuda_dropout_repeatable_and_one_call_each(cell):
+    case = Case(cell=cell, num_layers=3, bidirectional=True, dropout=0.5, packed=True, h0=True,
+                device="cuda", proj_size=3 if cell == "lstm" else 0)
+    _, fast = twins(case)
+    x, h0, lengths = module_inputs(case)
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        with OpCalls() as calls:
+            out, h_n, g = run_module(fast, case, x, h0, lengths)
+        assert calls.names() == [cell, cell + "_backward"]
+        runs.append([out.data, *(h_n if cell == "lstm" else [h_n]), *g])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not torch.equal(runs[0][0], runs[2][0])
+
+
+def test_cell_cuda_device_errors_name_the_argument():
+    """cx and weight_hr on the CPU among CUDA tensors: the device kernel's own checks."""
+    args = op_inputs(Case(cell="lstm", proj_size=2, num_layers=2, bidirectional=True,
+                          packed=True, device="cuda"))
+    raw = list(args.raw())
+    with pytest.raises(RuntimeError, match="^fastrnn::lstm: cx must be on the same device as input"):
+        torch.ops.fastrnn.lstm(raw[0], raw[1], raw[2].cpu(), *raw[3:])
+    weights = list(raw[3])
+    weights[4] = weights[4].cpu()
+    with pytest.raises(RuntimeError, match="^fastrnn::lstm: weight_hr_l0 must be on the same "
+                                           "device as input"):
+        torch.ops.fastrnn.lstm(*raw[:3], weights, *raw[4:])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_autocast_cuda_like_torch(cell):
+    """On CUDA torch.nn's cuDNN op is an autocast op: every output in the autocast dtype,
+    as fastrnn's."""
+    ref, fast = rnn_pair(8, 16, 2, bidirectional=True, cell=cell)
+    ref, fast = ref.cuda(), fast.cuda()
+    x = torch.randn(6, 3, 8, device="cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", dtype=dtype):
+            want, got = ref(x), fast(x)
+        want = [want[0], *(want[1] if cell == "lstm" else [want[1]])]
+        got = [got[0], *(got[1] if cell == "lstm" else [got[1]])]
+        assert [t.dtype for t in got] == [t.dtype for t in want]
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a.float(), e.float(), atol=3e-2, rtol=3e-2)

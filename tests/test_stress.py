@@ -180,3 +180,44 @@ def test_training_memory_is_flat():
             samples.append(rss_mib())
     growth = samples[-1] - start
     assert growth < 24, f"RSS grew {growth:.1f} MiB over 1,800 steps: {start:.1f} -> {samples}"
+
+
+def test_lstm_reserve_past_2_pow_31_elements():
+    """A bfloat16 LSTM forward whose reserve (the activated gates [N, 4H] then c [N, H])
+    holds 2**31 + 5 * 16 * 3 * 64 elements (4.3 GB; about 5.5 GB in all): the cell states
+    of the last rows are written past element 2**31, so 32-bit offsets in the saved-tensor
+    views or the LSTM step would misplace them. Columns (sequences) are independent: a few,
+    the last included, are checked against a small run of their own -- output, h_n, c_n
+    and the saved c and gates."""
+    T, H = 64, 16
+    per_row = 5 * H  # saved_per_row: gates 4H and c H
+    B = 2 ** 31 // (T * per_row) + 3
+    N = T * B
+    assert N * per_row > 2 ** 31
+    if _free_mib() < 8000:
+        pytest.skip("needs about 8 GB of free memory")
+    g = torch.Generator().manual_seed(3)
+    weights = [(torch.rand(4 * H, 1, generator=g) - 0.5).bfloat16(),
+               (torch.rand(4 * H, H, generator=g) * 0.5 - 0.25).bfloat16(),
+               (torch.rand(4 * H, generator=g) - 0.5).bfloat16(),
+               torch.zeros(4 * H, dtype=torch.bfloat16)]
+    x = torch.randn(T, B, 1, dtype=torch.bfloat16)
+    hx = torch.randn(1, B, H, dtype=torch.bfloat16)
+    cx = torch.randn(1, B, H, dtype=torch.bfloat16)
+    LSTM = torch.ops.fastrnn.lstm
+    out, h_n, c_n, reserve = LSTM(x, hx, cx, weights, True, 1, 0.0, False, False, None)
+    assert reserve.shape == (N * per_row,) and reserve.numel() > 2 ** 31
+    gates = reserve[: N * 4 * H].view(T, B, 4 * H)
+    cs = reserve[N * 4 * H:].view(T, B, H)
+    cols = torch.tensor([0, 1, B // 2, B - 2, B - 1])
+    small = LSTM(x[:, cols].contiguous(), hx[:, cols].contiguous(), cx[:, cols].contiguous(),
+                 weights, True, 1, 0.0, False, False, None)
+    s_out, s_h, s_c, s_reserve = small
+    s_gates = s_reserve[: T * len(cols) * 4 * H].view(T, len(cols), 4 * H)
+    s_cs = s_reserve[T * len(cols) * 4 * H:].view(T, len(cols), H)
+    for big, want in ((out[:, cols], s_out), (h_n[:, cols], s_h), (c_n[:, cols], s_c),
+                      (cs[:, cols], s_cs), (gates[:, cols], s_gates)):
+        torch.testing.assert_close(big, want, atol=0, rtol=0)  # same kernels, same rows
+    # the last saved c lies past element 2**31 and is the last step's c: c_n
+    assert N * 4 * H + (T - 1) * B * H + (B - 1) * H > 2 ** 31
+    torch.testing.assert_close(cs[-1], c_n[0], atol=0, rtol=0)

@@ -29,7 +29,9 @@ from .ops import rnn as _rnn
 
 # c10's names of the dtypes, as torch's own messages spell them.
 _C10_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
-              torch.float16: "Half"}
+              torch.float16: "Half", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+              torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+              torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
 
 
 def _dtype_name(dtype):

@@ -138,6 +138,7 @@ struct JobShape {
 // its L2 did not matter: a panel is reused by every row tile of a step, and
 // W_hh at H = 512 (1 MB, a whole L2 here) ran as fast split by rows.
 constexpr double kBarrierCost = 10000;
+constexpr double kInlineFmas = 1 << 17;
 constexpr double kColumnSplitFactor = 1.05;
 
 inline double rows_cost(int64_t n, int mr) {
@@ -223,7 +224,8 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int nr, i
 // Threads to plan for: torch's intra-op threads, but no more than the CPUs.
 inline int64_t slot_budget() {
   const int64_t threads = torch::stable::get_num_threads();
-  const int64_t cpus = std::thread::hardware_concurrency();
+  // hardware_concurrency reads /sys on every call: once is enough.
+  static const int64_t cpus = std::thread::hardware_concurrency();
   return std::max<int64_t>(1, cpus > 0 ? std::min(threads, cpus) : threads);
 }
 
@@ -256,8 +258,17 @@ void run_slots(std::span<const Job> jobs, const Plan& plan, const KernelSet<T>& 
   auto job_phases = [&](const Slot& s) {
     return static_cast<int64_t>(jobs[s.job].steps.size()) + extra_phases;
   };
+  // A call with less work than it takes to start the thread team (a few
+  // microseconds: T = 1 of a tiny stack ran 40% slower with it) runs every
+  // slot on the calling thread: parallel_for stays serial when the range is
+  // no larger than the grain.
+  double fmas = 0;
+  for (const Job& j : jobs) {
+    for (const StepRows& st : j.steps) fmas += double(st.count) * j.hidden * j.hidden;
+  }
+  const int64_t grain = fmas < kInlineFmas ? S : 1;
 
-  torch::stable::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Slot& s = plan.slots[i];
       const Job& j = jobs[s.job];

@@ -74,17 +74,18 @@
 //   bias_hh [4H],) (weight_hr [R, H] with proj_size R < H); R = H without it;
 //   I_l = D*R for l > 0
 //   -> (output [T, B, D*R] | [N, D*R], h_n [L*D, B, R], c_n [L*D, B, H],
-//       reserve [R_lstm]: per layer the activated gates [N, D*4H], c [N, D*H]
-//               and with proj_size m [N, D*H]; then the outputs of layers
-//               0..L-2 and their dropout masks as for rnn)
+//       reserve [R_lstm]: the outputs of layers 0..L-2 and their dropout
+//               masks as for rnn; then per layer the activated gates
+//               [N, D*4H], c [N, D*H] and, with proj_size, m [N, D*H])
 // fastrnn::gru(input, hx [L*D, B, H], weights, has_biases, num_layers, dropout,
 //              train, bidirectional, batch_sizes)
 //   weights per cell: weight_ih [3H, I_l], weight_hh [3H, H], (bias_ih [3H], bias_hh [3H])
-//   -> (output, h_n, reserve [R_gru]: per layer the activated gates
-//       [N, D*3H] and (h_{t-1} W_hh^T)_n + b_hn [N, D*H]; then as for rnn)
+//   -> (output, h_n, reserve [R_gru]: as for rnn, then per layer the
+//       activated gates [N, D*3H] and (h_{t-1} W_hh^T)_n + b_hn [N, D*H])
 // lstm_backward / gru_backward take the forward's arguments, output and
 // reserve, the gradients of every output, and the need_* flags, and return
-// (grad_input, grad_hx[, grad_cx], grad_weights) as rnn_backward does.
+// (grad_input, grad_hx[, grad_cx], grad_weights) as rnn_backward does. No
+// backward op writes to its arguments: a retained graph runs it again.
 #pragma once
 
 #include <torch/csrc/stable/library.h>

@@ -47,18 +47,28 @@ struct StackViews {
   Tensor layer_output(int64_t l) const { return view2d(reserve, N(), W(), W(), l * N() * W()); }
   Tensor mask(int64_t l) const { return layer_output(c.layers - 1 + l); }
   // Direction d's part of layer l's saved tensors (ops.h): `width` columns
-  // starting at column `col` of each row's saved_per_row().
-  Tensor saved(int64_t l, int64_t d, int64_t col, int64_t width) const {
-    const int64_t outputs = (c.layers - 1) * N() * W() * (c.dropout_applied() ? 2 : 1);
-    const int64_t S = c.saved_per_row(), D = c.directions;
-    // Layer l's block holds, per saved tensor, [N, D*width] with direction d's columns.
-    const int64_t block = outputs + l * N() * D * S;
-    return view2d(reserve, N(), width, D * width, block + N() * D * col + d * width);
+  // starting at column `col` of each row's saved_per_row(). Layer l's block
+  // holds, per saved tensor, [N, D*width] with direction d's columns; `copy`,
+  // when given, is a copy of the block's start to read instead of the reserve.
+  Tensor saved(int64_t l, int64_t d, int64_t col, int64_t width, const Tensor* copy = nullptr) const {
+    const int64_t D = c.directions, at = N() * D * col + d * width;
+    return copy ? view2d(*copy, N(), width, D * width, at)
+                : view2d(reserve, N(), width, D * width, block_offset(l) + at);
   }
-  Tensor gates(int64_t l, int64_t d) const { return saved(l, d, 0, c.gates * c.hidden); }
+  int64_t block_offset(int64_t l) const {
+    const int64_t outputs = (c.layers - 1) * N() * W() * (c.dropout_applied() ? 2 : 1);
+    return outputs + l * N() * c.directions * c.saved_per_row();
+  }
+  // A copy of the first `elements` of layer l's saved block.
+  Tensor copy_of_block(int64_t l, int64_t elements) const {
+    return torch::stable::clone(reinterpret(reserve, {elements}, {1}, block_offset(l)));
+  }
+  Tensor gates(int64_t l, int64_t d, const Tensor* copy = nullptr) const {
+    return saved(l, d, 0, c.gates * c.hidden, copy);
+  }
   // LSTM's c and m, GRU's hn: the [N, H] tensors after the gates.
-  Tensor after_gates(int64_t l, int64_t d, int64_t i) const {
-    return saved(l, d, c.gates * c.hidden + i * c.hidden, c.hidden);
+  Tensor after_gates(int64_t l, int64_t d, int64_t i, const Tensor* copy = nullptr) const {
+    return saved(l, d, c.gates * c.hidden + i * c.hidden, c.hidden, copy);
   }
   // Direction d's columns of a layer's [N, D*R] tensor.
   Tensor columns(const Tensor& t, int64_t d) const {
@@ -225,6 +235,14 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
 
   for (int64_t l = c.layers - 1; l >= 0; --l) {
     const Tensor out = l + 1 == c.layers ? top_output : s.layer_output(l);
+    // LSTM's and GRU's recurrences turn the saved gates (and GRU's hn) into
+    // their gradients in place: on a copy, as the reserve is read-only (a
+    // retained graph runs backward again from it).
+    Tensor scratch;
+    if (c.cell != CellKind::Elman) {
+      scratch = s.copy_of_block(l, N * c.directions * (GH + (c.cell == CellKind::Gru ? H : 0)));
+    }
+    const Tensor* sc = scratch.defined() ? &scratch : nullptr;
     std::vector<BackwardJob> elman;
     std::vector<LstmBackwardJob> lstm;
     std::vector<GruBackwardJob> gru;
@@ -238,13 +256,13 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
                            state(grad_hx), w_hh});
           break;
         case CellKind::Lstm:
-          lstm.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.gates(l, d), s.after_gates(l, d, 0),
+          lstm.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.gates(l, d, sc), s.after_gates(l, d, 0),
                           c.proj ? s.after_gates(l, d, 1) : Tensor(), state(c0), state(dh_n),
                           state(dc_n), state(grad_hx), state(grad_cx), w_hh,
                           c.proj ? as_contiguous(s.w_hr(cell)) : Tensor()});
           break;
         case CellKind::Gru:
-          gru.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.gates(l, d), s.after_gates(l, d, 0),
+          gru.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.gates(l, d, sc), s.after_gates(l, d, 0, sc),
                          s.columns(out, d), state(h0), state(dh_n), state(grad_hx), w_hh});
           break;
       }
@@ -268,12 +286,12 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
           input_grads[d] = {{dA_h, 0}};
           break;
         case CellKind::Lstm:
-          dA_h = s.gates(l, d);
+          dA_h = s.gates(l, d, sc);
           input_grads[d] = {{dA_h, 0}};
           break;
         case CellKind::Gru: {  // gates hold [dA_r, dA_z, dA_hn], hn holds dA_n (cells.h)
-          dA_h = s.gates(l, d);
-          input_grads[d] = {{view2d(dA_h, N, 2 * H, dA_h.stride(0)), 0}, {s.after_gates(l, d, 0), 2 * H}};
+          dA_h = s.gates(l, d, sc);
+          input_grads[d] = {{view2d(dA_h, N, 2 * H, dA_h.stride(0)), 0}, {s.after_gates(l, d, 0, sc), 2 * H}};
           break;
         }
       }

@@ -203,15 +203,7 @@ def test_no_backward_call_without_gradients(cell):
         assert not any(t.requires_grad for t in (out, *flat(h_n)))
 
 
-@pytest.mark.parametrize("cell", [
-    "rnn",
-    pytest.param("lstm", marks=pytest.mark.xfail(strict=True, reason=(
-        "fastrnn::lstm_backward overwrites the reserve saved for backward (tests/test_ops.py "
-        "RESERVE_MUTATED): a second backward through a retained graph is wrong"))),
-    pytest.param("gru", marks=pytest.mark.xfail(strict=True, reason=(
-        "fastrnn::gru_backward overwrites the reserve saved for backward (tests/test_ops.py "
-        "RESERVE_MUTATED): a second backward through a retained graph is wrong"))),
-])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_backward_twice_through_a_retained_graph(cell):
     """loss.backward(retain_graph=True) and again: the same gradients both times, as
     torch.nn's modules give."""

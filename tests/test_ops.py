@@ -1013,15 +1013,6 @@ CELL_GRADCHECK = [
 ]
 
 
-# lstm_backward / gru_backward overwrite the reserve they are given (the saved gates
-# become the gates' gradients, csrc/recurrence.h "on exit"), although the schema declares
-# it read-only: a second backward through the same graph (retain_graph, gradcheck's
-# Jacobian rows and reentrancy check, opcheck's schema check) reads gradients as gates.
-RESERVE_MUTATED = pytest.mark.xfail(strict=True, reason=(
-    "fastrnn::lstm_backward / gru_backward overwrite their `reserve` argument in place "
-    "(schema says read-only): a second backward through a retained graph is wrong"))
-
-
 def _gradcheck_fn(case, args, scalar=False):
     n_states = len(args.states())
 
@@ -1036,7 +1027,6 @@ def _gradcheck_fn(case, args, scalar=False):
     return fn
 
 
-@RESERVE_MUTATED
 @pytest.mark.parametrize("case", CELL_GRADCHECK, ids=case_id)
 def test_cell_gradcheck(case):
     """float64 gradcheck of fastrnn.lstm / gru with respect to input, hx (and cx) and
@@ -1045,18 +1035,8 @@ def test_cell_gradcheck(case):
     assert torch.autograd.gradcheck(_gradcheck_fn(case, args), tuple(args.leaves()))
 
 
-@pytest.mark.parametrize("case", CELL_GRADCHECK, ids=case_id)
-def test_cell_gradcheck_one_backward_per_graph(case):
-    """The gradients against finite differences meanwhile: gradcheck's fast mode on a
-    scalar of every output needs one backward per graph for the Jacobian (its reentrancy
-    check, a second backward, is what test_cell_gradcheck holds to)."""
-    args = op_inputs(case, requires_grad=True, scale=0.5)
-    assert torch.autograd.gradcheck(_gradcheck_fn(case, args, scalar=True), tuple(args.leaves()),
-                                    fast_mode=True, nondet_tol=float("inf"))
-
-
 def test_rnn_backward_leaves_its_arguments_unchanged():
-    """The baseline the xfail below is held to: rnn_backward reads its reserve only."""
+    """rnn_backward reads its arguments only: twice on the same ones, the same gradients."""
     case = CELL_BASE.replace(num_layers=2, bidirectional=True, packed=True, dropout=0.5)
     args, bwd = backward_args(case, True, True)
     before = [t.clone() for t in bwd if isinstance(t, torch.Tensor)]
@@ -1066,7 +1046,6 @@ def test_rnn_backward_leaves_its_arguments_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(flat(first), flat(again)))
 
 
-@RESERVE_MUTATED
 @pytest.mark.parametrize("case", [
     LSTM_BASE, LSTM_BASE.replace(proj_size=2, num_layers=2, bidirectional=True, packed=True),
     GRU_BASE, GRU_BASE.replace(num_layers=2, bidirectional=True, packed=True)], ids=case_id)
@@ -1132,7 +1111,6 @@ def test_cell_opcheck_backward(case, need):
         "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-@RESERVE_MUTATED
 @pytest.mark.parametrize("case", CELL_BACKWARD_CASES, ids=case_id)
 def test_cell_opcheck_backward_schema(case):
     args, bwd = backward_args(case, True, True)
@@ -1153,12 +1131,8 @@ def test_cell_gradients_not_needed_are_empty(case):
     assert full_input.shape == args.input.shape
     assert [g.shape for g in full_states] == [s.shape for s in args.states()]
     assert [g.shape for g in full_weights] == [w.shape for w in args.weights]
-    reserve_at = CELL_BWD_NAMES[case.cell].index("reserve")
     for need_input, need_weight in NEEDS[1:]:
-        fresh = list(full_args[:-2])
-        torch.manual_seed(0)  # backward_args' masks
-        fresh[reserve_at] = args.call()[-1]  # the backward overwrites its reserve (xfail above)
-        got = args.backward_op(*fresh, need_input, need_weight)
+        got = args.backward_op(*full_args[:-2], need_input, need_weight)
         g_input, g_states, g_weights = got[0], got[1:-1], got[-1]
         assert all(torch.equal(a, b) for a, b in zip(g_states, full_states))
         assert len(g_weights) == len(args.weights)

@@ -8,6 +8,7 @@
 #include "ops.h"
 #include "tensor_util.h"
 
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -51,22 +52,29 @@ struct RnnConfig {
 };
 
 // torch's parameter names, for messages: weight_ih_l0, bias_hh_l1_reverse, ...
-inline std::string param_name(const RnnConfig& c, int64_t index) {
+// Streamed (operator<<) only into a failing check's message, so that passing
+// checks build no strings.
+struct ParamName {
+  const RnnConfig& c;
+  int64_t index;
+};
+inline std::ostream& operator<<(std::ostream& os, const ParamName& p) {
   static const char* with_bias[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
   static const char* without[] = {"weight_ih", "weight_hh", "weight_hr"};
-  const int64_t cell = index / c.per_cell(), k = index % c.per_cell();
-  return std::string(c.has_biases ? with_bias[k] : without[k]) + "_l" +
-         std::to_string(cell / c.directions) + (cell % c.directions ? "_reverse" : "");
+  const int64_t cell = p.index / p.c.per_cell(), k = p.index % p.c.per_cell();
+  return os << (p.c.has_biases ? with_bias[k] : without[k]) << "_l" << cell / p.c.directions
+            << (cell % p.c.directions ? "_reverse" : "");
 }
 
 namespace detail {
 
-inline void check_defined(const char* op, const std::string& name, const Tensor& t) {
+template <typename Name>
+void check_defined(const char* op, const Name& name, const Tensor& t) {
   FASTRNN_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
 }
 
-inline void check_like_input(const char* op, const std::string& name, const Tensor& t,
-                             const Tensor& input) {
+template <typename Name>
+void check_like_input(const char* op, const Name& name, const Tensor& t, const Tensor& input) {
   FASTRNN_CHECK(t.device() == input.device(), op, ": ", name,
                 " must be on the same device as input");
   FASTRNN_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name,
@@ -75,15 +83,17 @@ inline void check_like_input(const char* op, const std::string& name, const Tens
                 torch::headeronly::toString(t.scalar_type()));
 }
 
-inline void check_shape(const char* op, const std::string& name, const Tensor& t,
-                        std::vector<int64_t> expected) {
+template <typename Name>
+void check_shape(const char* op, const Name& name, const Tensor& t,
+                 std::initializer_list<int64_t> expected) {
   bool ok = t.dim() == static_cast<int64_t>(expected.size());
+  int64_t d = 0;
+  for (int64_t e : expected) ok = ok && t.size(d++) == e;
+  if (ok) return;
   std::string want = "[";
-  for (size_t d = 0; d < expected.size(); ++d) {
-    ok = ok && t.size(d) == expected[d];
-    want += (d ? ", " : "") + std::to_string(expected[d]);
-  }
-  FASTRNN_CHECK(ok, op, ": ", name, " must have shape ", want, "], got ", shape_str(t));
+  d = 0;
+  for (int64_t e : expected) want += (d++ ? ", " : "") + std::to_string(e);
+  fail(op, ": ", name, " must have shape ", want, "], got ", shape_str(t));
 }
 
 inline SequenceLayout check_layout(const char* op, const Tensor& input,
@@ -162,8 +172,8 @@ RnnConfig check_rnn_args(const char* op, CellKind cell, const Tensor& input, con
                 packed ? "2-D [N, I] when batch_sizes is given" : "3-D [T, B, I] when batch_sizes is None",
                 ", got ", input.dim(), "-D");
   FASTRNN_CHECK(hx.dim() == 3, op, ": hx must be 3-D [L*D, B, H], got ", hx.dim(), "-D");
-  c.proj = proj ? 1 : 0;  // for param_name until the real size is read below
-  for (int64_t i = 0; i < n; ++i) check_defined(op, param_name(c, i), weights[i]);
+  c.proj = proj ? 1 : 0;  // for ParamName until the real size is read below
+  for (int64_t i = 0; i < n; ++i) check_defined(op, ParamName{c, i}, weights[i]);
   const Tensor& w_hh0 = weights[1];
   FASTRNN_CHECK(w_hh0.dim() == 2 && w_hh0.size(0) % c.gates == 0, op, ": weight_hh_l0 must be 2-D [",
                 c.gates > 1 ? std::to_string(c.gates) + "*H" : "H", ", ", proj ? "proj_size" : "H",
@@ -174,13 +184,19 @@ RnnConfig check_rnn_args(const char* op, CellKind cell, const Tensor& input, con
   const int64_t GH = c.gates * c.hidden, R = c.state_size();
   for (int64_t cell_i = 0; cell_i < c.cells(); ++cell_i) {
     const int64_t l = cell_i / c.directions;
-    std::vector<std::vector<int64_t>> shapes = {{GH, c.layer_input_size(l)}, {GH, R}};
-    if (has_biases) shapes.insert(shapes.end(), {{GH}, {GH}});
-    if (proj) shapes.push_back({R, c.hidden});
     for (int64_t k = 0; k < c.per_cell(); ++k) {
       const int64_t i = cell_i * c.per_cell() + k;
-      const std::string name = param_name(c, i);
-      check_shape(op, name, weights[i], shapes[k]);
+      const ParamName name{c, i};
+      // weight_ih [G*H, I_l], weight_hh [G*H, R], the biases [G*H], weight_hr [R, H]
+      if (k == 0) {
+        check_shape(op, name, weights[i], {GH, c.layer_input_size(l)});
+      } else if (k == 1) {
+        check_shape(op, name, weights[i], {GH, R});
+      } else if (proj && k == c.per_cell() - 1) {
+        check_shape(op, name, weights[i], {R, c.hidden});
+      } else {
+        check_shape(op, name, weights[i], {GH});
+      }
       check_like_input(op, name, weights[i], input);
     }
   }
@@ -201,13 +217,14 @@ inline void check_backward_args(const char* op, const RnnConfig& c, const Tensor
                                 const Tensor& grad_output, const Tensor& grad_h_n,
                                 const Tensor* grad_c_n = nullptr) {
   using namespace detail;
-  std::vector<int64_t> out_shape;
-  for (int64_t d = 0; d + 1 < input.dim(); ++d) out_shape.push_back(input.size(d));
-  out_shape.push_back(c.layer_width());
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"output", &output},
                                 {"grad_output", &grad_output}}) {
     check_defined(op, name, *t);
-    check_shape(op, name, *t, out_shape);
+    if (c.layout.packed) {
+      check_shape(op, name, *t, {input.size(0), c.layer_width()});
+    } else {
+      check_shape(op, name, *t, {input.size(0), input.size(1), c.layer_width()});
+    }
     check_like_input(op, name, *t, input);
   }
   check_defined(op, "reserve", reserve);

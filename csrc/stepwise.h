@@ -47,26 +47,46 @@ void step_gemm(const StepRows& s, const Tensor& out, int64_t out_begin, const Te
   if (fresh) Backend::gemm(rows(out, out_begin + s.carried, fresh), rows(init, s.carried, fresh), w_t, accumulate);
 }
 
-// Each sequence's last row of seq, into state [B, *].
-inline void copy_final_rows(const std::vector<StepRows>& steps, const Tensor& seq, const Tensor& state) {
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const int64_t first = final_from(steps, i), count = steps[i].count - first;
-    if (count > 0) {
-      Tensor dst = rows(state, first, count);
-      torch::stable::copy_(dst, rows(seq, steps[i].begin + first, count));
+// dst(b, j) = src(b, j), or dst(b, j) += src(b, j).
+template <typename T, bool Add>
+struct CopyRows {
+  Rows<T> dst;
+  Rows<const T> src;
+  FASTRNN_HD void operator()(int64_t b, int64_t j) const {
+    if constexpr (Add) {
+      dst(b, j) = store<T>(load<acc_type<T>>(dst(b, j)) + load<acc_type<T>>(src(b, j)));
+    } else {
+      dst(b, j) = src(b, j);
     }
   }
+};
+
+// Each sequence's last row of seq, into state [B, *].
+template <class Backend>
+void copy_final_rows(const std::vector<StepRows>& steps, const Tensor& seq, const Tensor& state) {
+  Backend::with_dtype(seq.scalar_type(), [&]<typename T>() {
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const int64_t first = final_from(steps, i), count = steps[i].count - first;
+      if (count > 0) {
+        Backend::for_each(seq, count, seq.size(1),
+                          CopyRows<T, false>{at<T>(state, first), at<const T>(seq, steps[i].begin + first)});
+      }
+    }
+  });
 }
 
 // state's rows added into each sequence's last row of seq.
-inline void add_final_rows(const std::vector<StepRows>& steps, const Tensor& seq, const Tensor& state) {
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const int64_t first = final_from(steps, i), count = steps[i].count - first;
-    if (count > 0) {
-      Tensor dst = rows(seq, steps[i].begin + first, count);
-      torch::stable::copy_(dst, torch::stable::subtract(dst, rows(state, first, count), -1.0));
+template <class Backend>
+void add_final_rows(const std::vector<StepRows>& steps, const Tensor& seq, const Tensor& state) {
+  Backend::with_dtype(seq.scalar_type(), [&]<typename T>() {
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const int64_t first = final_from(steps, i), count = steps[i].count - first;
+      if (count > 0) {
+        Backend::for_each(seq, count, seq.size(1),
+                          CopyRows<T, true>{at<T>(seq, steps[i].begin + first), at<const T>(state, first)});
+      }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------- Elman
@@ -83,13 +103,13 @@ void forward(const ForwardJob& job, Activation act) {
       }
     });
   });
-  copy_final_rows(*job.steps, job.out, job.h_n);
+  copy_final_rows<Backend>(*job.steps, job.out, job.h_n);
 }
 
 template <class Backend>
 void backward(const BackwardJob& job, Activation act) {
   const int64_t H = job.w_hh.size(0);
-  add_final_rows(*job.steps, job.dA, job.dh_n);
+  add_final_rows<Backend>(*job.steps, job.dA, job.dh_n);
   Backend::with_dtype(job.dA.scalar_type(), [&]<typename T>() {
     with_activation(act, [&](auto a) {
       for (auto s = job.steps->rbegin(); s != job.steps->rend(); ++s) {
@@ -129,15 +149,15 @@ void forward(const LstmForwardJob& job) {
       if (proj) Backend::gemm(rows(job.out, s.begin, s.count), rows(job.m, s.begin, s.count), transposed(job.w_hr), false);
     }
   });
-  copy_final_rows(*job.steps, job.out, job.h_n);
-  copy_final_rows(*job.steps, job.c, job.c_n);
+  copy_final_rows<Backend>(*job.steps, job.out, job.h_n);
+  copy_final_rows<Backend>(*job.steps, job.c, job.c_n);
 }
 
 template <class Backend>
 void backward(const LstmBackwardJob& job) {
   const int64_t H = job.c.size(1), B = job.grad_cx.size(0);
   const bool proj = job.w_hr.defined();
-  add_final_rows(*job.steps, job.dh, job.dh_n);
+  add_final_rows<Backend>(*job.steps, job.dh, job.dh_n);
   const Tensor dc = empty(job.c, {B, H});                    // the gradient reaching c, per row
   const Tensor dm = proj ? empty(job.c, {B, H}) : Tensor();  // dh W_hr, per step
   const std::vector<StepRows>& steps = *job.steps;
@@ -191,13 +211,13 @@ void forward(const GruForwardJob& job) {
                                       prev_or_init<T>(s, job.out, job.h0), H});
     }
   });
-  copy_final_rows(*job.steps, job.out, job.h_n);
+  copy_final_rows<Backend>(*job.steps, job.out, job.h_n);
 }
 
 template <class Backend>
 void backward(const GruBackwardJob& job) {
   const int64_t H = job.hn.size(1);
-  add_final_rows(*job.steps, job.dh, job.dh_n);
+  add_final_rows<Backend>(*job.steps, job.dh, job.dh_n);
   Backend::with_dtype(job.dh.scalar_type(), [&]<typename T>() {
     for (auto s = job.steps->rbegin(); s != job.steps->rend(); ++s) {
       Backend::for_each(job.hn, s->count, H,

@@ -63,8 +63,44 @@ bool own_linear(const Tensor& c, const Tensor* bias, const Tensor& a, const Tens
   return cpu::linear(p);
 }
 
+// c = a @ b (+ bias) (+ c) in plain loops, for products so small that a call
+// into torch's BLAS costs more than the arithmetic (a tiny stack's backward
+// is a dozen of them per layer). Any strides; float or double.
+template <typename T>
+void small_gemm(const Tensor& c, const Tensor* bias, const Tensor& a, const Tensor& b,
+                bool accumulate) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const T* A = static_cast<const T*>(a.data_ptr());
+  const T* Bm = static_cast<const T*>(b.data_ptr());
+  const T* bias_p = bias ? static_cast<const T*>(bias->data_ptr()) : nullptr;
+  T* C = static_cast<T*>(c.data_ptr());
+  const int64_t as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
+  const int64_t cs0 = c.stride(0), cs1 = c.stride(1), biass = bias ? bias->stride(0) : 0;
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      T acc = accumulate ? C[i * cs0 + j * cs1] : (bias_p ? bias_p[j * biass] : T(0));
+      for (int64_t k = 0; k < K; ++k) acc += A[i * as0 + k * as1] * Bm[k * bs0 + j * bs1];
+      C[i * cs0 + j * cs1] = acc;
+    }
+  }
+}
+
+constexpr int64_t kSmallGemmFmas = 2048;
+
+bool own_small(const Tensor& c, const Tensor* bias, const Tensor& a, const Tensor& b,
+               bool accumulate) {
+  if (a.size(0) * a.size(1) * b.size(1) > kSmallGemmFmas) return false;
+  if (bias && bias->dim() != 1) return false;
+  switch (c.scalar_type()) {
+    case ScalarType::Float: return small_gemm<float>(c, bias, a, b, accumulate), true;
+    case ScalarType::Double: return small_gemm<double>(c, bias, a, b, accumulate), true;
+    default: return false;
+  }
+}
+
 bool own_linear(const Tensor& c, const Tensor* bias, const Tensor& a, const Tensor& b,
                 bool accumulate) {
+  if (own_small(c, bias, a, b, accumulate)) return true;
   if (!cpu::prefer_linear()) return false;
   switch (c.scalar_type()) {
     case ScalarType::Float: return own_linear<float>(c, bias, a, b, accumulate);
@@ -143,7 +179,7 @@ struct CpuBackend {
       for (const ForwardJob& job : jobs) stepwise::forward<CpuBackend>(job, act);
       return;
     }
-    for (const ForwardJob& j : jobs) stepwise::copy_final_rows(*j.steps, j.out, j.h_n);
+    for (const ForwardJob& j : jobs) stepwise::copy_final_rows<CpuBackend>(*j.steps, j.out, j.h_n);
   }
 
   static void backward_recurrences(const std::vector<BackwardJob>& jobs, Activation act) {
@@ -153,7 +189,7 @@ struct CpuBackend {
         bool supported = true;
         for (const BackwardJob& j : jobs) supported = supported && cpu::supports<T>(j.w_hh.size(0), act);
         if (!supported) return;
-        for (const BackwardJob& j : jobs) stepwise::add_final_rows(*j.steps, j.dA, j.dh_n);
+        for (const BackwardJob& j : jobs) stepwise::add_final_rows<CpuBackend>(*j.steps, j.dA, j.dh_n);
         std::vector<cpu::BackwardRecurrence<T>> rec;
         for (const BackwardJob& j : jobs) {
           rec.push_back({*j.steps, j.w_hh.size(0), static_cast<T*>(j.dA.data_ptr()), j.dA.stride(0),

@@ -118,6 +118,8 @@ T* ptr(const Tensor& t) {
   return static_cast<T*>(t.data_ptr());
 }
 
+struct CudaBackend;
+
 template <typename T, typename acc_t, Activation A>
 bool launch_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse) {
   const int64_t H = job.w_hh.size(0);
@@ -131,7 +133,7 @@ bool launch_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse
       ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh), bs,
       bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H), plan.tile, reverse);
   check_launch("persistent forward_kernel");
-  stepwise::copy_final_rows(*job.steps, job.out, job.h_n);
+  stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
   return true;
 }
 
@@ -140,7 +142,7 @@ bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool rever
   const int64_t H = job.w_hh.size(0);
   PersistentPlan plan;
   if (!plan_persistent<acc_t>(L, H, 2, job.out.get_device_index(), plan)) return false;
-  stepwise::add_final_rows(*job.steps, job.dA, job.dh_n);
+  stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
   const std::optional<Tensor> layout = device_layout(L, job.out);
   const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
   auto kernel = persistent::backward_kernel<T, acc_t, A>;

@@ -76,6 +76,10 @@ class RNN(nn.RNNBase):
         # print(model) tells a converted model from the original.
         return "fastrnn." + type(self).__name__
 
+    def _update_flat_weights(self):
+        if not torch.jit.is_scripting():
+            _refresh_flat_weights(self)
+
     def __prepare_scriptable__(self):
         return _prepare_scriptable(self)
 
@@ -197,6 +201,10 @@ class GRU(nn.RNNBase):
     def _get_name(self):
         return "fastrnn.GRU"
 
+    def _update_flat_weights(self):
+        if not torch.jit.is_scripting():
+            _refresh_flat_weights(self)
+
     def __prepare_scriptable__(self):
         return _prepare_scriptable(self)
 
@@ -292,6 +300,10 @@ class LSTM(nn.RNNBase):
 
     def _get_name(self):
         return "fastrnn.LSTM"
+
+    def _update_flat_weights(self):
+        if not torch.jit.is_scripting():
+            _refresh_flat_weights(self)
 
     def __prepare_scriptable__(self):
         return _prepare_scriptable(self)
@@ -390,6 +402,18 @@ class LSTM(nn.RNNBase):
             output = output.squeeze(batch_dim)
             hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
         return output, hidden
+
+
+def _refresh_flat_weights(self):
+    # torch.nn.RNNBase._update_flat_weights, with a fast path: when every flat weight is still the module's
+    # plain parameter of that name (nothing replaced or parametrized), there is nothing
+    # to update. torch's version looks every name up through nn.Module.__getattr__, which
+    # cost about as much as a small stack's whole forward.
+    params = self._parameters
+    if len(self._flat_weights) == len(self._flat_weights_names) and all(
+            params.get(name) is w for name, w in zip(self._flat_weights_names, self._flat_weights)):
+        return
+    nn.RNNBase._update_flat_weights(self)
 
 
 def _packed_batch(batch_sizes: Tensor, sorted_indices: Optional[Tensor]):

@@ -25,10 +25,16 @@ def cpu_model():
 
 def twin_rnns(input_size, hidden, layers, nonlinearity="tanh", bidirectional=False,
               batch_first=False, device="cpu", dtype=torch.float32, seed=0):
-    """(torch.nn.RNN, fastrnn.RNN) holding identical weights."""
+    """(torch.nn's module, fastrnn's) holding identical weights: an RNN for nonlinearity
+    "tanh" or "relu", an LSTM for "lstm", a GRU for "gru"."""
     torch.manual_seed(seed)
-    ref = torch.nn.RNN(input_size, hidden, layers, nonlinearity=nonlinearity,
-                       bidirectional=bidirectional, batch_first=batch_first).to(device, dtype)
+    kwargs = dict(bidirectional=bidirectional, batch_first=batch_first)
+    if nonlinearity in ("lstm", "gru"):
+        cls = torch.nn.LSTM if nonlinearity == "lstm" else torch.nn.GRU
+        ref = cls(input_size, hidden, layers, **kwargs)
+    else:
+        ref = torch.nn.RNN(input_size, hidden, layers, nonlinearity=nonlinearity, **kwargs)
+    ref = ref.to(device, dtype)
     return ref, fastrnn.convert(copy.deepcopy(ref))
 
 
@@ -59,7 +65,8 @@ def make_step(module, inputs, backward):
 
     def outputs():
         out, h = module(*inputs)
-        return (out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out), h
+        out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+        return out, (h if isinstance(h, tuple) else (h,))
 
     if not backward:
         def step():
@@ -73,8 +80,8 @@ def make_step(module, inputs, backward):
         nonlocal grads
         out, h = outputs()
         if grads is None:
-            grads = (torch.ones_like(out), torch.ones_like(h))
-        torch.autograd.backward([out, h], list(grads))
+            grads = [torch.ones_like(t) for t in (out, *h)]
+        torch.autograd.backward([out, *h], grads)
         for p in params:
             p.grad = None
     return step

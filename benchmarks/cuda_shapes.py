@@ -7,7 +7,7 @@ B=34, H=120). Precisions: strict fp32 (TF32 off for cuDNN and cuBLAS), TF32
 hold identical weights and see identical inputs; runs are interleaved after a
 warm-up and timed with CUDA events; medians are reported.
 
-    python benchmarks/cuda_seed.py [--repeats N] [--markdown FILE] [--json FILE]
+    python benchmarks/cuda_shapes.py [--repeats N] [--markdown FILE] [--json FILE]
 """
 
 import argparse

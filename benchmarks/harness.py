@@ -12,7 +12,7 @@ import fastrnn
 
 
 def cpu_model():
-    """The CPU's model name, as lscpu prints it (every CPU benchmark states it)."""
+    """The CPU's model name from /proc/cpuinfo (every CPU benchmark states it)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -1,4 +1,4 @@
-// oneDNN's vanilla RNN primitive as a benchmark contender for cpu_seed.py (optional; not a
+// oneDNN's vanilla RNN primitive as a benchmark contender for cpu_shapes.py (optional; not a
 // dependency of fastrnn). One stack of Elman layers, time major, f32, unidirectional; weights
 // reordered once into the primitives' preferred layouts (as a framework would cache them), so
 // a run times only the primitives (and, in training, zeroing the weight gradients, which
@@ -9,7 +9,7 @@
 // libgomp:
 //   g++ -O2 -shared -fPIC -std=c++17 benchmarks/onednn_rnn.cpp -I$DNNL/include \
 //       -L$DNNL/lib -ldnnl -Wl,-rpath,$DNNL/lib -o /tmp/libonednn_rnn.so
-//   python benchmarks/cpu_seed.py --onednn /tmp/libonednn_rnn.so
+//   python benchmarks/cpu_shapes.py --onednn /tmp/libonednn_rnn.so
 #include <dnnl.hpp>
 
 #include <cstring>

@@ -6,7 +6,7 @@ and of its backward. Both modules hold identical weights; runs are
 interleaved after a warm-up, and the median of many calls per run is
 reported, in microseconds.
 
-    python benchmarks/overhead.py [--repeats N] [--calls N] [--markdown FILE]
+    python benchmarks/overhead.py [--repeats N] [--calls N] [--threads N] [--markdown FILE]
 """
 
 import argparse
@@ -30,8 +30,11 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calls", type=int, default=200, help="module calls per timed run")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     lines = [
         f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "

@@ -7,8 +7,8 @@ warm-up, and medians are reported. FLOP rates are compared with this machine's s
 measured in the same run (the best of repeated 2048^3 float32 GEMMs, re-measured between
 shapes, best kept): on a shared machine only ratios within one run mean anything.
 
-    python benchmarks/cpu_seed.py [--repeats N] [--markdown FILE] [--shapes NAME ...]
-                                  [--onednn LIB]
+    python benchmarks/cpu_shapes.py [--repeats N] [--markdown FILE] [--shapes NAME ...]
+                                    [--onednn LIB]
 
 --onednn adds oneDNN's vanilla RNN primitive as a fourth contender, from a library built from
 benchmarks/onednn_rnn.cpp (see there); oneDNN is not a dependency of fastrnn.
@@ -17,15 +17,13 @@ benchmarks/onednn_rnn.cpp (see there); oneDNN is not a dependency of fastrnn.
 import argparse
 import ctypes
 import os
-import platform
-import subprocess
 
 import torch
 
-from harness import make_step, rnn_flops, sgemm_peak, time_interleaved, twin_rnns
+from harness import cpu_model, make_step, rnn_flops, sgemm_peak, time_interleaved, twin_rnns
 
 # (name, layers, nonlinearity, hidden, batch, steps); input 28.
-SEED_SHAPES = [
+SHAPES = [
     ("relu-1x100", 1, "relu", 100, 128, 28),
     ("tanh-2x256", 2, "tanh", 256, 64, 28),
     ("tanh-2x128", 2, "tanh", 128, 100, 28),
@@ -33,17 +31,6 @@ SEED_SHAPES = [
 ]
 INPUT = 28
 CONTENDERS = ["torch.nn.RNN", "fastrnn per-step", "fastrnn fused"]
-
-
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def with_fused(step, fused):
@@ -85,7 +72,7 @@ def main():
     torch.manual_seed(0)
     peak = sgemm_peak()
     rows = []
-    for name, layers, nl, hidden, batch, steps in SEED_SHAPES:
+    for name, layers, nl, hidden, batch, steps in SHAPES:
         if args.shapes and name not in args.shapes:
             continue
         # batch_first, as the example feeds [batch, 28 rows, 28 pixels] images.

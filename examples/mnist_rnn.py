@@ -97,7 +97,7 @@ def timed_step(model, optimizer, scheduler, data, target, clip, device):
     return loss.item(), time.perf_counter() - start
 
 
-def train(args, hp, runs, step_times, device, train_loader, epoch):
+def train(args, hp, runs, names, step_times, device, train_loader, epoch):
     """One epoch of both models in lockstep, batch by batch."""
     for model, _, _ in runs.values():
         model.train()
@@ -111,9 +111,9 @@ def train(args, hp, runs, step_times, device, train_loader, epoch):
             losses[impl], seconds = timed_step(model, optimizer, scheduler, data, target, hp["clip"], device)
             step_times[impl].append(seconds)
         if batch_idx % args.log_interval == 0:
-            print("Train Epoch: {} [{}/{} ({:.0f}%)]\tLoss: torch.nn {:.6f}  fastrnn {:.6f}".format(
-                epoch, batch_idx * len(data), len(train_loader.dataset),
-                100.0 * batch_idx / len(train_loader), losses[IMPLS[0]], losses[IMPLS[1]]), flush=True)
+            print("Train Epoch: {} [{}/{} ({:.0f}%)]\tLoss: {} {:.6f}  {} {:.6f}".format(
+                epoch, batch_idx * len(data), len(train_loader.dataset), 100.0 * batch_idx / len(train_loader),
+                names[IMPLS[0]], losses[IMPLS[0]], names[IMPLS[1]], losses[IMPLS[1]]), flush=True)
 
 
 def test(model, device, test_loader):
@@ -201,7 +201,7 @@ def main():
           f"{hp['optimizer']} lr {hp['lr']:g}, batch {hp['batch_size']}, {hp['epochs']} epoch(s), "
           f"{len(train_set)} training images, {device}")
     for epoch in range(1, hp["epochs"] + 1):
-        train(args, hp, runs, step_times, device, train_loader, epoch)
+        train(args, hp, runs, names, step_times, device, train_loader, epoch)
         accuracy = {impl: test(models[impl], device, test_loader) for impl in IMPLS}
         seconds = {impl: sum(step_times[impl][-len(train_loader):]) for impl in IMPLS}
         print("\nTest set, epoch {}: accuracy {} {:.2f}%, {} {:.2f}%; "

@@ -121,7 +121,7 @@ def test_quick_run_learns_and_both_agree(quick):
     # Same initial weights and the same batches: the losses coincide up to rounding,
     # the first step's most closely.
     losses = [(float(a), float(b)) for a, b in
-              re.findall(r"^Train Epoch: 1 .*Loss: torch\.nn ([\d.]+)  fastrnn ([\d.]+)$", proc.stdout, re.M)]
+              re.findall(r"^Train Epoch: 1 .*Loss: torch\.nn\.\w+ ([\d.]+)  fastrnn\.\w+ ([\d.]+)$", proc.stdout, re.M)]
     assert len(losses) == 6, proc.stdout  # 60 steps, logged every 10
     assert 2.0 < losses[0][0] < 2.6  # about ln(10) before any training
     assert math.isclose(*losses[0], rel_tol=1e-4), losses

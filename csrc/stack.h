@@ -358,19 +358,59 @@ inline std::vector<Tensor> no_grads(const Tensor& like, size_t n) {
 
 }  // namespace detail
 
+namespace detail {
+
+// The RNN's and the GRU's entries: one state, so the same body (op names the
+// op in messages; nonlinearity is the RNN's, "" for the GRU).
+template <class Backend>
+RnnResult one_state_forward(const char* op, CellKind kind, Tensor input, Tensor hx,
+                            std::vector<Tensor> weights, bool has_biases, int64_t num_layers,
+                            double dropout, bool train, bool bidirectional,
+                            const std::string& nonlinearity, std::optional<Tensor> batch_sizes) {
+  const RnnConfig c = check_rnn_args<Backend>(op, kind, input, hx, nullptr, weights, has_biases,
+                                              num_layers, dropout, train, bidirectional,
+                                              nonlinearity, batch_sizes);
+  const StackViews s{c, weights, empty(input, {c.reserve_size()})};
+  const Tensor h0 = as_contiguous(hx);
+  Tensor h_n = empty(hx, {c.cells(), c.layout.batch, c.hidden});
+  if (c.layout.steps == 0) torch::stable::copy_(h_n, h0);
+  Tensor output = stack_forward<Backend>(s, input, h0, Tensor(), h_n, Tensor());
+  return {output, h_n, s.reserve};
+}
+
+template <class Backend>
+RnnBackwardResult one_state_backward(const char* op, CellKind kind, Tensor input, Tensor hx,
+                                     std::vector<Tensor> weights, bool has_biases,
+                                     int64_t num_layers, double dropout, bool train,
+                                     bool bidirectional, const std::string& nonlinearity,
+                                     std::optional<Tensor> batch_sizes, Tensor output,
+                                     Tensor reserve, Tensor grad_output, Tensor grad_h_n,
+                                     bool need_input_grad, bool need_weight_grad) {
+  const RnnConfig c = check_rnn_args<Backend>(op, kind, input, hx, nullptr, weights, has_biases,
+                                              num_layers, dropout, train, bidirectional,
+                                              nonlinearity, batch_sizes);
+  check_backward_args(op, c, input, output, reserve, grad_output, grad_h_n);
+  const StackViews s{c, weights, as_contiguous(reserve)};
+  const Tensor dh_n = as_contiguous(grad_h_n);
+  Tensor grad_hx = empty(hx, {c.cells(), c.layout.batch, c.hidden});
+  if (c.layout.steps == 0) torch::stable::copy_(grad_hx, dh_n);
+  Tensor grad_input = empty(input, {0});
+  std::vector<Tensor> grad_weights = no_grads(input, weights.size());
+  stack_backward<Backend>(s, input, as_contiguous(hx), Tensor(), output, grad_output, dh_n,
+                          Tensor(), grad_hx, Tensor(), need_input_grad, need_weight_grad,
+                          grad_input, grad_weights);
+  return {grad_input, grad_hx, grad_weights};
+}
+
+}  // namespace detail
+
 template <class Backend>
 RnnResult rnn_forward(Tensor input, Tensor hx, std::vector<Tensor> weights, bool has_biases,
                       int64_t num_layers, double dropout, bool train, bool bidirectional,
                       std::string nonlinearity, std::optional<Tensor> batch_sizes) {
-  const RnnConfig c = check_rnn_args<Backend>("fastrnn::rnn", CellKind::Elman, input, hx, nullptr,
-                                              weights, has_biases, num_layers, dropout, train,
-                                              bidirectional, nonlinearity, batch_sizes);
-  const detail::StackViews s{c, weights, empty(input, {c.reserve_size()})};
-  const Tensor h0 = as_contiguous(hx);
-  Tensor h_n = empty(hx, {c.cells(), c.layout.batch, c.hidden});
-  if (c.layout.steps == 0) torch::stable::copy_(h_n, h0);
-  Tensor output = detail::stack_forward<Backend>(s, input, h0, Tensor(), h_n, Tensor());
-  return {output, h_n, s.reserve};
+  return detail::one_state_forward<Backend>("fastrnn::rnn", CellKind::Elman, input, hx,
+                                            std::move(weights), has_biases, num_layers, dropout,
+                                            train, bidirectional, nonlinearity, batch_sizes);
 }
 
 template <class Backend>
@@ -380,21 +420,31 @@ RnnBackwardResult rnn_backward(Tensor input, Tensor hx, std::vector<Tensor> weig
                                std::optional<Tensor> batch_sizes, Tensor output, Tensor reserve,
                                Tensor grad_output, Tensor grad_h_n, bool need_input_grad,
                                bool need_weight_grad) {
-  const char* op = "fastrnn::rnn_backward";
-  const RnnConfig c = check_rnn_args<Backend>(op, CellKind::Elman, input, hx, nullptr, weights,
-                                              has_biases, num_layers, dropout, train, bidirectional,
-                                              nonlinearity, batch_sizes);
-  check_backward_args(op, c, input, output, reserve, grad_output, grad_h_n);
-  const detail::StackViews s{c, weights, as_contiguous(reserve)};
-  const Tensor dh_n = as_contiguous(grad_h_n);
-  Tensor grad_hx = empty(hx, {c.cells(), c.layout.batch, c.hidden});
-  if (c.layout.steps == 0) torch::stable::copy_(grad_hx, dh_n);
-  Tensor grad_input = empty(input, {0});
-  std::vector<Tensor> grad_weights = detail::no_grads(input, weights.size());
-  detail::stack_backward<Backend>(s, input, as_contiguous(hx), Tensor(), output, grad_output, dh_n,
-                                  Tensor(), grad_hx, Tensor(), need_input_grad, need_weight_grad,
-                                  grad_input, grad_weights);
-  return {grad_input, grad_hx, grad_weights};
+  return detail::one_state_backward<Backend>(
+      "fastrnn::rnn_backward", CellKind::Elman, input, hx, std::move(weights), has_biases,
+      num_layers, dropout, train, bidirectional, nonlinearity, batch_sizes, output, reserve,
+      grad_output, grad_h_n, need_input_grad, need_weight_grad);
+}
+
+template <class Backend>
+RnnResult gru_forward(Tensor input, Tensor hx, std::vector<Tensor> weights, bool has_biases,
+                      int64_t num_layers, double dropout, bool train, bool bidirectional,
+                      std::optional<Tensor> batch_sizes) {
+  return detail::one_state_forward<Backend>("fastrnn::gru", CellKind::Gru, input, hx,
+                                            std::move(weights), has_biases, num_layers, dropout,
+                                            train, bidirectional, "", batch_sizes);
+}
+
+template <class Backend>
+RnnBackwardResult gru_backward(Tensor input, Tensor hx, std::vector<Tensor> weights,
+                               bool has_biases, int64_t num_layers, double dropout, bool train,
+                               bool bidirectional, std::optional<Tensor> batch_sizes,
+                               Tensor output, Tensor reserve, Tensor grad_output, Tensor grad_h_n,
+                               bool need_input_grad, bool need_weight_grad) {
+  return detail::one_state_backward<Backend>(
+      "fastrnn::gru_backward", CellKind::Gru, input, hx, std::move(weights), has_biases,
+      num_layers, dropout, train, bidirectional, "", batch_sizes, output, reserve, grad_output,
+      grad_h_n, need_input_grad, need_weight_grad);
 }
 
 template <class Backend>
@@ -442,44 +492,6 @@ LstmBackwardResult lstm_backward(Tensor input, Tensor hx, Tensor cx, std::vector
                                   grad_output, dh_n, dc_n, grad_hx, grad_cx, need_input_grad,
                                   need_weight_grad, grad_input, grad_weights);
   return {grad_input, grad_hx, grad_cx, grad_weights};
-}
-
-template <class Backend>
-RnnResult gru_forward(Tensor input, Tensor hx, std::vector<Tensor> weights, bool has_biases,
-                      int64_t num_layers, double dropout, bool train, bool bidirectional,
-                      std::optional<Tensor> batch_sizes) {
-  const RnnConfig c = check_rnn_args<Backend>("fastrnn::gru", CellKind::Gru, input, hx, nullptr,
-                                              weights, has_biases, num_layers, dropout, train,
-                                              bidirectional, "", batch_sizes);
-  const detail::StackViews s{c, weights, empty(input, {c.reserve_size()})};
-  const Tensor h0 = as_contiguous(hx);
-  Tensor h_n = empty(hx, {c.cells(), c.layout.batch, c.hidden});
-  if (c.layout.steps == 0) torch::stable::copy_(h_n, h0);
-  Tensor output = detail::stack_forward<Backend>(s, input, h0, Tensor(), h_n, Tensor());
-  return {output, h_n, s.reserve};
-}
-
-template <class Backend>
-RnnBackwardResult gru_backward(Tensor input, Tensor hx, std::vector<Tensor> weights,
-                               bool has_biases, int64_t num_layers, double dropout, bool train,
-                               bool bidirectional, std::optional<Tensor> batch_sizes,
-                               Tensor output, Tensor reserve, Tensor grad_output, Tensor grad_h_n,
-                               bool need_input_grad, bool need_weight_grad) {
-  const char* op = "fastrnn::gru_backward";
-  const RnnConfig c = check_rnn_args<Backend>(op, CellKind::Gru, input, hx, nullptr, weights,
-                                              has_biases, num_layers, dropout, train, bidirectional,
-                                              "", batch_sizes);
-  check_backward_args(op, c, input, output, reserve, grad_output, grad_h_n);
-  const detail::StackViews s{c, weights, as_contiguous(reserve)};
-  const Tensor dh_n = as_contiguous(grad_h_n);
-  Tensor grad_hx = empty(hx, {c.cells(), c.layout.batch, c.hidden});
-  if (c.layout.steps == 0) torch::stable::copy_(grad_hx, dh_n);
-  Tensor grad_input = empty(input, {0});
-  std::vector<Tensor> grad_weights = detail::no_grads(input, weights.size());
-  detail::stack_backward<Backend>(s, input, as_contiguous(hx), Tensor(), output, grad_output, dh_n,
-                                  Tensor(), grad_hx, Tensor(), need_input_grad, need_weight_grad,
-                                  grad_input, grad_weights);
-  return {grad_input, grad_hx, grad_weights};
 }
 
 }  // namespace fastrnn

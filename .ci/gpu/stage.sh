@@ -63,8 +63,8 @@ case "$STAGE" in
   # MNIST's four .gz files carried in mnist-gz/ (git-ignored), decompressed where torchvision reads.
   mkdir -p /tmp/mnist/MNIST/raw
   for f in mnist-gz/*.gz; do gunzip -c "$f" > "/tmp/mnist/MNIST/raw/$(basename "$f" .gz)"; done
-  for preset in relu-1x100 tanh-2x256; do
-    timeout 200 $PY benchmarks/mnist_train.py --preset "$preset" --device cuda --data-dir /tmp/mnist \
+  for preset in relu-1x100 tanh-2x256 lstm-2x128; do
+    timeout 150 $PY benchmarks/mnist_train.py --preset "$preset" --device cuda --data-dir /tmp/mnist \
       2>&1 | grep -v "^epoch" | tee -a "$OUT/summary.txt" || status=1
   done
   ;;

@@ -25,7 +25,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 from datetime import date
@@ -33,7 +32,7 @@ from datetime import date
 import torch
 from tqdm import tqdm
 
-from harness import make_step, peak_memory, rnn_flops, sgemm_peak, time_interleaved, twin_rnns
+from harness import cpu_model, make_step, peak_memory, rnn_flops, sgemm_peak, time_interleaved, twin_rnns
 
 INPUT = 32
 GRID = dict(steps=[28, 128, 512], batch=[1, 16, 64, 128, 256], hidden=[64, 128, 256, 512, 1024])
@@ -139,13 +138,7 @@ def _mb(nbytes):
 def machine(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def markdown(meta, rows, skipped):

@@ -24,11 +24,14 @@ def cpu_model():
 
 
 def twin_rnns(input_size, hidden, layers, nonlinearity="tanh", bidirectional=False,
-              batch_first=False, device="cpu", dtype=torch.float32, seed=0):
-    """(torch.nn.RNN, fastrnn.RNN) holding identical weights."""
+              batch_first=False, device="cpu", dtype=torch.float32, seed=0, cell="rnn"):
+    """(torch.nn.RNN / LSTM / GRU, fastrnn's drop-in) holding identical weights."""
     torch.manual_seed(seed)
-    ref = torch.nn.RNN(input_size, hidden, layers, nonlinearity=nonlinearity,
-                       bidirectional=bidirectional, batch_first=batch_first).to(device, dtype)
+    kwargs = dict(bidirectional=bidirectional, batch_first=batch_first)
+    if cell == "rnn":
+        kwargs["nonlinearity"] = nonlinearity
+    module = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+    ref = module(input_size, hidden, layers, **kwargs).to(device, dtype)
     return ref, fastrnn.convert(copy.deepcopy(ref))
 
 
@@ -59,7 +62,8 @@ def make_step(module, inputs, backward):
 
     def outputs():
         out, h = module(*inputs)
-        return (out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out), h
+        out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+        return [out, *(h if isinstance(h, tuple) else (h,))]  # LSTM: (h_n, c_n)
 
     if not backward:
         def step():
@@ -71,10 +75,10 @@ def make_step(module, inputs, backward):
 
     def step():
         nonlocal grads
-        out, h = outputs()
+        tensors = outputs()
         if grads is None:
-            grads = (torch.ones_like(out), torch.ones_like(h))
-        torch.autograd.backward([out, h], list(grads))
+            grads = [torch.ones_like(t) for t in tensors]
+        torch.autograd.backward(tensors, grads)
         for p in params:
             p.grad = None
     return step

@@ -1,14 +1,16 @@
-"""The CPU fused recurrence (csrc/cpu/recurrence.h) against torch.nn.RNN, on shapes that reach
-every path of the kernel: hidden sizes below, at and off the vector width and the panel width,
-batches below and off the tile height, packed uneven lengths in both directions, relu and tanh,
-float32 and float64 (the kernel takes float64 with relu; float64 tanh checks the fallback), T = 1,
-one and two threads; and its claim that results do not depend on
-the thread count or on how rows and columns are split among threads.
+"""The CPU fused recurrences (csrc/cpu/recurrence.h; LSTM and GRU: csrc/cpu/cell_recurrence.h)
+against torch.nn.RNN / LSTM / GRU, on shapes that reach every path of the kernels: hidden sizes
+below, at and off the vector width and the panel width, batches below and off the tile heights,
+packed uneven lengths in both directions, relu and tanh, float32 and float64 (the Elman kernel
+takes float64 with relu; float64 tanh checks the fallback), T = 1, one and two threads; and
+their claim that results do not depend on the thread count or on how rows and columns are split
+among threads.
 
-The other kernels of the binary (AVX2, baseline), both splits, and the input projection and
-gradient products on the same tiles (csrc/cpu/linear.h, on by default only on AMD) are run on
-this machine by re-running this file in child processes with FASTRNN_CPU_ISA /
-FASTRNN_CPU_SPLIT / FASTRNN_CPU_LINEAR set."""
+The other kernels of the binary (AVX2, baseline), both splits, the input projection and
+gradient products on the same tiles (csrc/cpu/linear.h, on by default only on AMD), and LSTM's
+input projection outside the recurrence are run on this machine by re-running this file in
+child processes with FASTRNN_CPU_ISA / FASTRNN_CPU_SPLIT / FASTRNN_CPU_LINEAR /
+FASTRNN_CPU_PROJECT_INSIDE set."""
 
 import itertools
 import os
@@ -19,7 +21,7 @@ import pytest
 import torch
 
 import fastrnn
-from conftest import assert_close_all, grads, lengths_for, pack, rnn_pair, weighted_sum
+from conftest import assert_close_all, flat, grads, lengths_for, pack, rnn_pair, weighted_sum
 
 CHILD = os.environ.get("FASTRNN_CPU_RECURRENCE_CHILD") == "1"
 
@@ -142,11 +144,142 @@ def test_nonfinite_values_propagate_like_torch():
     torch.testing.assert_close(h_f, h_r, equal_nan=True)
 
 
+# ---------------------------------------------------------------------------------------
+# LSTM and GRU (csrc/cpu/cell_recurrence.h): the forward's gate-interleaved tiles (one vector
+# of units per gate: 16 floats / 8 doubles on AVX-512; 6 rows per LSTM tile, 8 per GRU tile),
+# the backward's tiles (32 / 16 units, 8 rows) and its epilogue that runs the earlier step's
+# cell gradient, the rows no product feeds (a sequence's last row: dh_n, dc_n), LSTM's input
+# projection inside the recurrence (I <= 2H; outside above), and b_hh in GRU's epilogue.
+# ---------------------------------------------------------------------------------------
+
+# (hidden, batch, steps): H = 1; H below, at and off the vector width; H spanning several
+# panels; B = 1; B off every tile height; B large enough for a row split; T = 1.
+CELL_SHAPES = [
+    (1, 1, 1),
+    (1, 5, 4),
+    (5, 3, 6),
+    (16, 7, 3),
+    (33, 9, 5),
+    (47, 1, 7),
+    (100, 19, 4),
+    (128, 64, 3),
+    (70, 40, 1),
+]
+
+
+def run_cell(module, x, hx, packed_lengths):
+    inp = pack(x, packed_lengths, batch_first=False) if packed_lengths is not None else x
+    out, h_n = module(inp, hx)
+    loss = weighted_sum(out, h_n)
+    data = out.data if packed_lengths is not None else out
+    return [data, h_n, *grads(module, loss, [x, hx])]
+
+
+def compare_cell(cell, hidden, batch, steps, dtype, bidirectional=False, layers=1, packed=False,
+                 input_size=7, bias=True, proj_size=0):
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, bias=bias)
+    if proj_size:
+        kwargs["proj_size"] = proj_size
+    ref, fast = rnn_pair(input_size, hidden, cell=cell, seed=hidden * 31 + batch, **kwargs)
+    ref, fast = ref.to(dtype), fast.to(dtype)
+    g = torch.Generator().manual_seed(steps)
+    x = torch.randn(steps, batch, input_size, generator=g, dtype=dtype).requires_grad_()
+    cells = layers * (2 if bidirectional else 1)
+    h0 = torch.randn(cells, batch, proj_size or hidden, generator=g, dtype=dtype).requires_grad_()
+    hx = h0
+    if cell == "lstm":
+        hx = (h0, torch.randn(cells, batch, hidden, generator=g, dtype=dtype).requires_grad_())
+    lengths = lengths_for(batch, steps, seed=batch) if packed else None
+    expected = run_cell(ref, x, hx, lengths)
+    actual = run_cell(fast, x, hx, lengths)
+    assert_close_all(actual, expected, dtype, f"{cell} H={hidden} B={batch} T={steps}")
+    return flat(actual)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", CELL_SHAPES, ids=lambda s: "H{}-B{}-T{}".format(*s))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_padded_matches_torch(cell, shape, dtype, threads):
+    compare_cell(cell, *shape, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("shape", [(33, 9, 6), (5, 12, 5), (100, 21, 8), (1, 4, 3)],
+                         ids=lambda s: "H{}-B{}-T{}".format(*s))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_packed_uneven_lengths_match_torch(cell, shape, bidirectional, dtype, threads):
+    # Forward direction: sequences end early (dh_n, dc_n enter mid-sequence, rows no product
+    # feeds); reverse direction: sequences start from h0 / c0 at later visited steps.
+    compare_cell(cell, *shape, dtype, bidirectional=bidirectional, layers=2, packed=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_stacked_bidirectional_without_bias(cell, threads):
+    # No bias: LSTM's projection inside adds none, GRU's epilogue has no b_hh. Layers 2 and 3
+    # read [N, 2H] inputs (I = 2H: LSTM's projection still inside).
+    compare_cell(cell, 40, 10, 6, torch.float32, bidirectional=True, layers=3, bias=False)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_wide_input_matches_torch(cell):
+    # I > 2H: LSTM's input projection outside the recurrence (a GEMM into the gates).
+    compare_cell(cell, 16, 9, 5, torch.float32, input_size=40, layers=2)
+
+
+def test_lstm_proj_size_matches_torch():
+    # proj_size keeps the per-step path (cell_recurrence.h): checked here beside the kernels.
+    compare_cell("lstm", 33, 9, 5, torch.float32, layers=2, bidirectional=True, packed=True,
+                 proj_size=7)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_same_bits_for_any_thread_count(cell, packed):
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(compare_cell(cell, 100, 37, 6, torch.float32, bidirectional=True,
+                                        layers=2, packed=packed))
+    finally:
+        torch.set_num_threads(saved)
+    for a, b in zip(*results):
+        assert torch.equal(a, b), "results differ between 1 and 2 threads"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fused_cell_kernel_is_in_use(cell, monkeypatch):
+    """The per-step path (FASTRNN_CPU_FUSED=0) sums in another order and has no vector
+    epilogue: if no bit differed, the kernels would not be running."""
+    results = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("FASTRNN_CPU_FUSED", fused)
+        results.append(compare_cell(cell, 128, 64, 6, torch.float32))
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(*results))
+    assert not all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_cell_half_types_keep_the_per_step_path():
+    # bfloat16 is not the kernels' (cell_supports): the per-step path runs it, close to float32.
+    ref, fast = rnn_pair(7, 24, cell="lstm", num_layers=2)
+    x = torch.randn(5, 3, 7)
+    expected, _ = fast(x)
+    actual, _ = fast.to(torch.bfloat16)(x.to(torch.bfloat16))
+    torch.testing.assert_close(actual.float(), expected, atol=0.05, rtol=0.05)
+
+
 # Each other kernel once, each forced split at least once, and the products around the
-# recurrence (linear.h) on our kernels and on BLAS whatever the CPU's vendor.
+# recurrence (linear.h) on our kernels and on BLAS whatever the CPU's vendor; LSTM's input
+# projection outside the recurrence once.
 CHILD_ENVS = [
     dict(FASTRNN_CPU_SPLIT="cols", FASTRNN_CPU_LINEAR="1"),
-    dict(FASTRNN_CPU_ISA="avx2", FASTRNN_CPU_SPLIT="rows", FASTRNN_CPU_LINEAR="1"),
+    dict(FASTRNN_CPU_ISA="avx2", FASTRNN_CPU_SPLIT="rows", FASTRNN_CPU_LINEAR="1",
+         FASTRNN_CPU_PROJECT_INSIDE="0"),
     dict(FASTRNN_CPU_ISA="baseline", FASTRNN_CPU_SPLIT="cols", FASTRNN_CPU_LINEAR="0"),
 ]
 

@@ -62,8 +62,8 @@ def main():
         for name, layers, hidden, batch, steps, bi, packed in SHAPES:
             if args.shapes and name not in args.shapes:
                 continue
-            ref, fast = twin_rnns(INPUT, hidden, layers, bidirectional=bi, batch_first=True,
-                                  cell=cell)
+            ref, fast = twin_rnns(INPUT, hidden, layers, cell, bidirectional=bi,
+                                  batch_first=True)
             inputs = inputs_for(batch, steps, packed)
             for kind in args.passes:
                 backward = kind == "fwd+bwd"

@@ -24,14 +24,17 @@ def cpu_model():
 
 
 def twin_rnns(input_size, hidden, layers, nonlinearity="tanh", bidirectional=False,
-              batch_first=False, device="cpu", dtype=torch.float32, seed=0, cell="rnn"):
-    """(torch.nn.RNN / LSTM / GRU, fastrnn's drop-in) holding identical weights."""
+              batch_first=False, device="cpu", dtype=torch.float32, seed=0):
+    """(torch.nn's module, fastrnn's) holding identical weights: an RNN for nonlinearity
+    "tanh" or "relu", an LSTM for "lstm", a GRU for "gru"."""
     torch.manual_seed(seed)
     kwargs = dict(bidirectional=bidirectional, batch_first=batch_first)
-    if cell == "rnn":
-        kwargs["nonlinearity"] = nonlinearity
-    module = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
-    ref = module(input_size, hidden, layers, **kwargs).to(device, dtype)
+    if nonlinearity in ("lstm", "gru"):
+        cls = torch.nn.LSTM if nonlinearity == "lstm" else torch.nn.GRU
+        ref = cls(input_size, hidden, layers, **kwargs)
+    else:
+        ref = torch.nn.RNN(input_size, hidden, layers, nonlinearity=nonlinearity, **kwargs)
+    ref = ref.to(device, dtype)
     return ref, fastrnn.convert(copy.deepcopy(ref))
 
 
@@ -63,7 +66,7 @@ def make_step(module, inputs, backward):
     def outputs():
         out, h = module(*inputs)
         out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
-        return [out, *(h if isinstance(h, tuple) else (h,))]  # LSTM: (h_n, c_n)
+        return out, (h if isinstance(h, tuple) else (h,))
 
     if not backward:
         def step():
@@ -75,10 +78,10 @@ def make_step(module, inputs, backward):
 
     def step():
         nonlocal grads
-        tensors = outputs()
+        out, h = outputs()
         if grads is None:
-            grads = [torch.ones_like(t) for t in tensors]
-        torch.autograd.backward(tensors, grads)
+            grads = [torch.ones_like(t) for t in (out, *h)]
+        torch.autograd.backward([out, *h], grads)
         for p in params:
             p.grad = None
     return step

@@ -527,7 +527,7 @@ def test_script_matches_eager(c):
     """Outputs and the gradients of the input, h0 and every parameter."""
     model = fast_model(c).train()
     scripted = torch.jit.script(model)
-    assert "fastrnn::rnn" in str(scripted.rnn._run_scripted.graph)  # the fused op, not torch's RNN
+    assert "fastrnn::rnn" in str(scripted.rnn._op.graph)  # the fused op, not torch's RNN
     for steps, batch in SIZES[:2]:
         args = [a.requires_grad_() for a in c.inputs(steps, batch, seed=steps)]
         results = []

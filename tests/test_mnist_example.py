@@ -139,7 +139,7 @@ def test_saved_model_loads_into_torch_nn_rnn(quick, mnist_root):
 
     cwd, proc = quick
     example = load_module("mnist_rnn_example", EXAMPLE)
-    model = example.Net(256, 2, "tanh", "all")
+    model = example.Net("rnn", 256, 2, "tanh", "all")
     assert type(model.rnn) is torch.nn.RNN
     model.load_state_dict(torch.load(cwd / "mnist_rnn.pt", map_location="cpu", weights_only=True))
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
@@ -157,7 +157,7 @@ def test_presets_and_initial_weights_match_the_benchmarks():
         assert hp == {k: bench.PRESETS[name][k] for k in hp}, name
         assert bench.PRESETS[name]["schedule"] == "cosine"
         torch.manual_seed(0)  # as the example seeds before building its model
-        model = example.Net(hp["hidden_size"], hp["num_layers"], hp["nonlinearity"], hp["readout"])
+        model = example.Net(hp["cell"], hp["hidden_size"], hp["num_layers"], hp["nonlinearity"], hp["readout"])
         if hp["init"] == "irnn":
             example.irnn_init(model.rnn)
         ref = bench.initial_model(bench.PRESETS[name], seed=0).state_dict()
@@ -169,7 +169,7 @@ def test_presets_and_initial_weights_match_the_benchmarks():
 def test_relu_preset_starts_from_irnn_in_both_implementations():
     example = load_module("mnist_rnn_example", EXAMPLE)
     torch.manual_seed(0)
-    model = example.Net(100, 1, "relu", "last")
+    model = example.Net("rnn", 100, 1, "relu", "last")
     example.irnn_init(model.rnn)
     fast = fastrnn.convert(copy.deepcopy(model))
     assert type(fast.rnn) is fastrnn.RNN
@@ -220,7 +220,7 @@ def test_corrupt_data_is_a_clear_error(tmp_path):
 
 # The accuracies these two models are known to reach; a full run of each preset must reach
 # them with both implementations.
-REFERENCE_TEST_ACCURACY = {"relu-1x100": 97.35, "tanh-2x256": 97.48}
+REFERENCE_TEST_ACCURACY = {"relu-1x100": 97.35, "tanh-2x256": 97.48, "lstm-2x128": 97.78}
 
 
 @pytest.mark.slow
@@ -234,7 +234,8 @@ def test_full_run_reaches_reference_accuracy(mnist_root, tmp_path, preset):
     assert fast_acc >= REFERENCE_TEST_ACCURACY[preset], proc.stdout[-1500:]
     assert abs(torch_acc - fast_acc) <= 1.0, proc.stdout[-1500:]
     ratio, steps = speedup(proc.stdout)
-    assert steps == {"relu-1x100": 6 * 469, "tanh-2x256": 3 * 938}[preset] and ratio > 0
+    assert steps == {"relu-1x100": 6 * 469, "tanh-2x256": 3 * 938, "lstm-2x128": 2 * 938}[preset]
+    assert ratio > 0
 
 
 # --------------------------------------------------------------------------- benchmarks/mnist_train.py

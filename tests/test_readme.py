@@ -25,7 +25,7 @@ def test_use_section_snippets():
     assert isinstance(ns["rnn"], fastrnn.RNN)
     assert ns["output"].shape == (64, 28, 128) and ns["h_n"].shape == (2, 64, 128)
 
-    # convert() swapped the RNN inside the notebook's model class, in place.
+    # convert() swapped the RNN inside the README's model class, in place.
     model = ns["model"]
     assert isinstance(model.rnn, fastrnn.RNN)
     reference = ns["MnistRNN"]()

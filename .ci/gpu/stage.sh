@@ -51,7 +51,7 @@ case "$STAGE" in
   ;;
 3)
   note "fastrnn against cuDNN"
-  timeout 300 $PY benchmarks/cuda_seed.py --markdown "$OUT/cuda_seed.md" --json "$OUT/cuda_seed.json" \
+  timeout 300 $PY benchmarks/cuda_shapes.py --markdown "$OUT/cuda_shapes.md" --json "$OUT/cuda_shapes.json" \
     2>&1 | tee -a "$OUT/summary.txt" || status=1
   timeout 120 $PY benchmarks/bench.py --device cuda --budget-s 0.3 --json "$OUT/bench_cuda.json" \
     --markdown "$OUT/bench_cuda.md" > /dev/null 2>> "$OUT/summary.txt" || status=1

@@ -50,27 +50,8 @@ def _autocast_reconciles(a: Tensor, b: Tensor) -> bool:
     )
 
 
-class RNN(nn.RNNBase):
-    __doc__ = (
-        "Drop-in replacement for :class:`torch.nn.RNN`, computed by fastrnn's fused kernels.\n\n"
-        "Same constructor, parameters, inputs and outputs as torch.nn.RNN:\n\n" + (nn.RNN.__doc__ or "")
-    )
-
-    def __init__(self, *args, **kwargs):
-        # torch.nn.RNN's constructor: the same positional order and errors.
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if len(args) > 3:
-            self.nonlinearity = args[3]
-            args = args[:3] + args[4:]
-        else:
-            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
-        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
-        if self.nonlinearity not in modes:
-            raise ValueError(
-                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
-            )
-        super().__init__(modes[self.nonlinearity], *args, **kwargs)
+class _Fused(nn.RNNBase):
+    """What fastrnn's modules share on top of torch.nn.RNNBase."""
 
     def _get_name(self):
         # print(model) tells a converted model from the original.
@@ -81,162 +62,33 @@ class RNN(nn.RNNBase):
             _refresh_flat_weights(self)
 
     def __prepare_scriptable__(self):
-        return _prepare_scriptable(self)
+        # torch.jit.script calls this. A scripted model may go on to the
+        # TorchScript-based ONNX exporter, which needs the ops' symbolics.
+        from . import onnx  # noqa: F401
 
-    # TorchScript compiles forward once per overload, as for torch.nn.RNN.
-    @overload
-    @torch._jit_internal._overload_method
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        pass
+        return self
 
-    @overload
-    @torch._jit_internal._overload_method
-    def forward(self, input: PackedSequence,
-                hx: Optional[Tensor] = None) -> Tuple[PackedSequence, Tensor]:
-        pass
-
-    def forward(self, input, hx=None):
-        # The input handling mirrors torch.nn.RNN.forward so that shapes,
-        # defaults and error messages are the same.
-        if not torch.compiler.is_compiling():
-            self._update_flat_weights()
-        num_directions = 2 if self.bidirectional else 1
-        orig_input = input
-        is_batched = True
-        batch_dim = 0 if self.batch_first else 1
-
-        if isinstance(orig_input, PackedSequence):
-            input, batch_sizes, sorted_indices, unsorted_indices = input
-            max_batch_size = _packed_batch(batch_sizes, sorted_indices)
-        else:
-            batch_sizes = sorted_indices = unsorted_indices = None
-            if input.dim() not in (2, 3):
-                raise ValueError(
-                    f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead"
-                )
-            is_batched = input.dim() == 3
-            if not is_batched:
-                input = input.unsqueeze(batch_dim)
-                if hx is not None:
-                    if hx.dim() != 2:
-                        raise RuntimeError(
-                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
-                        )
-                    hx = hx.unsqueeze(1)
-            elif hx is not None and hx.dim() != 3:
-                raise RuntimeError(
-                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
-                )
-            max_batch_size = input.size(0) if self.batch_first else input.size(1)
-
-        if hx is None:
-            hx = torch.zeros(
-                self.num_layers * num_directions,
-                max_batch_size,
-                self.hidden_size,
-                dtype=input.dtype,
-                device=input.device,
-            )
-        else:
-            hx = self.permute_hidden(hx, sorted_indices)
-        self.check_input(input, batch_sizes)
-        expected_hidden_size = (self.num_layers * num_directions, max_batch_size, self.hidden_size)
-        if not torch.jit.is_scripting() and torch.compiler.is_compiling() and batch_sizes is not None:
-            # max_batch_size may be data-dependent here: assert instead of guarding.
-            _check_hidden_size_compiling(hx, expected_hidden_size)
-        else:
-            self.check_hidden_size(hx, expected_hidden_size)
-
+    def _time_major(self, input: Tensor, batch_sizes: Optional[Tensor]) -> Tensor:
+        """A padded input as the op takes it: [T, B, I]; an empty sequence is torch.nn's error."""
         if batch_sizes is None:
             if input.size(1 if self.batch_first else 0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
             if self.batch_first:
                 input = input.transpose(0, 1)
-        if torch.jit.is_scripting():
-            output, hidden = self._run_scripted(input, hx, batch_sizes)
-        else:
-            output, hidden = self._run_layers(input, hx, batch_sizes)
-
-        if isinstance(orig_input, PackedSequence):
-            packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
-            return packed, self.permute_hidden(hidden, unsorted_indices)
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        if not is_batched:
-            output = output.squeeze(batch_dim)
-            hidden = hidden.squeeze(1)
-        return output, hidden
-
-    def _run_layers(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor]):
-        """input: time-major [T, B, I] or packed [N, I]; hx: [L * D, B, H]."""
-        weights = self._flat_weights
-        _check_like_torch(input, [hx], weights)
-        rnn = _rnn
-        if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
-            rnn = _recording_op("rnn")
-        return rnn(input, hx, weights, num_layers=self.num_layers,
-                   bidirectional=self.bidirectional, nonlinearity=self.nonlinearity,
-                   dropout=self.dropout, train=self.training, batch_sizes=batch_sizes)
-
-    def _run_scripted(self, input: Tensor, hx: Tensor,
-                      batch_sizes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """_run_layers under TorchScript: the same op call; the op checks devices and dtypes."""
-        output, h_n, _ = torch.ops.fastrnn.rnn(
-            input, hx, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
-            self.training, self.bidirectional, self.nonlinearity, batch_sizes)
-        return output, h_n
+        return input
 
 
-class GRU(nn.RNNBase):
-    __doc__ = (
-        "Drop-in replacement for :class:`torch.nn.GRU`, computed by fastrnn's fused kernels.\n\n"
-        "Same constructor, parameters, inputs and outputs as torch.nn.GRU:\n\n" + (nn.GRU.__doc__ or "")
-    )
+class _OneState(_Fused):
+    """RNN and GRU: one state tensor, hx [L*D, B, H]."""
 
-    def __init__(self, *args, **kwargs):
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        super().__init__("GRU", *args, **kwargs)
-
-    def _get_name(self):
-        return "fastrnn.GRU"
-
-    def _update_flat_weights(self):
-        if not torch.jit.is_scripting():
-            _refresh_flat_weights(self)
-
-    def __prepare_scriptable__(self):
-        return _prepare_scriptable(self)
-
-    # TorchScript compiles forward once per overload, and its overloads must be
-    # declared in the class that defines forward: hence a forward per module,
-    # each mirroring torch.nn's own (messages included).
-    @overload
-    @torch._jit_internal._overload_method
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        pass
-
-    @overload
-    @torch._jit_internal._overload_method
-    def forward(self, input: PackedSequence,
-                hx: Optional[Tensor] = None) -> Tuple[PackedSequence, Tensor]:
-        pass
-
-    def forward(self, input, hx=None):
-        if not torch.compiler.is_compiling():
-            self._update_flat_weights()
+    def _forward(self, input: Tensor, hx: Optional[Tensor], batch_sizes: Optional[Tensor],
+                 sorted_indices: Optional[Tensor], max_batch_size: int,
+                 is_batched: bool) -> Tuple[Tensor, Tensor]:
+        # The input handling mirrors torch.nn.RNN.forward and torch.nn.GRU.forward, so
+        # that shapes, defaults and error messages are the same.
         num_directions = 2 if self.bidirectional else 1
-        orig_input = input
-        is_batched = True
         batch_dim = 0 if self.batch_first else 1
-        if isinstance(orig_input, PackedSequence):
-            input, batch_sizes, sorted_indices, unsorted_indices = input
-            max_batch_size = _packed_batch(batch_sizes, sorted_indices)
-        else:
-            batch_sizes = sorted_indices = unsorted_indices = None
-            if input.dim() not in (2, 3):
-                raise ValueError(f"GRU: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            is_batched = input.dim() == 3
+        if batch_sizes is None:
             if not is_batched:
                 input = input.unsqueeze(batch_dim)
                 if hx is not None:
@@ -258,38 +110,129 @@ class GRU(nn.RNNBase):
         self.check_input(input, batch_sizes)
         expected_hidden_size = (self.num_layers * num_directions, max_batch_size, self.hidden_size)
         if not torch.jit.is_scripting() and torch.compiler.is_compiling() and batch_sizes is not None:
+            # max_batch_size may be data-dependent here: assert instead of guarding.
             _check_hidden_size_compiling(hx, expected_hidden_size)
         else:
             self.check_hidden_size(hx, expected_hidden_size)
+        output, hidden = self._op(self._time_major(input, batch_sizes), hx, batch_sizes)
         if batch_sizes is None:
-            if input.size(1 if self.batch_first else 0) == 0:
-                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
             if self.batch_first:
-                input = input.transpose(0, 1)
-        if torch.jit.is_scripting():
-            output, hidden, _ = torch.ops.fastrnn.gru(
-                input, hx, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
-                self.training, self.bidirectional, batch_sizes)
-        else:
-            _check_like_torch(input, [hx], self._flat_weights)
-            gru = _gru
-            if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
-                gru = _recording_op("gru")
-            output, hidden = gru(input, hx, self._flat_weights, num_layers=self.num_layers,
-                                 bidirectional=self.bidirectional, dropout=self.dropout,
-                                 train=self.training, batch_sizes=batch_sizes)
-        if isinstance(orig_input, PackedSequence):
-            packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
-            return packed, self.permute_hidden(hidden, unsorted_indices)
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        if not is_batched:
-            output = output.squeeze(batch_dim)
-            hidden = hidden.squeeze(1)
+                output = output.transpose(0, 1)
+            if not is_batched:
+                output = output.squeeze(batch_dim)
+                hidden = hidden.squeeze(1)
         return output, hidden
 
 
-class LSTM(nn.RNNBase):
+class RNN(_OneState):
+    __doc__ = (
+        "Drop-in replacement for :class:`torch.nn.RNN`, computed by fastrnn's fused kernels.\n\n"
+        "Same constructor, parameters, inputs and outputs as torch.nn.RNN:\n\n" + (nn.RNN.__doc__ or "")
+    )
+
+    def __init__(self, *args, **kwargs):
+        # torch.nn.RNN's constructor: the same positional order and errors.
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if self.nonlinearity not in modes:
+            raise ValueError(
+                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        super().__init__(modes[self.nonlinearity], *args, **kwargs)
+
+    # TorchScript compiles forward once per overload, and the overloads must be
+    # declared in the class that defines forward: each module has its own.
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        pass
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: PackedSequence,
+                hx: Optional[Tensor] = None) -> Tuple[PackedSequence, Tensor]:
+        pass
+
+    def forward(self, input, hx=None):
+        if not torch.compiler.is_compiling():
+            self._update_flat_weights()
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            output, hidden = self._forward(data, hx, batch_sizes, sorted_indices,
+                                           _packed_batch(batch_sizes, sorted_indices), True)
+            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(hidden, unsorted_indices))
+        if input.dim() not in (2, 3):
+            raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+        return self._forward(input, hx, None, None, 0, input.dim() == 3)
+
+    def _op(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """input: time-major [T, B, I] or packed [N, I]; hx: [L * D, B, H]."""
+        if torch.jit.is_scripting():  # the same op call; the op checks devices and dtypes
+            output, h_n, _ = torch.ops.fastrnn.rnn(
+                input, hx, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
+                self.training, self.bidirectional, self.nonlinearity, batch_sizes)
+            return output, h_n
+        _check_like_torch(input, [hx], self._flat_weights)
+        return _op_for("rnn")(input, hx, self._flat_weights, num_layers=self.num_layers,
+                              bidirectional=self.bidirectional, nonlinearity=self.nonlinearity,
+                              dropout=self.dropout, train=self.training, batch_sizes=batch_sizes)
+
+
+class GRU(_OneState):
+    __doc__ = (
+        "Drop-in replacement for :class:`torch.nn.GRU`, computed by fastrnn's fused kernels.\n\n"
+        "Same constructor, parameters, inputs and outputs as torch.nn.GRU:\n\n" + (nn.GRU.__doc__ or "")
+    )
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        pass
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: PackedSequence,
+                hx: Optional[Tensor] = None) -> Tuple[PackedSequence, Tensor]:
+        pass
+
+    def forward(self, input, hx=None):
+        if not torch.compiler.is_compiling():
+            self._update_flat_weights()
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            output, hidden = self._forward(data, hx, batch_sizes, sorted_indices,
+                                           _packed_batch(batch_sizes, sorted_indices), True)
+            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(hidden, unsorted_indices))
+        if input.dim() not in (2, 3):
+            raise ValueError(f"GRU: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        return self._forward(input, hx, None, None, 0, input.dim() == 3)
+
+    def _op(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():
+            output, h_n, _ = torch.ops.fastrnn.gru(
+                input, hx, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
+                self.training, self.bidirectional, batch_sizes)
+            return output, h_n
+        _check_like_torch(input, [hx], self._flat_weights)
+        return _op_for("gru")(input, hx, self._flat_weights, num_layers=self.num_layers,
+                              bidirectional=self.bidirectional, dropout=self.dropout,
+                              train=self.training, batch_sizes=batch_sizes)
+
+
+class LSTM(_Fused):
     __doc__ = (
         "Drop-in replacement for :class:`torch.nn.LSTM`, computed by fastrnn's fused kernels.\n\n"
         "Same constructor, parameters, inputs and outputs as torch.nn.LSTM:\n\n" + (nn.LSTM.__doc__ or "")
@@ -297,16 +240,6 @@ class LSTM(nn.RNNBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
-
-    def _get_name(self):
-        return "fastrnn.LSTM"
-
-    def _update_flat_weights(self):
-        if not torch.jit.is_scripting():
-            _refresh_flat_weights(self)
-
-    def __prepare_scriptable__(self):
-        return _prepare_scriptable(self)
 
     # torch.nn.LSTM's own helpers: the cell state's expected size, both states'
     # checks and their permutation.
@@ -375,11 +308,7 @@ class LSTM(nn.RNNBase):
                 hx[1], (self.num_layers * num_directions, max_batch_size, self.hidden_size))
         else:
             self.check_forward_args(input, hx, batch_sizes)
-        if batch_sizes is None:
-            if input.size(1 if self.batch_first else 0) == 0:
-                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-            if self.batch_first:
-                input = input.transpose(0, 1)
+        input = self._time_major(input, batch_sizes)
         if torch.jit.is_scripting():
             output, h_n, c_n, _ = torch.ops.fastrnn.lstm(
                 input, hx[0], hx[1], self._flat_weights, self.bias, self.num_layers,
@@ -387,12 +316,10 @@ class LSTM(nn.RNNBase):
             hidden = (h_n, c_n)
         else:
             _check_like_torch(input, [hx[0], hx[1]], self._flat_weights)
-            lstm = _lstm
-            if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
-                lstm = _recording_op("lstm")
-            output, hidden = lstm(input, hx, self._flat_weights, num_layers=self.num_layers,
-                                  bidirectional=self.bidirectional, dropout=self.dropout,
-                                  train=self.training, batch_sizes=batch_sizes)
+            output, hidden = _op_for("lstm")(
+                input, hx, self._flat_weights, num_layers=self.num_layers,
+                bidirectional=self.bidirectional, dropout=self.dropout, train=self.training,
+                batch_sizes=batch_sizes)
         if isinstance(orig_input, PackedSequence):
             packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             return packed, self.permute_hidden(hidden, unsorted_indices)
@@ -457,23 +384,16 @@ def _check_hidden_size_compiling(hx: Tensor, expected_hidden_size):
     )
 
 
-def _recording_op(name: str):
-    """The wrapper of op ``name`` ("rnn", "lstm" or "gru") for a model being traced
-    (torch.jit.trace) or exported (torch.export): either may be torch.onnx.export at
-    work, which needs fastrnn.onnx."""
+def _op_for(name: str):
+    """The wrapper of op ``name`` ("rnn", "lstm" or "gru") to call. A model being traced
+    (torch.jit.trace) or exported (torch.export) may be torch.onnx.export at work, which
+    needs fastrnn.onnx: imported then, and its ONNX operators stated when exporting to ONNX."""
+    op = {"rnn": _rnn, "lstm": _lstm, "gru": _gru}[name]
+    if torch._C._get_tracing_state() is None and not torch.compiler.is_exporting():
+        return op
     from . import onnx  # importing it registers the TorchScript-based exporter's symbolics
 
-    if torch.compiler.is_exporting() and onnx.exporting():
-        return getattr(onnx, name)
-    return {"rnn": _rnn, "lstm": _lstm, "gru": _gru}[name]
-
-
-def _prepare_scriptable(module):
-    # torch.jit.script calls __prepare_scriptable__. A scripted model may go on
-    # to the TorchScript-based ONNX exporter, which needs the ops' symbolics.
-    from . import onnx  # noqa: F401
-
-    return module
+    return getattr(onnx, name) if torch.compiler.is_exporting() and onnx.exporting() else op
 
 
 # torch.nn's modules and their drop-ins.

@@ -1,4 +1,4 @@
-"""fastrnn.RNN against torch.nn.RNN (cuDNN) on a CUDA GPU, in every precision.
+"""fastrnn against torch.nn (cuDNN) on a CUDA GPU, RNN, LSTM and GRU, in every precision.
 
 Shapes: the MNIST models (T=28, input 28), hidden 512 and 1024, packed input
 with uneven lengths, and cuDNN's published persistent-kernel case (T=1406,
@@ -7,7 +7,7 @@ B=34, H=120). Precisions: strict fp32 (TF32 off for cuDNN and cuBLAS), TF32
 hold identical weights and see identical inputs; runs are interleaved after a
 warm-up and timed with CUDA events; medians are reported.
 
-    python benchmarks/cuda_seed.py [--repeats N] [--markdown FILE] [--json FILE]
+    python benchmarks/cuda_shapes.py [--repeats N] [--markdown FILE] [--json FILE]
 """
 
 import argparse
@@ -27,6 +27,9 @@ SHAPES = [
     ("tanh-1x1024 b64", 28, 64, 28, 1024, 1, "tanh", False),
     ("tanh-2x256 b64 packed", 28, 64, 28, 256, 2, "tanh", True),
     ("tanh-1x120 b34 T1406", 1406, 34, 120, 120, 1, "tanh", False),
+    ("lstm-2x128 b64", 28, 64, 28, 128, 2, "lstm", False),
+    ("gru-2x128 b64", 28, 64, 28, 128, 2, "gru", False),
+    ("lstm-1x512 b64", 28, 64, 28, 512, 1, "lstm", False),
 ]
 PRECISIONS = {
     "fp32": (torch.float32, False),

@@ -6,12 +6,12 @@ takes float64 with relu; float64 tanh checks the fallback), T = 1, one and two t
 their claim that results do not depend on the thread count or on how rows and columns are split
 among threads.
 
-The other kernels of the binary (AVX2, baseline), both splits, the input projection and
-gradient products on the same tiles (csrc/cpu/linear.h, on by default only on AMD), and LSTM's
-input projection outside the recurrence are run on this machine by re-running this file in
-child processes with FASTRNN_CPU_ISA / FASTRNN_CPU_SPLIT / FASTRNN_CPU_LINEAR /
-FASTRNN_CPU_PROJECT_INSIDE set."""
+The other kernels of the binary (AVX2, baseline), both splits, and the input projection and
+gradient products on the same tiles (csrc/cpu/linear.h, on by default only on AMD) are run on
+this machine by re-running this file in child processes with FASTRNN_CPU_ISA /
+FASTRNN_CPU_SPLIT / FASTRNN_CPU_LINEAR set."""
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -148,23 +148,37 @@ def test_nonfinite_values_propagate_like_torch():
 # LSTM and GRU (csrc/cpu/cell_recurrence.h): the forward's gate-interleaved tiles (one vector
 # of units per gate: 16 floats / 8 doubles on AVX-512; 6 rows per LSTM tile, 8 per GRU tile),
 # the backward's tiles (32 / 16 units, 8 rows) and its epilogue that runs the earlier step's
-# cell gradient, the rows no product feeds (a sequence's last row: dh_n, dc_n), LSTM's input
-# projection inside the recurrence (I <= 2H; outside above), and b_hh in GRU's epilogue.
+# cell gradient, the rows no product feeds (a sequence's last row: dh_n, dc_n), and b_hh in
+# GRU's epilogue. Each case runs fastrnn twice, fused and per-step (FASTRNN_CPU_FUSED=0),
+# and checks both against torch.nn.
 # ---------------------------------------------------------------------------------------
 
-# (hidden, batch, steps): H = 1; H below, at and off the vector width; H spanning several
-# panels; B = 1; B off every tile height; B large enough for a row split; T = 1.
+# (hidden, batch, steps): H = 1; H below, off and past the vector width and the backward's
+# panel width; H spanning several panels; B = 1; B off every tile height; B large enough for
+# a row split; T = 1.
 CELL_SHAPES = [
     (1, 1, 1),
-    (1, 5, 4),
-    (5, 3, 6),
-    (16, 7, 3),
+    (3, 5, 4),
+    (17, 7, 3),
     (33, 9, 5),
-    (47, 1, 7),
-    (100, 19, 4),
+    (100, 1, 7),
+    (130, 19, 4),
     (128, 64, 3),
     (70, 40, 1),
 ]
+
+
+@contextlib.contextmanager
+def fused_kernels(on):
+    saved = os.environ.get("FASTRNN_CPU_FUSED")
+    os.environ["FASTRNN_CPU_FUSED"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["FASTRNN_CPU_FUSED"]
+        else:
+            os.environ["FASTRNN_CPU_FUSED"] = saved
 
 
 def run_cell(module, x, hx, packed_lengths):
@@ -172,11 +186,13 @@ def run_cell(module, x, hx, packed_lengths):
     out, h_n = module(inp, hx)
     loss = weighted_sum(out, h_n)
     data = out.data if packed_lengths is not None else out
-    return [data, h_n, *grads(module, loss, [x, hx])]
+    return flat(data, h_n, *grads(module, loss, [x, hx]))
 
 
 def compare_cell(cell, hidden, batch, steps, dtype, bidirectional=False, layers=1, packed=False,
-                 input_size=7, bias=True, proj_size=0):
+                 initial=True, bias=True, proj_size=0, input_size=7):
+    """fastrnn fused and per-step against torch.nn on one case (outputs, final states and the
+    gradients of x, h0 (c0) and every parameter); returns (fused, per-step) results."""
     kwargs = dict(num_layers=layers, bidirectional=bidirectional, bias=bias)
     if proj_size:
         kwargs["proj_size"] = proj_size
@@ -184,16 +200,24 @@ def compare_cell(cell, hidden, batch, steps, dtype, bidirectional=False, layers=
     ref, fast = ref.to(dtype), fast.to(dtype)
     g = torch.Generator().manual_seed(steps)
     x = torch.randn(steps, batch, input_size, generator=g, dtype=dtype).requires_grad_()
-    cells = layers * (2 if bidirectional else 1)
-    h0 = torch.randn(cells, batch, proj_size or hidden, generator=g, dtype=dtype).requires_grad_()
-    hx = h0
-    if cell == "lstm":
-        hx = (h0, torch.randn(cells, batch, hidden, generator=g, dtype=dtype).requires_grad_())
+    hx = None
+    if initial:
+        cells = layers * (2 if bidirectional else 1)
+        shape = (cells, batch, proj_size or hidden)
+        hx = torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+        if cell == "lstm":
+            c0 = torch.randn(cells, batch, hidden, generator=g, dtype=dtype).requires_grad_()
+            hx = (hx, c0)
     lengths = lengths_for(batch, steps, seed=batch) if packed else None
     expected = run_cell(ref, x, hx, lengths)
-    actual = run_cell(fast, x, hx, lengths)
-    assert_close_all(actual, expected, dtype, f"{cell} H={hidden} B={batch} T={steps}")
-    return flat(actual)
+    what = f"{cell} H={hidden} B={batch} T={steps}"
+    results = []
+    for on in (True, False):
+        with fused_kernels(on):
+            results.append(run_cell(fast, x, hx, lengths))
+        assert_close_all(results[-1], expected, dtype, f"{what} {'fused' if on else 'per-step'}")
+    assert_close_all(results[0], results[1], dtype, f"{what} fused vs per-step")
+    return results
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
@@ -207,7 +231,7 @@ def test_cell_padded_matches_torch(cell, shape, dtype, threads):
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-@pytest.mark.parametrize("shape", [(33, 9, 6), (5, 12, 5), (100, 21, 8), (1, 4, 3)],
+@pytest.mark.parametrize("shape", [(33, 9, 6), (3, 12, 5), (100, 21, 8), (1, 4, 3)],
                          ids=lambda s: "H{}-B{}-T{}".format(*s))
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_cell_packed_uneven_lengths_match_torch(cell, shape, bidirectional, dtype, threads):
@@ -218,50 +242,58 @@ def test_cell_packed_uneven_lengths_match_torch(cell, shape, bidirectional, dtyp
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_cell_stacked_bidirectional_without_bias(cell, threads):
-    # No bias: LSTM's projection inside adds none, GRU's epilogue has no b_hh. Layers 2 and 3
-    # read [N, 2H] inputs (I = 2H: LSTM's projection still inside).
-    compare_cell(cell, 40, 10, 6, torch.float32, bidirectional=True, layers=3, bias=False)
+def test_cell_stacked_bidirectional_without_bias_or_initial_state(cell, threads):
+    # Layers 2 and 3 read [N, 2H] inputs; no bias (GRU's epilogue has no b_hh); zero h0 / c0.
+    compare_cell(cell, 40, 11, 6, torch.float32, bidirectional=True, layers=3, bias=False,
+                 initial=False)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_cell_wide_input_matches_torch(cell):
-    # I > 2H: LSTM's input projection outside the recurrence (a GEMM into the gates).
-    compare_cell(cell, 16, 9, 5, torch.float32, input_size=40, layers=2)
+@pytest.fixture
+def same_products(monkeypatch):
+    """FASTRNN_CPU_FUSED=0 also hands the products around the recurrence (linear.h) to BLAS
+    unless FASTRNN_CPU_LINEAR says otherwise: pinned, only the recurrence differs between a
+    fused and a per-step run."""
+    monkeypatch.setenv("FASTRNN_CPU_LINEAR", os.environ.get("FASTRNN_CPU_LINEAR", "1"))
 
 
-def test_lstm_proj_size_matches_torch():
-    # proj_size keeps the per-step path (cell_recurrence.h): checked here beside the kernels.
-    compare_cell("lstm", 33, 9, 5, torch.float32, layers=2, bidirectional=True, packed=True,
-                 proj_size=7)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_lstm_proj_size_takes_the_per_step_path(dtype, same_products):
+    # proj_size is not the fused kernel's (cell_recurrence.h): the per-step path runs it
+    # whatever FASTRNN_CPU_FUSED says, so both runs give the same bits.
+    fused, per_step = compare_cell("lstm", 33, 9, 5, dtype, layers=2, bidirectional=True,
+                                   packed=True, proj_size=7)
+    for a, b in zip(fused, per_step):
+        assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_cell_same_bits_for_any_thread_count(cell, packed):
+def test_cell_same_bits_for_any_thread_count(cell, packed, dtype):
+    """Each element is one accumulator over k in order and each unit's cell math runs on the
+    thread that owns the unit, so 1 and 2 threads (and row or column splits, in the child
+    runs) give the same bits."""
     saved = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(compare_cell(cell, 100, 37, 6, torch.float32, bidirectional=True,
-                                        layers=2, packed=packed))
+            results.append(compare_cell(cell, 100, 37, 6, dtype, bidirectional=True,
+                                        layers=2, packed=packed)[0])
     finally:
         torch.set_num_threads(saved)
     for a, b in zip(*results):
         assert torch.equal(a, b), "results differ between 1 and 2 threads"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_fused_cell_kernel_is_in_use(cell, monkeypatch):
-    """The per-step path (FASTRNN_CPU_FUSED=0) sums in another order and has no vector
-    epilogue: if no bit differed, the kernels would not be running."""
-    results = []
-    for fused in ("1", "0"):
-        monkeypatch.setenv("FASTRNN_CPU_FUSED", fused)
-        results.append(compare_cell(cell, 128, 64, 6, torch.float32))
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(*results))
-    assert not all(torch.equal(a, b) for a, b in zip(*results))
+def test_fused_cell_kernels_are_in_use(cell, dtype, same_products):
+    """The per-step path sums in another order (and, in float32, has other activations): if
+    no bit differed, the fused kernels would not be running and every cell test above would
+    test the per-step path twice."""
+    fused, per_step = compare_cell(cell, 128, 64, 6, dtype)
+    assert not all(torch.equal(a, b) for a, b in zip(fused, per_step))
 
 
 def test_cell_half_types_keep_the_per_step_path():
@@ -274,12 +306,10 @@ def test_cell_half_types_keep_the_per_step_path():
 
 
 # Each other kernel once, each forced split at least once, and the products around the
-# recurrence (linear.h) on our kernels and on BLAS whatever the CPU's vendor; LSTM's input
-# projection outside the recurrence once.
+# recurrence (linear.h) on our kernels and on BLAS whatever the CPU's vendor.
 CHILD_ENVS = [
     dict(FASTRNN_CPU_SPLIT="cols", FASTRNN_CPU_LINEAR="1"),
-    dict(FASTRNN_CPU_ISA="avx2", FASTRNN_CPU_SPLIT="rows", FASTRNN_CPU_LINEAR="1",
-         FASTRNN_CPU_PROJECT_INSIDE="0"),
+    dict(FASTRNN_CPU_ISA="avx2", FASTRNN_CPU_SPLIT="rows", FASTRNN_CPU_LINEAR="1"),
     dict(FASTRNN_CPU_ISA="baseline", FASTRNN_CPU_SPLIT="cols", FASTRNN_CPU_LINEAR="0"),
 ]
 

@@ -70,7 +70,8 @@ def extensions():
     exts = [
         CppExtension(
             "fastrnn._C",
-            [f"{CSRC}/fastrnn.cpp", f"{CSRC}/cpu/elman_cpu.cpp", f"{CSRC}/python/module_cpu.cpp"],
+            [f"{CSRC}/fastrnn.cpp", f"{CSRC}/cpu/elman_cpu.cpp", f"{CSRC}/cpu/cells_cpu.cpp",
+             f"{CSRC}/python/module_cpu.cpp"],
             extra_compile_args={"cxx": cxx},
             py_limited_api=True,
         )

@@ -75,8 +75,23 @@ FASTRNN_HD double tanh_acc(double v) {
 #endif
 }
 
-// 1 / (1 + exp(-v)), through tanh so that float loops vectorise like tanh's.
-FASTRNN_HD float sigmoid_acc(float v) { return 0.5f * tanh_acc(0.5f * v) + 0.5f; }
+// 1 / (1 + exp(-v)) = tanh(v / 2) / 2 + 1 / 2, through tanh so that float loops
+// vectorise like tanh's; for a float or a vector of floats, in place, as tanh_rational_inplace.
+template <typename V>
+FASTRNN_HD void sigmoid_rational_inplace(V& v) {
+  v = 0.5f * v;
+  tanh_rational_inplace(v);
+  v = 0.5f * v + 0.5f;
+}
+
+FASTRNN_HD float sigmoid_acc(float v) {
+#if defined(__CUDA_ARCH__)
+  return 0.5f * tanhf(0.5f * v) + 0.5f;
+#else
+  sigmoid_rational_inplace(v);
+  return v;
+#endif
+}
 FASTRNN_HD double sigmoid_acc(double v) { return 1.0 / (1.0 + ::exp(-v)); }
 
 // y = act(v)

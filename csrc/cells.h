@@ -59,6 +59,87 @@ struct ElmanBackward {
   }
 };
 
+// ---------------------------------------------------------------- the cells' math
+// One element function per cell and direction: the whole pointwise math, on a
+// value of the accumulation type (the functors below, for CPU loops and CUDA
+// kernels) or on a vector of them (the fused CPU kernels' epilogues,
+// csrc/cpu/tile_kernels.h). S is the scalar type (acc_t, or the vector's
+// lane type), Act supplies the activations in place (ScalarAct here; the CPU
+// kernels bring their vector ones). Values are passed by reference: a wide
+// vector must not cross a function boundary by value (csrc/cpu/simd.h).
+
+struct ScalarAct {
+  template <typename A>
+  static FASTRNN_HD void sigmoid(A& v) { v = sigmoid_acc(v); }
+  template <typename A>
+  static FASTRNN_HD void tanh(A& v) { v = tanh_acc(v); }
+};
+
+// LSTM: i, f, g, o hold the gates' pre-activations on entry and the activated
+// gates on exit; writes c_t and m_t = o tanh(c_t).
+template <class Act, typename S, typename V>
+FASTRNN_HD void lstm_forward_cell(V& i, V& f, V& g, V& o, const V& c_prev, V& c, V& m) {
+  Act::sigmoid(i);
+  Act::sigmoid(f);
+  Act::tanh(g);
+  Act::sigmoid(o);
+  c = f * c_prev + i * g;
+  m = c;
+  Act::tanh(m);
+  m = o * m;
+}
+
+// LSTM: the activated gates in, their pre-activation gradients dA out (in
+// place); dm reaches m_t, dc_in reaches c_t from later steps (or dc_n);
+// writes dc_prev, the gradient reaching c_{t-1}.
+template <class Act, typename S, typename V>
+FASTRNN_HD void lstm_backward_cell(V& i, V& f, V& g, V& o, const V& c, const V& c_prev,
+                                   const V& dm, const V& dc_in, V& dc_prev) {
+  V tc = c;
+  Act::tanh(tc);
+  const V dct = dc_in + dm * o * (S(1) - tc * tc);
+  const V di = dct * g * i * (S(1) - i);
+  const V df = dct * c_prev * f * (S(1) - f);
+  const V dg = dct * i * (S(1) - g * g);
+  const V d_o = dm * tc * o * (S(1) - o);
+  dc_prev = dct * f;
+  i = di;
+  f = df;
+  g = dg;
+  o = d_o;
+}
+
+// GRU: r, z, n hold X W_ih^T + b_ih's parts on entry and the activated gates
+// on exit; hg_r, hg_z, hn: h_{t-1} W_hh^T + b_hh's parts; writes h_t.
+template <class Act, typename S, typename V>
+FASTRNN_HD void gru_forward_cell(V& r, V& z, V& n, const V& hg_r, const V& hg_z, const V& hn,
+                                 const V& h_prev, V& h) {
+  r = r + hg_r;
+  Act::sigmoid(r);
+  z = z + hg_z;
+  Act::sigmoid(z);
+  n = n + r * hn;
+  Act::tanh(n);
+  h = (S(1) - z) * n + z * h_prev;
+}
+
+// GRU: r z n (activated) and hn in, d the whole gradient of h_t; r z n become
+// [dA_r, dA_z, dA_hn] (of the recurrent pre-activations; dA_hn of
+// h_{t-1} W_hn^T + b_hn), hn becomes dA_n (of the input-side n
+// pre-activation); dh_direct = d z, the part of dh_{t-1} that skips W_hh.
+template <class Act, typename S, typename V>
+FASTRNN_HD void gru_backward_cell(V& r, V& z, V& n, V& hn, const V& d, const V& h_prev,
+                                  V& dh_direct) {
+  const V dan = d * (S(1) - z) * (S(1) - n * n);
+  const V dar = dan * hn * r * (S(1) - r);
+  const V daz = d * (h_prev - n) * z * (S(1) - z);
+  dh_direct = d * z;
+  n = dan * r;
+  r = dar;
+  z = daz;
+  hn = dan;
+}
+
 // ---------------------------------------------------------------- LSTM
 // gates [rows, 4H]: i f g o, in torch's order.
 
@@ -72,17 +153,17 @@ struct LstmForward {
   int64_t H;
   FASTRNN_HD void operator()(int64_t b, int64_t j) const {
     using acc_t = acc_type<T>;
-    const acc_t i = sigmoid_acc(load<acc_t>(gates(b, j)));
-    const acc_t f = sigmoid_acc(load<acc_t>(gates(b, H + j)));
-    const acc_t g = tanh_acc(load<acc_t>(gates(b, 2 * H + j)));
-    const acc_t o = sigmoid_acc(load<acc_t>(gates(b, 3 * H + j)));
-    const acc_t ct = f * load<acc_t>(c_prev(b, j)) + i * g;
+    acc_t i = load<acc_t>(gates(b, j)), f = load<acc_t>(gates(b, H + j));
+    acc_t g = load<acc_t>(gates(b, 2 * H + j)), o = load<acc_t>(gates(b, 3 * H + j));
+    const acc_t cp = load<acc_t>(c_prev(b, j));
+    acc_t ct, mt;
+    lstm_forward_cell<ScalarAct, acc_t>(i, f, g, o, cp, ct, mt);
     gates(b, j) = store<T>(i);
     gates(b, H + j) = store<T>(f);
     gates(b, 2 * H + j) = store<T>(g);
     gates(b, 3 * H + j) = store<T>(o);
     c(b, j) = store<T>(ct);
-    m(b, j) = store<T>(o * tanh_acc(ct));
+    m(b, j) = store<T>(mt);
   }
 };
 
@@ -99,18 +180,18 @@ struct LstmBackward {
   int64_t H, final_from;
   FASTRNN_HD void operator()(int64_t b, int64_t j) const {
     using acc_t = acc_type<T>;
-    const acc_t i = load<acc_t>(gates(b, j)), f = load<acc_t>(gates(b, H + j));
-    const acc_t g = load<acc_t>(gates(b, 2 * H + j)), o = load<acc_t>(gates(b, 3 * H + j));
-    const acc_t tc = tanh_acc(load<acc_t>(c(b, j)));
-    const acc_t d_m = load<acc_t>(dm(b, j));
+    acc_t i = load<acc_t>(gates(b, j)), f = load<acc_t>(gates(b, H + j));
+    acc_t g = load<acc_t>(gates(b, 2 * H + j)), o = load<acc_t>(gates(b, 3 * H + j));
     const T* dc_row = b < final_from ? &dc(b, 0) : &dc_n(b, 0);
-    const acc_t dc_in = load<acc_t>(dc_row[j]);
-    const acc_t dct = dc_in + d_m * o * (acc_t(1) - tc * tc);
-    gates(b, j) = store<T>(dct * g * i * (acc_t(1) - i));
-    gates(b, H + j) = store<T>(dct * load<acc_t>(c_prev(b, j)) * f * (acc_t(1) - f));
-    gates(b, 2 * H + j) = store<T>(dct * i * (acc_t(1) - g * g));
-    gates(b, 3 * H + j) = store<T>(d_m * tc * o * (acc_t(1) - o));
-    dc(b, j) = store<T>(dct * f);
+    const acc_t ct = load<acc_t>(c(b, j)), cp = load<acc_t>(c_prev(b, j));
+    const acc_t d_m = load<acc_t>(dm(b, j)), dc_in = load<acc_t>(dc_row[j]);
+    acc_t dc_prev;
+    lstm_backward_cell<ScalarAct, acc_t>(i, f, g, o, ct, cp, d_m, dc_in, dc_prev);
+    gates(b, j) = store<T>(i);
+    gates(b, H + j) = store<T>(f);
+    gates(b, 2 * H + j) = store<T>(g);
+    gates(b, 3 * H + j) = store<T>(o);
+    dc(b, j) = store<T>(dc_prev);
   }
 };
 
@@ -127,15 +208,17 @@ struct GruForward {
   int64_t H;
   FASTRNN_HD void operator()(int64_t b, int64_t j) const {
     using acc_t = acc_type<T>;
-    const acc_t r = sigmoid_acc(load<acc_t>(gates(b, j)) + load<acc_t>(hg(b, j)));
-    const acc_t z = sigmoid_acc(load<acc_t>(gates(b, H + j)) + load<acc_t>(hg(b, H + j)));
-    const acc_t hn_j = load<acc_t>(hg(b, 2 * H + j));
-    const acc_t n = tanh_acc(load<acc_t>(gates(b, 2 * H + j)) + r * hn_j);
+    acc_t r = load<acc_t>(gates(b, j)), z = load<acc_t>(gates(b, H + j));
+    acc_t n = load<acc_t>(gates(b, 2 * H + j));
+    const acc_t hg_r = load<acc_t>(hg(b, j)), hg_z = load<acc_t>(hg(b, H + j));
+    const acc_t hn_j = load<acc_t>(hg(b, 2 * H + j)), hp = load<acc_t>(h_prev(b, j));
+    acc_t ht;
+    gru_forward_cell<ScalarAct, acc_t>(r, z, n, hg_r, hg_z, hn_j, hp, ht);
     gates(b, j) = store<T>(r);
     gates(b, H + j) = store<T>(z);
     gates(b, 2 * H + j) = store<T>(n);
     hn(b, j) = store<T>(hn_j);
-    h(b, j) = store<T>((acc_t(1) - z) * n + z * load<acc_t>(h_prev(b, j)));
+    h(b, j) = store<T>(ht);
   }
 };
 
@@ -152,19 +235,20 @@ struct GruBackward {
   int64_t H, carried;
   FASTRNN_HD void operator()(int64_t b, int64_t j) const {
     using acc_t = acc_type<T>;
-    const acc_t r = load<acc_t>(gates(b, j)), z = load<acc_t>(gates(b, H + j));
-    const acc_t n = load<acc_t>(gates(b, 2 * H + j));
-    const acc_t d = load<acc_t>(dh(b, j));
-    const acc_t dan = d * (acc_t(1) - z) * (acc_t(1) - n * n);
-    gates(b, j) = store<T>(dan * load<acc_t>(hn(b, j)) * r * (acc_t(1) - r));
-    gates(b, H + j) = store<T>(d * (load<acc_t>(h_prev(b, j)) - n) * z * (acc_t(1) - z));
-    gates(b, 2 * H + j) = store<T>(dan * r);
-    hn(b, j) = store<T>(dan);
+    acc_t r = load<acc_t>(gates(b, j)), z = load<acc_t>(gates(b, H + j));
+    acc_t n = load<acc_t>(gates(b, 2 * H + j)), hn_j = load<acc_t>(hn(b, j));
+    const acc_t d = load<acc_t>(dh(b, j)), hp = load<acc_t>(h_prev(b, j));
+    acc_t direct;
+    gru_backward_cell<ScalarAct, acc_t>(r, z, n, hn_j, d, hp, direct);
+    gates(b, j) = store<T>(r);
+    gates(b, H + j) = store<T>(z);
+    gates(b, 2 * H + j) = store<T>(n);
+    hn(b, j) = store<T>(hn_j);
     // Accumulated into the previous step's rows, written into grad_h0 (whose
     // old contents are discarded by the select, not multiplied by 0).
     T* dst = b < carried ? &prev_dh(b, 0) : &grad_h0(b, 0);
     const acc_t before = load<acc_t>(dst[j]);
-    dst[j] = store<T>((b < carried ? before : acc_t(0)) + d * z);
+    dst[j] = store<T>((b < carried ? before : acc_t(0)) + direct);
   }
 };
 

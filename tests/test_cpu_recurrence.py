@@ -1,15 +1,17 @@
-"""The CPU fused recurrence (csrc/cpu/recurrence.h) against torch.nn.RNN, on shapes that reach
-every path of the kernel: hidden sizes below, at and off the vector width and the panel width,
-batches below and off the tile height, packed uneven lengths in both directions, relu and tanh,
-float32 and float64 (the kernel takes float64 with relu; float64 tanh checks the fallback), T = 1,
-one and two threads; and its claim that results do not depend on
-the thread count or on how rows and columns are split among threads.
+"""The CPU fused recurrences (csrc/cpu/recurrence.h; LSTM and GRU: csrc/cpu/cell_recurrence.h)
+against torch.nn.RNN / LSTM / GRU, on shapes that reach every path of the kernels: hidden sizes
+below, at and off the vector width and the panel width, batches below and off the tile heights,
+packed uneven lengths in both directions, relu and tanh, float32 and float64 (the Elman kernel
+takes float64 with relu; float64 tanh checks the fallback), T = 1, one and two threads; and
+their claim that results do not depend on the thread count or on how rows and columns are split
+among threads.
 
 The other kernels of the binary (AVX2, baseline), both splits, and the input projection and
 gradient products on the same tiles (csrc/cpu/linear.h, on by default only on AMD) are run on
 this machine by re-running this file in child processes with FASTRNN_CPU_ISA /
 FASTRNN_CPU_SPLIT / FASTRNN_CPU_LINEAR set."""
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -19,7 +21,7 @@ import pytest
 import torch
 
 import fastrnn
-from conftest import assert_close_all, grads, lengths_for, pack, rnn_pair, weighted_sum
+from conftest import assert_close_all, flat, grads, lengths_for, pack, rnn_pair, weighted_sum
 
 CHILD = os.environ.get("FASTRNN_CPU_RECURRENCE_CHILD") == "1"
 
@@ -140,6 +142,167 @@ def test_nonfinite_values_propagate_like_torch():
     (out_r, h_r), (out_f, h_f) = ref(x), fast(x)
     torch.testing.assert_close(out_f, out_r, equal_nan=True)
     torch.testing.assert_close(h_f, h_r, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------
+# LSTM and GRU (csrc/cpu/cell_recurrence.h): the forward's gate-interleaved tiles (one vector
+# of units per gate: 16 floats / 8 doubles on AVX-512; 6 rows per LSTM tile, 8 per GRU tile),
+# the backward's tiles (32 / 16 units, 8 rows) and its epilogue that runs the earlier step's
+# cell gradient, the rows no product feeds (a sequence's last row: dh_n, dc_n), and b_hh in
+# GRU's epilogue. Each case runs fastrnn twice, fused and per-step (FASTRNN_CPU_FUSED=0),
+# and checks both against torch.nn.
+# ---------------------------------------------------------------------------------------
+
+# (hidden, batch, steps): H = 1; H below, off and past the vector width and the backward's
+# panel width; H spanning several panels; B = 1; B off every tile height; B large enough for
+# a row split; T = 1.
+CELL_SHAPES = [
+    (1, 1, 1),
+    (3, 5, 4),
+    (17, 7, 3),
+    (33, 9, 5),
+    (100, 1, 7),
+    (130, 19, 4),
+    (128, 64, 3),
+    (70, 40, 1),
+]
+
+
+@contextlib.contextmanager
+def fused_kernels(on):
+    saved = os.environ.get("FASTRNN_CPU_FUSED")
+    os.environ["FASTRNN_CPU_FUSED"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["FASTRNN_CPU_FUSED"]
+        else:
+            os.environ["FASTRNN_CPU_FUSED"] = saved
+
+
+def run_cell(module, x, hx, packed_lengths):
+    inp = pack(x, packed_lengths, batch_first=False) if packed_lengths is not None else x
+    out, h_n = module(inp, hx)
+    loss = weighted_sum(out, h_n)
+    data = out.data if packed_lengths is not None else out
+    return flat(data, h_n, *grads(module, loss, [x, hx]))
+
+
+def compare_cell(cell, hidden, batch, steps, dtype, bidirectional=False, layers=1, packed=False,
+                 initial=True, bias=True, proj_size=0, input_size=7):
+    """fastrnn fused and per-step against torch.nn on one case (outputs, final states and the
+    gradients of x, h0 (c0) and every parameter); returns (fused, per-step) results."""
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, bias=bias)
+    if proj_size:
+        kwargs["proj_size"] = proj_size
+    ref, fast = rnn_pair(input_size, hidden, cell=cell, seed=hidden * 31 + batch, **kwargs)
+    ref, fast = ref.to(dtype), fast.to(dtype)
+    g = torch.Generator().manual_seed(steps)
+    x = torch.randn(steps, batch, input_size, generator=g, dtype=dtype).requires_grad_()
+    hx = None
+    if initial:
+        cells = layers * (2 if bidirectional else 1)
+        shape = (cells, batch, proj_size or hidden)
+        hx = torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+        if cell == "lstm":
+            c0 = torch.randn(cells, batch, hidden, generator=g, dtype=dtype).requires_grad_()
+            hx = (hx, c0)
+    lengths = lengths_for(batch, steps, seed=batch) if packed else None
+    expected = run_cell(ref, x, hx, lengths)
+    what = f"{cell} H={hidden} B={batch} T={steps}"
+    results = []
+    for on in (True, False):
+        with fused_kernels(on):
+            results.append(run_cell(fast, x, hx, lengths))
+        assert_close_all(results[-1], expected, dtype, f"{what} {'fused' if on else 'per-step'}")
+    assert_close_all(results[0], results[1], dtype, f"{what} fused vs per-step")
+    return results
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", CELL_SHAPES, ids=lambda s: "H{}-B{}-T{}".format(*s))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_padded_matches_torch(cell, shape, dtype, threads):
+    compare_cell(cell, *shape, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("shape", [(33, 9, 6), (3, 12, 5), (100, 21, 8), (1, 4, 3)],
+                         ids=lambda s: "H{}-B{}-T{}".format(*s))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_packed_uneven_lengths_match_torch(cell, shape, bidirectional, dtype, threads):
+    # Forward direction: sequences end early (dh_n, dc_n enter mid-sequence, rows no product
+    # feeds); reverse direction: sequences start from h0 / c0 at later visited steps.
+    compare_cell(cell, *shape, dtype, bidirectional=bidirectional, layers=2, packed=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_stacked_bidirectional_without_bias_or_initial_state(cell, threads):
+    # Layers 2 and 3 read [N, 2H] inputs; no bias (GRU's epilogue has no b_hh); zero h0 / c0.
+    compare_cell(cell, 40, 11, 6, torch.float32, bidirectional=True, layers=3, bias=False,
+                 initial=False)
+
+
+@pytest.fixture
+def same_products(monkeypatch):
+    """FASTRNN_CPU_FUSED=0 also hands the products around the recurrence (linear.h) to BLAS
+    unless FASTRNN_CPU_LINEAR says otherwise: pinned, only the recurrence differs between a
+    fused and a per-step run."""
+    monkeypatch.setenv("FASTRNN_CPU_LINEAR", os.environ.get("FASTRNN_CPU_LINEAR", "1"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_lstm_proj_size_takes_the_per_step_path(dtype, same_products):
+    # proj_size is not the fused kernel's (cell_recurrence.h): the per-step path runs it
+    # whatever FASTRNN_CPU_FUSED says, so both runs give the same bits.
+    fused, per_step = compare_cell("lstm", 33, 9, 5, dtype, layers=2, bidirectional=True,
+                                   packed=True, proj_size=7)
+    for a, b in zip(fused, per_step):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_same_bits_for_any_thread_count(cell, packed, dtype):
+    """Each element is one accumulator over k in order and each unit's cell math runs on the
+    thread that owns the unit, so 1 and 2 threads (and row or column splits, in the child
+    runs) give the same bits."""
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(compare_cell(cell, 100, 37, 6, dtype, bidirectional=True,
+                                        layers=2, packed=packed)[0])
+    finally:
+        torch.set_num_threads(saved)
+    for a, b in zip(*results):
+        assert torch.equal(a, b), "results differ between 1 and 2 threads"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fused_cell_kernels_are_in_use(cell, dtype, same_products):
+    """The per-step path sums in another order (and, in float32, has other activations): if
+    no bit differed, the fused kernels would not be running and every cell test above would
+    test the per-step path twice."""
+    fused, per_step = compare_cell(cell, 128, 64, 6, dtype)
+    assert not all(torch.equal(a, b) for a, b in zip(fused, per_step))
+
+
+def test_cell_half_types_keep_the_per_step_path():
+    # bfloat16 is not the kernels' (cell_supports): the per-step path runs it, close to float32.
+    ref, fast = rnn_pair(7, 24, cell="lstm", num_layers=2)
+    x = torch.randn(5, 3, 7)
+    expected, _ = fast(x)
+    actual, _ = fast.to(torch.bfloat16)(x.to(torch.bfloat16))
+    torch.testing.assert_close(actual.float(), expected, atol=0.05, rtol=0.05)
 
 
 # Each other kernel once, each forced split at least once, and the products around the

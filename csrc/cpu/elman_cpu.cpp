@@ -1,10 +1,12 @@
 // fastrnn CPU kernels: the stack driver (stack.h) with the fused Elman
-// recurrence (recurrence.h) where it takes the dtype, the cells' pointwise
+// recurrence (recurrence.h) and the fused LSTM / GRU recurrences
+// (cell_recurrence.h) where they take the dtype, the cells' pointwise
 // math (cells.h) in vectorisable loops after per-step GEMMs elsewhere, and
 // the large products on fastrnn's own tiles (linear.h) where they beat
 // torch's BLAS, else BLAS through torch's CPU shims.
 #include "../stack.h"
 #include "../stepwise.h"
+#include "cell_recurrence.h"
 #include "linear.h"
 #include "recurrence.h"
 
@@ -206,14 +208,103 @@ struct CpuBackend {
     }
   }
 
-  // LSTM and GRU: one GEMM per step and the cell's fused pointwise pass.
-  template <typename Job>
-  static void forward_recurrences(const std::vector<Job>& jobs) {
-    for (const Job& job : jobs) stepwise::forward<CpuBackend>(job);
+  // LSTM and GRU: every direction of the layer in one parallel region of the
+  // fused recurrences (cell_recurrence.h) where they take the dtype (float,
+  // double) and there is no projection, else one GEMM per step and the
+  // cell's pointwise pass (stepwise.h).
+  template <typename T>
+  static T* ptr(const Tensor& t) {
+    return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
   }
-  template <typename Job>
-  static void backward_recurrences(const std::vector<Job>& jobs) {
-    for (const Job& job : jobs) stepwise::backward<CpuBackend>(job);
+
+  static void forward_recurrences(const std::vector<LstmForwardJob>& jobs) {
+    bool fused = false;
+    with_dtype(jobs[0].gates.scalar_type(), [&]<typename T>() {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        if (jobs[0].w_hr.defined()) return;
+        std::vector<cpu::LstmForwardRecurrence<T>> rec;
+        for (const LstmForwardJob& j : jobs) {
+          rec.push_back({*j.steps, j.c.size(1), ptr<T>(j.gates), j.gates.stride(0), ptr<T>(j.c),
+                         j.c.stride(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0), j.h0.stride(0),
+                         ptr<T>(j.c0), j.c0.stride(0), ptr<T>(j.w_hh)});
+        }
+        fused = cpu::forward_recurrences<T>(std::span<const cpu::LstmForwardRecurrence<T>>(rec));
+      }
+    });
+    if (!fused) {
+      for (const LstmForwardJob& job : jobs) stepwise::forward<CpuBackend>(job);
+      return;
+    }
+    for (const LstmForwardJob& j : jobs) {
+      stepwise::copy_final_rows<CpuBackend>(*j.steps, j.out, j.h_n);
+      stepwise::copy_final_rows<CpuBackend>(*j.steps, j.c, j.c_n);
+    }
+  }
+
+  static void backward_recurrences(const std::vector<LstmBackwardJob>& jobs) {
+    bool fused = false;
+    with_dtype(jobs[0].gates.scalar_type(), [&]<typename T>() {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        if (jobs[0].w_hr.defined() || !cpu::cell_supports<T>(jobs[0].c.size(1))) return;
+        std::vector<cpu::LstmBackwardRecurrence<T>> rec;
+        for (const LstmBackwardJob& j : jobs) {
+          stepwise::add_final_rows<CpuBackend>(*j.steps, j.dh, j.dh_n);
+          rec.push_back({*j.steps, j.c.size(1), ptr<T>(j.dh), j.dh.stride(0), ptr<T>(j.gates),
+                         j.gates.stride(0), ptr<T>(j.c), j.c.stride(0), ptr<T>(j.c0), j.c0.stride(0),
+                         ptr<T>(j.dc_n), j.dc_n.stride(0), ptr<T>(j.grad_hx), j.grad_hx.stride(0),
+                         ptr<T>(j.grad_cx), j.grad_cx.stride(0), ptr<T>(j.w_hh)});
+        }
+        fused = cpu::backward_recurrences<T>(std::span<const cpu::LstmBackwardRecurrence<T>>(rec));
+        FASTRNN_CHECK(fused, "fastrnn: the CPU LSTM recurrence refused a job it supports");
+      }
+    });
+    if (!fused) {
+      for (const LstmBackwardJob& job : jobs) stepwise::backward<CpuBackend>(job);
+    }
+  }
+
+  static void forward_recurrences(const std::vector<GruForwardJob>& jobs) {
+    bool fused = false;
+    with_dtype(jobs[0].gates.scalar_type(), [&]<typename T>() {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        std::vector<cpu::GruForwardRecurrence<T>> rec;
+        std::vector<Tensor> b_hh;  // contiguous copies where needed, alive until the kernel is done
+        for (const GruForwardJob& j : jobs) {
+          b_hh.push_back(j.b_hh.defined() ? as_contiguous(j.b_hh) : Tensor());
+          rec.push_back({*j.steps, j.hn.size(1), ptr<T>(j.gates), j.gates.stride(0), ptr<T>(j.hn),
+                         j.hn.stride(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0), j.h0.stride(0),
+                         ptr<T>(j.w_hh), ptr<T>(b_hh.back())});
+        }
+        fused = cpu::forward_recurrences<T>(std::span<const cpu::GruForwardRecurrence<T>>(rec));
+      }
+    });
+    if (!fused) {
+      for (const GruForwardJob& job : jobs) stepwise::forward<CpuBackend>(job);
+      return;
+    }
+    for (const GruForwardJob& j : jobs) stepwise::copy_final_rows<CpuBackend>(*j.steps, j.out, j.h_n);
+  }
+
+  static void backward_recurrences(const std::vector<GruBackwardJob>& jobs) {
+    bool fused = false;
+    with_dtype(jobs[0].gates.scalar_type(), [&]<typename T>() {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        if (!cpu::cell_supports<T>(jobs[0].hn.size(1))) return;
+        std::vector<cpu::GruBackwardRecurrence<T>> rec;
+        for (const GruBackwardJob& j : jobs) {
+          stepwise::add_final_rows<CpuBackend>(*j.steps, j.dh, j.dh_n);
+          rec.push_back({*j.steps, j.hn.size(1), ptr<T>(j.dh), j.dh.stride(0), ptr<T>(j.gates),
+                         j.gates.stride(0), ptr<T>(j.hn), j.hn.stride(0), ptr<T>(j.out), j.out.stride(0),
+                         ptr<T>(j.h0), j.h0.stride(0), ptr<T>(j.grad_hx), j.grad_hx.stride(0),
+                         ptr<T>(j.w_hh)});
+        }
+        fused = cpu::backward_recurrences<T>(std::span<const cpu::GruBackwardRecurrence<T>>(rec));
+        FASTRNN_CHECK(fused, "fastrnn: the CPU GRU recurrence refused a job it supports");
+      }
+    });
+    if (!fused) {
+      for (const GruBackwardJob& job : jobs) stepwise::backward<CpuBackend>(job);
+    }
   }
 };
 

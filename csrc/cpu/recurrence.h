@@ -122,13 +122,20 @@ struct Plan {
   int64_t pack_elems = 0;
 };
 
+// What the plan needs to know of one recurrence's per-step product: its
+// depth, its columns in panels, and the tile shape the kernel runs it with.
 struct JobShape {
   std::span<const StepRows> steps;
-  int64_t hidden;
+  int64_t depth;        // K
+  int64_t cols;         // columns of the product (for the work estimate)
+  int64_t panels;       // panels the columns are packed into
+  int64_t panel_width;  // elements per k of one panel (nr)
+  int vectors;          // vectors per panel row (W)
+  int mr;               // rows per tile at most
 };
 
 // The cost model, in units of one vector FMA (half a cycle). A tile of m rows
-// costs max(2m, m + 2) per k with two panel vectors (FMA-bound from m = 2;
+// costs max(W m, m + W) per k with W panel vectors (FMA-bound from m = 2;
 // one row is bound by its loads). A column split pays a barrier per step and
 // some 5% for the skew between threads that each barrier exposes. The
 // barrier is charged at 1-2 us, several times what it takes on an idle
@@ -141,10 +148,10 @@ constexpr double kBarrierCost = 10000;
 constexpr double kInlineFmas = 1 << 17;
 constexpr double kColumnSplitFactor = 1.05;
 
-inline double rows_cost(int64_t n, int mr) {
+inline double rows_cost(int64_t n, int mr, int vectors) {
   if (n <= 0) return 0;
   const int64_t tiles = (n + mr - 1) / mr, base = n / tiles, extra = n % tiles;
-  auto tile = [](int64_t m) { return double(std::max(2 * m, m + 2)); };
+  auto tile = [&](int64_t m) { return double(std::max(vectors * m, m + vectors)); };
   return extra * tile(base + 1) + (tiles - extra) * tile(base);
 }
 
@@ -159,15 +166,13 @@ inline int forced_split() {
 }
 
 // Chooses each job's grid and lays out the slots.
-inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int nr, int mr,
-                      int64_t elem_bytes) {
+inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int64_t elem_bytes) {
   Plan plan;
   const int64_t R = static_cast<int64_t>(jobs.size());
   const int forced = forced_split();
   for (int64_t r = 0; r < R; ++r) {
     const JobShape& job = jobs[r];
-    const int64_t H = job.hidden;
-    const int64_t panels = (H + nr - 1) / nr;
+    const int64_t K = job.depth, panels = job.panels;
     int64_t batch = 0;
     for (const StepRows& st : job.steps) batch = std::max(batch, st.count);
     // Threads are shared out among the jobs; more jobs than threads run one
@@ -185,10 +190,10 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int nr, i
           double worst = 0;
           for (int64_t g = 0; g < rs; ++g) {
             const int64_t lo = split(batch, rs, g), hi = std::min(split(batch, rs, g + 1), st.count);
-            worst = std::max(worst, rows_cost(hi - lo, mr));
+            worst = std::max(worst, rows_cost(hi - lo, job.mr, job.vectors));
           }
-          cost += cs > 1 ? worst * max_panels * H * kColumnSplitFactor + kBarrierCost
-                         : worst * max_panels * H;
+          cost += cs > 1 ? worst * max_panels * K * kColumnSplitFactor + kBarrierCost
+                         : worst * max_panels * K;
         }
         // Ties go to the split with fewer barriers (rows first).
         if (cost < best * 0.999) {
@@ -213,7 +218,7 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int nr, i
         s.pack_offset = plan.pack_elems;
         // Each slot's panels start on their own cache line.
         const int64_t line = 64 / elem_bytes;
-        plan.pack_elems += ((s.panel_end - s.panel_begin) * H * nr + line - 1) / line * line;
+        plan.pack_elems += ((s.panel_end - s.panel_begin) * K * job.panel_width + line - 1) / line * line;
         plan.slots.push_back(s);
       }
     }
@@ -240,40 +245,39 @@ struct AlignedBuffer {
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
 };
 
-// Runs every job's phases on the plan's slots: phase(slot, job, phase) does a
-// slot's work of one phase; a team's slots meet after each phase they share.
-// The per-phase functions must not throw (a thread that left would leave the
-// others spinning).
-template <typename T, typename Job, typename PhaseFn>
-void run_slots(std::span<const Job> jobs, const Plan& plan, const KernelSet<T>& ks,
-               int64_t extra_phases, PhaseFn phase_fn) {
+// Runs every job's phases on the plan's slots: pack(slot, job, panels) packs
+// the slot's panels once, phase(slot, job, panels, phase) does a slot's work
+// of one phase; a team's slots meet after each phase they share. Every job
+// has its steps plus extra_phases phases. The functions must not throw (a
+// thread that left would leave the others spinning).
+template <typename T, typename Job, typename PackFn, typename PhaseFn>
+void run_slots(std::span<const Job> jobs, std::span<const JobShape> shapes, const Plan& plan,
+               int64_t extra_phases, PackFn pack_fn, PhaseFn phase_fn) {
   const int64_t S = static_cast<int64_t>(plan.slots.size());
   std::unique_ptr<SpinBarrier[]> barriers(new SpinBarrier[plan.team_size.size()]);
   for (size_t i = 0; i < plan.team_size.size(); ++i) barriers[i].reset(plan.team_size[i]);
   std::vector<int64_t> tickets(S, -1);
   AlignedBuffer<T> pack(plan.pack_elems);
   int64_t phases = 0;
-  for (const Job& j : jobs) phases = std::max<int64_t>(phases, j.steps.size() + extra_phases);
+  for (const JobShape& j : shapes) phases = std::max<int64_t>(phases, j.steps.size() + extra_phases);
 
   auto job_phases = [&](const Slot& s) {
-    return static_cast<int64_t>(jobs[s.job].steps.size()) + extra_phases;
+    return static_cast<int64_t>(shapes[s.job].steps.size()) + extra_phases;
   };
   // A call with less work than it takes to start the thread team (a few
   // microseconds: T = 1 of a tiny stack ran 40% slower with it) runs every
   // slot on the calling thread: parallel_for stays serial when the range is
   // no larger than the grain.
   double fmas = 0;
-  for (const Job& j : jobs) {
-    for (const StepRows& st : j.steps) fmas += double(st.count) * j.hidden * j.hidden;
+  for (const JobShape& j : shapes) {
+    for (const StepRows& st : j.steps) fmas += double(st.count) * j.depth * j.cols;
   }
   const int64_t grain = fmas < kInlineFmas ? S : 1;
 
   torch::stable::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Slot& s = plan.slots[i];
-      const Job& j = jobs[s.job];
-      pack_panels(j.w_hh, j.hidden, j.hidden, j.hidden, ks.nr, ks.lanes, /*transposed=*/!std::is_same_v<Job, BackwardRecurrence<T>>,
-                  s.panel_begin, s.panel_end, pack.data + s.pack_offset);
+      pack_fn(s, jobs[s.job], pack.data + s.pack_offset);
     }
     for (int64_t p = 0; p < phases; ++p) {
       for (int64_t i = begin; i < end; ++i) {
@@ -297,11 +301,24 @@ void run_slots(std::span<const Job> jobs, const Plan& plan, const KernelSet<T>& 
   });
 }
 
-template <typename Job>
-std::vector<JobShape> shapes_of(std::span<const Job> jobs) {
+// Elman's: the product's columns are the H units in panels of nr.
+template <typename Job, typename T>
+std::vector<JobShape> shapes_of(std::span<const Job> jobs, const KernelSet<T>& ks) {
   std::vector<JobShape> shapes;
-  for (const Job& j : jobs) shapes.push_back({j.steps, j.hidden});
+  for (const Job& j : jobs) {
+    shapes.push_back({j.steps, j.hidden, j.hidden, (j.hidden + ks.nr - 1) / ks.nr, ks.nr,
+                      ks.nr / ks.lanes, ks.mr});
+  }
   return shapes;
+}
+
+// Packs W_hh's panels for an Elman job (forward: W_hh^T; backward: W_hh).
+template <typename T>
+auto elman_packer(const KernelSet<T>& ks, bool transposed) {
+  return [&ks, transposed](const Slot& s, const auto& j, T* dst) {
+    pack_panels(j.w_hh, j.hidden, j.hidden, j.hidden, ks.nr, ks.lanes, transposed, s.panel_begin,
+                s.panel_end, dst);
+  };
 }
 
 }  // namespace detail
@@ -315,11 +332,10 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
   }
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
-    const std::vector<detail::JobShape> shapes = detail::shapes_of(jobs);
-    const detail::Plan plan =
-        detail::make_plan(shapes, detail::slot_budget(), ks.nr, ks.mr, sizeof(T));
-    detail::run_slots<T>(jobs, plan, ks, 0,
-                         [&](const detail::Slot& s, const ForwardRecurrence<T>& j,
+    const std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
+    const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
+    detail::run_slots<T>(jobs, std::span<const detail::JobShape>(shapes), plan, 0,
+                         detail::elman_packer(ks, true), [&](const detail::Slot& s, const ForwardRecurrence<T>& j,
                              const T* panels, int64_t p) {
       const StepRows& st = j.steps[p];
       StepTask<T> t;
@@ -348,9 +364,8 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
   }
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
-    const std::vector<detail::JobShape> shapes = detail::shapes_of(jobs);
-    const detail::Plan plan =
-        detail::make_plan(shapes, detail::slot_budget(), ks.nr, ks.mr, sizeof(T));
+    const std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
+    const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
     // Phase 0 finishes the last step's dA; phase q >= 1 runs step n - q's
     // GEMM, whose epilogue finishes the earlier step's carried rows, and
     // finishes that step's other rows (no later step feeds them).
@@ -366,8 +381,8 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
       c.act = j.act;
       if (c.row_begin < c.row_end) ks.scale(c);
     };
-    detail::run_slots<T>(jobs, plan, ks, 1,
-                         [&](const detail::Slot& s, const BackwardRecurrence<T>& j,
+    detail::run_slots<T>(jobs, std::span<const detail::JobShape>(shapes), plan, 1,
+                         detail::elman_packer(ks, false), [&](const detail::Slot& s, const BackwardRecurrence<T>& j,
                              const T* panels, int64_t p) {
       const int64_t n = static_cast<int64_t>(j.steps.size());
       if (n == 0) return;

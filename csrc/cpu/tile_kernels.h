@@ -24,6 +24,7 @@
 #pragma once
 
 #include "../activation.h"
+#include "../cells.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -48,6 +49,46 @@ enum class Epilogue {
   Backward,  // d_lo = (d_lo + acc) * act'(y_lo); d_hi = acc
   Linear,    // d = acc + bias (+ d if accumulate)    (bias may be null)
   LinearAT,  // as Linear, with A transposed: A(i, k) at a_lo.base[k * a_lo.ld + i]
+  // The cells (CellStep below). Forward: panels of gate-interleaved columns
+  // (pack_gate_panels), the tile's sums are every gate of its units and the
+  // epilogue runs the cell's forward. Backward: the product dA_t W_hh over
+  // units of h_{t-1}; d_lo = dh_{t-1} = d_lo + acc, then the earlier step's
+  // cell gradient for those units (cell_grad); d_hi = acc (+ d_hi if accumulate).
+  LstmForward,
+  GruForward,
+  LstmBackward,
+  GruBackward,
+};
+
+// What a cell's epilogue reads and writes besides StepTask's rows, for one
+// step: gate g of unit u is column g * H + u of a gates row; row i of a
+// buffer is that step's row i.
+template <typename T>
+struct CellStep {
+  int64_t H = 0;
+  Rows<T> gates;  // forward: P on entry, the activated gates on exit;
+                  // backward: the activated gates on entry, dA on exit
+  Rows<T> c;      // LSTM: c_t (forward: written; backward: read)
+  Rows<T> h;      // forward: LSTM's m_t = h_t, GRU's h_t (written)
+  Rows<T> hn;     // GRU: hn = (h_{t-1} W_hh^T)_n + b_hn (forward: written; backward: -> dA_n)
+  Rows<T> dh;     // backward: the whole gradient of h_t (read)
+  // The previous state of row i (LSTM c_{t-1}, GRU h_{t-1}): prev_lo.row(i)
+  // for i < prev_split (the rows carried from the step before), else
+  // prev_hi.row(i) (c0 / h0).
+  Rows<const T> prev_lo, prev_hi;
+  int64_t prev_split = 0;
+  const T* b_hh = nullptr;  // GRU forward: [3H] or null
+  // LSTM backward: the gradient reaching c_t, dc_lo.row(i) for i < dc_split
+  // (from the next step), else dc_hi.row(i) (dc_n: the sequence's last row).
+  Rows<const T> dc_lo, dc_hi;
+  int64_t dc_split = 0;
+  // Backward, what goes to the previous state of row i (out_lo for
+  // i < prev_split, else out_hi): LSTM writes dc_{t-1} (into the dc buffer,
+  // or grad_cx); GRU adds dh z into the previous step's dh rows, or writes it
+  // into grad_hx.
+  Rows<T> out_lo, out_hi;
+  // cell_grad_rows: rows [row_begin, row_end), units [col_begin, col_end).
+  int64_t row_begin = 0, row_end = 0, col_begin = 0, col_end = 0;
 };
 
 // One thread's share of one step: rows [row_begin, row_end) of the step and
@@ -64,12 +105,13 @@ struct StepTask {
   int64_t d_split = 0;
   Rows<const T> y_lo;
   const T* bias = nullptr;  // Linear: [H] or null
-  bool accumulate = false;  // Linear: add to what d holds
+  bool accumulate = false;  // Linear: add to what d holds; cells' backward: to what d_hi holds
+  const CellStep<T>* cell = nullptr;  // the cells' epilogues
   int64_t row_begin = 0, row_end = 0;
   const T* panels = nullptr;  // [panel_end - panel_begin][K][NR], 64-byte aligned
   int64_t panel_begin = 0, panel_end = 0;
-  int64_t K = 0;  // reduction length (H; the input size for a Linear product)
-  int64_t H = 0;  // output columns
+  int64_t K = 0;  // reduction length (H; the input size for a Linear product; G*H for a cell's backward)
+  int64_t H = 0;  // output columns (the cells' forward: units, G columns each)
   Activation act = Activation::Tanh;
 };
 
@@ -118,6 +160,18 @@ struct TileKernel {
     }
   }
 
+  // The activations of cells.h's element functions, on vectors.
+  struct Act {
+    static FASTRNN_INLINE void sigmoid(V& v) {
+      if constexpr (std::is_same_v<T, float>) {
+        sigmoid_rational_inplace(v);
+      } else {
+        for (int l = 0; l < N; ++l) v[l] = sigmoid_acc(v[l]);
+      }
+    }
+    static FASTRNN_INLINE void tanh(V& v) { tanh_(v); }
+  };
+
   // v = act(v), as activate<A> in activation.h.
   static FASTRNN_INLINE void activate_(V& v, Activation act) {
     if (act == Activation::Relu) {
@@ -133,6 +187,86 @@ struct TileKernel {
       g = y <= T(0) ? V{} : g;
     } else {
       g = g * (T(1) - y * y);
+    }
+  }
+
+  // The cell gradient of row i of a step, units [u0, u0 + n), n <= N, from
+  // the whole gradient of its h (cs.dh): cells.h's backward element function
+  // on one vector of units.
+  template <Epilogue E>
+  static FASTRNN_INLINE void cell_grad(const CellStep<T>& cs, int64_t i, int64_t u0, int n) {
+    const int64_t H = cs.H;
+    T* g = cs.gates.row(i) + u0;
+    const bool carried = i < cs.prev_split;
+    V prev, d;
+    load_part(prev, (carried ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + u0, n);
+    load_part(d, cs.dh.row(i) + u0, n);
+    T* out = (carried ? cs.out_lo.row(i) : cs.out_hi.row(i)) + u0;
+    if constexpr (E == Epilogue::LstmBackward) {
+      V x[4], c, dc_in, dc_prev;
+      for (int v = 0; v < 4; ++v) load_part(x[v], g + v * H, n);
+      load_part(c, cs.c.row(i) + u0, n);
+      load_part(dc_in, (i < cs.dc_split ? cs.dc_lo.row(i) : cs.dc_hi.row(i)) + u0, n);
+      lstm_backward_cell<Act, T>(x[0], x[1], x[2], x[3], c, prev, d, dc_in, dc_prev);
+      for (int v = 0; v < 4; ++v) store_part(g + v * H, x[v], n);
+      store_part(out, dc_prev, n);
+    } else {
+      V x[3], hn, direct;
+      for (int v = 0; v < 3; ++v) load_part(x[v], g + v * H, n);
+      load_part(hn, cs.hn.row(i) + u0, n);
+      gru_backward_cell<Act, T>(x[0], x[1], x[2], hn, d, prev, direct);
+      for (int v = 0; v < 3; ++v) store_part(g + v * H, x[v], n);
+      store_part(cs.hn.row(i) + u0, hn, n);
+      // Added to the previous step's dh, written into grad_hx (whose old
+      // contents are not read: no 0 * NaN).
+      if (carried) {
+        V old;
+        load_part(old, out, n);
+        direct = old + direct;
+      }
+      store_part(out, direct, n);
+    }
+  }
+
+  // The cell gradient of rows and units no product feeds (cs.row_begin.., cs.col_begin..).
+  template <Epilogue E>
+  static FASTRNN_INLINE void cell_grad_rows(const CellStep<T>& cs) {
+    for (int64_t i = cs.row_begin; i < cs.row_end; ++i) {
+      for (int64_t u = cs.col_begin; u < cs.col_end; u += N) {
+        cell_grad<E>(cs, i, u, static_cast<int>(std::min<int64_t>(N, cs.col_end - u)));
+      }
+    }
+  }
+
+  // The cells' epilogues read rows that were last touched a whole layer ago
+  // (the gates, from the input projection or the backward's copy; c; dY),
+  // out of L2: without help their loads stalled the backward kernel for a
+  // third of its time. The k loop of the tile takes long enough to bring them
+  // in, so ask for them before it.
+  template <int M, int W, Epilogue E>
+  static FASTRNN_INLINE void prefetch_cell_rows(const StepTask<T>& t, int64_t i0, int64_t c0) {
+    const CellStep<T>& cs = *t.cell;
+    constexpr int G = (E == Epilogue::LstmForward || E == Epilogue::LstmBackward) ? 4 : 3;
+    constexpr bool forward = E == Epilogue::LstmForward || E == Epilogue::GruForward;
+    // Forward: one vector of units per gate; backward: W vectors.
+    constexpr int vectors = forward ? 1 : W;
+    for (int r = 0; r < M; ++r) {
+      const int64_t i = i0 + r;
+      if (!forward && i >= t.d_split) continue;  // no cell gradient on this row
+      for (int v = 0; v < vectors; ++v) {
+        const int64_t u = c0 + v * N;
+        const T* g = cs.gates.row(i) + u;
+        for (int k = 0; k < G; ++k) __builtin_prefetch(g + k * cs.H, 1);
+        if constexpr (!forward) {
+          __builtin_prefetch(cs.dh.row(i) + u);
+          if constexpr (G == 4) {
+            __builtin_prefetch(cs.c.row(i) + u);
+          } else {
+            __builtin_prefetch(cs.hn.row(i) + u, 1);
+          }
+          __builtin_prefetch((i < cs.prev_split ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + u);
+        }
+      }
     }
   }
 
@@ -172,6 +306,72 @@ struct TileKernel {
         activate_(h, t.act);
         store_part(d + v * N, h, n);
       }
+    } else if constexpr (E == Epilogue::LstmForward) {
+      // c0, nc: the tile's units; acc[g]: gate g's sums.
+      const CellStep<T>& cs = *t.cell;
+      const int64_t H = cs.H;
+      T* g = cs.gates.row(i) + c0;
+      V x[4];
+      for (int v = 0; v < 4; ++v) {
+        load_part(x[v], g + v * H, nc);
+        x[v] = x[v] + acc[v];
+      }
+      V cp, c, m;
+      load_part(cp, (i < cs.prev_split ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + c0, nc);
+      lstm_forward_cell<Act, T>(x[0], x[1], x[2], x[3], cp, c, m);
+      for (int v = 0; v < 4; ++v) store_part(g + v * H, x[v], nc);
+      store_part(cs.c.row(i) + c0, c, nc);
+      store_part(cs.h.row(i) + c0, m, nc);
+    } else if constexpr (E == Epilogue::GruForward) {
+      const CellStep<T>& cs = *t.cell;
+      const int64_t H = cs.H;
+      T* g = cs.gates.row(i) + c0;
+      V x[3], hg[3];
+      for (int v = 0; v < 3; ++v) {
+        load_part(x[v], g + v * H, nc);
+        hg[v] = acc[v];
+        if (cs.b_hh) {
+          V b;
+          load_part(b, cs.b_hh + v * H + c0, nc);
+          hg[v] = b + hg[v];
+        }
+      }
+      V hp, h;
+      load_part(hp, (i < cs.prev_split ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + c0, nc);
+      gru_forward_cell<Act, T>(x[0], x[1], x[2], hg[0], hg[1], hg[2], hp, h);
+      for (int v = 0; v < 3; ++v) store_part(g + v * H, x[v], nc);
+      store_part(cs.hn.row(i) + c0, hg[2], nc);
+      store_part(cs.h.row(i) + c0, h, nc);
+    } else if constexpr (E == Epilogue::LstmBackward || E == Epilogue::GruBackward) {
+      if (i < t.d_split) {
+        T* d = t.d_lo.row(i) + c0;
+        for (int v = 0; v < W; ++v) {
+          const int n = std::min(N, nc - v * N);
+          if (n <= 0) break;
+          V g;
+          load_part(g, d + v * N, n);
+          g = g + acc[v];
+          store_part(d + v * N, g, n);
+        }
+        for (int v = 0; v < W; ++v) {
+          const int n = std::min(N, nc - v * N);
+          if (n <= 0) break;
+          cell_grad<E>(*t.cell, i, c0 + v * N, n);
+        }
+      } else {
+        T* d = t.d_hi.row(i) + c0;
+        for (int v = 0; v < W; ++v) {
+          const int n = std::min(N, nc - v * N);
+          if (n <= 0) break;
+          V g = acc[v];
+          if (t.accumulate) {
+            V old;
+            load_part(old, d + v * N, n);
+            g = old + g;
+          }
+          store_part(d + v * N, g, n);
+        }
+      }
     } else if (i < t.d_split) {
       T* d = t.d_lo.row(i) + c0;
       const T* y = t.y_lo.row(i) + c0;
@@ -199,6 +399,7 @@ struct TileKernel {
   template <int M, int W, Epilogue E>
   static FASTRNN_INLINE void tile(const StepTask<T>& t, int64_t i0, const T* panel, int64_t c0,
                                   int nc) {
+    if constexpr (E >= Epilogue::LstmForward) prefetch_cell_rows<M, W, E>(t, i0, c0);
     V acc[M][W];
     for (int r = 0; r < M; ++r) {
       for (int v = 0; v < W; ++v) acc[r][v] = V{};
@@ -262,6 +463,15 @@ struct TileKernel {
   template <Epilogue E>
   static FASTRNN_INLINE void step(const StepTask<T>& t) {
     if (t.row_end <= t.row_begin) return;
+    if constexpr (E == Epilogue::LstmForward || E == Epilogue::GruForward) {
+      // Panel p: units [p*N, p*N + N), all NV (= G) gates of each.
+      for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
+        const T* panel = t.panels + (p - t.panel_begin) * t.K * kNR;
+        const int64_t u0 = p * N;
+        panel_rows<NV, E>(t, panel, u0, static_cast<int>(std::min<int64_t>(N, t.H - u0)));
+      }
+      return;
+    }
     for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
       const T* panel = t.panels + (p - t.panel_begin) * t.K * kNR;
       const int64_t c0 = p * kNR;
@@ -331,6 +541,35 @@ void pack_panels(const T* w, int64_t ldw, int64_t cols, int64_t K, int nr, int l
       for (int64_t k = 0; k < K; ++k) {
         std::memcpy(panel + k * width, w + k * ldw + c0, nc * sizeof(T));
         std::fill(panel + k * width + nc, panel + (k + 1) * width, T(0));
+      }
+    }
+  }
+}
+
+// Packs the panels [panel_begin, panel_end) of a cell's forward product
+// h_{t-1} W_hh^T with the gates interleaved by unit: w is W_hh, [G*H][K]
+// row-major (row g*H + u: gate g of unit u); panel p is [K][G*lanes] with
+// panel[k][g*lanes + l] = w[(g*H + p*lanes + l) * K + k], zero for units
+// past H; panel p starts at (p - panel_begin) * K * G * lanes.
+template <typename T>
+void pack_gate_panels(const T* w, int64_t H, int64_t K, int G, int lanes, int64_t panel_begin,
+                      int64_t panel_end, T* dst) {
+  const int width = G * lanes;
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    T* panel = dst + (p - panel_begin) * K * width;
+    const int64_t u0 = p * lanes;
+    constexpr int64_t kb = 16;  // as pack_panels: W's rows a line at a time, the panel rows in L1
+    for (int64_t k0 = 0; k0 < K; k0 += kb) {
+      const int64_t k1 = std::min(K, k0 + kb);
+      for (int c = 0; c < width; ++c) {
+        const int g = c / lanes;
+        const int64_t u = u0 + c % lanes;
+        if (u < H) {
+          const T* src = w + (g * H + u) * K;
+          for (int64_t k = k0; k < k1; ++k) panel[k * width + c] = src[k];
+        } else {
+          for (int64_t k = k0; k < k1; ++k) panel[k * width + c] = T(0);
+        }
       }
     }
   }

@@ -14,8 +14,7 @@ import argparse
 
 import torch
 
-from cpu_seed import with_fused
-from harness import cpu_model, make_step, time_interleaved, twin_rnns
+from harness import cpu_model, make_step, time_interleaved, twin_rnns, with_fused
 
 INPUT = 28
 # (name, layers, hidden, batch, steps, bidirectional, packed): the notebook's model first

@@ -16,11 +16,11 @@ benchmarks/onednn_rnn.cpp (see there); oneDNN is not a dependency of fastrnn.
 
 import argparse
 import ctypes
-import os
 
 import torch
 
-from harness import cpu_model, make_step, rnn_flops, sgemm_peak, time_interleaved, twin_rnns
+from harness import (cpu_model, make_step, rnn_flops, sgemm_peak, time_interleaved, twin_rnns,
+                     with_fused)
 
 # (name, layers, nonlinearity, hidden, batch, steps); input 28.
 SHAPES = [
@@ -31,17 +31,6 @@ SHAPES = [
 ]
 INPUT = 28
 CONTENDERS = ["torch.nn.RNN", "fastrnn per-step", "fastrnn fused"]
-
-
-def with_fused(step, fused):
-    """`step` with the fused CPU kernel switched on or off (read by the kernel on each call)."""
-    def run():
-        os.environ["FASTRNN_CPU_FUSED"] = "1" if fused else "0"
-        try:
-            step()
-        finally:
-            os.environ.pop("FASTRNN_CPU_FUSED", None)
-    return run
 
 
 def onednn_contender(lib, layers, nl, hidden, batch, steps, backward):

@@ -2,6 +2,7 @@
 A/B runs with warm-up and medians, CUDA events on the GPU, peak memory, FLOP counts."""
 
 import copy
+import os
 import platform
 import statistics
 import time
@@ -36,6 +37,17 @@ def twin_rnns(input_size, hidden, layers, nonlinearity="tanh", bidirectional=Fal
         ref = torch.nn.RNN(input_size, hidden, layers, nonlinearity=nonlinearity, **kwargs)
     ref = ref.to(device, dtype)
     return ref, fastrnn.convert(copy.deepcopy(ref))
+
+
+def with_fused(step, fused):
+    """`step` with the fused CPU kernel switched on or off (read by the kernel on each call)."""
+    def run():
+        os.environ["FASTRNN_CPU_FUSED"] = "1" if fused else "0"
+        try:
+            step()
+        finally:
+            os.environ.pop("FASTRNN_CPU_FUSED", None)
+    return run
 
 
 def rnn_flops(steps, batch, input_size, hidden, layers, directions=1, backward=False):

@@ -67,11 +67,67 @@ FASTRNN_HD float tanh_acc(float v) {
   return tanh_rational(v);
 #endif
 }
+// expm1(y) for doubles |y| <= 708, in place: y = k ln2 + r with |r| <= ln2 / 2
+// (ln2 in two parts, so r is exact), expm1(r) by its Taylor series to r^13
+// (the rest is below 2^-56 of it), then 2^k (1 + expm1(r)) - 1. Plain
+// arithmetic and bit moves, so that loops of it vectorise and it runs on
+// vectors (std::tanh and std::exp are calls per element, slower than a step's
+// GEMM in float64); for a double or a GCC vector of doubles, in place, as
+// tanh_rational_inplace.
+template <typename V>
+inline void expm1_inplace(V& y) {
+  // The integer type as wide as V: what comparing two of them yields.
+  using I = std::conditional_t<std::is_same_v<V, double>, int64_t, decltype(V{} < V{})>;
+  const V shifter = V{} + 0x1.8p52;  // adding it rounds to an integer, kept in the low bits
+  const V t = y * 0x1.71547652b82fep0 + shifter;
+  const V k = t - shifter;
+  const V r = (y - k * 0x1.62e42fefa3800p-1) - k * 0x1.ef35793c7673p-45;
+  V p = V{} + 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r * r + r;
+  const I ki = __builtin_bit_cast(I, t) - __builtin_bit_cast(I, shifter);
+  const V scale = __builtin_bit_cast(V, (ki + 1023) << 52);  // 2^k
+  y = scale * p + (scale - 1.0);
+}
+
+// tanh for doubles, within 3 ulp of std::tanh: -expm1(-2|v|) / (2 + expm1(-2|v|)),
+// the sign put back (|v| capped at 20, where tanh rounds to 1; below 2^-27 tanh
+// rounds to v itself, zeros' signs included; NaN stays NaN).
+template <typename V>
+inline void tanh_exp_inplace(V& v) {
+  const V a = v < 0.0 ? -v : v;
+  V em = -2.0 * (a > 20.0 ? V{} + 20.0 : a);
+  expm1_inplace(em);
+  const V th = (V{} - em) / (2.0 + em);
+  v = a < 0x1p-27 ? v : (v < 0.0 ? -th : th);
+}
+
+// 1 / (1 + exp(-v)) = 1 / (2 + expm1(-v)) for doubles (|v| capped at 708,
+// where it is 1 or below 1e-307; NaN stays NaN).
+template <typename V>
+inline void sigmoid_exp_inplace(V& v) {
+  V em = -v;
+  em = em > 708.0 ? V{} + 708.0 : (em < -708.0 ? V{} - 708.0 : em);
+  expm1_inplace(em);
+  v = 1.0 / (2.0 + em);
+}
+
 FASTRNN_HD double tanh_acc(double v) {
 #if defined(__CUDA_ARCH__)
   return ::tanh(v);
 #else
-  return std::tanh(v);
+  tanh_exp_inplace(v);
+  return v;
 #endif
 }
 
@@ -92,7 +148,14 @@ FASTRNN_HD float sigmoid_acc(float v) {
   return v;
 #endif
 }
-FASTRNN_HD double sigmoid_acc(double v) { return 1.0 / (1.0 + ::exp(-v)); }
+FASTRNN_HD double sigmoid_acc(double v) {
+#if defined(__CUDA_ARCH__)
+  return 1.0 / (1.0 + ::exp(-v));
+#else
+  sigmoid_exp_inplace(v);
+  return v;
+#endif
+}
 
 // y = act(v)
 template <Activation A, typename acc_t>

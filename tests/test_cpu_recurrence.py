@@ -1,8 +1,8 @@
 """The CPU fused recurrences (csrc/cpu/recurrence.h; LSTM and GRU: csrc/cpu/cell_recurrence.h)
 against torch.nn.RNN / LSTM / GRU, on shapes that reach every path of the kernels: hidden sizes
 below, at and off the vector width and the panel width, batches below and off the tile heights,
-packed uneven lengths in both directions, relu and tanh, float32 and float64 (the Elman kernel
-takes float64 with relu; float64 tanh checks the fallback), T = 1, one and two threads; and
+packed uneven lengths in both directions, relu and tanh, float32 and float64, T = 1, one and two
+threads; float64 tanh's accuracy (activation.h: tanh_exp_inplace); and
 their claim that results do not depend on the thread count or on how rows and columns are split
 among threads.
 
@@ -106,8 +106,6 @@ def test_stacked_bidirectional_matches_torch(nonlinearity, threads):
 def test_same_bits_for_any_thread_count(packed, nonlinearity, dtype):
     """Each output element is one accumulator over k in order, so 1 and 2 threads (and row or
     column splits, in the child runs) give the same bits."""
-    if dtype == torch.float64 and nonlinearity == "tanh":
-        pytest.skip("float64 tanh runs the per-step BLAS path (recurrence.h: supports)")
     saved = torch.get_num_threads()
     results = []
     try:
@@ -332,12 +330,37 @@ def test_other_kernels_and_splits(env):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
-def test_fused_kernel_is_in_use(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_fused_kernel_is_in_use(dtype, monkeypatch):
     """The per-step BLAS path (FASTRNN_CPU_FUSED=0) sums in another order: if no bit differed,
     the kernel would not be running and every test above would test the fallback."""
     results = []
     for fused in ("1", "0"):
         monkeypatch.setenv("FASTRNN_CPU_FUSED", fused)
-        results.append(compare(128, 64, 6, "tanh", torch.float32))
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(*results))
+        results.append(compare(128, 64, 6, "tanh", dtype))
     assert not all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "per-step"])
+def test_float64_tanh_within_4_ulp_of_torch(fused, monkeypatch):
+    """float64 tanh is fastrnn's own (expm1 by range reduction and a polynomial, within 3 ulp
+    of the exact value): with W_ih = I and no bias or state, one step's output is tanh(x)."""
+    monkeypatch.setenv("FASTRNN_CPU_FUSED", fused)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.empty(20000, dtype=torch.float64).uniform_(-25, 25, generator=g),
+        torch.empty(20000, dtype=torch.float64).uniform_(-1, 1, generator=g),
+        torch.logspace(-320, 1.3, 4000, dtype=torch.float64) * torch.tensor([1.0, -1.0]).repeat(2000),
+        torch.tensor([0.0, 18.5, 19.0, 20.0, 710.0, -710.0], dtype=torch.float64),
+    ])  # (not inf or NaN: x W_ih^T would spread NaN along the row, 0 * inf)
+    H = 64
+    x = torch.nn.functional.pad(x, (0, -x.numel() % H)).view(1, -1, H)  # T = 1, B rows of H
+    rnn = fastrnn.RNN(H, H, bias=False).double()
+    with torch.no_grad():
+        rnn.weight_ih_l0.copy_(torch.eye(H, dtype=torch.float64))
+        rnn.weight_hh_l0.zero_()
+        out, _ = rnn(x)
+    expected = torch.tanh(x)
+    assert torch.equal(out.signbit(), expected.signbit())
+    ulps = (out.view(torch.int64) - expected.view(torch.int64)).abs()
+    assert ulps.max().item() <= 4, x.flatten()[ulps.argmax()].item()

@@ -189,7 +189,7 @@ struct CpuBackend {
     with_dtype(jobs[0].dA.scalar_type(), [&]<typename T>() {
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
         bool supported = true;
-        for (const BackwardJob& j : jobs) supported = supported && cpu::supports<T>(j.w_hh.size(0), act);
+        for (const BackwardJob& j : jobs) supported = supported && cpu::supports<T>(j.w_hh.size(0));
         if (!supported) return;
         for (const BackwardJob& j : jobs) stepwise::add_final_rows<CpuBackend>(*j.steps, j.dA, j.dh_n);
         std::vector<cpu::BackwardRecurrence<T>> rec;

@@ -31,11 +31,9 @@
 // (FMA or not): AVX-512 and AVX2 agree, the baseline path differs in the
 // last bits.
 //
-// Types: float (tanh is activation.h's tanh_rational) and double with relu.
-// Not taken (supports() is false; the caller keeps its per-step BLAS path):
-// double with tanh (std::tanh per element took twice the per-step path's
-// whole time; torch's vectorised tanh_ is not reachable from inside the
-// kernel), bfloat16 and half.
+// Types: float and double (tanh: activation.h's tanh_rational_inplace and
+// tanh_exp_inplace, on vectors). Not taken (supports() is false; the caller
+// keeps its per-step BLAS path): bfloat16 and half.
 #pragma once
 
 #include "../activation.h"
@@ -96,11 +94,11 @@ inline bool enabled() {
   return !(v && v[0] == '0' && v[1] == 0);
 }
 
-// Whether the fused kernel takes this dtype, hidden size and activation;
+// Whether the fused kernel takes this dtype and hidden size;
 // where it does not, the caller steps with one GEMM per step.
 template <typename T>
-bool supports(int64_t hidden, Activation act) {
-  const bool dtype = std::is_same_v<T, float> || (std::is_same_v<T, double> && act == Activation::Relu);
+bool supports(int64_t hidden) {
+  constexpr bool dtype = std::is_same_v<T, float> || std::is_same_v<T, double>;
   return dtype && hidden >= 1 && enabled();
 }
 
@@ -328,7 +326,7 @@ auto elman_packer(const KernelSet<T>& ks, bool transposed) {
 template <typename T>
 bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
   for (const auto& j : jobs) {
-    if (!supports<T>(j.hidden, j.act)) return false;
+    if (!supports<T>(j.hidden)) return false;
   }
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
@@ -360,7 +358,7 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
 template <typename T>
 bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
   for (const auto& j : jobs) {
-    if (!supports<T>(j.hidden, j.act)) return false;
+    if (!supports<T>(j.hidden)) return false;
   }
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());

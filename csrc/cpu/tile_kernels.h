@@ -154,9 +154,7 @@ struct TileKernel {
     if constexpr (std::is_same_v<T, float>) {
       tanh_rational_inplace(v);
     } else {
-      // Correct but slow: recurrence.h's supports() leaves double tanh to
-      // the per-step path.
-      for (int l = 0; l < N; ++l) v[l] = std::tanh(v[l]);
+      tanh_exp_inplace(v);
     }
   }
 
@@ -166,7 +164,7 @@ struct TileKernel {
       if constexpr (std::is_same_v<T, float>) {
         sigmoid_rational_inplace(v);
       } else {
-        for (int l = 0; l < N; ++l) v[l] = sigmoid_acc(v[l]);
+        sigmoid_exp_inplace(v);
       }
     }
     static FASTRNN_INLINE void tanh(V& v) { tanh_(v); }

@@ -70,7 +70,7 @@ def extensions():
     exts = [
         CppExtension(
             "fastrnn._C",
-            [f"{CSRC}/fastrnn.cpp", f"{CSRC}/cpu/elman_cpu.cpp", f"{CSRC}/cpu/cells_cpu.cpp",
+            [f"{CSRC}/fastrnn.cpp", f"{CSRC}/cpu/backend.cpp", f"{CSRC}/cpu/cells_cpu.cpp",
              f"{CSRC}/python/module_cpu.cpp"],
             extra_compile_args={"cxx": cxx},
             py_limited_api=True,
@@ -82,7 +82,7 @@ def extensions():
         exts.append(
             CUDAExtension(
                 "fastrnn._C_cuda",
-                [f"{CSRC}/cuda/elman_cuda.cu", f"{CSRC}/python/module_cuda.cpp"],
+                [f"{CSRC}/cuda/backend.cu", f"{CSRC}/python/module_cuda.cpp"],
                 extra_compile_args={
                     "cxx": cxx + ["-DUSE_CUDA"],
                     "nvcc": flags["nvcc"] + flags["common"] + ["-DUSE_CUDA"],

@@ -1,7 +1,7 @@
 // fastrnn CPU: the fused LSTM and GRU recurrences (cell_recurrence.h says
 // what they compute): their tile kernels per ISA, and the runners that lay
 // the jobs out on recurrence.h's slots. A translation unit of its own, so
-// that it compiles beside elman_cpu.cpp.
+// that it compiles beside backend.cpp.
 #include "cell_recurrence.h"
 
 #include "recurrence.h"

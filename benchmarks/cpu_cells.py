@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from harness import cpu_model, make_step, time_interleaved, twin_rnns, with_fused
+from harness import cpu_model, emit, make_step, time_interleaved, twin_rnns, with_fused
 
 INPUT = 28
 # (name, layers, hidden, batch, steps, bidirectional, packed): the notebook's model first
@@ -86,11 +86,7 @@ def main():
         cells = " | ".join(f"{t * 1e3:.2f}" for t in ts)
         lines.append(f"| {cell} | {name} | {kind} | {cells} | {ts[0] / ts[2]:.2f}x | "
                      f"{ts[1] / ts[2]:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import ctypes
 
 import torch
 
-from harness import (cpu_model, make_step, rnn_flops, sgemm_peak, time_interleaved, twin_rnns,
-                     with_fused)
+from harness import (cpu_model, emit, make_step, rnn_flops, sgemm_peak, time_interleaved,
+                     twin_rnns, with_fused)
 
 # (name, layers, nonlinearity, hidden, batch, steps); input 28.
 SHAPES = [
@@ -95,11 +95,7 @@ def main():
         if onednn:
             line += f" {ts[3] / ts[2]:.2f}x |"
         lines.append(line)
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from harness import make_step, time_interleaved, twin_rnns
+from harness import emit, make_step, time_interleaved, twin_rnns
 
 # (name, T, B, input, hidden, layers, nonlinearity, packed)
 SHAPES = [
@@ -86,11 +86,7 @@ def main():
         lines.append(f"| {r['precision']} | {r['shape']} | {r['pass_']} | {r['torch_ms']:.3f} | "
                      f"{r['fastrnn_ms']:.3f} | {r['torch_ms'] / r['fastrnn_ms']:.2f}x | "
                      f"{per_step:.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.markdown)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

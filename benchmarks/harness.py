@@ -168,3 +168,12 @@ def _proc_status_kb(key):
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     raise OSError(key)
+
+
+def emit(lines, markdown=None):
+    """Prints a benchmark's table, and writes it to `markdown` when given."""
+    text = "\n".join(lines)
+    print(text)
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(text + "\n")

@@ -13,13 +13,12 @@ runs on MNIST.
 
 import argparse
 import copy
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import fastrnn
-from harness import time_interleaved
+from harness import emit, time_interleaved
 from mnist_model import INPUT_SIZE, NUM_CLASSES, PRESETS, SEQ_LEN, initial_model, make_optimizer
 
 
@@ -68,10 +67,7 @@ def main():
     ]
     for name, b, t_ms, f_ms in rows:
         lines.append(f"| {name} | {b} | {t_ms:.2f} | {f_ms:.2f} | {t_ms / f_ms:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    emit(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from harness import cpu_model, make_step, time_interleaved, twin_rnns
+from harness import cpu_model, emit, make_step, time_interleaved, twin_rnns
 
 SHAPES = [(1, 1, 8, 2, True), (28, 1, 8, 2, True)]  # T, B, H, layers, bidirectional
 
@@ -54,11 +54,7 @@ def main():
             lines.append(f"| {steps} | {batch} | {hidden} | {layers} | {bidir} | "
                          f"{'fwd+bwd' if backward else 'forward'} | {t_ref:.1f} | {t_fast:.1f} | "
                          f"{t_ref / t_fast:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ struct LstmForwardJob {
   const SequenceLayout* layout;
   bool reverse;
   const std::vector<StepRows>* steps;
-  Tensor gates;   // [N, 4H]  X W_ih^T + b_ih + b_hh on entry, activated i f g o on exit
+  Tensor gates;   // [N, 4H]  X W_ih^T + b_ih + b_hh on entry (unless x is defined), activated
+                  //          i f g o on exit
   Tensor c;       // [N, H]   written: c_t
   Tensor m;       // [N, H]   written: o tanh(c_t); the output itself without a projection
   Tensor out;     // [N, R]   written: h_t (m W_hr^T with a projection)
@@ -53,6 +54,11 @@ struct LstmForwardJob {
   Tensor h_n, c_n;  // [B, R], [B, H]  written
   Tensor w_hh;    // [4H, R]
   Tensor w_hr;    // [R, H]   the projection, or undefined
+  // Defined when the backend runs the input projection inside the recurrence
+  // (stack.h: input_projection_inside); gates then hold nothing on entry.
+  Tensor x;       // [N, I]   the layer's input, contiguous
+  Tensor w_ih;    // [4H, I]  contiguous
+  Tensor bias;    // [4H]     b_ih + b_hh (or the one there is), contiguous; or undefined
 };
 
 struct LstmBackwardJob {

@@ -102,6 +102,19 @@ void project(const Tensor& out, const Tensor& x, const Tensor& w, const std::opt
   }
 }
 
+// Whether the backend runs this LSTM job's input projection inside its
+// recurrence (Backend::input_projection_inside(job), where it has one; asked
+// with x set, w_ih and bias not yet): the job then carries x, W_ih and the
+// bias, and the gates hold nothing on entry.
+template <class Backend>
+bool input_projection_inside(const LstmForwardJob& job) {
+  if constexpr (requires { Backend::input_projection_inside(job); }) {
+    return Backend::input_projection_inside(job);
+  } else {
+    return false;
+  }
+}
+
 // What a layer's forward hands to the backend, per cell kind.
 struct LayerJobs {
   std::vector<ForwardJob> elman;
@@ -126,12 +139,21 @@ void forward_layer(const StackViews& s, int64_t l, const Tensor& x, const Tensor
         break;
       case CellKind::Lstm: {
         const Tensor gates = s.gates(l, d), cs = s.after_gates(l, d, 0);
-        project<Backend>(gates, x, s.w_ih(cell), bias_sum(s.b_ih(cell), s.b_hh(cell)));
-        jobs.lstm.push_back({&c.layout, d == 1, &order[d], gates, cs,
-                             c.proj ? s.after_gates(l, d, 1) : Tensor(), out_d,
-                             StackViews::state(h0, cell), StackViews::state(c0, cell),
-                             StackViews::state(h_n, cell), StackViews::state(c_n, cell), w_hh,
-                             s.w_hr(cell)});
+        const std::optional<Tensor> bias = bias_sum(s.b_ih(cell), s.b_hh(cell));
+        LstmForwardJob job{&c.layout, d == 1, &order[d], gates, cs,
+                           c.proj ? s.after_gates(l, d, 1) : Tensor(), out_d,
+                           StackViews::state(h0, cell), StackViews::state(c0, cell),
+                           StackViews::state(h_n, cell), StackViews::state(c_n, cell), w_hh,
+                           s.w_hr(cell)};
+        job.x = x;
+        if (input_projection_inside<Backend>(job)) {
+          job.w_ih = as_contiguous(s.w_ih(cell));
+          if (bias) job.bias = as_contiguous(*bias);
+        } else {
+          project<Backend>(gates, x, s.w_ih(cell), bias);
+          job.x = Tensor();
+        }
+        jobs.lstm.push_back(job);
         break;
       }
       case CellKind::Gru: {

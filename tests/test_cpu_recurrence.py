@@ -147,8 +147,10 @@ def test_nonfinite_values_propagate_like_torch():
 # of units per gate: 16 floats / 8 doubles on AVX-512; 6 rows per LSTM tile, 8 per GRU tile),
 # the backward's tiles (32 / 16 units, 8 rows) and its epilogue that runs the earlier step's
 # cell gradient, the rows no product feeds (a sequence's last row: dh_n, dc_n), and b_hh in
-# GRU's epilogue. Each case runs fastrnn twice, fused and per-step (FASTRNN_CPU_FUSED=0),
-# and checks both against torch.nn.
+# GRU's epilogue. Each case runs fastrnn fused and per-step (FASTRNN_CPU_FUSED=0), the LSTM
+# fused twice: its input projection inside the recurrence (each step's product over
+# K = I + H, FASTRNN_CPU_PROJECT_INSIDE=1) and outside (one product before it, =0); and checks
+# every run against torch.nn and against each other.
 # ---------------------------------------------------------------------------------------
 
 # (hidden, batch, steps): H = 1; H below, off and past the vector width and the backward's
@@ -167,16 +169,42 @@ CELL_SHAPES = [
 
 
 @contextlib.contextmanager
-def fused_kernels(on):
-    saved = os.environ.get("FASTRNN_CPU_FUSED")
-    os.environ["FASTRNN_CPU_FUSED"] = "1" if on else "0"
+def env_vars(**values):
+    """os.environ with `values` set (None: unset) for the block."""
+    saved = {k: os.environ.get(k) for k in values}
     try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         yield
     finally:
-        if saved is None:
-            del os.environ["FASTRNN_CPU_FUSED"]
-        else:
-            os.environ["FASTRNN_CPU_FUSED"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fused_kernels(on):
+    return env_vars(FASTRNN_CPU_FUSED="1" if on else "0")
+
+
+# The runs of compare_cell: name -> environment. The LSTM's fused forward takes its input
+# projection inside or outside by a cost rule (cell_recurrence.h: lstm_projection_inside);
+# FASTRNN_CPU_PROJECT_INSIDE forces either wherever the kernel takes the job.
+RUNS = {
+    "lstm": {
+        "inside": dict(FASTRNN_CPU_FUSED="1", FASTRNN_CPU_PROJECT_INSIDE="1"),
+        "outside": dict(FASTRNN_CPU_FUSED="1", FASTRNN_CPU_PROJECT_INSIDE="0"),
+        "per-step": dict(FASTRNN_CPU_FUSED="0", FASTRNN_CPU_PROJECT_INSIDE=None),
+    },
+    "gru": {
+        "fused": dict(FASTRNN_CPU_FUSED="1"),
+        "per-step": dict(FASTRNN_CPU_FUSED="0"),
+    },
+}
 
 
 def run_cell(module, x, hx, packed_lengths):
@@ -189,8 +217,9 @@ def run_cell(module, x, hx, packed_lengths):
 
 def compare_cell(cell, hidden, batch, steps, dtype, bidirectional=False, layers=1, packed=False,
                  initial=True, bias=True, proj_size=0, input_size=7):
-    """fastrnn fused and per-step against torch.nn on one case (outputs, final states and the
-    gradients of x, h0 (c0) and every parameter); returns (fused, per-step) results."""
+    """fastrnn's runs (RUNS[cell]: fused, the LSTM's with its input projection inside and
+    outside, and per-step) against torch.nn and each other on one case (outputs, final states
+    and the gradients of x, h0 (c0) and every parameter); returns {run: results}."""
     kwargs = dict(num_layers=layers, bidirectional=bidirectional, bias=bias)
     if proj_size:
         kwargs["proj_size"] = proj_size
@@ -208,13 +237,14 @@ def compare_cell(cell, hidden, batch, steps, dtype, bidirectional=False, layers=
             hx = (hx, c0)
     lengths = lengths_for(batch, steps, seed=batch) if packed else None
     expected = run_cell(ref, x, hx, lengths)
-    what = f"{cell} H={hidden} B={batch} T={steps}"
-    results = []
-    for on in (True, False):
-        with fused_kernels(on):
-            results.append(run_cell(fast, x, hx, lengths))
-        assert_close_all(results[-1], expected, dtype, f"{what} {'fused' if on else 'per-step'}")
-    assert_close_all(results[0], results[1], dtype, f"{what} fused vs per-step")
+    what = f"{cell} H={hidden} B={batch} T={steps} I={input_size}"
+    results = {}
+    for name, env in RUNS[cell].items():
+        with env_vars(**env):
+            results[name] = run_cell(fast, x, hx, lengths)
+        assert_close_all(results[name], expected, dtype, f"{what} {name}")
+    for (a, ra), (b, rb) in itertools.combinations(results.items(), 2):
+        assert_close_all(ra, rb, dtype, f"{what} {a} vs {b}")
     return results
 
 
@@ -258,10 +288,11 @@ def same_products(monkeypatch):
 def test_lstm_proj_size_takes_the_per_step_path(dtype, same_products):
     # proj_size is not the fused kernel's (cell_recurrence.h): the per-step path runs it
     # whatever FASTRNN_CPU_FUSED says, so both runs give the same bits.
-    fused, per_step = compare_cell("lstm", 33, 9, 5, dtype, layers=2, bidirectional=True,
-                                   packed=True, proj_size=7)
-    for a, b in zip(fused, per_step):
-        assert torch.equal(a, b)
+    runs = compare_cell("lstm", 33, 9, 5, dtype, layers=2, bidirectional=True, packed=True,
+                        proj_size=7)
+    for other in ("outside", "per-step"):
+        for a, b in zip(runs["inside"], runs[other]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -277,11 +308,14 @@ def test_cell_same_bits_for_any_thread_count(cell, packed, dtype):
         for n in (1, 2):
             torch.set_num_threads(n)
             results.append(compare_cell(cell, 100, 37, 6, dtype, bidirectional=True,
-                                        layers=2, packed=packed)[0])
+                                        layers=2, packed=packed))
     finally:
         torch.set_num_threads(saved)
-    for a, b in zip(*results):
-        assert torch.equal(a, b), "results differ between 1 and 2 threads"
+    for name in results[0]:
+        if name == "per-step":  # BLAS's, not the kernels'
+            continue
+        for a, b in zip(results[0][name], results[1][name]):
+            assert torch.equal(a, b), f"{name}: results differ between 1 and 2 threads"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -290,8 +324,84 @@ def test_fused_cell_kernels_are_in_use(cell, dtype, same_products):
     """The per-step path sums in another order (and, in float32, has other activations): if
     no bit differed, the fused kernels would not be running and every cell test above would
     test the per-step path twice."""
-    fused, per_step = compare_cell(cell, 128, 64, 6, dtype)
-    assert not all(torch.equal(a, b) for a, b in zip(fused, per_step))
+    runs = compare_cell(cell, 128, 64, 6, dtype)
+    for name, fused in runs.items():
+        if name != "per-step":
+            assert not all(torch.equal(a, b) for a, b in zip(fused, runs["per-step"])), name
+
+
+# The LSTM's input projection inside the fused recurrence (cell_recurrence.h:
+# lstm_projection_inside): input sizes below, at, past 2H and far past H (forced inside, the
+# panels then hold more W_ih rows than W_hh rows); B = 1 and large; stacked, bidirectional
+# (layer 2 reads [N, 2H]) and packed.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", [
+    # (hidden, batch, steps, input_size, layers, bidirectional, packed)
+    (33, 1, 5, 7, 1, False, False),
+    (33, 64, 5, 7, 2, True, True),
+    (17, 9, 4, 34, 2, False, False),
+    (17, 40, 3, 35, 1, True, False),
+    (16, 1, 6, 100, 2, True, True),
+    (70, 19, 4, 300, 1, False, True),
+    (128, 70, 3, 28, 2, False, False),
+], ids=lambda c: "H{}-B{}-T{}-I{}-L{}-{}-{}".format(
+    *c[:5], "bi" if c[5] else "uni", "packed" if c[6] else "padded"))
+def test_lstm_projection_inside_and_outside_match_torch(case, dtype):
+    hidden, batch, steps, input_size, layers, bidirectional, packed = case
+    compare_cell("lstm", hidden, batch, steps, dtype, bidirectional=bidirectional, layers=layers,
+                 packed=packed, input_size=input_size)
+
+
+def lstm_projection_runs(hidden, batch, input_size, dtype, layers=1, bidirectional=False):
+    """The fused LSTM's results with the input projection by the cost rule ("auto": no
+    FASTRNN_CPU_PROJECT_INSIDE), forced inside and forced outside."""
+    ref, fast = rnn_pair(input_size, hidden, cell="lstm", num_layers=layers,
+                         bidirectional=bidirectional, seed=batch)
+    fast = fast.to(dtype)
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(5, batch, input_size, generator=g, dtype=dtype).requires_grad_()
+    runs = {}
+    for name, value in (("auto", None), ("inside", "1"), ("outside", "0")):
+        with env_vars(FASTRNN_CPU_FUSED="1", FASTRNN_CPU_PROJECT_INSIDE=value):
+            runs[name] = run_cell(fast, x, None, None)
+    return runs
+
+
+def same_bits(a, b):
+    return all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_lstm_projection_paths_both_run(dtype, same_products):
+    """The two paths sum in different orders (inside: one accumulator over x_t W_ih^T and
+    h_{t-1} W_hh^T, the bias last; outside: bias and x_t W_ih^T first, then the recurrence's
+    product): if no bit differed, the tests above would test one path twice."""
+    for batch in (1, 64):
+        runs = lstm_projection_runs(33, batch, 7, dtype)
+        assert not same_bits(runs["inside"], runs["outside"]), f"B={batch}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_lstm_projection_cost_rule(dtype, same_products):
+    """Without FASTRNN_CPU_PROJECT_INSIDE the projection goes inside from batch 8 on, for
+    I <= 2H, layer by layer (same bits as the forced path that should have run)."""
+    # (hidden, batch, input_size, expected path)
+    for hidden, batch, input_size, expected in [
+        (33, 64, 7, "inside"),
+        (33, 8, 66, "inside"),
+        (33, 7, 7, "outside"),
+        (33, 1, 7, "outside"),
+        (33, 64, 67, "outside"),
+    ]:
+        runs = lstm_projection_runs(hidden, batch, input_size, dtype)
+        other = "outside" if expected == "inside" else "inside"
+        what = f"H={hidden} B={batch} I={input_size}"
+        assert same_bits(runs["auto"], runs[expected]), f"{what}: not {expected}"
+        assert not same_bits(runs["auto"], runs[other]), f"{what}: {other}"
+    # Layer 1 (I = 100 > 2H) outside, layer 2 (I = 2H, bidirectional) inside: neither forced run.
+    runs = lstm_projection_runs(33, 16, 100, dtype, layers=2, bidirectional=True)
+    assert not same_bits(runs["auto"], runs["inside"])
+    assert not same_bits(runs["auto"], runs["outside"])
 
 
 def test_cell_half_types_keep_the_per_step_path():

@@ -217,6 +217,20 @@ struct CpuBackend {
     return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
   }
 
+  // LSTM's input projection inside the fused recurrence (stack.h asks):
+  // where the kernel takes the job and lstm_projection_inside says so.
+  static bool input_projection_inside(const LstmForwardJob& j) {
+    if (j.w_hr.defined() || j.x.stride(1) != 1) return false;
+    bool inside = false;
+    with_dtype(j.gates.scalar_type(), [&]<typename T>() {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        inside = j.x.scalar_type() == j.gates.scalar_type() &&
+                 cpu::lstm_projection_inside<T>(j.x.size(1), j.c.size(1), j.layout->batch);
+      }
+    });
+    return inside;
+  }
+
   static void forward_recurrences(const std::vector<LstmForwardJob>& jobs) {
     bool fused = false;
     with_dtype(jobs[0].gates.scalar_type(), [&]<typename T>() {
@@ -227,10 +241,19 @@ struct CpuBackend {
           rec.push_back({*j.steps, j.c.size(1), ptr<T>(j.gates), j.gates.stride(0), ptr<T>(j.c),
                          j.c.stride(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0), j.h0.stride(0),
                          ptr<T>(j.c0), j.c0.stride(0), ptr<T>(j.w_hh)});
+          if (j.x.defined()) {
+            rec.back().x = ptr<T>(j.x);
+            rec.back().ld_x = j.x.stride(0);
+            rec.back().input = j.x.size(1);
+            rec.back().w_ih = ptr<T>(j.w_ih);
+            rec.back().bias = ptr<T>(j.bias);
+          }
         }
         fused = cpu::forward_recurrences<T>(std::span<const cpu::LstmForwardRecurrence<T>>(rec));
       }
     });
+    // input_projection_inside() promised the kernel would take the job.
+    FASTRNN_CHECK(fused || !jobs[0].x.defined(), "fastrnn: the CPU LSTM recurrence refused its input projection");
     if (!fused) {
       for (const LstmForwardJob& job : jobs) stepwise::forward<CpuBackend>(job);
       return;

@@ -55,6 +55,14 @@ struct LstmForwardRecurrence {
   const T* c0 = nullptr;            // [B, ld_c0]
   int64_t ld_c0 = 0;
   const T* w_hh = nullptr;          // [4H, H] contiguous
+  // The input projection inside the recurrence, where x is not null (the
+  // gates then hold nothing on entry): each step's product runs over
+  // K = I + H, [x_t, h_{t-1}] times [W_ih; W_hh]^T, and the epilogue adds the bias.
+  const T* x = nullptr;             // [N, ld_x], columns [0, I)
+  int64_t ld_x = 0;
+  int64_t input = 0;                // I
+  const T* w_ih = nullptr;          // [4H, I] contiguous
+  const T* bias = nullptr;          // [4H] (b_ih + b_hh) or null
 };
 
 template <typename T>
@@ -117,6 +125,17 @@ struct GruBackwardRecurrence {
 // FASTRNN_CPU_FUSED is not 0).
 template <typename T>
 bool cell_supports(int64_t hidden);
+
+// Whether the LSTM forward should run the input projection inside
+// (LstmForwardRecurrence::x) for this input size: where it saves the pass
+// that writes P = X W_ih^T and the reads of it back, which cost more than the
+// product itself when I is small (K = 28 ran at a quarter of the FMA rate,
+// bound by memory), and the epilogue's cost spreads over K = I + H instead of
+// H. Not past I = 2H: the panels, W_ih's rows with W_hh's, would outgrow the
+// caches that keep them between row tiles. FASTRNN_CPU_PROJECT_INSIDE=0 turns
+// it off (read per call; the benchmarks compare).
+template <typename T>
+bool lstm_projection_inside(int64_t input, int64_t hidden, int64_t batch);
 
 // Each runs its independent recurrences (e.g. both directions of a layer) in
 // one parallel region; false (nothing done) where cell_supports() is not met.

@@ -7,6 +7,7 @@
 #include "recurrence.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -107,16 +108,29 @@ template <int Cell, typename T, typename Job>
 void run_forward(std::span<const Job> jobs) {
   const CellKernels<T> ks = cell_kernels<T>(simd::runtime_isa());
   constexpr int G = Cell == 0 ? 4 : 3;
+  // LSTM: the input projection inside where the job has x.
+  auto input = [](const Job& j) -> int64_t {
+    if constexpr (Cell == 0) {
+      return j.x ? j.input : 0;
+    } else {
+      return 0;
+    }
+  };
   std::vector<detail::JobShape> shapes;
   for (const Job& j : jobs) {
-    shapes.push_back({j.steps, j.hidden, G * j.hidden, (j.hidden + ks.lanes - 1) / ks.lanes,
-                      G * ks.lanes, G, ks.mr_fwd[Cell]});
+    shapes.push_back({j.steps, input(j) + j.hidden, G * j.hidden,
+                      (j.hidden + ks.lanes - 1) / ks.lanes, G * ks.lanes, G, ks.mr_fwd[Cell]});
   }
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
   detail::run_slots<T>(
       jobs, std::span<const detail::JobShape>(shapes), plan, 0,
       [&](const detail::Slot& s, const Job& j, T* dst) {
-        pack_gate_panels(j.w_hh, j.hidden, j.hidden, G, ks.lanes, s.panel_begin, s.panel_end, dst);
+        const int64_t I = input(j);
+        if constexpr (Cell == 0) {
+          if (I) pack_gate_panels(j.w_ih, j.hidden, I, G, ks.lanes, s.panel_begin, s.panel_end, dst, 0, I + j.hidden);
+        }
+        pack_gate_panels(j.w_hh, j.hidden, j.hidden, G, ks.lanes, s.panel_begin, s.panel_end, dst,
+                         I, I + j.hidden);
       },
       [&](const detail::Slot& s, const Job& j, const T* panels, int64_t p) {
         const StepRows& st = j.steps[p];
@@ -124,15 +138,21 @@ void run_forward(std::span<const Job> jobs) {
         cs.H = j.hidden;
         cs.gates = {j.gates + st.begin * j.ld_gates, j.ld_gates};
         cs.h = {j.out + st.begin * j.ld_out, j.ld_out};
+        StepTask<T> t;
         if constexpr (Cell == 0) {
           cs.c = {j.c + st.begin * j.ld_c, j.ld_c};
           set_prev<T>(cs, st, j.c, j.ld_c, j.c0, j.ld_c0);
+          if (j.x) {
+            cs.projected = true;
+            cs.bias = j.bias;
+            t.x = {j.x + st.begin * j.ld_x, j.ld_x};
+            t.K_x = j.input;
+          }
         } else {
           cs.hn = {j.hn + st.begin * j.ld_hn, j.ld_hn};
-          cs.b_hh = j.b_hh;
+          cs.bias = j.b_hh;
           set_prev<T>(cs, st, j.out, j.ld_out, j.h0, j.ld_h0);
         }
-        StepTask<T> t;
         t.a_lo = {j.out + st.prev_begin * j.ld_out, j.ld_out};
         t.a_hi = {j.h0, j.ld_h0};
         t.a_split = st.carried;
@@ -252,9 +272,23 @@ bool all_supported(std::span<const Job> jobs) {
 
 }  // namespace
 
+// The smallest batch that takes the LSTM input projection inside (cost rule in cell_recurrence.h).
+constexpr int64_t kProjectInsideMinBatch = 8;
+
 template <typename T>
 bool cell_supports(int64_t hidden) {
   return kTaken<T> && hidden >= 1 && enabled();
+}
+
+template <typename T>
+bool lstm_projection_inside(int64_t input, int64_t hidden, int64_t batch) {
+  if (!cell_supports<T>(hidden) || input < 1) return false;
+  // FASTRNN_CPU_PROJECT_INSIDE=1 / =0 takes it / leaves it wherever the
+  // kernel can (read per call: the tests run both paths, the benchmarks
+  // compare them); otherwise the cost rule (cell_recurrence.h).
+  const char* v = std::getenv("FASTRNN_CPU_PROJECT_INSIDE");
+  if (v && (v[0] == '0' || v[0] == '1') && !v[1]) return v[0] == '1';
+  return batch >= kProjectInsideMinBatch && input <= 2 * hidden;
 }
 
 template <typename T>
@@ -284,6 +318,7 @@ bool backward_recurrences(std::span<const GruBackwardRecurrence<T>> jobs) {
 
 #define FASTRNN_INSTANTIATE(T)                                                        \
   template bool cell_supports<T>(int64_t);                                            \
+  template bool lstm_projection_inside<T>(int64_t, int64_t, int64_t);                \
   template bool forward_recurrences<T>(std::span<const LstmForwardRecurrence<T>>);    \
   template bool backward_recurrences<T>(std::span<const LstmBackwardRecurrence<T>>);  \
   template bool forward_recurrences<T>(std::span<const GruForwardRecurrence<T>>);     \

@@ -77,7 +77,10 @@ struct CellStep {
   // prev_hi.row(i) (c0 / h0).
   Rows<const T> prev_lo, prev_hi;
   int64_t prev_split = 0;
-  const T* b_hh = nullptr;  // GRU forward: [3H] or null
+  const T* bias = nullptr;  // forward: GRU's b_hh [3H]; LSTM's b_ih + b_hh [4H] with the
+                            // input projection inside; or null
+  bool projected = false;   // LSTM forward: the input projection is inside the product
+                            // (gates hold nothing on entry)
   // LSTM backward: the gradient reaching c_t, dc_lo.row(i) for i < dc_split
   // (from the next step), else dc_hi.row(i) (dc_n: the sequence's last row).
   Rows<const T> dc_lo, dc_hi;
@@ -107,6 +110,11 @@ struct StepTask {
   const T* bias = nullptr;  // Linear: [H] or null
   bool accumulate = false;  // Linear: add to what d holds; cells' backward: to what d_hi holds
   const CellStep<T>* cell = nullptr;  // the cells' epilogues
+  // LSTM forward with the input projection inside: the product runs over
+  // k < K_x on x's rows (row i at x.row(i)), then over K on A's rows; the
+  // panels hold K_x + K rows.
+  Rows<const T> x;
+  int64_t K_x = 0;
   int64_t row_begin = 0, row_end = 0;
   const T* panels = nullptr;  // [panel_end - panel_begin][K][NR], 64-byte aligned
   int64_t panel_begin = 0, panel_end = 0;
@@ -311,8 +319,17 @@ struct TileKernel {
       T* g = cs.gates.row(i) + c0;
       V x[4];
       for (int v = 0; v < 4; ++v) {
-        load_part(x[v], g + v * H, nc);
-        x[v] = x[v] + acc[v];
+        if (cs.projected) {
+          x[v] = acc[v];
+          if (cs.bias) {
+            V b;
+            load_part(b, cs.bias + v * H + c0, nc);
+            x[v] = x[v] + b;
+          }
+        } else {
+          load_part(x[v], g + v * H, nc);
+          x[v] = x[v] + acc[v];
+        }
       }
       V cp, c, m;
       load_part(cp, (i < cs.prev_split ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + c0, nc);
@@ -328,9 +345,9 @@ struct TileKernel {
       for (int v = 0; v < 3; ++v) {
         load_part(x[v], g + v * H, nc);
         hg[v] = acc[v];
-        if (cs.b_hh) {
+        if (cs.bias) {
           V b;
-          load_part(b, cs.b_hh + v * H + c0, nc);
+          load_part(b, cs.bias + v * H + c0, nc);
           hg[v] = b + hg[v];
         }
       }
@@ -393,6 +410,20 @@ struct TileKernel {
     }
   }
 
+  // acc[r] += sum over k < K of a[r][k] * panel row k ([K][W * N]).
+  template <int M, int W>
+  static FASTRNN_INLINE void multiply_add(V (&acc)[M][W], const T* const (&a)[M], const T* panel,
+                                          int64_t K) {
+    for (int64_t k = 0; k < K; ++k) {
+      V b[W];
+      for (int v = 0; v < W; ++v) simd::load(b[v], panel + (k * W + v) * N);
+      for (int r = 0; r < M; ++r) {
+        const T x = a[r][k];
+        for (int v = 0; v < W; ++v) acc[r][v] = acc[r][v] + x * b[v];
+      }
+    }
+  }
+
   // Rows [i0, i0 + M) by one panel of W vectors ([K][W * N]).
   template <int M, int W, Epilogue E>
   static FASTRNN_INLINE void tile(const StepTask<T>& t, int64_t i0, const T* panel, int64_t c0,
@@ -416,19 +447,20 @@ struct TileKernel {
         }
       }
     } else {
+      if constexpr (E == Epilogue::LstmForward) {
+        if (t.K_x > 0) {
+          const T* x[M];
+          for (int r = 0; r < M; ++r) x[r] = t.x.row(i0 + r);
+          multiply_add<M, W>(acc, x, panel, t.K_x);
+          panel += t.K_x * W * N;
+        }
+      }
       const T* a[M];
       for (int r = 0; r < M; ++r) {
         const int64_t i = i0 + r;
         a[r] = i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i);
       }
-      for (int64_t k = 0; k < K; ++k) {
-        V b[W];
-        for (int v = 0; v < W; ++v) simd::load(b[v], panel + (k * W + v) * N);
-        for (int r = 0; r < M; ++r) {
-          const T x = a[r][k];
-          for (int v = 0; v < W; ++v) acc[r][v] = acc[r][v] + x * b[v];
-        }
-      }
+      multiply_add<M, W>(acc, a, panel, K);
     }
     for (int r = 0; r < M; ++r) finish_row<W, E>(t, i0 + r, c0, nc, acc[r]);
   }
@@ -464,7 +496,7 @@ struct TileKernel {
     if constexpr (E == Epilogue::LstmForward || E == Epilogue::GruForward) {
       // Panel p: units [p*N, p*N + N), all NV (= G) gates of each.
       for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
-        const T* panel = t.panels + (p - t.panel_begin) * t.K * kNR;
+        const T* panel = t.panels + (p - t.panel_begin) * (t.K_x + t.K) * kNR;
         const int64_t u0 = p * N;
         panel_rows<NV, E>(t, panel, u0, static_cast<int>(std::min<int64_t>(N, t.H - u0)));
       }
@@ -546,15 +578,18 @@ void pack_panels(const T* w, int64_t ldw, int64_t cols, int64_t K, int nr, int l
 
 // Packs the panels [panel_begin, panel_end) of a cell's forward product
 // h_{t-1} W_hh^T with the gates interleaved by unit: w is W_hh, [G*H][K]
-// row-major (row g*H + u: gate g of unit u); panel p is [K][G*lanes] with
-// panel[k][g*lanes + l] = w[(g*H + p*lanes + l) * K + k], zero for units
-// past H; panel p starts at (p - panel_begin) * K * G * lanes.
+// row-major (row g*H + u: gate g of unit u); panel p is [depth][G*lanes]
+// with panel[k_offset + k][g*lanes + l] = w[(g*H + p*lanes + l) * K + k],
+// zero for units past H; panel p starts at (p - panel_begin) * depth * G *
+// lanes. (W_ih and W_hh go into one panel's rows [0, I) and [I, I + H) when
+// the input projection is inside.)
 template <typename T>
 void pack_gate_panels(const T* w, int64_t H, int64_t K, int G, int lanes, int64_t panel_begin,
-                      int64_t panel_end, T* dst) {
+                      int64_t panel_end, T* dst, int64_t k_offset = 0, int64_t depth = -1) {
   const int width = G * lanes;
+  if (depth < 0) depth = K;
   for (int64_t p = panel_begin; p < panel_end; ++p) {
-    T* panel = dst + (p - panel_begin) * K * width;
+    T* panel = dst + (p - panel_begin) * depth * width + k_offset * width;
     const int64_t u0 = p * lanes;
     constexpr int64_t kb = 16;  // as pack_panels: W's rows a line at a time, the panel rows in L1
     for (int64_t k0 = 0; k0 < K; k0 += kb) {

@@ -156,11 +156,7 @@ void run_forward(std::span<const Job> jobs) {
         t.a_lo = {j.out + st.prev_begin * j.ld_out, j.ld_out};
         t.a_hi = {j.h0, j.ld_h0};
         t.a_split = st.carried;
-        t.row_begin = s.row_begin;
-        t.row_end = std::min(s.row_end, st.count);
-        t.panels = panels;
-        t.panel_begin = s.panel_begin;
-        t.panel_end = s.panel_end;
+        detail::take_slot(t, s, st.count, panels);
         t.K = t.H = j.hidden;
         t.cell = &cs;
         ks.forward[Cell](t);
@@ -249,11 +245,7 @@ void run_backward(std::span<const Job> jobs) {
         t.d_split = st.carried;
         t.d_hi = {j.grad_h0, j.ld_grad_h0};
         t.accumulate = Cell == 1;  // GRU: grad_h0 holds the direct term dh z
-        t.row_begin = s.row_begin;
-        t.row_end = std::min(s.row_end, st.count);
-        t.panels = panels;
-        t.panel_begin = s.panel_begin;
-        t.panel_end = s.panel_end;
+        detail::take_slot(t, s, st.count, panels);
         t.K = G * j.hidden;
         t.H = j.hidden;
         t.cell = &cs;

@@ -114,6 +114,17 @@ struct Slot {
   int64_t pack_offset = 0;  // elements into the panel buffer
 };
 
+// Points t at what slot s computes of a step of `rows` rows: its rows, and
+// its panels (packed for it at `panels`).
+template <typename T>
+void take_slot(StepTask<T>& t, const Slot& s, int64_t rows, const T* panels) {
+  t.row_begin = s.row_begin;
+  t.row_end = std::min(s.row_end, rows);
+  t.panels = panels;
+  t.panel_begin = s.panel_begin;
+  t.panel_end = s.panel_end;
+}
+
 struct Plan {
   std::vector<Slot> slots;
   std::vector<int64_t> team_size;  // slots per team
@@ -342,11 +353,7 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
       t.a_split = st.carried;
       t.d_lo = {j.out + st.begin * j.ld_out, j.ld_out};
       t.d_split = st.count;
-      t.row_begin = s.row_begin;
-      t.row_end = std::min(s.row_end, st.count);
-      t.panels = panels;
-      t.panel_begin = s.panel_begin;
-      t.panel_end = s.panel_end;
+      detail::take_slot(t, s, st.count, panels);
       t.K = t.H = j.hidden;
       t.act = j.act;
       ks.forward(t);
@@ -397,11 +404,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
       t.y_lo = {j.out + st.prev_begin * j.ld_out, j.ld_out};
       t.d_hi = {j.grad_h0, j.ld_grad_h0};
       t.d_split = st.carried;
-      t.row_begin = s.row_begin;
-      t.row_end = std::min(s.row_end, st.count);
-      t.panels = panels;
-      t.panel_begin = s.panel_begin;
-      t.panel_end = s.panel_end;
+      detail::take_slot(t, s, st.count, panels);
       t.K = t.H = j.hidden;
       t.act = j.act;
       ks.backward(t);

@@ -1566,24 +1566,6 @@ def test_warns_like_torch(cell, name):
     Case(num_layers=2, bidirectional=True, packed=True),
     Case(num_layers=3, dropout=0.5, batch_first=True, nonlinearity="relu"),
     Case(num_layers=2, batched=False, h0=True),
-], ids=case_id)
-def test_compile_module_fullgraph_matches_eager(case):
-    """torch.compile(fastrnn.RNN, fullgraph=True, backend="aot_eager"): output, h_n and
-    every gradient as in eager (dropout: the same masks under the same seed)."""
-    torch._dynamo.reset()
-    _, rnn = twins(case)
-    compiled = torch.compile(rnn, fullgraph=True, backend="aot_eager")
-    x, h0, lengths = module_inputs(case)
-    results = []
-    for module in (rnn, compiled):
-        torch.manual_seed(3)
-        out, h_n = module(feed(case, x, lengths), h0)
-        out = out.data if case.packed else out
-        results.append([out, h_n, *grads(rnn, weighted_sum(out, h_n), [x, h0])])
-    assert_close_all(results[1], results[0], torch.float64, "compiled vs eager")
-
-
-@pytest.mark.parametrize("case", [
     CELL_BASE.replace(cell="lstm", num_layers=2, bidirectional=True, h0=True),
     CELL_BASE.replace(cell="lstm", proj_size=3, num_layers=2, bidirectional=True, packed=True, h0=True),
     CELL_BASE.replace(cell="lstm", proj_size=2, num_layers=3, dropout=0.5, batch_first=True),
@@ -1592,8 +1574,8 @@ def test_compile_module_fullgraph_matches_eager(case):
     CELL_BASE.replace(cell="gru", num_layers=3, dropout=0.5, batch_first=True),
     CELL_BASE.replace(cell="gru", num_layers=2, batched=False, h0=True),
 ], ids=case_id)
-def test_compile_cell_module_fullgraph_matches_eager(case):
-    """torch.compile(fastrnn.LSTM / GRU, fullgraph=True, backend="aot_eager"): output,
+def test_compile_module_fullgraph_matches_eager(case):
+    """torch.compile(fastrnn.RNN / LSTM / GRU, fullgraph=True, backend="aot_eager"): output,
     h_n (and c_n) and every gradient as in eager (dropout: the same masks under the same
     seed)."""
     torch._dynamo.reset()

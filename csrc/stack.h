@@ -16,6 +16,7 @@
 
 #include "checks.h"
 #include "recurrence.h"
+#include "scratch.h"
 #include "tensor_util.h"
 
 #include <string>
@@ -60,8 +61,8 @@ struct StackViews {
     return outputs + l * N() * c.directions * c.saved_per_row();
   }
   // A copy of the first `elements` of layer l's saved block.
-  Tensor copy_of_block(int64_t l, int64_t elements) const {
-    return torch::stable::clone(reinterpret(reserve, {elements}, {1}, block_offset(l)));
+  Tensor copy_of_block(scratch::Tensors& tmp, int64_t l, int64_t elements) const {
+    return tmp.copy(reinterpret(reserve, {elements}, {1}, block_offset(l)));
   }
   Tensor gates(int64_t l, int64_t d, const Tensor* copy = nullptr) const {
     return saved(l, d, 0, c.gates * c.hidden, copy);
@@ -181,7 +182,8 @@ Tensor stack_forward(const StackViews& s, const Tensor& input, const Tensor& h0,
   const SequenceLayout& L = c.layout;
   Tensor output = empty(input, {L.rows, c.layer_width()});
   const std::vector<StepRows> order[2] = {steps_in_order(L, false), steps_in_order(L, true)};
-  Tensor x = view2d(as_contiguous(input), L.rows, c.input_size, c.input_size);
+  scratch::Tensors tmp;
+  Tensor x = view2d(tmp.contiguous(input), L.rows, c.input_size, c.input_size);
   for (int64_t l = 0; l < c.layers; ++l) {
     const Tensor out = l + 1 == c.layers ? output : s.layer_output(l);
     forward_layer<Backend>(s, l, x, out, h0, c0, h_n, c_n, order);
@@ -205,7 +207,8 @@ Tensor stack_forward(const StackViews& s, const Tensor& input, const Tensor& h0,
 // one GEMM per contiguous block, or one GEMM over a gathered Hprev when there are many.
 template <class Backend>
 void recurrent_weight_grad(const SequenceLayout& L, bool reverse, const Tensor& grad_w,
-                           const Tensor& dA, const Tensor& h0, const Tensor& out) {
+                           const Tensor& dA, const Tensor& h0, const Tensor& out,
+                           scratch::Tensors& tmp) {
   std::vector<PrevRows> blocks = prev_row_blocks(L, reverse);
   const int64_t R = out.size(1);
   auto source = [&](const PrevRows& b) {
@@ -216,7 +219,7 @@ void recurrent_weight_grad(const SequenceLayout& L, bool reverse, const Tensor& 
     Tensor g = grad_w;
     torch::stable::zero_(g);
   } else if (blocks.size() > 2) {
-    Tensor hprev = empty(out, {L.rows, R});
+    Tensor hprev = tmp.empty(out, {L.rows, R});
     for (const PrevRows& b : blocks) {
       Tensor dst = view2d(hprev, b.count, R, R, b.dst * R);
       torch::stable::copy_(dst, source(b));
@@ -250,9 +253,8 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
   const std::vector<StepRows> order[2] = {steps_in_order(L, false), steps_in_order(L, true)};
 
   // dY of the top layer: a copy of grad_output, which the recurrences accumulate into.
-  Tensor dY = as_contiguous(grad_output);
-  if (dY.data_ptr() == grad_output.data_ptr()) dY = torch::stable::clone(dY);
-  dY = view2d(dY, N, W, W);
+  scratch::Tensors tmp;
+  Tensor dY = view2d(tmp.copy(grad_output), N, W, W);
   const Tensor top_output = view2d(as_contiguous(output), N, W, W);
 
   for (int64_t l = c.layers - 1; l >= 0; --l) {
@@ -262,7 +264,7 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
     // retained graph runs backward again from it).
     Tensor scratch;
     if (c.cell != CellKind::Elman) {
-      scratch = s.copy_of_block(l, N * c.directions * (GH + (c.cell == CellKind::Gru ? H : 0)));
+      scratch = s.copy_of_block(tmp, l, N * c.directions * (GH + (c.cell == CellKind::Gru ? H : 0)));
     }
     const Tensor* sc = scratch.defined() ? &scratch : nullptr;
     std::vector<BackwardJob> elman;
@@ -295,7 +297,7 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
       if (!gru.empty()) Backend::backward_recurrences(gru);
     }
     const int64_t I = c.layer_input_size(l);
-    const Tensor x = l == 0 ? view2d(as_contiguous(input), N, I, I) : layer_input(s, l);
+    const Tensor x = l == 0 ? view2d(tmp.contiguous(input), N, I, I) : layer_input(s, l);
 
     // Per direction: the gradients of the recurrent pre-activations (dA_h) and
     // of the input-side ones, in pieces (InputGrad).
@@ -326,7 +328,7 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
       }
       grad_weights[first + 1] = empty(input, {GH, c.state_size()});
       recurrent_weight_grad<Backend>(L, d == 1, grad_weights[first + 1], dA_h,
-                                     StackViews::state(h0, cell), s.columns(out, d));
+                                     StackViews::state(h0, cell), s.columns(out, d), tmp);
       if (c.has_biases) {
         grad_weights[first + 3] = column_sum(dA_h);
         if (c.cell == CellKind::Gru) {
@@ -347,8 +349,9 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
     }
 
     if (l > 0 || need_input_grad) {
-      // dX = sum over directions and pieces of dA_x W_ih: the gradient of this layer's input.
-      Tensor dX = empty(input, {N, I});
+      // dX = sum over directions and pieces of dA_x W_ih: the gradient of this
+      // layer's input (layer 0's is returned: not a temporary).
+      Tensor dX = l > 0 ? tmp.empty(input, {N, I}) : empty(input, {N, I});
       bool first = true;
       for (int64_t d = 0; d < c.directions; ++d) {
         const Tensor& w_ih = s.w_ih(l * c.directions + d);

@@ -179,7 +179,7 @@ void run_backward(std::span<const Job> jobs) {
     dc_offset.push_back(dc_elems);
     if (Cell == 0) dc_elems += batch * j.hidden;
   }
-  detail::AlignedBuffer<T> dc_buffer(dc_elems);
+  scratch::Buffer<T> dc_buffer(dc_elems);
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
 
   // Step i's cell gradient: rows < dc_split take the gradient reaching c from

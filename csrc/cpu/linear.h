@@ -82,7 +82,7 @@ bool linear(const LinearProduct<T>& p) {
     const int64_t max_panels = by_panels ? (panels + slots - 1) / slots : panels;
     const int64_t chunk = std::min(p.depth, kDepthChunk);
     const int64_t per_slot = (max_panels * chunk * ks.nr + line - 1) / line * line;
-    detail::AlignedBuffer<T> pack(slots * per_slot);
+    scratch::Buffer<T> pack(slots * per_slot);
     torch::stable::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
         T* panels_s = pack.data + s * per_slot;

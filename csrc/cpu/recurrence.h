@@ -5,7 +5,7 @@
 //   forward   h_t  = act(P_t + h_{t-1} W_hh^T)          P_t = X_t W_ih^T + b, in out on entry
 //   backward  dA_t = (dY_t + dh_t) * act'(h_t)          dh_{t-1} = dA_t W_hh
 //
-// Step semantics are those of the per-step loops in csrc/elman_driver.h: rows
+// Step semantics are those of the per-step loops in csrc/stepwise.h: rows
 // [0, carried) of a step continue rows [0, carried) of the step visited
 // before it; rows [carried, count) start from the same rows of h0.
 //
@@ -38,6 +38,7 @@
 
 #include "../activation.h"
 #include "../layout.h"
+#include "../scratch.h"
 #include "spin_barrier.h"
 #include "tile_kernels.h"
 
@@ -243,17 +244,6 @@ inline int64_t slot_budget() {
   return std::max<int64_t>(1, cpus > 0 ? std::min(threads, cpus) : threads);
 }
 
-template <typename T>
-struct AlignedBuffer {
-  T* data = nullptr;
-  explicit AlignedBuffer(int64_t n)
-      : data(static_cast<T*>(::operator new(std::max<int64_t>(n, 1) * sizeof(T),
-                                            std::align_val_t(64)))) {}
-  ~AlignedBuffer() { ::operator delete(data, std::align_val_t(64)); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-};
-
 // Runs every job's phases on the plan's slots: pack(slot, job, panels) packs
 // the slot's panels once, phase(slot, job, panels, phase) does a slot's work
 // of one phase; a team's slots meet after each phase they share. Every job
@@ -266,7 +256,7 @@ void run_slots(std::span<const Job> jobs, std::span<const JobShape> shapes, cons
   std::unique_ptr<SpinBarrier[]> barriers(new SpinBarrier[plan.team_size.size()]);
   for (size_t i = 0; i < plan.team_size.size(); ++i) barriers[i].reset(plan.team_size[i]);
   std::vector<int64_t> tickets(S, -1);
-  AlignedBuffer<T> pack(plan.pack_elems);
+  scratch::Buffer<T> pack(plan.pack_elems);
   int64_t phases = 0;
   for (const JobShape& j : shapes) phases = std::max<int64_t>(phases, j.steps.size() + extra_phases);
 

@@ -220,6 +220,41 @@ def test_backward_twice_through_a_retained_graph(cell):
         assert all(torch.equal(a, b) for a, b in zip(first, again)), type(module).__name__
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_backward_fills_no_zeros(cell):
+    """With a gradient for every output, backward makes no zero tensor: in particular none
+    for the reserve, which has no gradient and is as large as the whole stack's saved
+    tensors."""
+    case = Case(cell=cell, num_layers=2, steps=5, batch=3)
+    _, fast = twins(case)
+    x, h0, _ = module_inputs(case)
+    out, h_n = fast(x, h0)
+    loss = weighted_sum(out, h_n)
+    with OpCalls() as calls:
+        loss.backward()
+    assert calls.names() == [f"{cell}_backward"]
+    assert not [name for name in calls.aten if "zero" in name or "fill" in name], calls.aten
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_results_untouched_by_later_calls(cell, dtype):
+    """Every tensor a call returns (output, final states, every gradient) keeps its values
+    through later calls of other shapes: the CPU kernels keep their temporaries between
+    calls (csrc/scratch.h), and none of them may be something a call returned."""
+    case = Case(cell=cell, num_layers=2, batch_first=True, h0=True, steps=6, batch=5,
+                input_size=7, hidden_size=9, dtype=dtype)
+    ref, fast = twins(case)
+    x, h0, _ = module_inputs(case)
+    first = run_module(fast, case, x, h0, None)
+    kept = [t.clone() for t in flat(first)]
+    for steps, batch in [(6, 5), (9, 4), (3, 8)]:
+        later = case.replace(steps=steps, batch=batch, seed=steps)
+        run_module(fast, later, *module_inputs(later)[:2], None)
+    assert all(torch.equal(a, b) for a, b in zip(flat(first), kept))
+    assert_close_all(first, run_module(ref, case, x, h0, None), dtype, cell)
+
+
 # ---------------------------------------------------------------------------------------
 # Dropout between layers
 # ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ bidirectional[, nonlinearity], batch_sizes)``, where states is (hx,) or, for
 LSTM, (hx, cx); they return ``(output, *final states, reserve)``.
 """
 
+import inspect
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -266,6 +267,11 @@ class _Eager(torch.autograd.Function):
         name, config, batch_sizes, input, *tensors = inputs
         states = _STATES[name]
         _save(ctx, name, config, input, tensors[:states], batch_sizes, tensors[states:], output)
+        # Outputs without a gradient reach backward as None, not as zeros: the reserve
+        # never has one, and zeros the size of a whole stack's saved tensors cost a
+        # memset per backward (an LSTM's is several times its output). _backward
+        # makes the zeros that it does need.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_output, *grads):
@@ -275,6 +281,12 @@ class _Eager(torch.autograd.Function):
             ctx.name, ctx.config, ctx.saved_tensors, grad_output, grads[:states], need[3],
             need[4 : 4 + states], need[4 + states :])
         return (None, None, None, grad_input, *grad_states, *grad_weights)
+
+
+# Function.apply binds its arguments to forward's signature on every call (for
+# setup_context); inspect.signature would rebuild that signature each time, a
+# tenth of a tiny stack's forward. It is fixed: build it once.
+_Eager.forward.__signature__ = inspect.signature(_Eager.forward)
 
 
 def _call(name, input, states, weights, config, batch_sizes):

@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -94,11 +95,24 @@ std::optional<Tensor> device_layout(const SequenceLayout& L, const Tensor& like)
   return torch::stable::to(host, like.device());
 }
 
-template <typename Kernel>
-void prepare(Kernel kernel, size_t smem) {
+// Lets `kernel` take `smem` bytes of dynamic shared memory on `device`. The
+// attribute stays set for the process, so it is set only when a launch needs
+// more than any before it (one driver call per kernel and device, not one per
+// launch). A race sets it twice, harmlessly.
+constexpr int kMaxDevices = 64;
+
+template <auto kernel>
+void prepare(size_t smem, int device) {
+  static std::atomic<size_t> allowed[kMaxDevices] = {};  // per kernel: one per instantiation
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && smem <= allowed[device].load(std::memory_order_relaxed)) return;
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   FASTRNN_CHECK(err == cudaSuccess, "fastrnn: cudaFuncSetAttribute failed: ", cudaGetErrorString(err));
+  if (!cached) return;
+  size_t seen = allowed[device].load(std::memory_order_relaxed);
+  while (seen < smem && !allowed[device].compare_exchange_weak(seen, smem)) {
+  }
 }
 
 // f.template operator()<T>() for the dtype's storage type.
@@ -127,8 +141,8 @@ bool launch_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse
   if (!plan_persistent<acc_t>(L, H, 1, job.out.get_device_index(), plan)) return false;
   const std::optional<Tensor> layout = device_layout(L, job.out);
   const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  auto kernel = persistent::forward_kernel<T, acc_t, A>;
-  prepare(kernel, plan.smem);
+  constexpr auto kernel = persistent::forward_kernel<T, acc_t, A>;
+  prepare<kernel>(plan.smem, job.out.get_device_index());
   kernel<<<plan.blocks, persistent::kThreads, plan.smem, current_stream(job.out)>>>(
       ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh), bs,
       bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H), plan.tile, reverse);
@@ -145,8 +159,8 @@ bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool rever
   stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
   const std::optional<Tensor> layout = device_layout(L, job.out);
   const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  auto kernel = persistent::backward_kernel<T, acc_t, A>;
-  prepare(kernel, plan.smem);
+  constexpr auto kernel = persistent::backward_kernel<T, acc_t, A>;
+  prepare<kernel>(plan.smem, job.out.get_device_index());
   kernel<<<plan.blocks, persistent::kThreads, plan.smem, current_stream(job.out)>>>(
       ptr<T>(job.dA), job.dA.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.grad_hx),
       job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch,

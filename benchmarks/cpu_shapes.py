@@ -1,8 +1,10 @@
 """fastrnn.RNN vs torch.nn.RNN on the CPU, on the MNIST example's shapes (examples/mnist_rnn.py) and a long one.
 
-Three contenders, in one process, on identical weights and inputs: torch.nn.RNN, fastrnn
-with its per-step BLAS recurrence (FASTRNN_CPU_FUSED=0) and fastrnn with the fused
-recurrence kernel (csrc/cpu/recurrence.h). Runs are interleaved (A B C, C B A, ...) after a
+Four contenders, in one process, on identical weights and inputs: torch.nn.RNN, fastrnn
+with its per-step BLAS recurrence (FASTRNN_CPU_FUSED=0), fastrnn with the fused
+recurrence kernel (csrc/cpu/recurrence.h), and the same fused kernels called as the raw ops
+(torch.ops.fastrnn.rnn and rnn_backward, no module and no autograd: what a module call
+adds is the difference). Runs are interleaved (A B C, C B A, ...) after a
 warm-up, and medians are reported. FLOP rates are compared with this machine's sgemm rate
 measured in the same run (the best of repeated 2048^3 float32 GEMMs, re-measured between
 shapes, best kept): on a shared machine only ratios within one run mean anything.
@@ -10,8 +12,9 @@ shapes, best kept): on a shared machine only ratios within one run mean anything
     python benchmarks/cpu_shapes.py [--repeats N] [--markdown FILE] [--shapes NAME ...]
                                     [--onednn LIB]
 
---onednn adds oneDNN's vanilla RNN primitive as a fourth contender, from a library built from
-benchmarks/onednn_rnn.cpp (see there); oneDNN is not a dependency of fastrnn.
+--onednn adds oneDNN's vanilla RNN primitive, from a library built from
+benchmarks/onednn_rnn.cpp (see there), as a raw primitive like the raw ops; oneDNN is not a
+dependency of fastrnn.
 """
 
 import argparse
@@ -30,7 +33,26 @@ SHAPES = [
     ("tanh-1x512-T128", 1, "tanh", 512, 64, 128),
 ]
 INPUT = 28
-CONTENDERS = ["torch.nn.RNN", "fastrnn per-step", "fastrnn fused"]
+CONTENDERS = ["torch.nn.RNN", "fastrnn per-step", "fastrnn fused", "fastrnn raw ops"]
+
+
+def raw_op_step(module, x, backward):
+    """fastrnn's ops on module's weights, as fastrnn.RNN calls them for batch_first x [B, T, I]
+    but without the module and autograd: the forward op (and the backward op)."""
+    layers, hidden, nl = module.num_layers, module.hidden_size, module.nonlinearity
+    xt = x.transpose(0, 1)  # the time-major view the module hands the op
+    hx = torch.zeros(layers, x.shape[0], hidden)
+    weights = [w.detach() for w in module._flat_weights]
+    config = (True, layers, 0.0, module.training, False, nl)
+    forward, backward_op = torch.ops.fastrnn.rnn.default, torch.ops.fastrnn.rnn_backward.default
+    out, h_n, _ = forward(xt, hx, weights, *config, None)
+    grad_out, grad_h = torch.ones_like(out), torch.ones_like(h_n)
+
+    def step():
+        out, h_n, reserve = forward(xt, hx, weights, *config, None)
+        if backward:
+            backward_op(xt, hx, weights, *config, None, out, reserve, grad_out, grad_h, False, True)
+    return step
 
 
 def onednn_contender(lib, layers, nl, hidden, batch, steps, backward):
@@ -70,7 +92,7 @@ def main():
         for backward in (True, False):
             fast_step = make_step(fast, (x,), backward)
             steps_ = [make_step(ref, (x,), backward), with_fused(fast_step, False),
-                      with_fused(fast_step, True)]
+                      with_fused(fast_step, True), raw_op_step(fast, x, backward)]
             if onednn:
                 steps_.append(onednn_contender(onednn, layers, nl, hidden, batch, steps, backward))
             times = time_interleaved(steps_, repeats=args.repeats)
@@ -86,14 +108,14 @@ def main():
         f"{args.stat} of {args.repeats} interleaved runs; ms (% of the sgemm peak)",
         "",
         "| shape | pass | " + " | ".join(contenders) + " | fused vs torch | fused vs per-step |"
-        + (" fused vs oneDNN |" if onednn else ""),
-        "|---|---|" + "---|" * len(contenders) + "---|---|" + ("---|" if onednn else ""),
+        + (" fused vs oneDNN | raw ops vs oneDNN |" if onednn else ""),
+        "|---|---|" + "---|" * len(contenders) + "---|---|" + ("---|---|" if onednn else ""),
     ]
     for name, kind, ts, flops in rows:
         cells = " | ".join(f"{t * 1e3:.2f} ({flops / t / peak:.0%})" for t in ts)
         line = f"| {name} | {kind} | {cells} | {ts[0] / ts[2]:.2f}x | {ts[1] / ts[2]:.2f}x |"
         if onednn:
-            line += f" {ts[3] / ts[2]:.2f}x |"
+            line += f" {ts[4] / ts[2]:.2f}x | {ts[4] / ts[3]:.2f}x |"
         lines.append(line)
     emit(lines, args.markdown)
 

@@ -32,12 +32,14 @@ struct BackwardJob {
   const SequenceLayout* layout;
   bool reverse;                        // the forward visited t = T-1 .. 0
   const std::vector<StepRows>* steps;  // steps_in_order(*layout, reverse): the forward's order
-  Tensor dA;                           // [N, H]  dY on entry, dA on exit
+  Tensor dA;                           // [N, H]  dY on entry (unless dY is given), dA on exit
   Tensor out;                          // [N, H]  the forward's h
   Tensor dh_n;                         // [B, H]  gradient reaching h_n (added on each
                                        //         sequence's last row)
   Tensor grad_hx;                      // [B, H]  written: dh_{-1}, the gradient of h0
   Tensor w_hh;                         // [H, H]  contiguous
+  Tensor dY;                           // [N, H] or undefined: dY where it lies, read
+                                       //         only; dA then holds nothing on entry
 };
 
 // LSTM (cells.h): the recurrence of one layer and direction.

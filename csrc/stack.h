@@ -252,9 +252,17 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
   const int64_t N = L.rows, W = c.layer_width(), H = c.hidden, GH = c.gates * H;
   const std::vector<StepRows> order[2] = {steps_in_order(L, false), steps_in_order(L, true)};
 
-  // dY of the top layer: a copy of grad_output, which the recurrences accumulate into.
+  // dY of the top layer. The Elman recurrences read it where it lies (when its
+  // rows have one stride) and write dA to a buffer of their own; LSTM's and
+  // GRU's accumulate into a copy of it. Below the top, dY is the dX of the
+  // layer above, a buffer of the call's, taken over in place.
   scratch::Tensors tmp;
-  Tensor dY = view2d(tmp.copy(grad_output), N, W, W);
+  Tensor dY, dY_top;
+  if (c.cell == CellKind::Elman && as_rows(grad_output, N, W, dY_top)) {
+    dY = tmp.empty(grad_output, {N, W});
+  } else {
+    dY = view2d(tmp.copy(grad_output), N, W, W);
+  }
   const Tensor top_output = view2d(as_contiguous(output), N, W, W);
 
   for (int64_t l = c.layers - 1; l >= 0; --l) {
@@ -277,7 +285,8 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
       switch (c.cell) {
         case CellKind::Elman:
           elman.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.columns(out, d), state(dh_n),
-                           state(grad_hx), w_hh});
+                           state(grad_hx), w_hh,
+                           dY_top.defined() ? view2d(dY_top, N, H, dY_top.stride(0), d * H) : Tensor()});
           break;
         case CellKind::Lstm:
           lstm.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.gates(l, d, sc), s.after_gates(l, d, 0),
@@ -291,6 +300,7 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
           break;
       }
     }
+    dY_top = Tensor();  // read by the top layer only
     if (L.steps > 0) {
       if (!elman.empty()) Backend::backward_recurrences(elman, c.act);
       if (!lstm.empty()) Backend::backward_recurrences(lstm);

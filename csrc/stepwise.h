@@ -106,8 +106,18 @@ void forward(const ForwardJob& job, Activation act) {
   copy_final_rows<Backend>(*job.steps, job.out, job.h_n);
 }
 
+// dA = dY where the job gives dY apart (BackwardJob::dY): the loops below
+// accumulate into dA in place.
+inline void take_dy(const BackwardJob& job) {
+  if (job.dY.defined()) {
+    Tensor dA = job.dA;
+    torch::stable::copy_(dA, job.dY);
+  }
+}
+
 template <class Backend>
 void backward(const BackwardJob& job, Activation act) {
+  take_dy(job);
   const int64_t H = job.w_hh.size(0);
   add_final_rows<Backend>(*job.steps, job.dA, job.dh_n);
   Backend::with_dtype(job.dA.scalar_type(), [&]<typename T>() {

@@ -32,6 +32,25 @@ inline Tensor view2d(const Tensor& t, int64_t rows, int64_t cols, int64_t ld, in
   return reinterpret(t, {rows, cols}, {ld, 1}, offset);
 }
 
+// t's rows as an [N, W] view with one row stride, where they have one: packed
+// [N, W] rows, or the time-major rows (t, b) of a padded [T, B, W]. False
+// where they do not (then `rows` is untouched).
+inline bool as_rows(const Tensor& t, int64_t N, int64_t W, Tensor& rows) {
+  if (W > 1 && t.stride(t.dim() - 1) != 1) return false;
+  int64_t ld = 0;
+  if (t.dim() == 2) {
+    ld = t.stride(0);
+  } else if (t.dim() == 3 && t.size(1) == 1) {
+    ld = t.stride(0);
+  } else if (t.dim() == 3 && (t.size(0) == 1 || t.stride(0) == t.size(1) * t.stride(1))) {
+    ld = t.stride(1);
+  } else {
+    return false;
+  }
+  rows = view2d(t, N, W, ld);
+  return true;
+}
+
 // The transpose of a 2-D view.
 inline Tensor transposed(const Tensor& t) {
   return reinterpret(t, {t.size(1), t.size(0)}, {t.stride(1), t.stride(0)});

@@ -73,6 +73,10 @@ def _worker(rank, init_file, out_dir):
         train(model, rank)
         torch.save({k: v.detach() for k, v in model.module.state_dict().items()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # Neither rank tears its gloo pairs down while the other may still use them (a
+        # rank that did aborted now and then: "terminate called without an active
+        # exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -191,13 +191,20 @@ struct CpuBackend {
         bool supported = true;
         for (const BackwardJob& j : jobs) supported = supported && cpu::supports<T>(j.w_hh.size(0));
         if (!supported) return;
-        for (const BackwardJob& j : jobs) stepwise::add_final_rows<CpuBackend>(*j.steps, j.dA, j.dh_n);
         std::vector<cpu::BackwardRecurrence<T>> rec;
         for (const BackwardJob& j : jobs) {
           rec.push_back({*j.steps, j.w_hh.size(0), static_cast<T*>(j.dA.data_ptr()), j.dA.stride(0),
                          static_cast<const T*>(j.out.data_ptr()), j.out.stride(0),
                          static_cast<T*>(j.grad_hx.data_ptr()), j.grad_hx.stride(0),
                          static_cast<const T*>(j.w_hh.data_ptr()), act});
+          if (j.dY.defined()) {  // read where it lies; dh_n added by the kernel
+            rec.back().dy = static_cast<const T*>(j.dY.data_ptr());
+            rec.back().ld_dy = j.dY.stride(0);
+            rec.back().dh_n = static_cast<const T*>(j.dh_n.data_ptr());
+            rec.back().ld_dh_n = j.dh_n.stride(0);
+          } else {
+            stepwise::add_final_rows<CpuBackend>(*j.steps, j.dA, j.dh_n);
+          }
         }
         fused = cpu::backward_recurrences<T>(rec);
         FASTRNN_CHECK(fused, "fastrnn: the CPU recurrence refused a job it supports");

@@ -77,14 +77,21 @@ template <typename T>
 struct BackwardRecurrence {
   std::span<const StepRows> steps;  // [T] the forward visiting order (walked in reverse)
   int64_t hidden = 0;               // H
-  T* grad = nullptr;                // [N, ld_grad]: dY, plus dh_n on each sequence's final
-  int64_t ld_grad = 0;              //   rows, on entry; dA = (dY + dh) * act'(h) on exit
+  T* grad = nullptr;                // [N, ld_grad]: dA = (dY + dh) * act'(h) on exit; on
+  int64_t ld_grad = 0;              //   entry dY plus dh_n on each sequence's final row, unless dy is set
   const T* out = nullptr;           // [N, ld_out]: the forward's h
   int64_t ld_out = 0;
   T* grad_h0 = nullptr;             // [B, ld_grad_h0]: gets dh_{t-1} = dA_t W_hh of the rows
   int64_t ld_grad_h0 = 0;           //   that began at h0 (rows [carried, count) of a step)
   const T* w_hh = nullptr;          // [H, H] as in forward (used untransposed: dA W_hh)
   Activation act = Activation::Tanh;
+  // Where dY is read from instead (grad is then written only), and dh_n, added
+  // on each sequence's final row: the top layer reads the output's gradient
+  // where it lies instead of from a copy.
+  const T* dy = nullptr;            // [N, ld_dy] or null
+  int64_t ld_dy = 0;
+  const T* dh_n = nullptr;          // [B, ld_dh_n]; null with dy null
+  int64_t ld_dh_n = 0;
 };
 
 // FASTRNN_CPU_FUSED=0 turns the kernel off (supports() is false), read on
@@ -364,10 +371,13 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
     // Phase 0 finishes the last step's dA; phase q >= 1 runs step n - q's
     // GEMM, whose epilogue finishes the earlier step's carried rows, and
     // finishes that step's other rows (no later step feeds them).
+    // Rows first_row.. of step st are their sequences' final rows: dh_n's rows.
     auto scale_rows = [&](const detail::Slot& s, const BackwardRecurrence<T>& j,
                           const StepRows& st, int64_t first_row) {
       ScaleTask<T> c;
       c.g = {j.grad + st.begin * j.ld_grad, j.ld_grad};
+      c.src = j.dy ? Rows<const T>{j.dy + st.begin * j.ld_dy, j.ld_dy} : Rows<const T>{c.g.base, c.g.ld};
+      if (j.dh_n) c.extra = {j.dh_n, j.ld_dh_n};
       c.y = {j.out + st.begin * j.ld_out, j.ld_out};
       c.row_begin = std::max(s.row_begin, first_row);
       c.row_end = std::min(s.row_end, st.count);
@@ -391,6 +401,8 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
       t.a_lo = {j.grad + st.begin * j.ld_grad, j.ld_grad};
       t.a_split = st.count;
       t.d_lo = {j.grad + st.prev_begin * j.ld_grad, j.ld_grad};
+      t.g_lo = j.dy ? Rows<const T>{j.dy + st.prev_begin * j.ld_dy, j.ld_dy}
+                    : Rows<const T>{t.d_lo.base, t.d_lo.ld};
       t.y_lo = {j.out + st.prev_begin * j.ld_out, j.ld_out};
       t.d_hi = {j.grad_h0, j.ld_grad_h0};
       t.d_split = st.carried;

@@ -46,7 +46,7 @@ struct Rows {
 // What a tile does with its sums.
 enum class Epilogue {
   Forward,   // d = act(d + acc)                      (d holds P)
-  Backward,  // d_lo = (d_lo + acc) * act'(y_lo); d_hi = acc
+  Backward,  // d_lo = (g_lo + acc) * act'(y_lo); d_hi = acc
   Linear,    // d = acc + bias (+ d if accumulate)    (bias may be null)
   LinearAT,  // as Linear, with A transposed: A(i, k) at a_lo.base[k * a_lo.ld + i]
   // The cells (CellStep below). Forward: panels of gate-interleaved columns
@@ -107,6 +107,7 @@ struct StepTask {
   Rows<T> d_lo, d_hi;
   int64_t d_split = 0;
   Rows<const T> y_lo;
+  Rows<const T> g_lo;  // Elman backward: dY of d_lo's rows (d_lo itself when dA was a copy of dY)
   const T* bias = nullptr;  // Linear: [H] or null
   bool accumulate = false;  // Linear: add to what d holds; cells' backward: to what d_hi holds
   const CellStep<T>* cell = nullptr;  // the cells' epilogues
@@ -123,10 +124,12 @@ struct StepTask {
   Activation act = Activation::Tanh;
 };
 
-// g *= act'(y) on rows [row_begin, row_end) of g and y, columns [col_begin, col_end).
+// g = (src + extra) * act'(y) on rows [row_begin, row_end) of g, src, y (and
+// extra, where its base is set), columns [col_begin, col_end). src may be g.
 template <typename T>
 struct ScaleTask {
   Rows<T> g;
+  Rows<const T> src, extra;
   Rows<const T> y;
   int64_t row_begin = 0, row_end = 0, col_begin = 0, col_end = 0;
   Activation act = Activation::Tanh;
@@ -389,12 +392,13 @@ struct TileKernel {
       }
     } else if (i < t.d_split) {
       T* d = t.d_lo.row(i) + c0;
+      const T* dy = t.g_lo.row(i) + c0;
       const T* y = t.y_lo.row(i) + c0;
       for (int v = 0; v < W; ++v) {
         const int n = std::min(N, nc - v * N);
         if (n <= 0) break;
         V g, yy;
-        load_part(g, d + v * N, n);
+        load_part(g, dy + v * N, n);
         load_part(yy, y + v * N, n);
         g = g + acc[v];
         grad_(g, yy, t.act);
@@ -518,11 +522,18 @@ struct TileKernel {
   static FASTRNN_INLINE void scale(const ScaleTask<T>& s) {
     for (int64_t i = s.row_begin; i < s.row_end; ++i) {
       T* g = s.g.row(i);
+      const T* src = s.src.row(i);
+      const T* extra = s.extra.base ? s.extra.row(i) : nullptr;
       const T* y = s.y.row(i);
       for (int64_t c = s.col_begin; c < s.col_end; c += N) {
         const int n = static_cast<int>(std::min<int64_t>(N, s.col_end - c));
         V gv, yv;
-        load_part(gv, g + c, n);
+        load_part(gv, src + c, n);
+        if (extra) {
+          V ev;
+          load_part(ev, extra + c, n);
+          gv = gv + ev;
+        }
         load_part(yv, y + c, n);
         grad_(gv, yv, s.act);
         store_part(g + c, gv, n);

@@ -1046,6 +1046,32 @@ def test_rnn_backward_leaves_its_arguments_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(flat(first), flat(again)))
 
 
+def _layouts(g):
+    """g's values in other memory layouts: rows padded (a slice of a wider tensor), the
+    batch dimension outermost, one value broadcast over a dimension."""
+    wide = torch.zeros(*g.shape[:-1], g.shape[-1] + 3, dtype=g.dtype)
+    wide[..., 1 : 1 + g.shape[-1]] = g
+    yield "padded rows", wide[..., 1 : 1 + g.shape[-1]]
+    if g.dim() == 3:
+        yield "batch outermost", g.transpose(0, 1).contiguous().transpose(0, 1)
+        yield "broadcast over batch", g[:, :1].expand(g.shape)
+    yield "broadcast over columns", g[..., :1].expand(g.shape)
+
+
+@pytest.mark.parametrize("case", [BASE.replace(num_layers=2, bidirectional=True),
+                                  BASE.replace(num_layers=2, packed=True, nonlinearity="relu")],
+                         ids=case_id)
+def test_rnn_backward_takes_grad_output_in_any_layout(case):
+    """The backward reads the output's gradient where it lies when its rows have one stride
+    (and copies it otherwise): every layout gives the very gradients of a contiguous copy."""
+    args, bwd = backward_args(case, True, True)
+    at = BWD_NAMES.index("grad_output")
+    for name, g in _layouts(bwd[at]):
+        want = args.backward_op(*bwd[:at], g.contiguous(), *bwd[at + 1:])
+        got = args.backward_op(*bwd[:at], g, *bwd[at + 1:])
+        assert all(torch.equal(a, b) for a, b in zip(flat(got), flat(want))), name
+
+
 @pytest.mark.parametrize("case", [
     LSTM_BASE, LSTM_BASE.replace(proj_size=2, num_layers=2, bidirectional=True, packed=True),
     GRU_BASE, GRU_BASE.replace(num_layers=2, bidirectional=True, packed=True)], ids=case_id)

@@ -68,12 +68,15 @@ struct LstmBackwardJob {
   bool reverse;
   const std::vector<StepRows>* steps;
   Tensor dh;        // [N, R]  dY on entry, the whole gradient of each h_t on exit
-  Tensor gates;     // [N, 4H] activated gates on entry, dA (pre-activation gradients) on exit
+  Tensor gates;     // [N, 4H] activated gates on entry (unless saved_gates is given), dA
+                    //         (pre-activation gradients) on exit
   Tensor c, m;      // [N, H]  the forward's (m: with a projection only)
   Tensor c0;        // [B, H]
   Tensor dh_n, dc_n;       // [B, R], [B, H]
   Tensor grad_hx, grad_cx;  // [B, R], [B, H]  written
   Tensor w_hh, w_hr;
+  Tensor saved_gates;  // [N, 4H] or undefined: the activated gates, read only (the
+                       //         reserve); gates then hold nothing on entry
 };
 
 // GRU (cells.h): the recurrence of one layer and direction.
@@ -95,13 +98,15 @@ struct GruBackwardJob {
   bool reverse;
   const std::vector<StepRows>* steps;
   Tensor dh;     // [N, H]  dY on entry, the whole gradient of each h_t on exit
-  Tensor gates;  // [N, 3H] r z n on entry, [dA_r, dA_z, dA_hn] on exit (cells.h)
-  Tensor hn;     // [N, H]  the forward's hn on entry, dA_n on exit
+  Tensor gates;  // [N, 3H] r z n on entry (unless saved), [dA_r, dA_z, dA_hn] on exit (cells.h)
+  Tensor hn;     // [N, H]  the forward's hn on entry (unless saved), dA_n on exit
   Tensor out;    // [N, H]  the forward's h_t
   Tensor h0;     // [B, H]
   Tensor dh_n;   // [B, H]
   Tensor grad_hx;  // [B, H] written
   Tensor w_hh;
+  Tensor saved_gates, saved_hn;  // or undefined: r z n and hn, read only (the reserve);
+                                 // gates and hn then hold nothing on entry
 };
 
 // Row ranges of a step whose h is a sequence's last (read by no later step):

@@ -60,10 +60,6 @@ struct StackViews {
     const int64_t outputs = (c.layers - 1) * N() * W() * (c.dropout_applied() ? 2 : 1);
     return outputs + l * N() * c.directions * c.saved_per_row();
   }
-  // A copy of the first `elements` of layer l's saved block.
-  Tensor copy_of_block(scratch::Tensors& tmp, int64_t l, int64_t elements) const {
-    return tmp.copy(reinterpret(reserve, {elements}, {1}, block_offset(l)));
-  }
   Tensor gates(int64_t l, int64_t d, const Tensor* copy = nullptr) const {
     return saved(l, d, 0, c.gates * c.hidden, copy);
   }
@@ -267,12 +263,13 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
 
   for (int64_t l = c.layers - 1; l >= 0; --l) {
     const Tensor out = l + 1 == c.layers ? top_output : s.layer_output(l);
-    // LSTM's and GRU's recurrences turn the saved gates (and GRU's hn) into
-    // their gradients in place: on a copy, as the reserve is read-only (a
-    // retained graph runs backward again from it).
+    // LSTM's and GRU's recurrences read the saved gates (and GRU's hn) from
+    // the reserve, which stays as it is (a retained graph runs backward again
+    // from it), and write their gradients into a buffer laid out like the
+    // reserve's block.
     Tensor scratch;
     if (c.cell != CellKind::Elman) {
-      scratch = s.copy_of_block(tmp, l, N * c.directions * (GH + (c.cell == CellKind::Gru ? H : 0)));
+      scratch = tmp.empty(s.reserve, {N * c.directions * (GH + (c.cell == CellKind::Gru ? H : 0))});
     }
     const Tensor* sc = scratch.defined() ? &scratch : nullptr;
     std::vector<BackwardJob> elman;
@@ -292,11 +289,12 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
           lstm.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.gates(l, d, sc), s.after_gates(l, d, 0),
                           c.proj ? s.after_gates(l, d, 1) : Tensor(), state(c0), state(dh_n),
                           state(dc_n), state(grad_hx), state(grad_cx), w_hh,
-                          c.proj ? as_contiguous(s.w_hr(cell)) : Tensor()});
+                          c.proj ? as_contiguous(s.w_hr(cell)) : Tensor(), s.gates(l, d)});
           break;
         case CellKind::Gru:
           gru.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.gates(l, d, sc), s.after_gates(l, d, 0, sc),
-                         s.columns(out, d), state(h0), state(dh_n), state(grad_hx), w_hh});
+                         s.columns(out, d), state(h0), state(dh_n), state(grad_hx), w_hh,
+                         s.gates(l, d), s.after_gates(l, d, 0)});
           break;
       }
     }

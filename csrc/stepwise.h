@@ -163,8 +163,26 @@ void forward(const LstmForwardJob& job) {
   copy_final_rows<Backend>(*job.steps, job.c, job.c_n);
 }
 
+// The saved gates (and GRU's hn) into the buffers the loops below turn into
+// their gradients in place, where the job gives them apart.
+inline void take_saved(const LstmBackwardJob& job) {
+  if (job.saved_gates.defined()) {
+    Tensor gates = job.gates;
+    torch::stable::copy_(gates, job.saved_gates);
+  }
+}
+
+inline void take_saved(const GruBackwardJob& job) {
+  if (job.saved_gates.defined()) {
+    Tensor gates = job.gates, hn = job.hn;
+    torch::stable::copy_(gates, job.saved_gates);
+    torch::stable::copy_(hn, job.saved_hn);
+  }
+}
+
 template <class Backend>
 void backward(const LstmBackwardJob& job) {
+  take_saved(job);
   const int64_t H = job.c.size(1), B = job.grad_cx.size(0);
   const bool proj = job.w_hr.defined();
   add_final_rows<Backend>(*job.steps, job.dh, job.dh_n);
@@ -226,6 +244,7 @@ void forward(const GruForwardJob& job) {
 
 template <class Backend>
 void backward(const GruBackwardJob& job) {
+  take_saved(job);
   const int64_t H = job.hn.size(1);
   add_final_rows<Backend>(*job.steps, job.dh, job.dh_n);
   Backend::with_dtype(job.dh.scalar_type(), [&]<typename T>() {

@@ -283,6 +283,10 @@ struct CpuBackend {
                          j.gates.stride(0), ptr<T>(j.c), j.c.stride(0), ptr<T>(j.c0), j.c0.stride(0),
                          ptr<T>(j.dc_n), j.dc_n.stride(0), ptr<T>(j.grad_hx), j.grad_hx.stride(0),
                          ptr<T>(j.grad_cx), j.grad_cx.stride(0), ptr<T>(j.w_hh)});
+          if (j.saved_gates.defined()) {
+            rec.back().saved_gates = ptr<T>(j.saved_gates);
+            rec.back().ld_saved_gates = j.saved_gates.stride(0);
+          }
         }
         fused = cpu::backward_recurrences<T>(std::span<const cpu::LstmBackwardRecurrence<T>>(rec));
         FASTRNN_CHECK(fused, "fastrnn: the CPU LSTM recurrence refused a job it supports");
@@ -327,6 +331,12 @@ struct CpuBackend {
                          j.gates.stride(0), ptr<T>(j.hn), j.hn.stride(0), ptr<T>(j.out), j.out.stride(0),
                          ptr<T>(j.h0), j.h0.stride(0), ptr<T>(j.grad_hx), j.grad_hx.stride(0),
                          ptr<T>(j.w_hh)});
+          if (j.saved_gates.defined()) {
+            rec.back().saved_gates = ptr<T>(j.saved_gates);
+            rec.back().ld_saved_gates = j.saved_gates.stride(0);
+            rec.back().saved_hn = ptr<T>(j.saved_hn);
+            rec.back().ld_saved_hn = j.saved_hn.stride(0);
+          }
         }
         fused = cpu::backward_recurrences<T>(std::span<const cpu::GruBackwardRecurrence<T>>(rec));
         FASTRNN_CHECK(fused, "fastrnn: the CPU GRU recurrence refused a job it supports");

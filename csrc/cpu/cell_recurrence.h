@@ -84,6 +84,8 @@ struct LstmBackwardRecurrence {
   T* grad_c0 = nullptr;             // [B, ld_grad_c0]: written
   int64_t ld_grad_c0 = 0;
   const T* w_hh = nullptr;          // [4H, H] contiguous
+  const T* saved_gates = nullptr;   // [N, ld_saved_gates] or null: the activated gates, read
+  int64_t ld_saved_gates = 0;       //   here; gates is then written only
 };
 
 template <typename T>
@@ -119,6 +121,10 @@ struct GruBackwardRecurrence {
   T* grad_h0 = nullptr;             // [B, ld_grad_h0]: written
   int64_t ld_grad_h0 = 0;
   const T* w_hh = nullptr;          // [3H, H] contiguous
+  const T* saved_gates = nullptr;   // [N, ld_saved_gates], [N, ld_saved_hn] or null: r z n
+  int64_t ld_saved_gates = 0;       //   and hn, read here; gates and hn are then written only
+  const T* saved_hn = nullptr;
+  int64_t ld_saved_hn = 0;
 };
 
 // Whether the fused cell kernels take this dtype and hidden size (and

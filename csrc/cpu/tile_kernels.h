@@ -72,6 +72,9 @@ struct CellStep {
   Rows<T> h;      // forward: LSTM's m_t = h_t, GRU's h_t (written)
   Rows<T> hn;     // GRU: hn = (h_{t-1} W_hh^T)_n + b_hn (forward: written; backward: -> dA_n)
   Rows<T> dh;     // backward: the whole gradient of h_t (read)
+  // Backward: where the activated gates (and GRU's hn) are read; gates and hn
+  // themselves when they are turned into their gradients in place.
+  Rows<const T> saved_gates, saved_hn;
   // The previous state of row i (LSTM c_{t-1}, GRU h_{t-1}): prev_lo.row(i)
   // for i < prev_split (the rows carried from the step before), else
   // prev_hi.row(i) (c0 / h0).
@@ -211,9 +214,10 @@ struct TileKernel {
     load_part(prev, (carried ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + u0, n);
     load_part(d, cs.dh.row(i) + u0, n);
     T* out = (carried ? cs.out_lo.row(i) : cs.out_hi.row(i)) + u0;
+    const T* sg = cs.saved_gates.row(i) + u0;
     if constexpr (E == Epilogue::LstmBackward) {
       V x[4], c, dc_in, dc_prev;
-      for (int v = 0; v < 4; ++v) load_part(x[v], g + v * H, n);
+      for (int v = 0; v < 4; ++v) load_part(x[v], sg + v * H, n);
       load_part(c, cs.c.row(i) + u0, n);
       load_part(dc_in, (i < cs.dc_split ? cs.dc_lo.row(i) : cs.dc_hi.row(i)) + u0, n);
       lstm_backward_cell<Act, T>(x[0], x[1], x[2], x[3], c, prev, d, dc_in, dc_prev);
@@ -221,8 +225,8 @@ struct TileKernel {
       store_part(out, dc_prev, n);
     } else {
       V x[3], hn, direct;
-      for (int v = 0; v < 3; ++v) load_part(x[v], g + v * H, n);
-      load_part(hn, cs.hn.row(i) + u0, n);
+      for (int v = 0; v < 3; ++v) load_part(x[v], sg + v * H, n);
+      load_part(hn, cs.saved_hn.row(i) + u0, n);
       gru_backward_cell<Act, T>(x[0], x[1], x[2], hn, d, prev, direct);
       for (int v = 0; v < 3; ++v) store_part(g + v * H, x[v], n);
       store_part(cs.hn.row(i) + u0, hn, n);
@@ -267,11 +271,16 @@ struct TileKernel {
         const T* g = cs.gates.row(i) + u;
         for (int k = 0; k < G; ++k) __builtin_prefetch(g + k * cs.H, 1);
         if constexpr (!forward) {
+          if (cs.saved_gates.base != cs.gates.base) {
+            const T* sg = cs.saved_gates.row(i) + u;
+            for (int k = 0; k < G; ++k) __builtin_prefetch(sg + k * cs.H);
+          }
           __builtin_prefetch(cs.dh.row(i) + u);
           if constexpr (G == 4) {
             __builtin_prefetch(cs.c.row(i) + u);
           } else {
             __builtin_prefetch(cs.hn.row(i) + u, 1);
+            if (cs.saved_hn.base != cs.hn.base) __builtin_prefetch(cs.saved_hn.row(i) + u);
           }
           __builtin_prefetch((i < cs.prev_split ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + u);
         }

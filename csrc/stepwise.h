@@ -106,18 +106,18 @@ void forward(const ForwardJob& job, Activation act) {
   copy_final_rows<Backend>(*job.steps, job.out, job.h_n);
 }
 
-// dA = dY where the job gives dY apart (BackwardJob::dY): the loops below
-// accumulate into dA in place.
-inline void take_dy(const BackwardJob& job) {
-  if (job.dY.defined()) {
-    Tensor dA = job.dA;
-    torch::stable::copy_(dA, job.dY);
+// dst = src where the job gives src apart from the buffer the loops below
+// work on in place (BackwardJob::dY, the cells' saved gates and hn).
+inline void take(const Tensor& dst, const Tensor& src) {
+  if (src.defined()) {
+    Tensor d = dst;
+    torch::stable::copy_(d, src);
   }
 }
 
 template <class Backend>
 void backward(const BackwardJob& job, Activation act) {
-  take_dy(job);
+  take(job.dA, job.dY);
   const int64_t H = job.w_hh.size(0);
   add_final_rows<Backend>(*job.steps, job.dA, job.dh_n);
   Backend::with_dtype(job.dA.scalar_type(), [&]<typename T>() {
@@ -163,26 +163,9 @@ void forward(const LstmForwardJob& job) {
   copy_final_rows<Backend>(*job.steps, job.c, job.c_n);
 }
 
-// The saved gates (and GRU's hn) into the buffers the loops below turn into
-// their gradients in place, where the job gives them apart.
-inline void take_saved(const LstmBackwardJob& job) {
-  if (job.saved_gates.defined()) {
-    Tensor gates = job.gates;
-    torch::stable::copy_(gates, job.saved_gates);
-  }
-}
-
-inline void take_saved(const GruBackwardJob& job) {
-  if (job.saved_gates.defined()) {
-    Tensor gates = job.gates, hn = job.hn;
-    torch::stable::copy_(gates, job.saved_gates);
-    torch::stable::copy_(hn, job.saved_hn);
-  }
-}
-
 template <class Backend>
 void backward(const LstmBackwardJob& job) {
-  take_saved(job);
+  take(job.gates, job.saved_gates);
   const int64_t H = job.c.size(1), B = job.grad_cx.size(0);
   const bool proj = job.w_hr.defined();
   add_final_rows<Backend>(*job.steps, job.dh, job.dh_n);
@@ -244,7 +227,8 @@ void forward(const GruForwardJob& job) {
 
 template <class Backend>
 void backward(const GruBackwardJob& job) {
-  take_saved(job);
+  take(job.gates, job.saved_gates);
+  take(job.hn, job.saved_hn);
   const int64_t H = job.hn.size(1);
   add_final_rows<Backend>(*job.steps, job.dh, job.dh_n);
   Backend::with_dtype(job.dh.scalar_type(), [&]<typename T>() {

@@ -161,6 +161,14 @@ struct CpuBackend {
     });
   }
 
+  // A tensor's data and row stride for the kernels' jobs: null and 0 where it
+  // is undefined (an optional buffer).
+  template <typename T>
+  static T* ptr(const Tensor& t) {
+    return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+  }
+  static int64_t ld(const Tensor& t) { return t.defined() ? t.stride(0) : 0; }
+
   // Elman: every direction of the layer in one parallel region of the fused
   // recurrence (recurrence.h) where it takes the dtype (float; double with
   // relu), else one GEMM per step.
@@ -193,18 +201,12 @@ struct CpuBackend {
         if (!supported) return;
         std::vector<cpu::BackwardRecurrence<T>> rec;
         for (const BackwardJob& j : jobs) {
-          rec.push_back({*j.steps, j.w_hh.size(0), static_cast<T*>(j.dA.data_ptr()), j.dA.stride(0),
-                         static_cast<const T*>(j.out.data_ptr()), j.out.stride(0),
-                         static_cast<T*>(j.grad_hx.data_ptr()), j.grad_hx.stride(0),
-                         static_cast<const T*>(j.w_hh.data_ptr()), act});
-          if (j.dY.defined()) {  // read where it lies; dh_n added by the kernel
-            rec.back().dy = static_cast<const T*>(j.dY.data_ptr());
-            rec.back().ld_dy = j.dY.stride(0);
-            rec.back().dh_n = static_cast<const T*>(j.dh_n.data_ptr());
-            rec.back().ld_dh_n = j.dh_n.stride(0);
-          } else {
-            stepwise::add_final_rows<CpuBackend>(*j.steps, j.dA, j.dh_n);
-          }
+          // A given dY is read where it lies, and dh_n added by the kernel.
+          const bool given = j.dY.defined();
+          if (!given) stepwise::add_final_rows<CpuBackend>(*j.steps, j.dA, j.dh_n);
+          rec.push_back({*j.steps, j.w_hh.size(0), ptr<T>(j.dA), j.dA.stride(0), ptr<T>(j.out),
+                         j.out.stride(0), ptr<T>(j.grad_hx), j.grad_hx.stride(0), ptr<T>(j.w_hh), act,
+                         ptr<T>(j.dY), ld(j.dY), given ? ptr<T>(j.dh_n) : nullptr, ld(j.dh_n)});
         }
         fused = cpu::backward_recurrences<T>(rec);
         FASTRNN_CHECK(fused, "fastrnn: the CPU recurrence refused a job it supports");
@@ -219,11 +221,6 @@ struct CpuBackend {
   // fused recurrences (cell_recurrence.h) where they take the dtype (float,
   // double) and there is no projection, else one GEMM per step and the
   // cell's pointwise pass (stepwise.h).
-  template <typename T>
-  static T* ptr(const Tensor& t) {
-    return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
-  }
-
   // LSTM's input projection inside the fused recurrence (stack.h asks):
   // where the kernel takes the job and lstm_projection_inside says so.
   static bool input_projection_inside(const LstmForwardJob& j) {
@@ -282,11 +279,8 @@ struct CpuBackend {
           rec.push_back({*j.steps, j.c.size(1), ptr<T>(j.dh), j.dh.stride(0), ptr<T>(j.gates),
                          j.gates.stride(0), ptr<T>(j.c), j.c.stride(0), ptr<T>(j.c0), j.c0.stride(0),
                          ptr<T>(j.dc_n), j.dc_n.stride(0), ptr<T>(j.grad_hx), j.grad_hx.stride(0),
-                         ptr<T>(j.grad_cx), j.grad_cx.stride(0), ptr<T>(j.w_hh)});
-          if (j.saved_gates.defined()) {
-            rec.back().saved_gates = ptr<T>(j.saved_gates);
-            rec.back().ld_saved_gates = j.saved_gates.stride(0);
-          }
+                         ptr<T>(j.grad_cx), j.grad_cx.stride(0), ptr<T>(j.w_hh),
+                         ptr<T>(j.saved_gates), ld(j.saved_gates)});
         }
         fused = cpu::backward_recurrences<T>(std::span<const cpu::LstmBackwardRecurrence<T>>(rec));
         FASTRNN_CHECK(fused, "fastrnn: the CPU LSTM recurrence refused a job it supports");
@@ -330,13 +324,8 @@ struct CpuBackend {
           rec.push_back({*j.steps, j.hn.size(1), ptr<T>(j.dh), j.dh.stride(0), ptr<T>(j.gates),
                          j.gates.stride(0), ptr<T>(j.hn), j.hn.stride(0), ptr<T>(j.out), j.out.stride(0),
                          ptr<T>(j.h0), j.h0.stride(0), ptr<T>(j.grad_hx), j.grad_hx.stride(0),
-                         ptr<T>(j.w_hh)});
-          if (j.saved_gates.defined()) {
-            rec.back().saved_gates = ptr<T>(j.saved_gates);
-            rec.back().ld_saved_gates = j.saved_gates.stride(0);
-            rec.back().saved_hn = ptr<T>(j.saved_hn);
-            rec.back().ld_saved_hn = j.saved_hn.stride(0);
-          }
+                         ptr<T>(j.w_hh), ptr<T>(j.saved_gates), ld(j.saved_gates),
+                         ptr<T>(j.saved_hn), ld(j.saved_hn)});
         }
         fused = cpu::backward_recurrences<T>(std::span<const cpu::GruBackwardRecurrence<T>>(rec));
         FASTRNN_CHECK(fused, "fastrnn: the CPU GRU recurrence refused a job it supports");

@@ -189,8 +189,7 @@ void run_backward(std::span<const Job> jobs) {
     CellStep<T> cs;
     cs.H = j.hidden;
     cs.gates = {j.gates + st.begin * j.ld_gates, j.ld_gates};
-    cs.saved_gates = j.saved_gates ? Rows<const T>{j.saved_gates + st.begin * j.ld_saved_gates, j.ld_saved_gates}
-                                   : Rows<const T>{cs.gates.base, cs.gates.ld};
+    cs.saved_gates = rows_or(j.saved_gates, j.ld_saved_gates, st.begin, cs.gates);
     cs.dh = {j.dh + st.begin * j.ld_dh, j.ld_dh};
     if constexpr (Cell == 0) {
       cs.c = {const_cast<T*>(j.c) + st.begin * j.ld_c, j.ld_c};  // read only
@@ -203,8 +202,7 @@ void run_backward(std::span<const Job> jobs) {
     } else {
       (void)dc_split;
       cs.hn = {j.hn + st.begin * j.ld_hn, j.ld_hn};
-      cs.saved_hn = j.saved_hn ? Rows<const T>{j.saved_hn + st.begin * j.ld_saved_hn, j.ld_saved_hn}
-                               : Rows<const T>{cs.hn.base, cs.hn.ld};
+      cs.saved_hn = rows_or(j.saved_hn, j.ld_saved_hn, st.begin, cs.hn);
       set_prev<T>(cs, st, j.out, j.ld_out, j.h0, j.ld_h0);
       cs.out_lo = {j.dh + st.prev_begin * j.ld_dh, j.ld_dh};
       cs.out_hi = {j.grad_h0, j.ld_grad_h0};

@@ -376,7 +376,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
                           const StepRows& st, int64_t first_row) {
       ScaleTask<T> c;
       c.g = {j.grad + st.begin * j.ld_grad, j.ld_grad};
-      c.src = j.dy ? Rows<const T>{j.dy + st.begin * j.ld_dy, j.ld_dy} : Rows<const T>{c.g.base, c.g.ld};
+      c.src = rows_or(j.dy, j.ld_dy, st.begin, c.g);
       if (j.dh_n) c.extra = {j.dh_n, j.ld_dh_n};
       c.y = {j.out + st.begin * j.ld_out, j.ld_out};
       c.row_begin = std::max(s.row_begin, first_row);
@@ -401,8 +401,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
       t.a_lo = {j.grad + st.begin * j.ld_grad, j.ld_grad};
       t.a_split = st.count;
       t.d_lo = {j.grad + st.prev_begin * j.ld_grad, j.ld_grad};
-      t.g_lo = j.dy ? Rows<const T>{j.dy + st.prev_begin * j.ld_dy, j.ld_dy}
-                    : Rows<const T>{t.d_lo.base, t.d_lo.ld};
+      t.g_lo = rows_or(j.dy, j.ld_dy, st.prev_begin, t.d_lo);
       t.y_lo = {j.out + st.prev_begin * j.ld_out, j.ld_out};
       t.d_hi = {j.grad_h0, j.ld_grad_h0};
       t.d_split = st.carried;

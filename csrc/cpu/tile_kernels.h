@@ -43,6 +43,13 @@ struct Rows {
   T* row(int64_t i) const { return base + i * ld; }
 };
 
+// The rows of p from row `begin` on, or `otherwise` where p is null (a buffer
+// read in place).
+template <typename T>
+Rows<const T> rows_or(const T* p, int64_t ld, int64_t begin, const Rows<T>& otherwise) {
+  return p ? Rows<const T>{p + begin * ld, ld} : Rows<const T>{otherwise.base, otherwise.ld};
+}
+
 // What a tile does with its sums.
 enum class Epilogue {
   Forward,   // d = act(d + acc)                      (d holds P)

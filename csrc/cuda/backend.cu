@@ -156,7 +156,7 @@ bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool rever
   const int64_t H = job.w_hh.size(0);
   PersistentPlan plan;
   if (!plan_persistent<acc_t>(L, H, 2, job.out.get_device_index(), plan)) return false;
-  stepwise::take_dy(job);
+  stepwise::take(job.dA, job.dY);
   stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
   const std::optional<Tensor> layout = device_layout(L, job.out);
   const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;

@@ -155,16 +155,22 @@ struct TileKernel {
   static constexpr int kLanes = N;
 
   // n <= N lanes from p (the rest zero) / to p: one vector move when n == N.
+  // Full: n == N is known at compile time. The cells' epilogues are compiled
+  // apart for full vectors, where nothing of the lane-by-lane path is left to
+  // keep their vectors in memory (with it, they spilled every gate and sum to
+  // the stack: a third of the LSTM forward kernel's time).
+  template <bool Full = false>
   static FASTRNN_INLINE void load_part(V& v, const T* p, int n) {
-    if (n == N) {
+    if (Full || n == N) {
       simd::load(v, p);
     } else {
       v = V{};
       for (int l = 0; l < n; ++l) v[l] = p[l];
     }
   }
+  template <bool Full = false>
   static FASTRNN_INLINE void store_part(T* p, const V& v, int n) {
-    if (n == N) {
+    if (Full || n == N) {
       simd::store(p, v);
     } else {
       for (int l = 0; l < n; ++l) p[l] = v[l];
@@ -212,39 +218,48 @@ struct TileKernel {
   // The cell gradient of row i of a step, units [u0, u0 + n), n <= N, from
   // the whole gradient of its h (cs.dh): cells.h's backward element function
   // on one vector of units.
-  template <Epilogue E>
+  template <Epilogue E, bool Full>
   static FASTRNN_INLINE void cell_grad(const CellStep<T>& cs, int64_t i, int64_t u0, int n) {
     const int64_t H = cs.H;
     T* g = cs.gates.row(i) + u0;
     const bool carried = i < cs.prev_split;
     V prev, d;
-    load_part(prev, (carried ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + u0, n);
-    load_part(d, cs.dh.row(i) + u0, n);
+    load_part<Full>(prev, (carried ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + u0, n);
+    load_part<Full>(d, cs.dh.row(i) + u0, n);
     T* out = (carried ? cs.out_lo.row(i) : cs.out_hi.row(i)) + u0;
     const T* sg = cs.saved_gates.row(i) + u0;
     if constexpr (E == Epilogue::LstmBackward) {
       V x[4], c, dc_in, dc_prev;
-      for (int v = 0; v < 4; ++v) load_part(x[v], sg + v * H, n);
-      load_part(c, cs.c.row(i) + u0, n);
-      load_part(dc_in, (i < cs.dc_split ? cs.dc_lo.row(i) : cs.dc_hi.row(i)) + u0, n);
+      for (int v = 0; v < 4; ++v) load_part<Full>(x[v], sg + v * H, n);
+      load_part<Full>(c, cs.c.row(i) + u0, n);
+      load_part<Full>(dc_in, (i < cs.dc_split ? cs.dc_lo.row(i) : cs.dc_hi.row(i)) + u0, n);
       lstm_backward_cell<Act, T>(x[0], x[1], x[2], x[3], c, prev, d, dc_in, dc_prev);
-      for (int v = 0; v < 4; ++v) store_part(g + v * H, x[v], n);
-      store_part(out, dc_prev, n);
+      for (int v = 0; v < 4; ++v) store_part<Full>(g + v * H, x[v], n);
+      store_part<Full>(out, dc_prev, n);
     } else {
       V x[3], hn, direct;
-      for (int v = 0; v < 3; ++v) load_part(x[v], sg + v * H, n);
-      load_part(hn, cs.saved_hn.row(i) + u0, n);
+      for (int v = 0; v < 3; ++v) load_part<Full>(x[v], sg + v * H, n);
+      load_part<Full>(hn, cs.saved_hn.row(i) + u0, n);
       gru_backward_cell<Act, T>(x[0], x[1], x[2], hn, d, prev, direct);
-      for (int v = 0; v < 3; ++v) store_part(g + v * H, x[v], n);
-      store_part(cs.hn.row(i) + u0, hn, n);
+      for (int v = 0; v < 3; ++v) store_part<Full>(g + v * H, x[v], n);
+      store_part<Full>(cs.hn.row(i) + u0, hn, n);
       // Added to the previous step's dh, written into grad_hx (whose old
       // contents are not read: no 0 * NaN).
       if (carried) {
         V old;
-        load_part(old, out, n);
+        load_part<Full>(old, out, n);
         direct = old + direct;
       }
-      store_part(out, direct, n);
+      store_part<Full>(out, direct, n);
+    }
+  }
+
+  template <Epilogue E>
+  static FASTRNN_INLINE void cell_grad(const CellStep<T>& cs, int64_t i, int64_t u0, int n) {
+    if (n == N) {
+      cell_grad<E, true>(cs, i, u0, N);
+    } else {
+      cell_grad<E, false>(cs, i, u0, n);
     }
   }
 
@@ -258,11 +273,38 @@ struct TileKernel {
     }
   }
 
-  // The cells' epilogues read rows that were last touched a whole layer ago
-  // (the gates, from the input projection or the backward's copy; c; dY),
-  // out of L2: without help their loads stalled the backward kernel for a
-  // third of its time. The k loop of the tile takes long enough to bring them
-  // in, so ask for them before it.
+  // The epilogues read rows that were last touched a whole layer ago (P,
+  // dY, h; the cells' gates and c) out of L2 or memory: without help these
+  // loads stalled the LSTM backward kernel for a third of its time, and the
+  // Elman kernels for a tenth to a fifth at H = 512. The tile's product
+  // takes long enough to bring them in, so they are asked for before its
+  // last kPrefetchAhead k: not at its start, where a panel wider than L1
+  // (K = 512: 64 KB) streamed them out again before the epilogue came.
+  // (1x512/T128 ran 6% faster with the Elman rows fetched so; 64 or the
+  // tile's start did no better.)
+  static constexpr int64_t kPrefetchAhead = 128;
+
+  template <int M, int W, Epilogue E>
+  static FASTRNN_INLINE void prefetch_epilogue(const StepTask<T>& t, int64_t i0, int64_t c0) {
+    if constexpr (E == Epilogue::Forward) {
+      for (int r = 0; r < M; ++r) {
+        for (int v = 0; v < W; ++v) __builtin_prefetch(t.d_lo.row(i0 + r) + c0 + v * N, 1);
+      }
+    } else if constexpr (E == Epilogue::Backward) {
+      for (int r = 0; r < M; ++r) {
+        const int64_t i = i0 + r;
+        if (i >= t.d_split) continue;  // grad_h0's rows: written only
+        for (int v = 0; v < W; ++v) {
+          __builtin_prefetch(t.g_lo.row(i) + c0 + v * N);
+          __builtin_prefetch(t.y_lo.row(i) + c0 + v * N);
+          if (t.g_lo.base != t.d_lo.base) __builtin_prefetch(t.d_lo.row(i) + c0 + v * N, 1);
+        }
+      }
+    } else if constexpr (E >= Epilogue::LstmForward) {
+      prefetch_cell_rows<M, W, E>(t, i0, c0);
+    }
+  }
+
   template <int M, int W, Epilogue E>
   static FASTRNN_INLINE void prefetch_cell_rows(const StepTask<T>& t, int64_t i0, int64_t c0) {
     const CellStep<T>& cs = *t.cell;
@@ -292,6 +334,57 @@ struct TileKernel {
           __builtin_prefetch((i < cs.prev_split ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + u);
         }
       }
+    }
+  }
+
+  // The cells' forward epilogue of one tile row: units [c0, c0 + nc); acc[g]: gate g's sums.
+  template <Epilogue E, bool Full, int W>
+  static FASTRNN_INLINE void cell_forward(const StepTask<T>& t, int64_t i, int64_t c0, int nc,
+                                          V (&acc)[W]) {
+    if constexpr (E == Epilogue::LstmForward) {
+      const CellStep<T>& cs = *t.cell;
+      const int64_t H = cs.H;
+      T* g = cs.gates.row(i) + c0;
+      V x[4];
+      for (int v = 0; v < 4; ++v) {
+        if (cs.projected) {
+          x[v] = acc[v];
+          if (cs.bias) {
+            V b;
+            load_part<Full>(b, cs.bias + v * H + c0, nc);
+            x[v] = x[v] + b;
+          }
+        } else {
+          load_part<Full>(x[v], g + v * H, nc);
+          x[v] = x[v] + acc[v];
+        }
+      }
+      V cp, c, m;
+      load_part<Full>(cp, (i < cs.prev_split ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + c0, nc);
+      lstm_forward_cell<Act, T>(x[0], x[1], x[2], x[3], cp, c, m);
+      for (int v = 0; v < 4; ++v) store_part<Full>(g + v * H, x[v], nc);
+      store_part<Full>(cs.c.row(i) + c0, c, nc);
+      store_part<Full>(cs.h.row(i) + c0, m, nc);
+    } else if constexpr (E == Epilogue::GruForward) {
+      const CellStep<T>& cs = *t.cell;
+      const int64_t H = cs.H;
+      T* g = cs.gates.row(i) + c0;
+      V x[3], hg[3];
+      for (int v = 0; v < 3; ++v) {
+        load_part<Full>(x[v], g + v * H, nc);
+        hg[v] = acc[v];
+        if (cs.bias) {
+          V b;
+          load_part<Full>(b, cs.bias + v * H + c0, nc);
+          hg[v] = b + hg[v];
+        }
+      }
+      V hp, h;
+      load_part<Full>(hp, (i < cs.prev_split ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + c0, nc);
+      gru_forward_cell<Act, T>(x[0], x[1], x[2], hg[0], hg[1], hg[2], hp, h);
+      for (int v = 0; v < 3; ++v) store_part<Full>(g + v * H, x[v], nc);
+      store_part<Full>(cs.hn.row(i) + c0, hg[2], nc);
+      store_part<Full>(cs.h.row(i) + c0, h, nc);
     }
   }
 
@@ -331,51 +424,12 @@ struct TileKernel {
         activate_(h, t.act);
         store_part(d + v * N, h, n);
       }
-    } else if constexpr (E == Epilogue::LstmForward) {
-      // c0, nc: the tile's units; acc[g]: gate g's sums.
-      const CellStep<T>& cs = *t.cell;
-      const int64_t H = cs.H;
-      T* g = cs.gates.row(i) + c0;
-      V x[4];
-      for (int v = 0; v < 4; ++v) {
-        if (cs.projected) {
-          x[v] = acc[v];
-          if (cs.bias) {
-            V b;
-            load_part(b, cs.bias + v * H + c0, nc);
-            x[v] = x[v] + b;
-          }
-        } else {
-          load_part(x[v], g + v * H, nc);
-          x[v] = x[v] + acc[v];
-        }
+    } else if constexpr (E == Epilogue::LstmForward || E == Epilogue::GruForward) {
+      if (nc == N) {
+        cell_forward<E, true>(t, i, c0, N, acc);
+      } else {
+        cell_forward<E, false>(t, i, c0, nc, acc);
       }
-      V cp, c, m;
-      load_part(cp, (i < cs.prev_split ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + c0, nc);
-      lstm_forward_cell<Act, T>(x[0], x[1], x[2], x[3], cp, c, m);
-      for (int v = 0; v < 4; ++v) store_part(g + v * H, x[v], nc);
-      store_part(cs.c.row(i) + c0, c, nc);
-      store_part(cs.h.row(i) + c0, m, nc);
-    } else if constexpr (E == Epilogue::GruForward) {
-      const CellStep<T>& cs = *t.cell;
-      const int64_t H = cs.H;
-      T* g = cs.gates.row(i) + c0;
-      V x[3], hg[3];
-      for (int v = 0; v < 3; ++v) {
-        load_part(x[v], g + v * H, nc);
-        hg[v] = acc[v];
-        if (cs.bias) {
-          V b;
-          load_part(b, cs.bias + v * H + c0, nc);
-          hg[v] = b + hg[v];
-        }
-      }
-      V hp, h;
-      load_part(hp, (i < cs.prev_split ? cs.prev_lo.row(i) : cs.prev_hi.row(i)) + c0, nc);
-      gru_forward_cell<Act, T>(x[0], x[1], x[2], hg[0], hg[1], hg[2], hp, h);
-      for (int v = 0; v < 3; ++v) store_part(g + v * H, x[v], nc);
-      store_part(cs.hn.row(i) + c0, hg[2], nc);
-      store_part(cs.h.row(i) + c0, h, nc);
     } else if constexpr (E == Epilogue::LstmBackward || E == Epilogue::GruBackward) {
       if (i < t.d_split) {
         T* d = t.d_lo.row(i) + c0;
@@ -448,7 +502,6 @@ struct TileKernel {
   template <int M, int W, Epilogue E>
   static FASTRNN_INLINE void tile(const StepTask<T>& t, int64_t i0, const T* panel, int64_t c0,
                                   int nc) {
-    if constexpr (E >= Epilogue::LstmForward) prefetch_cell_rows<M, W, E>(t, i0, c0);
     V acc[M][W];
     for (int r = 0; r < M; ++r) {
       for (int v = 0; v < W; ++v) acc[r][v] = V{};
@@ -480,7 +533,13 @@ struct TileKernel {
         const int64_t i = i0 + r;
         a[r] = i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i);
       }
-      multiply_add<M, W>(acc, a, panel, K);
+      const int64_t head = E == Epilogue::Linear ? K : std::max<int64_t>(0, K - kPrefetchAhead);
+      multiply_add<M, W>(acc, a, panel, head);
+      if (head < K) {
+        prefetch_epilogue<M, W, E>(t, i0, c0);
+        for (int r = 0; r < M; ++r) a[r] += head;
+        multiply_add<M, W>(acc, a, panel + head * W * N, K - head);
+      }
     }
     for (int r = 0; r < M; ++r) finish_row<W, E>(t, i0 + r, c0, nc, acc[r]);
   }

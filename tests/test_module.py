@@ -851,6 +851,40 @@ def test_functional_call_uses_the_given_parameters():
     assert_close_all(fast(x), ref(x), torch.float32)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_torch_func_grad_matches_torch(cell):
+    """torch.func.grad over functional_call (functional training) gives torch.nn's
+    gradients, for the parameters and the input."""
+    ref, fast = rnn_pair(3, 4, 2, cell=cell, batch_first=True, dtype=torch.float64)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+
+    def grads(module):
+        def loss(params, x):
+            out, _ = torch.func.functional_call(module, params, (x,))
+            return out.square().sum()
+        return torch.func.grad(loss, argnums=(0, 1))(dict(module.named_parameters()), x)
+
+    (expected_params, expected_x), (params, gx) = grads(ref), grads(fast)
+    assert params.keys() == expected_params.keys()
+    for name in params:
+        torch.testing.assert_close(params[name], expected_params[name], msg=name)
+    torch.testing.assert_close(gx, expected_x)
+
+
+def test_nested_torch_func_transforms_raise():
+    """A gradient of a gradient through torch.func would come out zero (the inner backward
+    is not differentiable again): it raises instead, as create_graph's double backward does."""
+    _, fast = rnn_pair(3, 4)
+    x = torch.randn(5, 2, 3)
+
+    def loss(params):
+        return torch.func.functional_call(fast, params, (x,))[0].square().sum()
+
+    params = dict(fast.named_parameters())
+    with pytest.raises(RuntimeError, match="nested torch.func transforms"):
+        torch.func.grad(lambda p: torch.func.grad(loss)(p)["weight_hh_l0"].sum())(params)
+
+
 def test_parameters_replaced_after_construction_are_used():
     """A Parameter assigned after construction (as in the property test's layouts) is the
     one the op reads: _flat_weights is refreshed on each call."""

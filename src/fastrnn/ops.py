@@ -208,9 +208,15 @@ def _backward(name, config, saved, grad_output, grad_states, need_input, need_st
         grad_output = torch.zeros_like(out)
     grad_states = [g if g is not None else torch.zeros_like(s)
                    for g, s in zip(grad_states, state_tensors)]
-    results = getattr(_ops, f"{name}_backward")(
-        input, *state_tensors, weights, *config, batch_sizes, out, reserve, grad_output,
-        *grad_states, need_input, any(need_weights))
+    args = (input, *state_tensors, weights, *config, batch_sizes, out, reserve, grad_output,
+            *grad_states, need_input, any(need_weights))
+    if torch.is_grad_enabled():
+        # create_graph=True, or a torch.func transform: the results are recorded, so that
+        # differentiating them again says why it cannot.
+        results = _NoDoubleBackward.apply(name, *args)
+    else:
+        with torch._C._AutoDispatchBelowAutograd():
+            results = getattr(_ops, f"{name}_backward")(*args)
     return (results[0] if need_input else None,
             [g if n else None for g, n in zip(results[1 : 1 + states], need_states)],
             [g if n else None for g, n in zip(results[-1], need_weights)])
@@ -237,15 +243,37 @@ def _register_autograd(name):
         return (grad_input, *grad_states, grad_weights, *([None] * (len(ctx.config) + 1)))
 
     def no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            f"fastrnn: double backward (a gradient of a gradient, e.g. create_graph=True "
-            f"followed by another backward) is not supported by fastrnn's {name} op; use "
-            "torch.nn's module for higher-order gradients"
-        )
+        raise _double_backward_error(name)
 
     torch.library.register_autograd(f"fastrnn::{name}", backward, setup_context=setup_context)
     torch.library.register_autograd(f"fastrnn::{name}_backward", no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
+
+
+def _double_backward_error(name):
+    return RuntimeError(
+        f"fastrnn: double backward (a gradient of a gradient, e.g. create_graph=True "
+        f"followed by another backward) is not supported by fastrnn's {name} op; use "
+        "torch.nn's module for higher-order gradients")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """The backward op, called where its results are recorded: an autograd.Function with
+    setup_context (as torch.func's transforms require; register_autograd's is not one),
+    whose own backward raises."""
+
+    @staticmethod
+    def forward(name, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return getattr(_ops, f"{name}_backward")(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.name = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise _double_backward_error(ctx.name)
 
 
 class _Eager(torch.autograd.Function):
@@ -259,8 +287,11 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(name, config, batch_sizes, input, *tensors):
         states = _STATES[name]
-        return getattr(_ops, name)(input, *tensors[:states], list(tensors[states:]), *config,
-                                   batch_sizes)
+        # Below autograd: this Function records the call (the op's own autograd kernel
+        # would only cost time here, and is no torch.func transform's).
+        with torch._C._AutoDispatchBelowAutograd():
+            return getattr(_ops, name)(input, *tensors[:states], list(tensors[states:]),
+                                       *config, batch_sizes)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -291,6 +322,13 @@ _Eager.forward.__signature__ = inspect.signature(_Eager.forward)
 
 def _call(name, input, states, weights, config, batch_sizes):
     """One op call: (output, *final states, reserve)."""
+    level = torch._C._functorch.maybe_current_level()
+    if level is not None and level > 1:
+        # Under nested torch.func transforms the inner backward's results would reach the
+        # outer transform as constants: its gradient would come out zero, not wrong loudly.
+        raise RuntimeError(
+            f"fastrnn: nested torch.func transforms (e.g. grad of grad, vmap of grad) are not "
+            f"supported by fastrnn's {name} op; use torch.nn's module for them")
     # Under autocast the op itself is called: its autocast kernel casts the inputs where
     # autograd records the casts (inside _Eager.forward it would not).
     if (torch.is_grad_enabled() and not _recorded()

@@ -20,10 +20,17 @@ struct ForwardJob {
   const SequenceLayout* layout;
   bool reverse;                        // visits t = T-1 .. 0
   const std::vector<StepRows>* steps;  // steps_in_order(*layout, reverse)
-  Tensor out;                          // [N, H]  P (with both biases) on entry, h on exit
+  Tensor out;                          // [N, H]  P (with both biases) on entry (unless x is
+                                       //         defined), h on exit
   Tensor h0;                           // [B, H]  initial state
   Tensor h_n;                          // [B, H]  written: each sequence's last h
   Tensor w_hh;                         // [H, H]  contiguous, W[j][k]: unit j reads unit k
+  // Defined when the backend runs the input projection inside the recurrence
+  // (stack.h: input_projection_inside); out then holds nothing on entry.
+  Tensor x;                            // [N, I]  the layer's input, contiguous
+  Tensor w_ih;                         // [H, I]  contiguous
+  Tensor bias;                         // [H]     b_ih + b_hh (or the one there is), contiguous;
+                                       //         or undefined
 };
 
 // dA_t = (dY_t + dh_t) * act'(h_t), dh_{t-1} = dA_t W_hh, visiting the steps

@@ -99,16 +99,31 @@ void project(const Tensor& out, const Tensor& x, const Tensor& w, const std::opt
   }
 }
 
-// Whether the backend runs this LSTM job's input projection inside its
-// recurrence (Backend::input_projection_inside(job), where it has one; asked
-// with x set, w_ih and bias not yet): the job then carries x, W_ih and the
-// bias, and the gates hold nothing on entry.
-template <class Backend>
-bool input_projection_inside(const LstmForwardJob& job) {
+// Whether the backend runs this Elman or LSTM job's input projection inside
+// its recurrence (Backend::input_projection_inside(job), where it has one;
+// asked with x set, w_ih and bias not yet): the job then carries x, W_ih and
+// the bias, and P (the gates) holds nothing on entry.
+template <class Backend, class Job>
+bool input_projection_inside(const Job& job) {
   if constexpr (requires { Backend::input_projection_inside(job); }) {
     return Backend::input_projection_inside(job);
   } else {
     return false;
+  }
+}
+
+// The input projection of a layer's job: inside its recurrence where the
+// backend takes it, else P = x W_ih^T + bias into p first.
+template <class Backend, class Job>
+void take_projection(Job& job, const Tensor& x, const Tensor& w_ih,
+                     const std::optional<Tensor>& bias, const Tensor& p) {
+  job.x = x;
+  if (input_projection_inside<Backend>(job)) {
+    job.w_ih = as_contiguous(w_ih);
+    if (bias) job.bias = as_contiguous(*bias);
+  } else {
+    project<Backend>(p, x, w_ih, bias);
+    job.x = Tensor();
   }
 }
 
@@ -129,11 +144,14 @@ void forward_layer(const StackViews& s, int64_t l, const Tensor& x, const Tensor
     const int64_t cell = l * c.directions + d;
     const Tensor out_d = s.columns(out, d), w_hh = as_contiguous(s.w_hh(cell));
     switch (c.cell) {
-      case CellKind::Elman:
-        project<Backend>(out_d, x, s.w_ih(cell), bias_sum(s.b_ih(cell), s.b_hh(cell)));
-        jobs.elman.push_back({&c.layout, d == 1, &order[d], out_d, StackViews::state(h0, cell),
-                              StackViews::state(h_n, cell), w_hh});
+      case CellKind::Elman: {
+        ForwardJob job{&c.layout, d == 1, &order[d], out_d, StackViews::state(h0, cell),
+                       StackViews::state(h_n, cell), w_hh};
+        const std::optional<Tensor> bias = bias_sum(s.b_ih(cell), s.b_hh(cell));
+        take_projection<Backend>(job, x, s.w_ih(cell), bias, out_d);
+        jobs.elman.push_back(job);
         break;
+      }
       case CellKind::Lstm: {
         const Tensor gates = s.gates(l, d), cs = s.after_gates(l, d, 0);
         const std::optional<Tensor> bias = bias_sum(s.b_ih(cell), s.b_hh(cell));
@@ -142,14 +160,7 @@ void forward_layer(const StackViews& s, int64_t l, const Tensor& x, const Tensor
                            StackViews::state(h0, cell), StackViews::state(c0, cell),
                            StackViews::state(h_n, cell), StackViews::state(c_n, cell), w_hh,
                            s.w_hr(cell)};
-        job.x = x;
-        if (input_projection_inside<Backend>(job)) {
-          job.w_ih = as_contiguous(s.w_ih(cell));
-          if (bias) job.bias = as_contiguous(*bias);
-        } else {
-          project<Backend>(gates, x, s.w_ih(cell), bias);
-          job.x = Tensor();
-        }
+        take_projection<Backend>(job, x, s.w_ih(cell), bias, gates);
         jobs.lstm.push_back(job);
         break;
       }

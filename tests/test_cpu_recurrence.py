@@ -119,6 +119,29 @@ def test_same_bits_for_any_thread_count(packed, nonlinearity, dtype):
         assert torch.equal(a, b), "results differ between 1 and 2 threads"
 
 
+# The Elman forward's input projection inside the fused recurrence (recurrence.h:
+# projection_inside, taken from batch 8 for I <= 2H): the step writes P where the projection
+# outside would, then adds the recurrent product, so both paths match torch.nn alike (the
+# C++ test checks that they give the same bits and that the inside path reads no P).
+# Input sizes below, at and past 2H (forced inside), B = 1 and large, stacked,
+# bidirectional (layer 2 reads [N, 2H]) and packed.
+@pytest.mark.parametrize("inside", ["1", "0"], ids=["inside", "outside"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", [
+    # (hidden, batch, steps, input_size, layers, bidirectional, packed, nonlinearity)
+    (100, 64, 5, 28, 1, False, False, "relu"),
+    (33, 9, 4, 7, 2, True, True, "tanh"),
+    (17, 40, 3, 34, 2, False, False, "relu"),
+    (16, 1, 6, 100, 2, True, True, "tanh"),
+], ids=lambda c: "H{}-B{}-T{}-I{}-L{}-{}-{}-{}".format(
+    *c[:5], "bi" if c[5] else "uni", "packed" if c[6] else "padded", c[7]))
+def test_elman_projection_inside_and_outside_match_torch(case, dtype, inside):
+    hidden, batch, steps, input_size, layers, bidirectional, packed, nonlinearity = case
+    with env_vars(FASTRNN_CPU_PROJECT_INSIDE=inside):
+        compare(hidden, batch, steps, nonlinearity, dtype, bidirectional=bidirectional,
+                layers=layers, packed=packed, input_size=input_size)
+
+
 def test_wide_hidden_matches_torch():
     # W_hh past a core's L2 share: the grid prefers splitting columns.
     compare(600, 16, 3, "tanh", torch.float32)
@@ -192,7 +215,7 @@ def fused_kernels(on):
 
 
 # The runs of compare_cell: name -> environment. The LSTM's fused forward takes its input
-# projection inside or outside by a cost rule (cell_recurrence.h: lstm_projection_inside);
+# projection inside or outside by a cost rule (recurrence.h: projection_inside);
 # FASTRNN_CPU_PROJECT_INSIDE forces either wherever the kernel takes the job.
 RUNS = {
     "lstm": {
@@ -330,8 +353,8 @@ def test_fused_cell_kernels_are_in_use(cell, dtype, same_products):
             assert not all(torch.equal(a, b) for a, b in zip(fused, runs["per-step"])), name
 
 
-# The LSTM's input projection inside the fused recurrence (cell_recurrence.h:
-# lstm_projection_inside): input sizes below, at, past 2H and far past H (forced inside, the
+# The LSTM's input projection inside the fused recurrence (recurrence.h:
+# projection_inside): input sizes below, at, past 2H and far past H (forced inside, the
 # panels then hold more W_ih rows than W_hh rows); B = 1 and large; stacked, bidirectional
 # (layer 2 reads [N, 2H]) and packed.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -172,19 +172,38 @@ struct CpuBackend {
   // Elman: every direction of the layer in one parallel region of the fused
   // recurrence (recurrence.h) where it takes the dtype (float; double with
   // relu), else one GEMM per step.
+  // The input projection inside the fused forward (stack.h asks): where the
+  // kernel takes the job (p: P's or the gates' buffer) and
+  // cpu::projection_inside says so.
+  static bool projection_inside(const Tensor& x, const Tensor& p, int64_t hidden, int64_t batch) {
+    if (x.stride(1) != 1) return false;
+    bool inside = false;
+    with_dtype(p.scalar_type(), [&]<typename T>() {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        inside = x.scalar_type() == p.scalar_type() && cpu::projection_inside<T>(x.size(1), hidden, batch);
+      }
+    });
+    return inside;
+  }
+  static bool input_projection_inside(const ForwardJob& j) {
+    return projection_inside(j.x, j.out, j.w_hh.size(0), j.layout->batch);
+  }
+
   static void forward_recurrences(const std::vector<ForwardJob>& jobs, Activation act) {
     bool fused = false;
     with_dtype(jobs[0].out.scalar_type(), [&]<typename T>() {
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
         std::vector<cpu::ForwardRecurrence<T>> rec;
         for (const ForwardJob& j : jobs) {
-          rec.push_back({*j.steps, j.w_hh.size(0), static_cast<T*>(j.out.data_ptr()),
-                         j.out.stride(0), static_cast<const T*>(j.h0.data_ptr()), j.h0.stride(0),
-                         static_cast<const T*>(j.w_hh.data_ptr()), act});
+          rec.push_back({*j.steps, j.w_hh.size(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0),
+                         j.h0.stride(0), ptr<T>(j.w_hh), act, ptr<T>(j.x), ld(j.x),
+                         j.x.defined() ? j.x.size(1) : 0, ptr<T>(j.w_ih), ptr<T>(j.bias)});
         }
         fused = cpu::forward_recurrences<T>(rec);
       }
     });
+    // input_projection_inside() promised the kernel would take the job.
+    FASTRNN_CHECK(fused || !jobs[0].x.defined(), "fastrnn: the CPU recurrence refused its input projection");
     if (!fused) {
       for (const ForwardJob& job : jobs) stepwise::forward<CpuBackend>(job, act);
       return;
@@ -221,18 +240,8 @@ struct CpuBackend {
   // fused recurrences (cell_recurrence.h) where they take the dtype (float,
   // double) and there is no projection, else one GEMM per step and the
   // cell's pointwise pass (stepwise.h).
-  // LSTM's input projection inside the fused recurrence (stack.h asks):
-  // where the kernel takes the job and lstm_projection_inside says so.
   static bool input_projection_inside(const LstmForwardJob& j) {
-    if (j.w_hr.defined() || j.x.stride(1) != 1) return false;
-    bool inside = false;
-    with_dtype(j.gates.scalar_type(), [&]<typename T>() {
-      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-        inside = j.x.scalar_type() == j.gates.scalar_type() &&
-                 cpu::lstm_projection_inside<T>(j.x.size(1), j.c.size(1), j.layout->batch);
-      }
-    });
-    return inside;
+    return !j.w_hr.defined() && projection_inside(j.x, j.gates, j.c.size(1), j.layout->batch);
   }
 
   static void forward_recurrences(const std::vector<LstmForwardJob>& jobs) {

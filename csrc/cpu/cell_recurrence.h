@@ -132,17 +132,6 @@ struct GruBackwardRecurrence {
 template <typename T>
 bool cell_supports(int64_t hidden);
 
-// Whether the LSTM forward should run the input projection inside
-// (LstmForwardRecurrence::x) for this input size: where it saves the pass
-// that writes P = X W_ih^T and the reads of it back, which cost more than the
-// product itself when I is small (K = 28 ran at a quarter of the FMA rate,
-// bound by memory), and the epilogue's cost spreads over K = I + H instead of
-// H. Not past I = 2H: the panels, W_ih's rows with W_hh's, would outgrow the
-// caches that keep them between row tiles. FASTRNN_CPU_PROJECT_INSIDE=0 turns
-// it off (read per call; the benchmarks compare).
-template <typename T>
-bool lstm_projection_inside(int64_t input, int64_t hidden, int64_t batch);
-
 // Each runs its independent recurrences (e.g. both directions of a layer) in
 // one parallel region; false (nothing done) where cell_supports() is not met.
 template <typename T>

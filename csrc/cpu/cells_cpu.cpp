@@ -266,23 +266,9 @@ bool all_supported(std::span<const Job> jobs) {
 
 }  // namespace
 
-// The smallest batch that takes the LSTM input projection inside (cost rule in cell_recurrence.h).
-constexpr int64_t kProjectInsideMinBatch = 8;
-
 template <typename T>
 bool cell_supports(int64_t hidden) {
   return kTaken<T> && hidden >= 1 && enabled();
-}
-
-template <typename T>
-bool lstm_projection_inside(int64_t input, int64_t hidden, int64_t batch) {
-  if (!cell_supports<T>(hidden) || input < 1) return false;
-  // FASTRNN_CPU_PROJECT_INSIDE=1 / =0 takes it / leaves it wherever the
-  // kernel can (read per call: the tests run both paths, the benchmarks
-  // compare them); otherwise the cost rule (cell_recurrence.h).
-  const char* v = std::getenv("FASTRNN_CPU_PROJECT_INSIDE");
-  if (v && (v[0] == '0' || v[0] == '1') && !v[1]) return v[0] == '1';
-  return batch >= kProjectInsideMinBatch && input <= 2 * hidden;
 }
 
 template <typename T>
@@ -312,7 +298,6 @@ bool backward_recurrences(std::span<const GruBackwardRecurrence<T>> jobs) {
 
 #define FASTRNN_INSTANTIATE(T)                                                        \
   template bool cell_supports<T>(int64_t);                                            \
-  template bool lstm_projection_inside<T>(int64_t, int64_t, int64_t);                \
   template bool forward_recurrences<T>(std::span<const LstmForwardRecurrence<T>>);    \
   template bool backward_recurrences<T>(std::span<const LstmBackwardRecurrence<T>>);  \
   template bool forward_recurrences<T>(std::span<const GruForwardRecurrence<T>>);     \

@@ -64,12 +64,21 @@ template <typename T>
 struct ForwardRecurrence {
   std::span<const StepRows> steps;  // [T] visiting order: steps_in_order(layout, reverse)
   int64_t hidden = 0;               // H
-  T* out = nullptr;                 // [N, ld_out], columns [0, H): P on entry, h on exit
-  int64_t ld_out = 0;               // >= H (2H for one direction of a bidirectional output)
+  T* out = nullptr;                 // [N, ld_out], columns [0, H): P on entry (unless x is
+  int64_t ld_out = 0;               //   set), h on exit; ld_out >= H (2H for one direction
+                                    //   of a bidirectional output)
   const T* h0 = nullptr;            // [B, ld_h0]: the initial state
   int64_t ld_h0 = 0;
   const T* w_hh = nullptr;          // [H, H] contiguous, row-major: w_hh[j * H + k] = W_hh[j][k]
   Activation act = Activation::Tanh;
+  // The input projection inside the recurrence, where x is set (projection_inside):
+  // each step's product runs over K = I + H, [x_t, h_{t-1}] times [W_ih; W_hh]^T,
+  // and the epilogue adds the bias.
+  const T* x = nullptr;             // [N, ld_x], columns [0, I)
+  int64_t ld_x = 0;
+  int64_t input = 0;                // I
+  const T* w_ih = nullptr;          // [H, I] contiguous
+  const T* bias = nullptr;          // [H] (b_ih + b_hh) or null
 };
 
 // One backward (dh) recurrence, over the same steps as its forward.
@@ -108,6 +117,23 @@ template <typename T>
 bool supports(int64_t hidden) {
   constexpr bool dtype = std::is_same_v<T, float> || std::is_same_v<T, double>;
   return dtype && hidden >= 1 && enabled();
+}
+
+// Whether a forward (Elman or LSTM) should run the input projection inside
+// its recurrence (the job's x) for this input size: where it saves the pass
+// that writes P = X W_ih^T and the reads of it back, which cost more than the
+// product itself when I is small (K = 28 ran at a quarter of the FMA rate,
+// bound by memory), and the epilogue's cost spreads over K = I + H instead of
+// H. Not below a batch of 8, and not past I = 2H: the panels, W_ih's rows
+// with W_hh's, would outgrow the caches that keep them between row tiles.
+// FASTRNN_CPU_PROJECT_INSIDE=1 / =0 takes it / leaves it wherever the kernel
+// can (read per call: the tests run both paths, the benchmarks compare them).
+template <typename T>
+bool projection_inside(int64_t input, int64_t hidden, int64_t batch) {
+  if (!supports<T>(hidden) || input < 1) return false;
+  const char* v = std::getenv("FASTRNN_CPU_PROJECT_INSIDE");
+  if (v && (v[0] == '0' || v[0] == '1') && !v[1]) return v[0] == '1';
+  return batch >= 8 && input <= 2 * hidden;
 }
 
 namespace detail {
@@ -307,23 +333,42 @@ void run_slots(std::span<const Job> jobs, std::span<const JobShape> shapes, cons
   });
 }
 
-// Elman's: the product's columns are the H units in panels of nr.
+// The input size a forward job projects inside its recurrence (0: none).
+template <typename Job>
+int64_t inside_input(const Job& j) {
+  if constexpr (requires { j.x; }) {
+    return j.x ? j.input : 0;
+  } else {
+    return 0;
+  }
+}
+
+// Elman's: the product's columns are the H units in panels of nr; its depth
+// H, or I + H with the input projection inside.
 template <typename Job, typename T>
 std::vector<JobShape> shapes_of(std::span<const Job> jobs, const KernelSet<T>& ks) {
   std::vector<JobShape> shapes;
   for (const Job& j : jobs) {
-    shapes.push_back({j.steps, j.hidden, j.hidden, (j.hidden + ks.nr - 1) / ks.nr, ks.nr,
-                      ks.nr / ks.lanes, ks.mr});
+    shapes.push_back({j.steps, inside_input(j) + j.hidden, j.hidden,
+                      (j.hidden + ks.nr - 1) / ks.nr, ks.nr, ks.nr / ks.lanes, ks.mr});
   }
   return shapes;
 }
 
-// Packs W_hh's panels for an Elman job (forward: W_hh^T; backward: W_hh).
+// Packs the panels of an Elman job: forward W_hh^T (below W_ih^T's rows with
+// the input projection inside), backward W_hh.
 template <typename T>
 auto elman_packer(const KernelSet<T>& ks, bool transposed) {
   return [&ks, transposed](const Slot& s, const auto& j, T* dst) {
+    const int64_t I = inside_input(j), depth = I + j.hidden;
+    if constexpr (requires { j.w_ih; }) {
+      if (I) {
+        pack_panels(j.w_ih, I, j.hidden, I, ks.nr, ks.lanes, true, s.panel_begin, s.panel_end,
+                    dst, 0, depth);
+      }
+    }
     pack_panels(j.w_hh, j.hidden, j.hidden, j.hidden, ks.nr, ks.lanes, transposed, s.panel_begin,
-                s.panel_end, dst);
+                s.panel_end, dst, I, depth);
   };
 }
 
@@ -350,6 +395,11 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
       t.a_split = st.carried;
       t.d_lo = {j.out + st.begin * j.ld_out, j.ld_out};
       t.d_split = st.count;
+      if (j.x) {
+        t.x = {j.x + st.begin * j.ld_x, j.ld_x};
+        t.K_x = j.input;
+        t.bias = j.bias;
+      }
       detail::take_slot(t, s, st.count, panels);
       t.K = t.H = j.hidden;
       t.act = j.act;

@@ -118,16 +118,16 @@ struct StepTask {
   int64_t d_split = 0;
   Rows<const T> y_lo;
   Rows<const T> g_lo;  // Elman backward: dY of d_lo's rows (d_lo itself when dA was a copy of dY)
-  const T* bias = nullptr;  // Linear: [H] or null
+  const T* bias = nullptr;  // Linear, Elman forward with x (P's): [H] or null
   bool accumulate = false;  // Linear: add to what d holds; cells' backward: to what d_hi holds
   const CellStep<T>* cell = nullptr;  // the cells' epilogues
-  // LSTM forward with the input projection inside: the product runs over
-  // k < K_x on x's rows (row i at x.row(i)), then over K on A's rows; the
-  // panels hold K_x + K rows.
+  // Elman or LSTM forward with the input projection inside: the product runs
+  // over k < K_x on x's rows (row i at x.row(i)), then over K on A's rows;
+  // the panels hold K_x + K rows.
   Rows<const T> x;
   int64_t K_x = 0;
   int64_t row_begin = 0, row_end = 0;
-  const T* panels = nullptr;  // [panel_end - panel_begin][K][NR], 64-byte aligned
+  const T* panels = nullptr;  // [panel_end - panel_begin][K_x + K][NR], 64-byte aligned
   int64_t panel_begin = 0, panel_end = 0;
   int64_t K = 0;  // reduction length (H; the input size for a Linear product; G*H for a cell's backward)
   int64_t H = 0;  // output columns (the cells' forward: units, G columns each)
@@ -520,12 +520,22 @@ struct TileKernel {
         }
       }
     } else {
-      if constexpr (E == Epilogue::LstmForward) {
+      if constexpr (E == Epilogue::Forward || E == Epilogue::LstmForward) {
         if (t.K_x > 0) {
           const T* x[M];
           for (int r = 0; r < M; ++r) x[r] = t.x.row(i0 + r);
           multiply_add<M, W>(acc, x, panel, t.K_x);
           panel += t.K_x * W * N;
+          if constexpr (E == Epilogue::Forward) {
+            // P = x_t W_ih^T + bias where the epilogue reads it, as the projection
+            // outside writes it: the same bits either way (an Elman step sums P and
+            // the recurrent product apart, as torch does; relu's derivative would
+            // flip at pre-activations that round to the other side of 0).
+            for (int r = 0; r < M; ++r) {
+              finish_row<W, Epilogue::Linear>(t, i0 + r, c0, nc, acc[r]);
+              for (int v = 0; v < W; ++v) acc[r][v] = V{};
+            }
+          }
         }
       }
       const T* a[M];
@@ -582,7 +592,7 @@ struct TileKernel {
       return;
     }
     for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
-      const T* panel = t.panels + (p - t.panel_begin) * t.K * kNR;
+      const T* panel = t.panels + (p - t.panel_begin) * (t.K_x + t.K) * kNR;
       const int64_t c0 = p * kNR;
       const int nc = static_cast<int>(std::min<int64_t>(kNR, t.H - c0));
       // The last panel is one vector wide where its columns fit in one.
@@ -629,15 +639,19 @@ inline int panel_width(int64_t H, int nr, int lanes, int64_t p) {
 // (W is [cols][K]: panel[k][c] = W[p*nr + c][k]; the forward's W_hh^T, an
 // input projection's W_ih^T), or not, B = W (W is [K][cols]: panel[k][c] =
 // W[k][p*nr + c]; the backward's W_hh). Zero beyond cols; panel p starts at
-// (p - panel_begin) * K * nr.
+// (p - panel_begin) * depth * nr (depth = K unless given), its rows from
+// k_offset on (an Elman forward with the input projection inside packs W_ih^T
+// into rows [0, I) and W_hh^T into [I, I + H) of each panel).
 template <typename T>
 void pack_panels(const T* w, int64_t ldw, int64_t cols, int64_t K, int nr, int lanes,
-                 bool transposed, int64_t panel_begin, int64_t panel_end, T* dst) {
+                 bool transposed, int64_t panel_begin, int64_t panel_end, T* dst,
+                 int64_t k_offset = 0, int64_t depth = -1) {
+  if (depth < 0) depth = K;
   for (int64_t p = panel_begin; p < panel_end; ++p) {
-    T* panel = dst + (p - panel_begin) * K * nr;
     const int64_t c0 = p * nr;
     const int nc = static_cast<int>(std::min<int64_t>(nr, cols - c0));
     const int width = panel_width(cols, nr, lanes, p);
+    T* panel = dst + (p - panel_begin) * depth * nr + k_offset * width;
     if (transposed) {
       // In blocks of 16 k: the block's rows of W are read a cache line at a
       // time and its panel rows stay in L1 while they fill.

@@ -1,15 +1,18 @@
-// C++ test of the fused CPU recurrence's multi-recurrence entry points
-// (csrc/cpu/recurrence.h), which the ops do not reach yet: several
-// recurrences run in one parallel region (as both directions of a
+// C++ test of the fused CPU recurrence's entry points (csrc/cpu/recurrence.h):
+// several recurrences run in one parallel region (as both directions of a
 // bidirectional layer would, writing into the two column halves of one
 // [N, 2H] output) must give exactly the bits of running each alone, and those
-// must match a naive loop.
+// must match a naive loop; a forward with the input projection inside must
+// never read the output's entry values and give the bits of projecting
+// outside with linear.h's kernels.
 //
 // Exit status 0 on success; every mismatch is printed.
+#include "cpu/linear.h"
 #include "cpu/recurrence.h"
 
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -105,6 +108,50 @@ int main() {
     expect(g_together == g_alone && gh_together == gh_alone,
            "two recurrences at once give the bits of each alone (backward)");
   }
+
+  // The input projection inside (x, W_ih and the bias in the job): out starts
+  // as NaN, which a read of it would spread.
+  for (Activation act : {Activation::Tanh, Activation::Relu}) {
+    const int64_t I = 28, H2 = 100, B2 = 64, T2 = 5, N2 = B2 * T2;
+    const SequenceLayout P2 = SequenceLayout::padded(T2, B2);
+    const std::vector<StepRows> steps = fastrnn::steps_in_order(P2, false);
+    const std::vector<float> x = randoms(N2 * I, 5, 1.f), w_ih = randoms(H2 * I, 6, 0.3f);
+    const std::vector<float> w_hh = randoms(H2 * H2, 7, 0.1f), bias = randoms(H2, 8, 0.5f);
+    const std::vector<float> h0 = randoms(B2 * H2, 9, 1.f);
+    std::vector<float> inside(N2 * H2, std::numeric_limits<float>::quiet_NaN());
+    cpu::ForwardRecurrence<float> job{steps, H2, inside.data(), H2, h0.data(), H2, w_hh.data(), act,
+                                      x.data(), I, I, w_ih.data(), bias.data()};
+    expect(cpu::forward_recurrences<float>({&job, 1}), "forward_recurrences took x");
+
+    std::vector<float> outside(N2 * H2);
+    cpu::LinearProduct<float> p;
+    p.rows = N2, p.cols = H2, p.depth = I;
+    p.a = x.data(), p.lda = I, p.w = w_ih.data(), p.ldw = I, p.w_transposed = true;
+    p.bias = bias.data(), p.c = outside.data(), p.ldc = H2;
+    std::vector<float> naive;
+    if (cpu::linear<float>(p)) {  // linear.h's kernels: AVX-512 only
+      naive = outside;
+      job.out = outside.data(), job.x = nullptr;
+      cpu::forward_recurrences<float>({&job, 1});
+      expect(inside == outside, "the projection inside gives the bits of linear.h's outside");
+    } else {
+      naive.assign(N2 * H2, 0.f);
+      for (int64_t r = 0; r < N2; ++r) {
+        for (int64_t j = 0; j < H2; ++j) {
+          double s = bias[j];
+          for (int64_t k = 0; k < I; ++k) s += double(x[r * I + k]) * w_ih[j * I + k];
+          naive[r * H2 + j] = float(s);
+        }
+      }
+    }
+    naive_forward(steps, H2, naive, 0, H2, h0, w_hh, act);
+    bool close = true;  // (a NaN compares false)
+    for (int64_t i = 0; i < N2 * H2; ++i) close = close && std::fabs(inside[i] - naive[i]) < 1e-4;
+    expect(close, "the projection inside matches the naive loop (and read no NaN)");
+  }
+  expect(cpu::projection_inside<float>(28, 100, 64) && !cpu::projection_inside<float>(28, 100, 7) &&
+             !cpu::projection_inside<float>(201, 100, 64) && cpu::projection_inside<double>(200, 100, 8),
+         "projection_inside's rule: batch >= 8, I <= 2H");
   std::printf("%s\n", g_failures ? "FAILED" : "ok");
   return g_failures ? 1 : 0;
 }

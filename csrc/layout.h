@@ -76,6 +76,7 @@ struct StepRows {
   int64_t count;       // rows of step t
   int64_t carried;     // rows fed by the previous step
   int64_t prev_begin;  // first row of the previous step (0 when carried == 0)
+  int64_t t;           // the step's time index
 };
 
 // Every step, in the order the forward recurrence visits them (t = 0 .. T-1,
@@ -87,7 +88,7 @@ inline std::vector<StepRows> steps_in_order(const SequenceLayout& L, bool revers
     const int64_t t = reverse ? L.steps - 1 - i : i;
     const int64_t p = reverse ? t + 1 : t - 1;
     const int64_t carried = std::min(L.batch_at(t), L.batch_at(p));
-    steps.push_back({L.offsets[t], L.batch_at(t), carried, carried > 0 ? L.offsets[p] : 0});
+    steps.push_back({L.offsets[t], L.batch_at(t), carried, carried > 0 ? L.offsets[p] : 0, t});
   }
   return steps;
 }

@@ -45,7 +45,8 @@ struct BackwardJob {
                                        //         sequence's last row)
   Tensor grad_hx;                      // [B, H]  written: dh_{-1}, the gradient of h0
   Tensor w_hh;                         // [H, H]  contiguous
-  Tensor dY;                           // [N, H] or undefined: dY where it lies, read
+  Tensor dY;                           // [N, H], [T, B, H] (a padded layout's steps, any
+                                       //         strides) or undefined: dY where it lies, read
                                        //         only; dA then holds nothing on entry
 };
 

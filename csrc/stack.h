@@ -127,6 +127,16 @@ void take_projection(Job& job, const Tensor& x, const Tensor& w_ih,
   }
 }
 
+// Direction d's H columns of the top layer's gradient as it lies ([N, W] rows
+// or [T, B, W] steps), or undefined.
+inline Tensor top_columns(const Tensor& dY, int64_t N, int64_t H, int64_t d) {
+  if (!dY.defined()) return Tensor();
+  if (dY.dim() == 3) {
+    return reinterpret(dY, {dY.size(0), dY.size(1), H}, {dY.stride(0), dY.stride(1), 1}, d * H);
+  }
+  return view2d(dY, N, H, dY.stride(0), d * H);
+}
+
 // What a layer's forward hands to the backend, per cell kind.
 struct LayerJobs {
   std::vector<ForwardJob> elman;
@@ -259,13 +269,16 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
   const int64_t N = L.rows, W = c.layer_width(), H = c.hidden, GH = c.gates * H;
   const std::vector<StepRows> order[2] = {steps_in_order(L, false), steps_in_order(L, true)};
 
-  // dY of the top layer. The Elman recurrences read it where it lies (when its
-  // rows have one stride) and write dA to a buffer of their own; LSTM's and
-  // GRU's accumulate into a copy of it. Below the top, dY is the dX of the
-  // layer above, a buffer of the call's, taken over in place.
+  // dY of the top layer. The Elman recurrences read it where it lies (rows
+  // with one stride, or a padded layout's steps in any layout, e.g. the
+  // batch-major gradient of a batch_first output) and write dA to a buffer of
+  // their own; LSTM's and GRU's accumulate into a copy of it. Below the top,
+  // dY is the dX of the layer above, a buffer of the call's, taken over in
+  // place.
   scratch::Tensors tmp;
   Tensor dY, dY_top;
-  if (c.cell == CellKind::Elman && as_rows(grad_output, N, W, dY_top)) {
+  if (c.cell == CellKind::Elman &&
+      (as_rows(grad_output, N, W, dY_top) || (!L.packed && as_steps(grad_output, W, dY_top)))) {
     dY = tmp.empty(grad_output, {N, W});
   } else {
     dY = view2d(tmp.copy(grad_output), N, W, W);
@@ -294,7 +307,7 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
         case CellKind::Elman:
           elman.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.columns(out, d), state(dh_n),
                            state(grad_hx), w_hh,
-                           dY_top.defined() ? view2d(dY_top, N, H, dY_top.stride(0), d * H) : Tensor()});
+                           top_columns(dY_top, N, H, d)});
           break;
         case CellKind::Lstm:
           lstm.push_back({&L, d == 1, &order[d], s.columns(dY, d), s.gates(l, d, sc), s.after_gates(l, d, 0),

@@ -109,10 +109,12 @@ void forward(const ForwardJob& job, Activation act) {
 // dst = src where the job gives src apart from the buffer the loops below
 // work on in place (BackwardJob::dY, the cells' saved gates and hn).
 inline void take(const Tensor& dst, const Tensor& src) {
-  if (src.defined()) {
-    Tensor d = dst;
-    torch::stable::copy_(d, src);
-  }
+  if (!src.defined()) return;
+  // A padded layout's [T, B, H] steps into [N, H] rows (row t * B + b).
+  Tensor d = src.dim() == 3 ? reinterpret(dst, {src.size(0), src.size(1), dst.size(1)},
+                                          {src.size(1) * dst.stride(0), dst.stride(0), 1})
+                            : dst;
+  torch::stable::copy_(d, src);
 }
 
 template <class Backend>

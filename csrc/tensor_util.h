@@ -51,6 +51,15 @@ inline bool as_rows(const Tensor& t, int64_t N, int64_t W, Tensor& rows) {
   return true;
 }
 
+// A padded layout's [T, B, W] t, as it lies, where its columns have unit
+// stride (e.g. a batch_first tensor's transposed view, whose rows have no one
+// stride): step t's rows are at t * stride(0) + b * stride(1).
+inline bool as_steps(const Tensor& t, int64_t W, Tensor& steps) {
+  if (t.dim() != 3 || (W > 1 && t.stride(2) != 1)) return false;
+  steps = t;
+  return true;
+}
+
 // The transpose of a 2-D view.
 inline Tensor transposed(const Tensor& t) {
   return reinterpret(t, {t.size(1), t.size(0)}, {t.stride(1), t.stride(0)});

@@ -1063,7 +1063,8 @@ def _layouts(g):
                          ids=case_id)
 def test_rnn_backward_takes_grad_output_in_any_layout(case):
     """The backward reads the output's gradient where it lies when its rows have one stride
-    (and copies it otherwise): every layout gives the very gradients of a contiguous copy."""
+    or, padded, its steps have unit column stride (batch-major, broadcast over the batch), and
+    copies it otherwise: every layout gives the very gradients of a contiguous copy."""
     args, bwd = backward_args(case, True, True)
     at = BWD_NAMES.index("grad_output")
     for name, g in _layouts(bwd[at]):

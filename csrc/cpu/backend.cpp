@@ -225,7 +225,9 @@ struct CpuBackend {
           if (!given) stepwise::add_final_rows<CpuBackend>(*j.steps, j.dA, j.dh_n);
           rec.push_back({*j.steps, j.w_hh.size(0), ptr<T>(j.dA), j.dA.stride(0), ptr<T>(j.out),
                          j.out.stride(0), ptr<T>(j.grad_hx), j.grad_hx.stride(0), ptr<T>(j.w_hh), act,
-                         ptr<T>(j.dY), ld(j.dY), given ? ptr<T>(j.dh_n) : nullptr, ld(j.dh_n)});
+                         ptr<T>(j.dY), given ? j.dY.stride(j.dY.dim() - 2) : 0,
+                         given && j.dY.dim() == 3 ? j.dY.stride(0) : 0,
+                         given ? ptr<T>(j.dh_n) : nullptr, ld(j.dh_n)});
         }
         fused = cpu::backward_recurrences<T>(rec);
         FASTRNN_CHECK(fused, "fastrnn: the CPU recurrence refused a job it supports");

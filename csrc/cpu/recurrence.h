@@ -97,8 +97,9 @@ struct BackwardRecurrence {
   // Where dY is read from instead (grad is then written only), and dh_n, added
   // on each sequence's final row: the top layer reads the output's gradient
   // where it lies instead of from a copy.
-  const T* dy = nullptr;            // [N, ld_dy] or null
-  int64_t ld_dy = 0;
+  const T* dy = nullptr;            // [N, ld_dy] or null; with ld_dy_step, step t's rows
+  int64_t ld_dy = 0;                //   start at dy + t * ld_dy_step (a padded gradient in
+  int64_t ld_dy_step = 0;           //   any layout, e.g. batch-major), not at its first row
   const T* dh_n = nullptr;          // [B, ld_dh_n]; null with dy null
   int64_t ld_dh_n = 0;
 };
@@ -409,6 +410,13 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
   return true;
 }
 
+// The rows of dY of step st, or `otherwise` where dy is null (read in place).
+template <typename T>
+Rows<const T> dy_rows(const BackwardRecurrence<T>& j, const StepRows& st, const Rows<T>& otherwise) {
+  if (!j.dy) return {otherwise.base, otherwise.ld};
+  return {j.dy + (j.ld_dy_step ? st.t * j.ld_dy_step : st.begin * j.ld_dy), j.ld_dy};
+}
+
 template <typename T>
 bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
   for (const auto& j : jobs) {
@@ -426,7 +434,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
                           const StepRows& st, int64_t first_row) {
       ScaleTask<T> c;
       c.g = {j.grad + st.begin * j.ld_grad, j.ld_grad};
-      c.src = rows_or(j.dy, j.ld_dy, st.begin, c.g);
+      c.src = dy_rows(j, st, c.g);
       if (j.dh_n) c.extra = {j.dh_n, j.ld_dh_n};
       c.y = {j.out + st.begin * j.ld_out, j.ld_out};
       c.row_begin = std::max(s.row_begin, first_row);
@@ -451,7 +459,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
       t.a_lo = {j.grad + st.begin * j.ld_grad, j.ld_grad};
       t.a_split = st.count;
       t.d_lo = {j.grad + st.prev_begin * j.ld_grad, j.ld_grad};
-      t.g_lo = rows_or(j.dy, j.ld_dy, st.prev_begin, t.d_lo);
+      t.g_lo = i > 0 ? dy_rows(j, j.steps[i - 1], t.d_lo) : Rows<const T>{t.d_lo.base, t.d_lo.ld};
       t.y_lo = {j.out + st.prev_begin * j.ld_out, j.ld_out};
       t.d_hi = {j.grad_h0, j.ld_grad_h0};
       t.d_split = st.carried;

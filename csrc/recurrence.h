@@ -27,7 +27,9 @@ struct ForwardJob {
   Tensor w_hh;                         // [H, H]  contiguous, W[j][k]: unit j reads unit k
   // Defined when the backend runs the input projection inside the recurrence
   // (stack.h: input_projection_inside); out then holds nothing on entry.
-  Tensor x;                            // [N, I]  the layer's input, contiguous
+  Tensor x;                            // [N, I]  the layer's input: rows with one stride, or
+                                       //         [T, B, I] (a padded layout's steps, any
+                                       //         strides); unit column stride
   Tensor w_ih;                         // [H, I]  contiguous
   Tensor bias;                         // [H]     b_ih + b_hh (or the one there is), contiguous;
                                        //         or undefined
@@ -66,7 +68,7 @@ struct LstmForwardJob {
   Tensor w_hr;    // [R, H]   the projection, or undefined
   // Defined when the backend runs the input projection inside the recurrence
   // (stack.h: input_projection_inside); gates then hold nothing on entry.
-  Tensor x;       // [N, I]   the layer's input, contiguous
+  Tensor x;       // [N, I]   the layer's input, as ForwardJob's
   Tensor w_ih;    // [4H, I]  contiguous
   Tensor bias;    // [4H]     b_ih + b_hh (or the one there is), contiguous; or undefined
 };

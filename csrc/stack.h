@@ -112,17 +112,44 @@ bool input_projection_inside(const Job& job) {
   }
 }
 
+// A layer's input as the forward hands it on: where it lies (rows with one
+// stride, or a padded layout's [T, B, I] steps in any layout, e.g. a
+// batch_first input) for a recurrence that projects it inside, and as
+// contiguous [N, I] rows for a product outside, copied on first use.
+class LayerInput {
+ public:
+  LayerInput(const Tensor& input, const SequenceLayout& L, int64_t I, scratch::Tensors& tmp)
+      : input_(input), N_(L.rows), I_(I), tmp_(&tmp) {
+    if (!as_rows(input, N_, I, lying_) && !(!L.packed && as_steps(input, I, lying_))) {
+      lying_ = rows();
+    }
+  }
+  explicit LayerInput(const Tensor& rows) : lying_(rows), rows_(rows) {}
+
+  const Tensor& lying() const { return lying_; }
+  const Tensor& rows() {
+    if (!rows_.defined()) rows_ = view2d(tmp_->contiguous(input_), N_, I_, I_);
+    return rows_;
+  }
+
+ private:
+  Tensor input_, lying_, rows_;
+  int64_t N_ = 0, I_ = 0;
+  scratch::Tensors* tmp_ = nullptr;
+};
+
 // The input projection of a layer's job: inside its recurrence where the
-// backend takes it, else P = x W_ih^T + bias into p first.
+// backend takes it (reading x where it lies), else P = x W_ih^T + bias into p
+// first.
 template <class Backend, class Job>
-void take_projection(Job& job, const Tensor& x, const Tensor& w_ih,
+void take_projection(Job& job, LayerInput& x, const Tensor& w_ih,
                      const std::optional<Tensor>& bias, const Tensor& p) {
-  job.x = x;
+  job.x = x.lying();
   if (input_projection_inside<Backend>(job)) {
     job.w_ih = as_contiguous(w_ih);
     if (bias) job.bias = as_contiguous(*bias);
   } else {
-    project<Backend>(p, x, w_ih, bias);
+    project<Backend>(p, x.rows(), w_ih, bias);
     job.x = Tensor();
   }
 }
@@ -145,7 +172,7 @@ struct LayerJobs {
 };
 
 template <class Backend>
-void forward_layer(const StackViews& s, int64_t l, const Tensor& x, const Tensor& out,
+void forward_layer(const StackViews& s, int64_t l, LayerInput& x, const Tensor& out,
                    const Tensor& h0, const Tensor& c0, const Tensor& h_n, const Tensor& c_n,
                    const std::vector<StepRows>* order) {
   const RnnConfig& c = s.c;
@@ -176,7 +203,7 @@ void forward_layer(const StackViews& s, int64_t l, const Tensor& x, const Tensor
       }
       case CellKind::Gru: {
         const Tensor gates = s.gates(l, d);
-        project<Backend>(gates, x, s.w_ih(cell), s.b_ih(cell));
+        project<Backend>(gates, x.rows(), s.w_ih(cell), s.b_ih(cell));
         const std::optional<Tensor> b_hh = s.b_hh(cell);
         jobs.gru.push_back({&c.layout, d == 1, &order[d], gates, s.after_gates(l, d, 0), out_d,
                             StackViews::state(h0, cell), StackViews::state(h_n, cell), w_hh,
@@ -200,7 +227,7 @@ Tensor stack_forward(const StackViews& s, const Tensor& input, const Tensor& h0,
   Tensor output = empty(input, {L.rows, c.layer_width()});
   const std::vector<StepRows> order[2] = {steps_in_order(L, false), steps_in_order(L, true)};
   scratch::Tensors tmp;
-  Tensor x = view2d(tmp.contiguous(input), L.rows, c.input_size, c.input_size);
+  LayerInput x(input, L, c.input_size, tmp);
   for (int64_t l = 0; l < c.layers; ++l) {
     const Tensor out = l + 1 == c.layers ? output : s.layer_output(l);
     forward_layer<Backend>(s, l, x, out, h0, c0, h_n, c_n, order);
@@ -213,7 +240,7 @@ Tensor stack_forward(const StackViews& s, const Tensor& input, const Tensor& h0,
           torch::stable::zero_(mask);  // as torch's dropout at p = 1 (no 0/0)
         }
       }
-      x = layer_input(s, l + 1);
+      x = LayerInput(layer_input(s, l + 1));
     }
   }
   if (!L.packed) output = reinterpret(output, {L.steps, L.batch, c.layer_width()}, {L.batch * c.layer_width(), c.layer_width(), 1});

@@ -1073,6 +1073,26 @@ def test_rnn_backward_takes_grad_output_in_any_layout(case):
         assert all(torch.equal(a, b) for a, b in zip(flat(got), flat(want))), name
 
 
+@pytest.mark.parametrize("inside", ["1", "0"], ids=["inside", "outside"])
+@pytest.mark.parametrize("case", [
+    BASE.replace(batch=9, num_layers=2, bidirectional=True),
+    BASE.replace(batch=9, packed=True, nonlinearity="relu"),
+    LSTM_BASE.replace(batch=9, num_layers=2), GRU_BASE.replace(batch=9)], ids=case_id)
+def test_forward_takes_input_in_any_layout(case, inside, monkeypatch):
+    """A recurrence that projects its input inside reads it where it lies (rows with one
+    stride, or a padded input's steps in any layout: batch-major as batch_first gives it,
+    broadcast over the batch); otherwise it is copied. Every layout gives the very results of
+    a contiguous input, on both paths."""
+    monkeypatch.setenv("FASTRNN_CPU_PROJECT_INSIDE", inside)
+    args = op_inputs(case)
+    for name, x in _layouts(args.input):
+        args.input = x
+        got = args.op(*args.raw())
+        args.input = x.contiguous()
+        want = args.op(*args.raw())
+        assert all(torch.equal(a, b) for a, b in zip(flat(got), flat(want))), name
+
+
 @pytest.mark.parametrize("case", [
     LSTM_BASE, LSTM_BASE.replace(proj_size=2, num_layers=2, bidirectional=True, packed=True),
     GRU_BASE, GRU_BASE.replace(num_layers=2, bidirectional=True, packed=True)], ids=case_id)

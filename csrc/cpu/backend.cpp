@@ -176,14 +176,26 @@ struct CpuBackend {
   // kernel takes the job (p: P's or the gates' buffer) and
   // cpu::projection_inside says so.
   static bool projection_inside(const Tensor& x, const Tensor& p, int64_t hidden, int64_t batch) {
-    if (x.stride(1) != 1) return false;
+    const int64_t I = x.size(x.dim() - 1);
+    if (I > 1 && x.stride(x.dim() - 1) != 1) return false;
     bool inside = false;
     with_dtype(p.scalar_type(), [&]<typename T>() {
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-        inside = x.scalar_type() == p.scalar_type() && cpu::projection_inside<T>(x.size(1), hidden, batch);
+        inside = x.scalar_type() == p.scalar_type() && cpu::projection_inside<T>(I, hidden, batch);
       }
     });
     return inside;
+  }
+  // The job's x ([N, I] rows or [T, B, I] steps) as the kernels read it: its
+  // pointer, row stride, step stride (0: rows) and I.
+  template <typename T>
+  static void set_input(const Tensor& x, const T*& p, int64_t& ld, int64_t& ld_step, int64_t& I) {
+    if (!x.defined()) return;
+    const int64_t dims = x.dim();
+    p = ptr<T>(x);
+    ld = x.stride(dims - 2);
+    ld_step = dims == 3 ? x.stride(0) : 0;
+    I = x.size(dims - 1);
   }
   static bool input_projection_inside(const ForwardJob& j) {
     return projection_inside(j.x, j.out, j.w_hh.size(0), j.layout->batch);
@@ -196,8 +208,10 @@ struct CpuBackend {
         std::vector<cpu::ForwardRecurrence<T>> rec;
         for (const ForwardJob& j : jobs) {
           rec.push_back({*j.steps, j.w_hh.size(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0),
-                         j.h0.stride(0), ptr<T>(j.w_hh), act, ptr<T>(j.x), ld(j.x),
-                         j.x.defined() ? j.x.size(1) : 0, ptr<T>(j.w_ih), ptr<T>(j.bias)});
+                         j.h0.stride(0), ptr<T>(j.w_hh), act});
+          set_input<T>(j.x, rec.back().x, rec.back().ld_x, rec.back().ld_x_step, rec.back().input);
+          rec.back().w_ih = ptr<T>(j.w_ih);
+          rec.back().bias = ptr<T>(j.bias);
         }
         fused = cpu::forward_recurrences<T>(rec);
       }
@@ -256,13 +270,9 @@ struct CpuBackend {
           rec.push_back({*j.steps, j.c.size(1), ptr<T>(j.gates), j.gates.stride(0), ptr<T>(j.c),
                          j.c.stride(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0), j.h0.stride(0),
                          ptr<T>(j.c0), j.c0.stride(0), ptr<T>(j.w_hh)});
-          if (j.x.defined()) {
-            rec.back().x = ptr<T>(j.x);
-            rec.back().ld_x = j.x.stride(0);
-            rec.back().input = j.x.size(1);
-            rec.back().w_ih = ptr<T>(j.w_ih);
-            rec.back().bias = ptr<T>(j.bias);
-          }
+          set_input<T>(j.x, rec.back().x, rec.back().ld_x, rec.back().ld_x_step, rec.back().input);
+          rec.back().w_ih = ptr<T>(j.w_ih);
+          rec.back().bias = ptr<T>(j.bias);
         }
         fused = cpu::forward_recurrences<T>(std::span<const cpu::LstmForwardRecurrence<T>>(rec));
       }

@@ -58,8 +58,9 @@ struct LstmForwardRecurrence {
   // The input projection inside the recurrence, where x is not null (the
   // gates then hold nothing on entry): each step's product runs over
   // K = I + H, [x_t, h_{t-1}] times [W_ih; W_hh]^T, and the epilogue adds the bias.
-  const T* x = nullptr;             // [N, ld_x], columns [0, I)
+  const T* x = nullptr;             // [N, ld_x], columns [0, I), or steps as ForwardRecurrence's
   int64_t ld_x = 0;
+  int64_t ld_x_step = 0;
   int64_t input = 0;                // I
   const T* w_ih = nullptr;          // [4H, I] contiguous
   const T* bias = nullptr;          // [4H] (b_ih + b_hh) or null

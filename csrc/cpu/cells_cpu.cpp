@@ -145,7 +145,7 @@ void run_forward(std::span<const Job> jobs) {
           if (j.x) {
             cs.projected = true;
             cs.bias = j.bias;
-            t.x = {j.x + st.begin * j.ld_x, j.ld_x};
+            t.x = step_rows(j.x, j.ld_x, j.ld_x_step, st);
             t.K_x = j.input;
           }
         } else {

@@ -74,8 +74,9 @@ struct ForwardRecurrence {
   // The input projection inside the recurrence, where x is set (projection_inside):
   // each step's product runs over K = I + H, [x_t, h_{t-1}] times [W_ih; W_hh]^T,
   // and the epilogue adds the bias.
-  const T* x = nullptr;             // [N, ld_x], columns [0, I)
-  int64_t ld_x = 0;
+  const T* x = nullptr;             // [N, ld_x], columns [0, I); with ld_x_step, step t's
+  int64_t ld_x = 0;                 //   rows start at x + t * ld_x_step (a padded input in
+  int64_t ld_x_step = 0;            //   any layout, e.g. batch_first), not at its first row
   int64_t input = 0;                // I
   const T* w_ih = nullptr;          // [H, I] contiguous
   const T* bias = nullptr;          // [H] (b_ih + b_hh) or null
@@ -135,6 +136,13 @@ bool projection_inside(int64_t input, int64_t hidden, int64_t batch) {
   const char* v = std::getenv("FASTRNN_CPU_PROJECT_INSIDE");
   if (v && (v[0] == '0' || v[0] == '1') && !v[1]) return v[0] == '1';
   return batch >= 8 && input <= 2 * hidden;
+}
+
+// Step st's rows of a buffer read where it lies: rows with one stride ld
+// (step_stride 0), or a padded layout's steps at p + t * step_stride.
+template <typename T>
+Rows<const T> step_rows(const T* p, int64_t ld, int64_t step_stride, const StepRows& st) {
+  return {p + (step_stride ? st.t * step_stride : st.begin * ld), ld};
 }
 
 namespace detail {
@@ -397,7 +405,7 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
       t.d_lo = {j.out + st.begin * j.ld_out, j.ld_out};
       t.d_split = st.count;
       if (j.x) {
-        t.x = {j.x + st.begin * j.ld_x, j.ld_x};
+        t.x = step_rows(j.x, j.ld_x, j.ld_x_step, st);
         t.K_x = j.input;
         t.bias = j.bias;
       }
@@ -414,7 +422,7 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
 template <typename T>
 Rows<const T> dy_rows(const BackwardRecurrence<T>& j, const StepRows& st, const Rows<T>& otherwise) {
   if (!j.dy) return {otherwise.base, otherwise.ld};
-  return {j.dy + (j.ld_dy_step ? st.t * j.ld_dy_step : st.begin * j.ld_dy), j.ld_dy};
+  return step_rows(j.dy, j.ld_dy, j.ld_dy_step, st);
 }
 
 template <typename T>

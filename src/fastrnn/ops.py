@@ -276,33 +276,41 @@ class _NoDoubleBackward(torch.autograd.Function):
         raise _double_backward_error(ctx.name)
 
 
+def _run(name, config, batch_sizes, input, tensors):
+    """The op on _Eager's flat arguments, below autograd: the Function records the call (the
+    op's own autograd kernel would only cost time here, and is no torch.func transform's)."""
+    states = _STATES[name]
+    with torch._C._AutoDispatchBelowAutograd():
+        return getattr(_ops, name)(input, *tensors[:states], list(tensors[states:]), *config,
+                                   batch_sizes)
+
+
+def _setup(ctx, name, config, batch_sizes, input, tensors, output):
+    states = _STATES[name]
+    _save(ctx, name, config, input, tensors[:states], batch_sizes, tensors[states:], output)
+    # Outputs without a gradient reach backward as None, not as zeros: the reserve never
+    # has one, and zeros the size of a whole stack's saved tensors cost a memset per
+    # backward (an LSTM's is several times its output). _backward makes the zeros that it
+    # does need.
+    ctx.set_materialize_grads(False)
+
+
 class _Eager(torch.autograd.Function):
     """An eager op call that needs gradients: the same op, the same backward (_backward)
     as register_autograd's, from a plain autograd.Function over a flat tuple of tensors.
     register_autograd takes the weights as a list and flattens it with pytrees on every
     call and backward, which cost more than a small stack's whole forward and backward
     (a 2-layer bidirectional stack at T = 1: 264 us against 169 us). Tracing, compiling
-    and exporting call the op itself, which they know through its registrations."""
+    and exporting call the op itself, which they know through its registrations.
+
+    forward takes ctx: Function.apply then binds no signature for a setup_context (about
+    10 us a call). torch.func's transforms need the other form: _EagerTransformed."""
 
     @staticmethod
-    def forward(name, config, batch_sizes, input, *tensors):
-        states = _STATES[name]
-        # Below autograd: this Function records the call (the op's own autograd kernel
-        # would only cost time here, and is no torch.func transform's).
-        with torch._C._AutoDispatchBelowAutograd():
-            return getattr(_ops, name)(input, *tensors[:states], list(tensors[states:]),
-                                       *config, batch_sizes)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        name, config, batch_sizes, input, *tensors = inputs
-        states = _STATES[name]
-        _save(ctx, name, config, input, tensors[:states], batch_sizes, tensors[states:], output)
-        # Outputs without a gradient reach backward as None, not as zeros: the reserve
-        # never has one, and zeros the size of a whole stack's saved tensors cost a
-        # memset per backward (an LSTM's is several times its output). _backward
-        # makes the zeros that it does need.
-        ctx.set_materialize_grads(False)
+    def forward(ctx, name, config, batch_sizes, input, *tensors):
+        output = _run(name, config, batch_sizes, input, tensors)
+        _setup(ctx, name, config, batch_sizes, input, tensors, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output, *grads):
@@ -314,10 +322,24 @@ class _Eager(torch.autograd.Function):
         return (None, None, None, grad_input, *grad_states, *grad_weights)
 
 
+class _EagerTransformed(_Eager):
+    """_Eager under torch.func transforms, which take a forward without ctx and a
+    setup_context."""
+
+    @staticmethod
+    def forward(name, config, batch_sizes, input, *tensors):
+        return _run(name, config, batch_sizes, input, tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        name, config, batch_sizes, input, *tensors = inputs
+        _setup(ctx, name, config, batch_sizes, input, tensors, output)
+
+
 # Function.apply binds its arguments to forward's signature on every call (for
 # setup_context); inspect.signature would rebuild that signature each time, a
 # tenth of a tiny stack's forward. It is fixed: build it once.
-_Eager.forward.__signature__ = inspect.signature(_Eager.forward)
+_EagerTransformed.forward.__signature__ = inspect.signature(_EagerTransformed.forward)
 
 
 def _call(name, input, states, weights, config, batch_sizes):
@@ -334,7 +356,8 @@ def _call(name, input, states, weights, config, batch_sizes):
     if (torch.is_grad_enabled() and not _recorded()
             and not torch.is_autocast_enabled(input.device.type)
             and any(t.requires_grad for t in (input, *states, *weights))):
-        return _Eager.apply(name, config, batch_sizes, input, *states, *weights)
+        function = _EagerTransformed if torch._C._are_functorch_transforms_active() else _Eager
+        return function.apply(name, config, batch_sizes, input, *states, *weights)
     return getattr(_ops, name)(input, *states, list(weights), *config, batch_sizes)
 
 

@@ -112,6 +112,13 @@ bool input_projection_inside(const Job& job) {
   }
 }
 
+// t ([N, W] rows of L) where it lies, for a kernel that reads it in place:
+// rows with one stride, or a padded layout's [T, B, W] steps in any layout
+// (e.g. a batch_first tensor's). False where neither.
+inline bool as_lying(const Tensor& t, const SequenceLayout& L, int64_t W, Tensor& lying) {
+  return as_rows(t, L.rows, W, lying) || (!L.packed && as_steps(t, W, lying));
+}
+
 // A layer's input as the forward hands it on: where it lies (rows with one
 // stride, or a padded layout's [T, B, I] steps in any layout, e.g. a
 // batch_first input) for a recurrence that projects it inside, and as
@@ -120,9 +127,7 @@ class LayerInput {
  public:
   LayerInput(const Tensor& input, const SequenceLayout& L, int64_t I, scratch::Tensors& tmp)
       : input_(input), N_(L.rows), I_(I), tmp_(&tmp) {
-    if (!as_rows(input, N_, I, lying_) && !(!L.packed && as_steps(input, I, lying_))) {
-      lying_ = rows();
-    }
+    if (!as_lying(input, L, I, lying_)) lying_ = rows();
   }
   explicit LayerInput(const Tensor& rows) : lying_(rows), rows_(rows) {}
 
@@ -304,8 +309,7 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
   // place.
   scratch::Tensors tmp;
   Tensor dY, dY_top;
-  if (c.cell == CellKind::Elman &&
-      (as_rows(grad_output, N, W, dY_top) || (!L.packed && as_steps(grad_output, W, dY_top)))) {
+  if (c.cell == CellKind::Elman && as_lying(grad_output, L, W, dY_top)) {
     dY = tmp.empty(grad_output, {N, W});
   } else {
     dY = view2d(tmp.copy(grad_output), N, W, W);

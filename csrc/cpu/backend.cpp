@@ -168,10 +168,25 @@ struct CpuBackend {
     return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
   }
   static int64_t ld(const Tensor& t) { return t.defined() ? t.stride(0) : 0; }
+  // A tensor the kernels read where it lies ([N, W] rows, or a padded
+  // layout's [T, B, W] steps): its data, row stride and step stride (0 for
+  // rows); nothing set where it is undefined.
+  template <typename T>
+  static void set_lying(const Tensor& t, const T*& p, int64_t& ld, int64_t& ld_step) {
+    if (!t.defined()) return;
+    p = ptr<T>(t);
+    ld = t.stride(t.dim() - 2);
+    ld_step = t.dim() == 3 ? t.stride(0) : 0;
+  }
+  // The input of a job projected inside (x, as it lies) into its recurrence.
+  template <typename T, typename Rec>
+  static void set_input(Rec& r, const Tensor& x, const Tensor& w_ih, const Tensor& bias) {
+    set_lying<T>(x, r.x, r.ld_x, r.ld_x_step);
+    r.input = x.defined() ? x.size(x.dim() - 1) : 0;
+    r.w_ih = ptr<T>(w_ih);
+    r.bias = ptr<T>(bias);
+  }
 
-  // Elman: every direction of the layer in one parallel region of the fused
-  // recurrence (recurrence.h) where it takes the dtype (float; double with
-  // relu), else one GEMM per step.
   // The input projection inside the fused forward (stack.h asks): where the
   // kernel takes the job (p: P's or the gates' buffer) and
   // cpu::projection_inside says so.
@@ -186,21 +201,13 @@ struct CpuBackend {
     });
     return inside;
   }
-  // The job's x ([N, I] rows or [T, B, I] steps) as the kernels read it: its
-  // pointer, row stride, step stride (0: rows) and I.
-  template <typename T>
-  static void set_input(const Tensor& x, const T*& p, int64_t& ld, int64_t& ld_step, int64_t& I) {
-    if (!x.defined()) return;
-    const int64_t dims = x.dim();
-    p = ptr<T>(x);
-    ld = x.stride(dims - 2);
-    ld_step = dims == 3 ? x.stride(0) : 0;
-    I = x.size(dims - 1);
-  }
   static bool input_projection_inside(const ForwardJob& j) {
     return projection_inside(j.x, j.out, j.w_hh.size(0), j.layout->batch);
   }
 
+  // Elman: every direction of the layer in one parallel region of the fused
+  // recurrence (recurrence.h) where it takes the dtype (float; double with
+  // relu), else one GEMM per step.
   static void forward_recurrences(const std::vector<ForwardJob>& jobs, Activation act) {
     bool fused = false;
     with_dtype(jobs[0].out.scalar_type(), [&]<typename T>() {
@@ -209,9 +216,7 @@ struct CpuBackend {
         for (const ForwardJob& j : jobs) {
           rec.push_back({*j.steps, j.w_hh.size(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0),
                          j.h0.stride(0), ptr<T>(j.w_hh), act});
-          set_input<T>(j.x, rec.back().x, rec.back().ld_x, rec.back().ld_x_step, rec.back().input);
-          rec.back().w_ih = ptr<T>(j.w_ih);
-          rec.back().bias = ptr<T>(j.bias);
+          set_input<T>(rec.back(), j.x, j.w_ih, j.bias);
         }
         fused = cpu::forward_recurrences<T>(rec);
       }
@@ -238,10 +243,13 @@ struct CpuBackend {
           const bool given = j.dY.defined();
           if (!given) stepwise::add_final_rows<CpuBackend>(*j.steps, j.dA, j.dh_n);
           rec.push_back({*j.steps, j.w_hh.size(0), ptr<T>(j.dA), j.dA.stride(0), ptr<T>(j.out),
-                         j.out.stride(0), ptr<T>(j.grad_hx), j.grad_hx.stride(0), ptr<T>(j.w_hh), act,
-                         ptr<T>(j.dY), given ? j.dY.stride(j.dY.dim() - 2) : 0,
-                         given && j.dY.dim() == 3 ? j.dY.stride(0) : 0,
-                         given ? ptr<T>(j.dh_n) : nullptr, ld(j.dh_n)});
+                         j.out.stride(0), ptr<T>(j.grad_hx), j.grad_hx.stride(0), ptr<T>(j.w_hh), act});
+          if (given) {
+            cpu::BackwardRecurrence<T>& r = rec.back();
+            set_lying<T>(j.dY, r.dy, r.ld_dy, r.ld_dy_step);
+            r.dh_n = ptr<T>(j.dh_n);
+            r.ld_dh_n = ld(j.dh_n);
+          }
         }
         fused = cpu::backward_recurrences<T>(rec);
         FASTRNN_CHECK(fused, "fastrnn: the CPU recurrence refused a job it supports");
@@ -270,9 +278,7 @@ struct CpuBackend {
           rec.push_back({*j.steps, j.c.size(1), ptr<T>(j.gates), j.gates.stride(0), ptr<T>(j.c),
                          j.c.stride(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0), j.h0.stride(0),
                          ptr<T>(j.c0), j.c0.stride(0), ptr<T>(j.w_hh)});
-          set_input<T>(j.x, rec.back().x, rec.back().ld_x, rec.back().ld_x_step, rec.back().input);
-          rec.back().w_ih = ptr<T>(j.w_ih);
-          rec.back().bias = ptr<T>(j.bias);
+          set_input<T>(rec.back(), j.x, j.w_ih, j.bias);
         }
         fused = cpu::forward_recurrences<T>(std::span<const cpu::LstmForwardRecurrence<T>>(rec));
       }

@@ -109,23 +109,16 @@ void run_forward(std::span<const Job> jobs) {
   const CellKernels<T> ks = cell_kernels<T>(simd::runtime_isa());
   constexpr int G = Cell == 0 ? 4 : 3;
   // LSTM: the input projection inside where the job has x.
-  auto input = [](const Job& j) -> int64_t {
-    if constexpr (Cell == 0) {
-      return j.x ? j.input : 0;
-    } else {
-      return 0;
-    }
-  };
   std::vector<detail::JobShape> shapes;
   for (const Job& j : jobs) {
-    shapes.push_back({j.steps, input(j) + j.hidden, G * j.hidden,
+    shapes.push_back({j.steps, detail::inside_input(j) + j.hidden, G * j.hidden,
                       (j.hidden + ks.lanes - 1) / ks.lanes, G * ks.lanes, G, ks.mr_fwd[Cell]});
   }
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
   detail::run_slots<T>(
       jobs, std::span<const detail::JobShape>(shapes), plan, 0,
       [&](const detail::Slot& s, const Job& j, T* dst) {
-        const int64_t I = input(j);
+        const int64_t I = detail::inside_input(j);
         if constexpr (Cell == 0) {
           if (I) pack_gate_panels(j.w_ih, j.hidden, I, G, ks.lanes, s.panel_begin, s.panel_end, dst, 0, I + j.hidden);
         }

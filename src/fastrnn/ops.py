@@ -356,7 +356,7 @@ def _call(name, input, states, weights, config, batch_sizes):
     if (torch.is_grad_enabled() and not _recorded()
             and not torch.is_autocast_enabled(input.device.type)
             and any(t.requires_grad for t in (input, *states, *weights))):
-        function = _EagerTransformed if torch._C._are_functorch_transforms_active() else _Eager
+        function = _Eager if level is None else _EagerTransformed
         return function.apply(name, config, batch_sizes, input, *states, *weights)
     return getattr(_ops, name)(input, *states, list(weights), *config, batch_sizes)
 

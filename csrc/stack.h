@@ -159,6 +159,19 @@ void take_projection(Job& job, LayerInput& x, const Tensor& w_ih,
   }
 }
 
+// dW_ih (rows of it) = dA^T x, reading x where it lies: rows with one stride,
+// or a padded input's steps where the backend's product takes them
+// (Backend::gemm_steps), else x's rows copied.
+template <class Backend>
+void input_weight_grad(const Tensor& dW, const Tensor& dA_t, LayerInput& x) {
+  const Tensor& lying = x.lying();
+  if (lying.dim() == 2) return Backend::gemm(dW, dA_t, lying, false);
+  if constexpr (requires { Backend::gemm_steps(dW, dA_t, lying); }) {
+    if (Backend::gemm_steps(dW, dA_t, lying)) return;
+  }
+  Backend::gemm(dW, dA_t, x.rows(), false);
+}
+
 // Direction d's H columns of the top layer's gradient as it lies ([N, W] rows
 // or [T, B, W] steps), or undefined.
 inline Tensor top_columns(const Tensor& dY, int64_t N, int64_t H, int64_t d) {
@@ -360,7 +373,7 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
       if (!gru.empty()) Backend::backward_recurrences(gru);
     }
     const int64_t I = c.layer_input_size(l);
-    const Tensor x = l == 0 ? view2d(tmp.contiguous(input), N, I, I) : layer_input(s, l);
+    LayerInput x = l == 0 ? LayerInput(input, L, I, tmp) : LayerInput(layer_input(s, l));
 
     // Per direction: the gradients of the recurrent pre-activations (dA_h) and
     // of the input-side ones, in pieces (InputGrad).
@@ -387,7 +400,7 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
       grad_weights[first] = empty(input, {GH, I});
       for (const InputGrad& g : input_grads[d]) {
         const Tensor rows = view2d(grad_weights[first], g.dA.size(1), I, I, g.col * I);
-        Backend::gemm(rows, transposed(g.dA), x, false);
+        input_weight_grad<Backend>(rows, transposed(g.dA), x);
       }
       grad_weights[first + 1] = empty(input, {GH, c.state_size()});
       recurrent_weight_grad<Backend>(L, d == 1, grad_weights[first + 1], dA_h,

@@ -1093,6 +1093,24 @@ def test_forward_takes_input_in_any_layout(case, inside, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(flat(got), flat(want))), name
 
 
+@pytest.mark.parametrize("linear", ["1", "0"], ids=["own-product", "blas"])
+@pytest.mark.parametrize("case", [
+    BASE.replace(batch=9, steps=130, num_layers=2, bidirectional=True),
+    BASE.replace(batch=9, packed=True, nonlinearity="relu"),
+    LSTM_BASE.replace(batch=9, steps=130), GRU_BASE.replace(batch=9, num_layers=2)], ids=case_id)
+def test_backward_takes_input_in_any_layout(case, linear, monkeypatch):
+    """dW_ih = dA^T x reads x where it lies: rows with one stride, or a padded input's steps
+    in any layout on fastrnn's own product (FASTRNN_CPU_LINEAR=1; at 130 steps of 9 rows its
+    chunks of k split a step); BLAS gets x's rows copied. Every layout gives the very
+    gradients of a contiguous input."""
+    monkeypatch.setenv("FASTRNN_CPU_LINEAR", linear)
+    args, bwd = backward_args(case, True, True)
+    for name, x in _layouts(bwd[0]):
+        got = args.backward_op(x, *bwd[1:])
+        want = args.backward_op(x.contiguous(), *bwd[1:])
+        assert all(torch.equal(a, b) for a, b in zip(flat(got), flat(want))), name
+
+
 @pytest.mark.parametrize("case", [
     LSTM_BASE, LSTM_BASE.replace(proj_size=2, num_layers=2, bidirectional=True, packed=True),
     GRU_BASE, GRU_BASE.replace(num_layers=2, bidirectional=True, packed=True)], ids=case_id)

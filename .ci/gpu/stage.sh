@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, one stage per call, on the GPU machine, from the repository
 # root, with dist/ (built here by .ci/gpu/wheel.sh) carried along:
+#   bash .ci/gpu/stage.sh 0    a first look at all three in about 5 minutes, for a
+#                              session with little device time: tests/test_cuda.py,
+#                              memcheck on the persistent kernels, the seed shapes
 #   bash .ci/gpu/stage.sh 1    the test suite's CUDA tests (and a CPU-vs-CUDA check)
 #   bash .ci/gpu/stage.sh 2    compute-sanitizer memcheck and racecheck on every CUDA kernel
 #   bash .ci/gpu/stage.sh 3    fastrnn against cuDNN: the MNIST models' shapes and the grid,
@@ -10,7 +13,7 @@
 # (at most 8 files come back): summary.txt plus the stage's own files.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-STAGE=${1:?usage: stage.sh 1|2|3|4}
+STAGE=${1:?usage: stage.sh 0|1|2|3|4}
 OUT=${OUT:-/tmp/fastrnn-gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,6 +33,20 @@ $PY -c "import torch, fastrnn; print('torch', torch.__version__, 'cuda', torch.v
   2>&1 | tee -a "$OUT/summary.txt" || exit 1
 
 case "$STAGE" in
+0)
+  note "tests/test_cuda.py"
+  timeout 150 $PY -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider -m "not slow" \
+    --junitxml "$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+  tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+  note "compute-sanitizer memcheck, persistent kernels"
+  FASTRNN_CUDA_PERSISTENT=1 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY .ci/gpu/sanitize_case.py > "$OUT/sanitizer.log" 2>&1 \
+    || { status=1; echo "memcheck (persistent) FAILED" | tee -a "$OUT/summary.txt"; }
+  tail -2 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
+  note "fastrnn against cuDNN, the seed shapes"
+  timeout 120 $PY benchmarks/cuda_shapes.py --repeats 10 --markdown "$OUT/cuda_shapes.md" \
+    --json "$OUT/cuda_shapes.json" 2>&1 | tee -a "$OUT/summary.txt" || status=1
+  ;;
 1)
   note "CUDA tests"
   timeout 450 $PY -m pytest tests -q -rs -p no:cacheprovider -m "not slow" -k cuda \

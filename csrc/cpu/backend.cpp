@@ -23,11 +23,13 @@ constexpr int64_t kGrain = 32768;
 
 // c = a @ b (+ bias) (+ c) on fastrnn's tiles (linear.h) where they beat
 // BLAS: float or double, c with unit column stride not overlapping a or b,
-// a and b each row- or column-major, bias [N] contiguous. False: not taken.
+// a and b each row- or column-major, or b a padded sequence's [T, B, K]
+// steps with unit column stride (K = T * B rows, row t * B + b), bias [N]
+// contiguous. False: not taken.
 template <typename T>
 bool own_linear(const Tensor& c, const Tensor* bias, const Tensor& a, const Tensor& b,
                 bool accumulate) {
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(b.dim() - 1);
   if (c.stride(1) != 1 || M < 2 || K < 2 || N < 2) return false;
   if (a.scalar_type() != c.scalar_type() || b.scalar_type() != c.scalar_type()) return false;
   cpu::LinearProduct<T> p;
@@ -43,7 +45,12 @@ bool own_linear(const Tensor& c, const Tensor* bias, const Tensor& a, const Tens
   } else {
     return false;
   }
-  if (b.stride(0) == 1) {
+  if (b.dim() == 3) {
+    if (b.stride(2) != 1) return false;
+    p.ldw = b.stride(1);
+    p.w_step_rows = b.size(1);
+    p.ldw_step = b.stride(0);
+  } else if (b.stride(0) == 1) {
     p.w_transposed = true;
     p.ldw = b.stride(1);
   } else if (b.stride(1) == 1) {
@@ -138,6 +145,19 @@ struct CpuBackend {
       TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(c.get(), c.get(), a.get(), b.get(), 1.0, 1.0));
     } else {
       TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(c.get(), a.get(), b.get()));
+    }
+  }
+
+  // c = a @ b with b a padded sequence's [T, B, K] steps where they lie (rows
+  // t * B + b: a batch_first input's), on fastrnn's tiles where they take
+  // it. False: not taken (BLAS, or small_gemm for a product that small, gets
+  // b's rows copied).
+  static bool gemm_steps(const Tensor& c, const Tensor& a, const Tensor& b) {
+    if (!cpu::prefer_linear() || a.size(0) * a.size(1) * b.size(2) <= kSmallGemmFmas) return false;
+    switch (c.scalar_type()) {
+      case ScalarType::Float: return own_linear<float>(c, nullptr, a, b, false);
+      case ScalarType::Double: return own_linear<double>(c, nullptr, a, b, false);
+      default: return false;
     }
   }
 

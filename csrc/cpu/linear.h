@@ -29,8 +29,10 @@ struct LinearProduct {
   int64_t lda = 0;               //   [K, lda] with A(i, k) = a[k * lda + i]
   bool a_transposed = false;
   const T* w = nullptr;          // B = w^T with w [N, ldw] (w_transposed), or B = w with w [K, ldw]
-  int64_t ldw = 0;
-  bool w_transposed = false;
+  int64_t ldw = 0;               //   (with w_step_rows: B's row k = t * w_step_rows + b at
+  bool w_transposed = false;     //   w + t * ldw_step + b * ldw, a padded sequence's steps
+  int64_t w_step_rows = 0;       //   in any layout, e.g. a batch_first input's)
+  int64_t ldw_step = 0;
   const T* bias = nullptr;       // [N] or null
   T* c = nullptr;                // [M, ldc]: A B + bias (+ c on entry if accumulate) on exit
   int64_t ldc = 0;               //   (must not overlap a, w, bias)
@@ -56,6 +58,26 @@ inline bool prefer_linear() {
 #else
   return false;
 #endif
+}
+
+// B's rows [k0, k0 + K) into panels [panel_begin, panel_end) (pack_panels),
+// a step's rows at a time where B's rows lie in steps.
+template <typename T>
+void pack_depth(const LinearProduct<T>& p, int64_t k0, int64_t K, const KernelSet<T>& ks,
+                int64_t panel_begin, int64_t panel_end, T* panels) {
+  if (p.w_transposed || p.w_step_rows <= 0) {
+    const T* w = p.w + (p.w_transposed ? k0 : k0 * p.ldw);
+    pack_panels(w, p.ldw, p.cols, K, ks.nr, ks.lanes, p.w_transposed, panel_begin, panel_end,
+                panels);
+    return;
+  }
+  for (int64_t k = k0; k < k0 + K;) {
+    const int64_t t = k / p.w_step_rows, b = k % p.w_step_rows;
+    const int64_t n = std::min(p.w_step_rows - b, k0 + K - k);
+    pack_panels(p.w + t * p.ldw_step + b * p.ldw, p.ldw, p.cols, n, ks.nr, ks.lanes, false,
+                panel_begin, panel_end, panels, k - k0, K);
+    k += n;
+  }
 }
 
 // Computes p; false (nothing done) for a dtype other than float / double, an
@@ -101,9 +123,7 @@ bool linear(const LinearProduct<T>& p) {
           t.a_lo = {p.a + (p.a_transposed ? k0 * p.lda : k0), p.lda};
           t.bias = k0 == 0 ? p.bias : nullptr;
           t.accumulate = p.accumulate || k0 > 0;
-          const T* w = p.w + (p.w_transposed ? k0 : k0 * p.ldw);
-          pack_panels(w, p.ldw, p.cols, t.K, ks.nr, ks.lanes, p.w_transposed, t.panel_begin,
-                      t.panel_end, panels_s);
+          pack_depth(p, k0, t.K, ks, t.panel_begin, t.panel_end, panels_s);
           (p.a_transposed ? ks.linear_at : ks.linear)(t);
         }
       }

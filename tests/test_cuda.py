@@ -100,12 +100,14 @@ def test_runs_on_the_inputs_device_not_the_current_one():
     assert out.device == x.device
 
 
-@pytest.mark.parametrize("hidden", [1, 37, 128, 256, 1024], ids=lambda h: f"H{h}")
+@pytest.mark.parametrize("hidden", [1, 37, 128, 256, 300, 1024], ids=lambda h: f"H{h}")
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 def test_persistent_kernels_match_torch(monkeypatch, hidden, packed, nonlinearity):
     """The persistent kernels (opt-in, FASTRNN_CUDA_PERSISTENT=1) against torch.nn.RNN in
-    float64; hidden 1024 does not fit on chip and takes the per-step path."""
+    float64, 300 rows in tiles and clusters of several sizes, uneven lengths; hidden 256 and 300
+    take the cluster kernels on sm_90 (test_persistent_path_by_hidden_size), 1024 does not fit
+    on chip and takes the per-step path."""
     monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
     ref, fast = rnn_pair(5, hidden, 2, nonlinearity=nonlinearity, bidirectional=True)
     ref, fast = ref.cuda().double(), fast.cuda().double()
@@ -120,6 +122,51 @@ def test_persistent_kernels_match_torch(monkeypatch, hidden, packed, nonlinearit
         results.append([out.data if packed else out, h, *grads(m, weighted_sum(out, h), [x, h0])])
     for a, e in zip(results[1], results[0]):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+def cuda_kernels(fn):
+    """The names of the CUDA kernels that fn() launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize("hidden, dtype, path", [
+    (100, torch.float32, "persistent"), (256, torch.float32, "cluster"),
+    (512, torch.float32, "cluster"), (300, torch.float64, "cluster"),
+    (256, torch.bfloat16, "cluster"), (1024, torch.float32, None)],
+    ids=lambda v: str(v).replace("torch.", ""))
+def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
+    """With FASTRNN_CUDA_PERSISTENT=1 a layer runs where its W_hh fits: one CTA's shared
+    memory (csrc/cuda/persistent.cuh), else slices of it in a cluster's CTAs (cluster.cuh,
+    sm_90), else a GEMM per step; forward and backward alike, matching torch.nn.RNN in float64."""
+    monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
+    if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        path = None
+    ref, fast = rnn_pair(8, hidden, 1, bidirectional=True)
+    ref, fast = ref.cuda().to(dtype), fast.cuda().to(dtype)
+    x = torch.randn(28, 64, 8, device="cuda", dtype=dtype, requires_grad=True)
+    results = []
+
+    def run():
+        out, h = fast(x)
+        results.append([out, h, *grads(fast, weighted_sum(out, h), [x])])
+
+    names = cuda_kernels(run)
+    recurrences = {n for n in names if "fastrnn::persistent::" in n or "fastrnn::cluster::" in n}
+    if path is None:
+        assert not recurrences, recurrences
+    else:
+        for kernel in ("forward_kernel", "backward_kernel"):
+            assert any(f"fastrnn::{path}::{kernel}" in n for n in recurrences), (kernel, names)
+    exact = ref.double()
+    x64 = x.detach().double().requires_grad_()
+    out, h = exact(x64)
+    expected = [out, h, *grads(exact, weighted_sum(out, h), [x64])]
+    tol = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-4, 1e-5), torch.bfloat16: (5e-2, 5e-2)}[dtype]
+    for a, e in zip(results[0], expected):
+        torch.testing.assert_close(a.double(), e, rtol=tol[0], atol=tol[1])
 
 
 def test_cuda_device_errors_name_the_argument():

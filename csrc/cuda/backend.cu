@@ -1,9 +1,11 @@
 // fastrnn CUDA kernels: the stack driver (stack.h) with cuBLAS GEMMs through
 // torch's CUDA shims, on the current stream. The recurrences run in the
-// persistent kernels of persistent.cuh where they fit, else with one GEMM and
-// one pointwise kernel per step (stepwise.h).
+// persistent kernels of persistent.cuh where W_hh fits one CTA, else in those
+// of cluster.cuh where its slices fit a cluster's CTAs (sm_90), else with one
+// GEMM and one pointwise kernel per step (stepwise.h).
 #include "../stack.h"
 #include "../stepwise.h"
+#include "cluster.cuh"
 #include "persistent.cuh"
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cuda.h>
@@ -84,6 +86,53 @@ bool plan_persistent(const SequenceLayout& L, int64_t H, int buffers, int device
   return true;
 }
 
+// How a cluster launch (cluster.cuh) splits a layer: CTAs per cluster, units
+// per CTA, batch rows per cluster, clusters.
+struct ClusterPlan {
+  int size = 0;
+  int units = 0;
+  int tile = 0;
+  int clusters = 0;
+  size_t smem = 0;
+};
+
+// The cluster size (2, 4 or 8: the portable sizes) with the shortest step by
+// a rough count of a thread's serial multiply-adds, a cluster barrier, and
+// waves where the clusters outnumber what the SMs hold at once; false where no
+// size fits W_hh's slices (or the device has no clusters).
+template <typename acc_t>
+bool plan_cluster(const SequenceLayout& L, int64_t H, bool backward, int device, ClusterPlan& plan) {
+  using namespace cluster;
+  if (H <= 0 || L.batch == 0 || device_attribute(cudaDevAttrComputeCapabilityMajor, device) < 9) {
+    return false;
+  }
+  const int64_t max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  double best = 0;
+  for (int size : {2, 4, 8}) {
+    const int64_t units = (H + size - 1) / size;
+    if (units > kThreads) continue;
+    const int64_t groups = kThreads / units;
+    const auto bytes = [&](int64_t tile) {
+      return backward ? backward_smem<acc_t>(H, units, tile) : forward_smem<acc_t>(H, units, tile);
+    };
+    // Enough clusters for every SM to hold a CTA, as few rows per thread as that allows.
+    int64_t tile = std::min<int64_t>({groups * kRows, L.batch,
+                                      std::max<int64_t>(1, (L.batch * size + sms - 1) / sms)});
+    while (tile > 1 && static_cast<int64_t>(bytes(tile)) > max_smem) --tile;
+    if (static_cast<int64_t>(bytes(tile)) > max_smem) continue;
+    const int64_t clusters = (L.batch + tile - 1) / tile;
+    const int64_t waves = (clusters * size + sms - 1) / sms;
+    const double cost = waves * (2.0 * H * ((tile + groups - 1) / groups) + 600);
+    if (plan.size == 0 || cost < best) {
+      best = cost;
+      plan = {size, static_cast<int>(units), static_cast<int>(tile), static_cast<int>(clusters),
+              bytes(tile)};
+    }
+  }
+  return plan.size > 0;
+}
+
 // batch_sizes then offsets, [2, T] int64 on the device (none when padded).
 std::optional<Tensor> device_layout(const SequenceLayout& L, const Tensor& like) {
   if (!L.packed) return std::nullopt;
@@ -134,11 +183,88 @@ T* ptr(const Tensor& t) {
 
 struct CudaBackend;
 
+// A cluster.cuh kernel's launch by plan, once the device is known to hold
+// one such cluster (fits()).
+template <auto kernel>
+class ClusterLaunch {
+ public:
+  ClusterLaunch(const ClusterPlan& plan, int device, cudaStream_t stream) {
+    prepare<kernel>(plan.smem, device);
+    config_.gridDim = dim3(static_cast<unsigned>(plan.clusters * plan.size));
+    config_.blockDim = dim3(cluster::kThreads);
+    config_.dynamicSmemBytes = plan.smem;
+    config_.stream = stream;
+    attribute_.id = cudaLaunchAttributeClusterDimension;
+    attribute_.val.clusterDim.x = static_cast<unsigned>(plan.size);
+    attribute_.val.clusterDim.y = 1;
+    attribute_.val.clusterDim.z = 1;
+    config_.attrs = &attribute_;
+    config_.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // config_ points into it
+
+  bool fits() const {
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config_) != cudaSuccess) {
+      (void)cudaGetLastError();  // not a launch error: the caller steps with GEMMs instead
+      return false;
+    }
+    return clusters > 0;
+  }
+
+  template <typename... Args>
+  void operator()(Args... args) const {
+    const cudaError_t err = cudaLaunchKernelEx(&config_, kernel, args...);
+    FASTRNN_CHECK(err == cudaSuccess, "fastrnn: cluster kernel launch failed: ", cudaGetErrorString(err));
+  }
+
+ private:
+  cudaLaunchConfig_t config_ = {};
+  cudaLaunchAttribute attribute_ = {};
+};
+
+template <typename T, typename acc_t, Activation A>
+bool launch_cluster_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse) {
+  const int64_t H = job.w_hh.size(0);
+  const int device = job.out.get_device_index();
+  ClusterPlan plan;
+  if (!plan_cluster<acc_t>(L, H, false, device, plan)) return false;
+  const ClusterLaunch<cluster::forward_kernel<T, acc_t, A>> launch(plan, device, current_stream(job.out));
+  if (!launch.fits()) return false;
+  const std::optional<Tensor> layout = device_layout(L, job.out);
+  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
+  launch(ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh), bs,
+         bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H), plan.units, plan.tile,
+         plan.size, reverse);
+  stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
+  return true;
+}
+
+template <typename T, typename acc_t, Activation A>
+bool launch_cluster_backward(const SequenceLayout& L, const BackwardJob& job, bool reverse) {
+  const int64_t H = job.w_hh.size(0);
+  const int device = job.out.get_device_index();
+  ClusterPlan plan;
+  if (!plan_cluster<acc_t>(L, H, true, device, plan)) return false;
+  const ClusterLaunch<cluster::backward_kernel<T, acc_t, A>> launch(plan, device, current_stream(job.out));
+  if (!launch.fits()) return false;
+  stepwise::take(job.dA, job.dY);
+  stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
+  const std::optional<Tensor> layout = device_layout(L, job.out);
+  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
+  launch(ptr<T>(job.dA), job.dA.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.grad_hx),
+         job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch,
+         static_cast<int>(H), plan.units, plan.tile, plan.size, reverse);
+  return true;
+}
+
 template <typename T, typename acc_t, Activation A>
 bool launch_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse) {
   const int64_t H = job.w_hh.size(0);
   PersistentPlan plan;
-  if (!plan_persistent<acc_t>(L, H, 1, job.out.get_device_index(), plan)) return false;
+  if (!plan_persistent<acc_t>(L, H, 1, job.out.get_device_index(), plan)) {
+    return launch_cluster_forward<T, acc_t, A>(L, job, reverse);
+  }
   const std::optional<Tensor> layout = device_layout(L, job.out);
   const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
   constexpr auto kernel = persistent::forward_kernel<T, acc_t, A>;
@@ -155,7 +281,9 @@ template <typename T, typename acc_t, Activation A>
 bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool reverse) {
   const int64_t H = job.w_hh.size(0);
   PersistentPlan plan;
-  if (!plan_persistent<acc_t>(L, H, 2, job.out.get_device_index(), plan)) return false;
+  if (!plan_persistent<acc_t>(L, H, 2, job.out.get_device_index(), plan)) {
+    return launch_cluster_backward<T, acc_t, A>(L, job, reverse);
+  }
   stepwise::take(job.dA, job.dY);
   stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
   const std::optional<Tensor> layout = device_layout(L, job.out);

@@ -169,6 +169,53 @@ def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
         torch.testing.assert_close(a.double(), e, rtol=tol[0], atol=tol[1])
 
 
+@pytest.mark.parametrize("hidden, cluster", [(37, False), (128, True), (160, True)],
+                         ids=["H37-one-CTA", "H128-cluster", "H160-cluster"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_persistent_lstm_matches_torch(monkeypatch, hidden, cluster, packed):
+    """LSTM's persistent kernels (csrc/cuda/cluster.cuh, opt-in with FASTRNN_CUDA_PERSISTENT=1)
+    against torch.nn.LSTM in float64: two layers both ways, 300 rows, uneven lengths, random
+    (h0, c0). W_hh fits one CTA at hidden 37; at 128 and 160 it is split over a cluster (sm_90;
+    elsewhere the per-step path runs). Asserts which kernels ran."""
+    monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
+    persistent = not cluster or torch.cuda.get_device_capability()[0] >= 9
+    ref, fast = rnn_pair(5, hidden, 2, cell="lstm", bidirectional=True)
+    ref, fast = ref.cuda().double(), fast.cuda().double()
+    kw = dict(device="cuda", dtype=torch.float64, requires_grad=True)
+    x, h0, c0 = torch.randn(11, 300, 5, **kw), torch.randn(4, 300, hidden, **kw), torch.randn(4, 300, hidden, **kw)
+    lengths = torch.randint(1, 12, (300,))
+    lengths[7] = 11
+    results = []
+
+    def run(m):
+        inp = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        out, (h, c) = m(inp, (h0, c0))
+        results.append([out.data if packed else out, h, c, *grads(m, weighted_sum(out, (h, c)), [x, h0, c0])])
+
+    names = cuda_kernels(lambda: run(fast))
+    for kernel in ("lstm_forward_kernel", "lstm_backward_kernel"):
+        assert any(f"fastrnn::cluster::{kernel}" in n for n in names) == persistent, (kernel, names)
+    run(ref)
+    for a, e in zip(results[0], results[1]):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+def test_persistent_lstm_float32_at_the_notebook_shape(monkeypatch):
+    """The MNIST notebook's LSTM (2 x 128, batch 64, 28 steps) on the persistent kernels in
+    float32, against torch.nn.LSTM in float64."""
+    monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
+    ref, fast = rnn_pair(28, 128, 2, cell="lstm", batch_first=True)
+    fast = fast.cuda()
+    exact = ref.cuda().double()
+    x = torch.randn(64, 28, 28, device="cuda")
+    out, (h, c) = fast(x)
+    got = [out, h, c, *grads(fast, weighted_sum(out, (h, c)), [])]
+    out, (h, c) = exact(x.double())
+    expected = [out, h, c, *grads(exact, weighted_sum(out, (h, c)), [])]
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5)
+
+
 def test_cuda_device_errors_name_the_argument():
     """The device kernel's own checks (csrc/checks.h): a CPU tensor among CUDA tensors,
     and batch_sizes on the GPU."""

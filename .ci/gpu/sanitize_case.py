@@ -1,7 +1,7 @@
 """A small forward+backward through every CUDA kernel fastrnn has, for
-compute-sanitizer (.ci/gpu/stage.sh 2): each dtype, tanh and relu, padded and
-packed, reverse directions, two layers with dropout, hidden sizes on both
-sides of the persistent kernels' limits."""
+compute-sanitizer (.ci/gpu/stage.sh 0 and 2): each dtype, tanh and relu, padded and
+packed, reverse directions, two layers with dropout, hidden sizes on both sides of
+the persistent kernels' limits (one CTA, a cluster, neither), RNN and LSTM."""
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -9,15 +9,19 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastrnn
 
 torch.manual_seed(0)
+CASES = [(fastrnn.RNN, hidden, kw) for hidden in (8, 100, 260, 700)
+         for kw in (dict(num_layers=2, bidirectional=True, dropout=0.3), dict(nonlinearity="relu"))]
+CASES += [(fastrnn.LSTM, hidden, dict(num_layers=2, bidirectional=True, dropout=0.3))
+          for hidden in (8, 100, 130)]
 for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-    for hidden in (8, 100, 260):
-        for kw in (dict(num_layers=2, bidirectional=True, dropout=0.3), dict(nonlinearity="relu")):
-            rnn = fastrnn.RNN(8, hidden, **kw).to("cuda", dtype)
-            x = torch.randn(6, 3, 8, device="cuda", dtype=dtype, requires_grad=True)
-            lengths = torch.tensor([6, 2, 4])
-            for inp in (x, pack_padded_sequence(x, lengths, enforce_sorted=False)):
-                out, h = rnn(inp)
-                out = out.data if hasattr(out, "batch_sizes") else out
-                (out.float().sum() + h.float().sum()).backward()
+    for cls, hidden, kw in CASES:
+        rnn = cls(8, hidden, **kw).to("cuda", dtype)
+        x = torch.randn(6, 3, 8, device="cuda", dtype=dtype, requires_grad=True)
+        lengths = torch.tensor([6, 2, 4])
+        for inp in (x, pack_padded_sequence(x, lengths, enforce_sorted=False)):
+            out, h = rnn(inp)
+            out = out.data if hasattr(out, "batch_sizes") else out
+            h = h if isinstance(h, tuple) else (h,)
+            (out.float().sum() + sum(t.float().sum() for t in h)).backward()
 torch.cuda.synchronize()
 print("sanitizer case ran")

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <initializer_list>
 #include <cstdlib>
 #include <cstring>
 
@@ -96,38 +97,36 @@ struct ClusterPlan {
   size_t smem = 0;
 };
 
-// The cluster size (2, 4 or 8: the portable sizes) with the shortest step by
-// a rough count of a thread's serial multiply-adds, a cluster barrier, and
-// waves where the clusters outnumber what the SMs hold at once; false where no
-// size fits W_hh's slices (or the device has no clusters).
-template <typename acc_t>
-bool plan_cluster(const SequenceLayout& L, int64_t H, bool backward, int device, ClusterPlan& plan) {
+// The cluster size with the shortest step, by a rough count of a thread's
+// serial multiply-adds (G gates per unit), a barrier, and waves where the
+// clusters outnumber what the SMs hold at once: among `sizes` (1: one CTA, a
+// plain launch; 2, 4, 8: the portable cluster sizes, sm_90). bytes(units,
+// tile) is a CTA's shared memory. False where none fits.
+template <typename Bytes>
+bool plan_cluster(const SequenceLayout& L, int64_t H, int G, std::initializer_list<int> sizes,
+                  int device, const Bytes& bytes, ClusterPlan& plan) {
   using namespace cluster;
-  if (H <= 0 || L.batch == 0 || device_attribute(cudaDevAttrComputeCapabilityMajor, device) < 9) {
-    return false;
-  }
+  if (H <= 0 || L.batch == 0) return false;
+  const bool clusters_ok = device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
   const int64_t max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   double best = 0;
-  for (int size : {2, 4, 8}) {
+  for (int size : sizes) {
     const int64_t units = (H + size - 1) / size;
-    if (units > kThreads) continue;
+    if ((size > 1 && !clusters_ok) || units > kThreads) continue;
     const int64_t groups = kThreads / units;
-    const auto bytes = [&](int64_t tile) {
-      return backward ? backward_smem<acc_t>(H, units, tile) : forward_smem<acc_t>(H, units, tile);
-    };
     // Enough clusters for every SM to hold a CTA, as few rows per thread as that allows.
     int64_t tile = std::min<int64_t>({groups * kRows, L.batch,
                                       std::max<int64_t>(1, (L.batch * size + sms - 1) / sms)});
-    while (tile > 1 && static_cast<int64_t>(bytes(tile)) > max_smem) --tile;
-    if (static_cast<int64_t>(bytes(tile)) > max_smem) continue;
+    while (tile > 1 && static_cast<int64_t>(bytes(units, tile)) > max_smem) --tile;
+    if (static_cast<int64_t>(bytes(units, tile)) > max_smem) continue;
     const int64_t clusters = (L.batch + tile - 1) / tile;
     const int64_t waves = (clusters * size + sms - 1) / sms;
-    const double cost = waves * (2.0 * H * ((tile + groups - 1) / groups) + 600);
+    const double cost = waves * (2.0 * G * H * ((tile + groups - 1) / groups) + (size > 1 ? 600 : 200));
     if (plan.size == 0 || cost < best) {
       best = cost;
       plan = {size, static_cast<int>(units), static_cast<int>(tile), static_cast<int>(clusters),
-              bytes(tile)};
+              bytes(units, tile)};
     }
   }
   return plan.size > 0;
@@ -199,17 +198,21 @@ class ClusterLaunch {
     attribute_.val.clusterDim.y = 1;
     attribute_.val.clusterDim.z = 1;
     config_.attrs = &attribute_;
-    config_.numAttrs = 1;
+    config_.numAttrs = plan.size > 1 ? 1 : 0;  // one CTA: a plain launch, any device
   }
   ClusterLaunch(const ClusterLaunch&) = delete;  // config_ points into it
 
   bool fits() const {
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config_) != cudaSuccess) {
+    int fit = 0;
+    const cudaError_t err =
+        config_.numAttrs ? cudaOccupancyMaxActiveClusters(&fit, kernel, &config_)
+                         : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, cluster::kThreads,
+                                                                         config_.dynamicSmemBytes);
+    if (err != cudaSuccess) {
       (void)cudaGetLastError();  // not a launch error: the caller steps with GEMMs instead
       return false;
     }
-    return clusters > 0;
+    return fit > 0;
   }
 
   template <typename... Args>
@@ -228,7 +231,10 @@ bool launch_cluster_forward(const SequenceLayout& L, const ForwardJob& job, bool
   const int64_t H = job.w_hh.size(0);
   const int device = job.out.get_device_index();
   ClusterPlan plan;
-  if (!plan_cluster<acc_t>(L, H, false, device, plan)) return false;
+  const auto bytes = [&](int64_t units, int64_t tile) {
+    return cluster::forward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
+  };
+  if (!plan_cluster(L, H, 1, {2, 4, 8}, device, bytes, plan)) return false;
   const ClusterLaunch<cluster::forward_kernel<T, acc_t, A>> launch(plan, device, current_stream(job.out));
   if (!launch.fits()) return false;
   const std::optional<Tensor> layout = device_layout(L, job.out);
@@ -245,7 +251,10 @@ bool launch_cluster_backward(const SequenceLayout& L, const BackwardJob& job, bo
   const int64_t H = job.w_hh.size(0);
   const int device = job.out.get_device_index();
   ClusterPlan plan;
-  if (!plan_cluster<acc_t>(L, H, true, device, plan)) return false;
+  const auto bytes = [&](int64_t units, int64_t tile) {
+    return cluster::backward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
+  };
+  if (!plan_cluster(L, H, 1, {2, 4, 8}, device, bytes, plan)) return false;
   const ClusterLaunch<cluster::backward_kernel<T, acc_t, A>> launch(plan, device, current_stream(job.out));
   if (!launch.fits()) return false;
   stepwise::take(job.dA, job.dY);
@@ -255,6 +264,59 @@ bool launch_cluster_backward(const SequenceLayout& L, const BackwardJob& job, bo
   launch(ptr<T>(job.dA), job.dA.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.grad_hx),
          job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch,
          static_cast<int>(H), plan.units, plan.tile, plan.size, reverse);
+  return true;
+}
+
+// The LSTM's recurrence in cluster.cuh's kernels where they take it (no
+// projection) and its W_hh's slices fit; false: nothing done.
+template <typename T, typename acc_t>
+bool launch_lstm_forward(const SequenceLayout& L, const LstmForwardJob& job) {
+  const int64_t H = job.c.size(1);
+  const int device = job.c.get_device_index();
+  ClusterPlan plan;
+  const auto bytes = [&](int64_t units, int64_t tile) {
+    return cluster::lstm_forward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
+  };
+  if (job.w_hr.defined() || job.x.defined() ||
+      !plan_cluster(L, H, cluster::kLstmGates, {1, 2, 4, 8}, device, bytes, plan)) {
+    return false;
+  }
+  const ClusterLaunch<cluster::lstm_forward_kernel<T, acc_t>> launch(plan, device, current_stream(job.c));
+  if (!launch.fits()) return false;
+  const std::optional<Tensor> layout = device_layout(L, job.c);
+  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
+  launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c), job.c.stride(0), ptr<T>(job.out),
+         job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.c0), job.c0.stride(0),
+         ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H),
+         plan.units, plan.tile, plan.size, job.reverse);
+  stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
+  stepwise::copy_final_rows<CudaBackend>(*job.steps, job.c, job.c_n);
+  return true;
+}
+
+template <typename T, typename acc_t>
+bool launch_lstm_backward(const SequenceLayout& L, const LstmBackwardJob& job) {
+  const int64_t H = job.c.size(1);
+  const int device = job.c.get_device_index();
+  ClusterPlan plan;
+  const auto bytes = [&](int64_t units, int64_t tile) {
+    return cluster::lstm_backward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
+  };
+  if (job.w_hr.defined() ||
+      !plan_cluster(L, H, cluster::kLstmGates, {1, 2, 4, 8}, device, bytes, plan)) {
+    return false;
+  }
+  const ClusterLaunch<cluster::lstm_backward_kernel<T, acc_t>> launch(plan, device, current_stream(job.c));
+  if (!launch.fits()) return false;
+  stepwise::take(job.gates, job.saved_gates);
+  stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
+  const std::optional<Tensor> layout = device_layout(L, job.c);
+  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
+  launch(ptr<T>(job.dh), job.dh.stride(0), ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c),
+         job.c.stride(0), ptr<T>(job.c0), job.c0.stride(0), ptr<T>(job.dc_n), job.dc_n.stride(0),
+         ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.grad_cx), job.grad_cx.stride(0),
+         ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H),
+         plan.units, plan.tile, plan.size, job.reverse);
   return true;
 }
 
@@ -361,6 +423,30 @@ struct CudaBackend {
         });
       }
       if (!fused) stepwise::backward<CudaBackend>(job, act);
+    }
+  }
+
+  static void forward_recurrences(const std::vector<LstmForwardJob>& jobs) {
+    for (const LstmForwardJob& job : jobs) {
+      bool fused = false;
+      if (persistent_enabled()) {
+        with_dtype(job.c.scalar_type(), [&]<typename T>() {
+          fused = launch_lstm_forward<T, acc_type<T>>(*job.layout, job);
+        });
+      }
+      if (!fused) stepwise::forward<CudaBackend>(job);
+    }
+  }
+
+  static void backward_recurrences(const std::vector<LstmBackwardJob>& jobs) {
+    for (const LstmBackwardJob& job : jobs) {
+      bool fused = false;
+      if (persistent_enabled()) {
+        with_dtype(job.c.scalar_type(), [&]<typename T>() {
+          fused = launch_lstm_backward<T, acc_type<T>>(*job.layout, job);
+        });
+      }
+      if (!fused) stepwise::backward<CudaBackend>(job);
     }
   }
 

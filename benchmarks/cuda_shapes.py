@@ -5,9 +5,13 @@ with uneven lengths, and cuDNN's published persistent-kernel case (T=1406,
 B=34, H=120). Precisions: strict fp32 (TF32 off for cuDNN and cuBLAS), TF32
 (allowed, torch.nn.RNN's default through cuDNN), fp16 and bf16. Both modules
 hold identical weights and see identical inputs; runs are interleaved after a
-warm-up and timed with CUDA events; medians are reported.
+warm-up and timed with CUDA events; medians are reported. fastrnn runs twice:
+as installed (a cuBLAS GEMM per step) and with its persistent kernels
+(FASTRNN_CUDA_PERSISTENT=1: csrc/cuda/persistent.cuh and cluster.cuh, where
+W_hh fits on chip; elsewhere the same per-step path).
 
     python benchmarks/cuda_shapes.py [--repeats N] [--markdown FILE] [--json FILE]
+                                     [--shapes NAME ...] [--precisions fp32 tf32 fp16 bf16]
 """
 
 import argparse
@@ -16,7 +20,7 @@ import json
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from harness import emit, make_step, time_interleaved, twin_rnns
+from harness import emit, make_step, time_interleaved, twin_rnns, with_env
 
 # (name, T, B, input, hidden, layers, nonlinearity, packed)
 SHAPES = [
@@ -50,13 +54,18 @@ def main():
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--json", help="also write every measurement to this file")
+    parser.add_argument("--shapes", nargs="*", help="only these shapes (names as in the table)")
+    parser.add_argument("--precisions", nargs="*", choices=list(PRECISIONS), default=list(PRECISIONS))
     args = parser.parse_args()
 
     torch.manual_seed(0)
     rows = []
-    for precision, (dtype, tf32) in PRECISIONS.items():
+    for precision in args.precisions:
+        dtype, tf32 = PRECISIONS[precision]
         set_tf32(tf32)
         for name, steps, batch, inp, hidden, layers, nl, packed in SHAPES:
+            if args.shapes and name not in args.shapes:
+                continue
             ref, fast = twin_rnns(inp, hidden, layers, nl, device="cuda", dtype=dtype)
             x = torch.randn(steps, batch, inp, device="cuda", dtype=dtype)
             if packed:
@@ -64,12 +73,15 @@ def main():
                 lengths[0] = steps
                 x = pack_padded_sequence(x, lengths, enforce_sorted=False)
             for backward in (False, True):
-                ref_t, fast_t = time_interleaved(
-                    [make_step(ref, (x,), backward), make_step(fast, (x,), backward)],
+                fast_step = make_step(fast, (x,), backward)
+                persistent_step = with_env(fast_step, "FASTRNN_CUDA_PERSISTENT", "1")
+                ref_t, fast_t, persistent_t = time_interleaved(
+                    [make_step(ref, (x,), backward), fast_step, persistent_step],
                     device="cuda", repeats=args.repeats, warmup=5)
                 rows.append(dict(precision=precision, shape=name, steps=steps, layers=layers,
                                  pass_="fwd+bwd" if backward else "forward",
-                                 torch_ms=ref_t["median"] * 1e3, fastrnn_ms=fast_t["median"] * 1e3))
+                                 torch_ms=ref_t["median"] * 1e3, fastrnn_ms=fast_t["median"] * 1e3,
+                                 persistent_ms=persistent_t["median"] * 1e3))
     set_tf32(True)
 
     lines = [
@@ -77,14 +89,15 @@ def main():
         f"cuDNN {torch.backends.cudnn.version()}; median of {args.repeats} interleaved runs "
         "(CUDA events)",
         "",
-        "| precision | shape | pass | torch.nn.RNN (cuDNN) ms | fastrnn ms | speedup | "
-        "fastrnn us / step / layer |",
-        "|---|---|---|---|---|---|---|",
+        "| precision | shape | pass | torch.nn (cuDNN) ms | fastrnn ms | speedup | "
+        "fastrnn persistent ms | speedup | persistent us / step / layer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        per_step = r["fastrnn_ms"] * 1e3 / (r["steps"] * r["layers"])
+        per_step = r["persistent_ms"] * 1e3 / (r["steps"] * r["layers"])
         lines.append(f"| {r['precision']} | {r['shape']} | {r['pass_']} | {r['torch_ms']:.3f} | "
                      f"{r['fastrnn_ms']:.3f} | {r['torch_ms'] / r['fastrnn_ms']:.2f}x | "
+                     f"{r['persistent_ms']:.3f} | {r['torch_ms'] / r['persistent_ms']:.2f}x | "
                      f"{per_step:.2f} |")
     emit(lines, args.markdown)
     if args.json:

@@ -39,15 +39,21 @@ def twin_rnns(input_size, hidden, layers, nonlinearity="tanh", bidirectional=Fal
     return ref, fastrnn.convert(copy.deepcopy(ref))
 
 
-def with_fused(step, fused):
-    """`step` with the fused CPU kernel switched on or off (read by the kernel on each call)."""
+def with_env(step, name, value):
+    """`step` with environment variable `name` set to `value` while it runs (fastrnn's
+    kernels read their switches on each call)."""
     def run():
-        os.environ["FASTRNN_CPU_FUSED"] = "1" if fused else "0"
+        os.environ[name] = value
         try:
             step()
         finally:
-            os.environ.pop("FASTRNN_CPU_FUSED", None)
+            os.environ.pop(name, None)
     return run
+
+
+def with_fused(step, fused):
+    """`step` with the fused CPU kernel switched on or off."""
+    return with_env(step, "FASTRNN_CPU_FUSED", "1" if fused else "0")
 
 
 def rnn_flops(steps, batch, input_size, hidden, layers, directions=1, backward=False):

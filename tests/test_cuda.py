@@ -10,8 +10,8 @@ import torch
 
 import fastrnn
 
-from conftest import (CUDA, Case, OpCalls, case_id, grads, module_inputs, op_inputs, rnn_pair,
-                      run_module, twins, weighted_sum)
+from conftest import (CUDA, Case, OpCalls, case_id, flat, grads, module_inputs, op_inputs,
+                      rnn_pair, run_module, twins, weighted_sum)
 
 pytestmark = CUDA
 
@@ -169,31 +169,34 @@ def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
         torch.testing.assert_close(a.double(), e, rtol=tol[0], atol=tol[1])
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("hidden, cluster", [(37, False), (128, True), (160, True)],
                          ids=["H37-one-CTA", "H128-cluster", "H160-cluster"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_persistent_lstm_matches_torch(monkeypatch, hidden, cluster, packed):
-    """LSTM's persistent kernels (csrc/cuda/cluster.cuh, opt-in with FASTRNN_CUDA_PERSISTENT=1)
-    against torch.nn.LSTM in float64: two layers both ways, 300 rows, uneven lengths, random
-    (h0, c0). W_hh fits one CTA at hidden 37; at 128 and 160 it is split over a cluster (sm_90;
-    elsewhere the per-step path runs). Asserts which kernels ran."""
+def test_persistent_cells_match_torch(monkeypatch, cell, hidden, cluster, packed):
+    """The LSTM's and GRU's persistent kernels (csrc/cuda/cluster.cuh, opt-in with
+    FASTRNN_CUDA_PERSISTENT=1) against torch.nn in float64: two layers both ways, 300 rows,
+    uneven lengths, a random initial state. W_hh fits one CTA at hidden 37; at 128 and 160 it
+    is split over a cluster (sm_90; elsewhere the per-step path runs). Asserts which kernels
+    ran."""
     monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
     persistent = not cluster or torch.cuda.get_device_capability()[0] >= 9
-    ref, fast = rnn_pair(5, hidden, 2, cell="lstm", bidirectional=True)
+    ref, fast = rnn_pair(5, hidden, 2, cell=cell, bidirectional=True)
     ref, fast = ref.cuda().double(), fast.cuda().double()
     kw = dict(device="cuda", dtype=torch.float64, requires_grad=True)
     x, h0, c0 = torch.randn(11, 300, 5, **kw), torch.randn(4, 300, hidden, **kw), torch.randn(4, 300, hidden, **kw)
+    state, extra = ((h0, c0), [x, h0, c0]) if cell == "lstm" else (h0, [x, h0])
     lengths = torch.randint(1, 12, (300,))
     lengths[7] = 11
     results = []
 
     def run(m):
         inp = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
-        out, (h, c) = m(inp, (h0, c0))
-        results.append([out.data if packed else out, h, c, *grads(m, weighted_sum(out, (h, c)), [x, h0, c0])])
+        out, h = m(inp, state)
+        results.append([out.data if packed else out, *flat(h), *grads(m, weighted_sum(out, h), extra)])
 
     names = cuda_kernels(lambda: run(fast))
-    for kernel in ("lstm_forward_kernel", "lstm_backward_kernel"):
+    for kernel in (f"{cell}_forward_kernel", f"{cell}_backward_kernel"):
         assert any(f"fastrnn::cluster::{kernel}" in n for n in names) == persistent, (kernel, names)
     run(ref)
     for a, e in zip(results[0], results[1]):

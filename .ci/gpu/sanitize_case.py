@@ -1,7 +1,7 @@
 """A small forward+backward through every CUDA kernel fastrnn has, for
 compute-sanitizer (.ci/gpu/stage.sh 0 and 2): each dtype, tanh and relu, padded and
 packed, reverse directions, two layers with dropout, hidden sizes on both sides of
-the persistent kernels' limits (one CTA, a cluster, neither), RNN and LSTM."""
+the persistent kernels' limits (one CTA, a cluster, neither), RNN, LSTM and GRU."""
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -11,8 +11,8 @@ import fastrnn
 torch.manual_seed(0)
 CASES = [(fastrnn.RNN, hidden, kw) for hidden in (8, 100, 260, 700)
          for kw in (dict(num_layers=2, bidirectional=True, dropout=0.3), dict(nonlinearity="relu"))]
-CASES += [(fastrnn.LSTM, hidden, dict(num_layers=2, bidirectional=True, dropout=0.3))
-          for hidden in (8, 100, 130)]
+CASES += [(cls, hidden, dict(num_layers=2, bidirectional=True, dropout=0.3))
+          for cls in (fastrnn.LSTM, fastrnn.GRU) for hidden in (8, 100, 130)]
 for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     for cls, hidden, kw in CASES:
         rnn = cls(8, hidden, **kw).to("cuda", dtype)

@@ -267,10 +267,10 @@ bool launch_cluster_backward(const SequenceLayout& L, const BackwardJob& job, bo
   return true;
 }
 
-// The LSTM's recurrence in cluster.cuh's kernels where they take it (no
-// projection) and its W_hh's slices fit; false: nothing done.
+// A cell's recurrence in cluster.cuh's kernels where they take it (an LSTM
+// without projection; a GRU) and its W_hh's slices fit; false: nothing done.
 template <typename T, typename acc_t>
-bool launch_lstm_forward(const SequenceLayout& L, const LstmForwardJob& job) {
+bool launch_cell(const SequenceLayout& L, const LstmForwardJob& job) {
   const int64_t H = job.c.size(1);
   const int device = job.c.get_device_index();
   ClusterPlan plan;
@@ -295,7 +295,7 @@ bool launch_lstm_forward(const SequenceLayout& L, const LstmForwardJob& job) {
 }
 
 template <typename T, typename acc_t>
-bool launch_lstm_backward(const SequenceLayout& L, const LstmBackwardJob& job) {
+bool launch_cell(const SequenceLayout& L, const LstmBackwardJob& job) {
   const int64_t H = job.c.size(1);
   const int device = job.c.get_device_index();
   ClusterPlan plan;
@@ -317,6 +317,50 @@ bool launch_lstm_backward(const SequenceLayout& L, const LstmBackwardJob& job) {
          ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.grad_cx), job.grad_cx.stride(0),
          ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H),
          plan.units, plan.tile, plan.size, job.reverse);
+  return true;
+}
+
+template <typename T, typename acc_t>
+bool launch_cell(const SequenceLayout& L, const GruForwardJob& job) {
+  const int64_t H = job.hn.size(1);
+  const int device = job.hn.get_device_index();
+  ClusterPlan plan;
+  const auto bytes = [&](int64_t units, int64_t tile) {
+    return cluster::gru_forward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
+  };
+  if (!plan_cluster(L, H, cluster::kGruGates, {1, 2, 4, 8}, device, bytes, plan)) return false;
+  const ClusterLaunch<cluster::gru_forward_kernel<T, acc_t>> launch(plan, device, current_stream(job.hn));
+  if (!launch.fits()) return false;
+  const std::optional<Tensor> layout = device_layout(L, job.hn);
+  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
+  launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn), job.hn.stride(0), ptr<T>(job.out),
+         job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
+         job.b_hh.defined() ? ptr<T>(job.b_hh) : nullptr, bs, bs ? bs + L.steps : nullptr, L.steps,
+         L.batch, static_cast<int>(H), plan.units, plan.tile, plan.size, job.reverse);
+  stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
+  return true;
+}
+
+template <typename T, typename acc_t>
+bool launch_cell(const SequenceLayout& L, const GruBackwardJob& job) {
+  const int64_t H = job.hn.size(1);
+  const int device = job.hn.get_device_index();
+  ClusterPlan plan;
+  const auto bytes = [&](int64_t units, int64_t tile) {
+    return cluster::gru_backward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
+  };
+  if (!plan_cluster(L, H, cluster::kGruGates, {1, 2, 4, 8}, device, bytes, plan)) return false;
+  const ClusterLaunch<cluster::gru_backward_kernel<T, acc_t>> launch(plan, device, current_stream(job.hn));
+  if (!launch.fits()) return false;
+  stepwise::take(job.gates, job.saved_gates);
+  stepwise::take(job.hn, job.saved_hn);
+  stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
+  const std::optional<Tensor> layout = device_layout(L, job.hn);
+  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
+  launch(ptr<T>(job.dh), job.dh.stride(0), ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn),
+         job.hn.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0),
+         ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr,
+         L.steps, L.batch, static_cast<int>(H), plan.units, plan.tile, plan.size, job.reverse);
   return true;
 }
 
@@ -426,37 +470,29 @@ struct CudaBackend {
     }
   }
 
-  static void forward_recurrences(const std::vector<LstmForwardJob>& jobs) {
-    for (const LstmForwardJob& job : jobs) {
-      bool fused = false;
-      if (persistent_enabled()) {
-        with_dtype(job.c.scalar_type(), [&]<typename T>() {
-          fused = launch_lstm_forward<T, acc_type<T>>(*job.layout, job);
-        });
-      }
-      if (!fused) stepwise::forward<CudaBackend>(job);
-    }
-  }
-
-  static void backward_recurrences(const std::vector<LstmBackwardJob>& jobs) {
-    for (const LstmBackwardJob& job : jobs) {
-      bool fused = false;
-      if (persistent_enabled()) {
-        with_dtype(job.c.scalar_type(), [&]<typename T>() {
-          fused = launch_lstm_backward<T, acc_type<T>>(*job.layout, job);
-        });
-      }
-      if (!fused) stepwise::backward<CudaBackend>(job);
-    }
-  }
-
+  // The cells' recurrences: cluster.cuh's persistent kernels where they take
+  // the job (launch_cell), else a GEMM and a pointwise kernel per step.
   template <typename Job>
   static void forward_recurrences(const std::vector<Job>& jobs) {
-    for (const Job& job : jobs) stepwise::forward<CudaBackend>(job);
+    for (const Job& job : jobs) {
+      if (!persistent_cell(job)) stepwise::forward<CudaBackend>(job);
+    }
   }
   template <typename Job>
   static void backward_recurrences(const std::vector<Job>& jobs) {
-    for (const Job& job : jobs) stepwise::backward<CudaBackend>(job);
+    for (const Job& job : jobs) {
+      if (!persistent_cell(job)) stepwise::backward<CudaBackend>(job);
+    }
+  }
+  template <typename Job>
+  static bool persistent_cell(const Job& job) {
+    bool fused = false;
+    if (persistent_enabled()) {
+      with_dtype(job.w_hh.scalar_type(), [&]<typename T>() {
+        fused = launch_cell<T, acc_type<T>>(*job.layout, job);
+      });
+    }
+    return fused;
   }
 };
 

@@ -470,5 +470,209 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
   }
 }
 
+// ---------------------------------------------------------------- GRU
+// The same design again; r z n in torch's order. Shapes, besides the Elman
+// kernels' (3 gates):
+//   gates  [N, 3H]  forward: X W_ih^T + b_ih on entry, the activated r z n on
+//                   exit; backward: r z n on entry, [dA_r, dA_z, dA_hn] on exit
+//   hn     [N, H]   forward: written, (h_{t-1} W_hh^T)_n + b_hn; backward: read,
+//                   then dA_n (cells.h, gru_backward_cell)
+//   out    [N, H]   forward: written, h_t; backward: read (h_{t-1})
+//   dh     [N, H]   backward: dY (+ dh_n on final rows) on entry, the whole
+//                   gradient of each h_t on exit
+//   b_hh   [3H] or null;  w_hh [3H, H] row-major
+constexpr int kGruGates = 3;
+
+template <typename acc_t>
+__host__ __device__ inline size_t gru_forward_smem(int H, int units, int tile) {
+  return (static_cast<size_t>(kGruGates) * H * units + 2 * static_cast<size_t>(tile) * state_ld(H)) *
+         sizeof(acc_t);
+}
+
+template <typename acc_t>
+__host__ __device__ inline size_t gru_backward_smem(int H, int units, int tile) {
+  return (static_cast<size_t>(kGruGates) * H * units +
+          2 * static_cast<size_t>(tile) * state_ld(kGruGates * H) + static_cast<size_t>(tile) * units) *
+         sizeof(acc_t);
+}
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int64_t ld_hn,
+                   T* __restrict__ out, int64_t ld_out, const T* __restrict__ h0, int64_t ld_h0,
+                   const T* __restrict__ w_hh, const T* __restrict__ b_hh,
+                   const int64_t* __restrict__ batch_sizes, const int64_t* __restrict__ offsets,
+                   int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
+                   bool reverse) {
+  constexpr int G = kGruGates;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int ldh = state_ld(H);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][G][units], W[g * H + j0 + u][k]
+  acc_t* state = w + G * H * units;           // [2][tile][ldh]: h_{t-1}, h_t of the tile's rows
+  const unsigned rank = cluster_rank(cluster_size);
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
+  const int rows = persistent::clamp_rows(batch, b0, tile);
+  const int j0 = static_cast<int>(rank) * units;
+  const int nu = max(0, min(units, H - j0));
+  for (int i = threadIdx.x; i < G * H * units; i += kThreads) {
+    const int k = i / (G * units), g = (i / units) % G, u = i % units;
+    w[i] = u < nu ? load<acc_t>(w_hh[(static_cast<int64_t>(g) * H + j0 + u) * H + k]) : acc_t(0);
+  }
+  for (int i = threadIdx.x; i < rows * H; i += kThreads) {
+    const int b = i / H, k = i - b * H;
+    state[b * ldh + k] = load<acc_t>(h0[(b0 + b) * ld_h0 + k]);
+  }
+  cluster_sync(cluster_size);
+  const Share me(units, nu);
+  const int j = j0 + me.u;
+  acc_t bias[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) bias[g] = b_hh && me.works ? load<acc_t>(b_hh[g * H + j]) : acc_t(0);
+  int cur = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = reverse ? steps - 1 - s : s;
+    const int active = persistent::clamp_rows(persistent::rows_at(batch_sizes, batch, t, steps), b0, tile);
+    const int64_t row0 = (offsets ? offsets[t] : t * batch) + b0;
+    const acc_t* h = state + cur * tile * ldh;
+    acc_t* next = state + (cur ^ 1) * tile * ldh;
+    if (me.works) {
+      acc_t acc[kRows][G];  // h_{t-1} W_hh^T + b_hh for this unit's gates
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[i][g] = bias[g];
+      }
+      for (int k = 0; k < H; ++k) {
+        acc_t wk[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) wk[g] = w[(k * G + g) * units + me.u];
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+          const int b = me.row(i);
+          if (b < active) {
+            const acc_t hk = h[b * ldh + k];
+#pragma unroll
+            for (int g = 0; g < G; ++g) acc[i][g] += hk * wk[g];
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int b = me.row(i);
+        if (b >= rows) break;
+        acc_t v = h[b * ldh + j];  // a row not in this step keeps its state
+        if (b < active) {
+          const int64_t row = row0 + b;
+          acc_t r = load<acc_t>(gates[row * ld_g + j]), z = load<acc_t>(gates[row * ld_g + H + j]);
+          acc_t n = load<acc_t>(gates[row * ld_g + 2 * H + j]), ht;
+          gru_forward_cell<ScalarAct, acc_t>(r, z, n, acc[i][0], acc[i][1], acc[i][2], v, ht);
+          gates[row * ld_g + j] = store<T>(r);
+          gates[row * ld_g + H + j] = store<T>(z);
+          gates[row * ld_g + 2 * H + j] = store<T>(n);
+          hn[row * ld_hn + j] = store<T>(acc[i][2]);
+          out[row * ld_out + j] = store<T>(ht);
+          v = ht;
+        }
+        for (int r = 0; r < cluster_size; ++r) in_rank(next, r, cluster_size)[b * ldh + j] = v;
+      }
+    }
+    cluster_sync(cluster_size);
+    cur ^= 1;
+  }
+}
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, int64_t ld_g,
+                    T* __restrict__ hn, int64_t ld_hn, const T* __restrict__ out, int64_t ld_out,
+                    const T* __restrict__ h0, int64_t ld_h0, T* __restrict__ grad_hx, int64_t ld_ghx,
+                    const T* __restrict__ w_hh, const int64_t* __restrict__ batch_sizes,
+                    const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H,
+                    int units, int tile, int cluster_size, bool reverse) {
+  constexpr int G = kGruGates;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int ldg = state_ld(G * H);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [3H][units], W[r][k0 + u]
+  acc_t* grads = w + G * H * units;           // [2][tile][ldg]: [dA_r, dA_z, dA_hn] of the tile's rows
+  acc_t* dhr = grads + 2 * tile * ldg;        // [tile][units]: dh_t from the later step (all but dY)
+  const unsigned rank = cluster_rank(cluster_size);
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
+  const int rows = persistent::clamp_rows(batch, b0, tile);
+  const int k0 = static_cast<int>(rank) * units;
+  const int nu = max(0, min(units, H - k0));
+  for (int i = threadIdx.x; i < G * H * units; i += kThreads) {
+    const int r = i / units, u = i - r * units;
+    w[i] = u < nu ? load<acc_t>(w_hh[static_cast<int64_t>(r) * H + k0 + u]) : acc_t(0);
+  }
+  for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
+  cluster_sync(cluster_size);
+  const Share me(units, nu);
+  const int k = k0 + me.u;  // this thread's unit: of the cell (as j) and of dh_{t-1} (as k)
+  int cur = 0;
+  for (int64_t s = steps - 1; s >= 0; --s) {
+    const int64_t t = reverse ? steps - 1 - s : s;
+    const int64_t prev = reverse ? t + 1 : t - 1;
+    const int64_t rows_t = persistent::rows_at(batch_sizes, batch, t, steps);
+    const int64_t rows_prev = persistent::rows_at(batch_sizes, batch, prev, steps);
+    const int active = persistent::clamp_rows(rows_t, b0, tile);
+    const int carried = persistent::clamp_rows(min(rows_t, rows_prev), b0, tile);
+    const int64_t row0 = (offsets ? offsets[t] : t * batch) + b0;
+    const int64_t prev0 = rows_prev > 0 ? (offsets ? offsets[prev] : prev * batch) + b0 : 0;
+    acc_t* da = grads + cur * tile * ldg;
+    acc_t direct[kRows];  // d z: the part of dh_{t-1} that skips W_hh
+    if (me.works) {
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int b = me.row(i);
+        direct[i] = acc_t(0);
+        if (b >= rows) break;
+        acc_t ga[G] = {};
+        if (b < active) {
+          const int64_t row = row0 + b;
+          const acc_t d = load<acc_t>(dh[row * ld_dh + k]) + dhr[b * units + me.u];
+          dh[row * ld_dh + k] = store<T>(d);
+          const acc_t hp = load<acc_t>(b < carried ? out[(prev0 + b) * ld_out + k] : h0[(b0 + b) * ld_h0 + k]);
+#pragma unroll
+          for (int g = 0; g < G; ++g) ga[g] = load<acc_t>(gates[row * ld_g + g * H + k]);
+          acc_t hn_k = load<acc_t>(hn[row * ld_hn + k]);
+          gru_backward_cell<ScalarAct, acc_t>(ga[0], ga[1], ga[2], hn_k, d, hp, direct[i]);
+#pragma unroll
+          for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + k] = store<T>(ga[g]);
+          hn[row * ld_hn + k] = store<T>(hn_k);
+        }
+        for (int r = 0; r < cluster_size; ++r) {
+          acc_t* dst = in_rank(da, r, cluster_size) + b * ldg + k;
+#pragma unroll
+          for (int g = 0; g < G; ++g) dst[g * H] = ga[g];
+        }
+      }
+    }
+    cluster_sync(cluster_size);
+    if (me.works) {
+      // dh_{t-1} = [dA_r, dA_z, dA_hn] W_hh + d z: the previous step's rows, or grad_hx.
+      acc_t acc[kRows];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) acc[i] = acc_t(0);
+      for (int r = 0; r < G * H; ++r) {
+        const acc_t wr = w[r * units + me.u];
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+          const int b = me.row(i);
+          if (b < active) acc[i] += da[b * ldg + r] * wr;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int b = me.row(i);
+        if (b >= rows) break;
+        const acc_t g = acc[i] + direct[i];
+        dhr[b * units + me.u] = b < carried ? g : acc_t(0);
+        if (b >= carried && b < active) grad_hx[(b0 + b) * ld_ghx + k] = store<T>(g);
+      }
+    }
+    cur ^= 1;
+  }
+}
+
 }  // namespace cluster
 }  // namespace fastrnn

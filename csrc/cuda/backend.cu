@@ -100,16 +100,20 @@ struct ClusterPlan {
 // The cluster size with the shortest step, by a rough count of a thread's
 // serial multiply-adds (G gates per unit), a barrier, and waves where the
 // clusters outnumber what the SMs hold at once: among `sizes` (1: one CTA, a
-// plain launch; 2, 4, 8: the portable cluster sizes, sm_90). bytes(units,
+// plain launch; 2, 4, 8: the portable cluster sizes, sm_90). smem(H, units,
 // tile) is a CTA's shared memory. False where none fits.
-template <typename Bytes>
+using SmemBytes = size_t (*)(int, int, int);
+
 bool plan_cluster(const SequenceLayout& L, int64_t H, int G, std::initializer_list<int> sizes,
-                  int device, const Bytes& bytes, ClusterPlan& plan) {
+                  int device, SmemBytes smem, ClusterPlan& plan) {
   using namespace cluster;
   if (H <= 0 || L.batch == 0) return false;
   const bool clusters_ok = device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
   const int64_t max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const auto bytes = [&](int64_t units, int64_t tile) {
+    return smem(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
+  };
   double best = 0;
   for (int size : sizes) {
     const int64_t units = (H + size - 1) / size;
@@ -226,142 +230,120 @@ class ClusterLaunch {
   cudaLaunchAttribute attribute_ = {};
 };
 
+// A layer's recurrence in a cluster.cuh kernel: planned (plan_cluster), and
+// run where the device holds such a cluster, after before() (what the kernel
+// reads first, put in place only once it runs); then run(launch, plan,
+// batch_sizes, offsets) passes the job's arguments. False: nothing done.
+template <auto kernel, typename Before, typename Run>
+bool run_cluster(const SequenceLayout& L, int64_t H, int G, std::initializer_list<int> sizes,
+                 const Tensor& like, SmemBytes smem, const Before& before, const Run& run) {
+  const int device = like.get_device_index();
+  ClusterPlan plan;
+  if (!plan_cluster(L, H, G, sizes, device, smem, plan)) return false;
+  const ClusterLaunch<kernel> launch(plan, device, current_stream(like));
+  if (!launch.fits()) return false;
+  before();
+  const std::optional<Tensor> layout = device_layout(L, like);
+  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
+  run(launch, plan, bs, bs ? bs + L.steps : nullptr);
+  return true;
+}
+
+// Elman, where W_hh does not fit one CTA (persistent.cuh): clusters of 2-8.
 template <typename T, typename acc_t, Activation A>
 bool launch_cluster_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse) {
-  const int64_t H = job.w_hh.size(0);
-  const int device = job.out.get_device_index();
-  ClusterPlan plan;
-  const auto bytes = [&](int64_t units, int64_t tile) {
-    return cluster::forward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
-  };
-  if (!plan_cluster(L, H, 1, {2, 4, 8}, device, bytes, plan)) return false;
-  const ClusterLaunch<cluster::forward_kernel<T, acc_t, A>> launch(plan, device, current_stream(job.out));
-  if (!launch.fits()) return false;
-  const std::optional<Tensor> layout = device_layout(L, job.out);
-  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  launch(ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh), bs,
-         bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H), plan.units, plan.tile,
-         plan.size, reverse);
-  stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
-  return true;
+  const int H = static_cast<int>(job.w_hh.size(0));
+  return run_cluster<cluster::forward_kernel<T, acc_t, A>>(
+      L, H, 1, {2, 4, 8}, job.out, cluster::forward_smem<acc_t>, [] {},
+      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+        launch(ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
+               bs, offsets, L.steps, L.batch, H, plan.units, plan.tile, plan.size, reverse);
+        stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
+      });
 }
 
 template <typename T, typename acc_t, Activation A>
 bool launch_cluster_backward(const SequenceLayout& L, const BackwardJob& job, bool reverse) {
-  const int64_t H = job.w_hh.size(0);
-  const int device = job.out.get_device_index();
-  ClusterPlan plan;
-  const auto bytes = [&](int64_t units, int64_t tile) {
-    return cluster::backward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
-  };
-  if (!plan_cluster(L, H, 1, {2, 4, 8}, device, bytes, plan)) return false;
-  const ClusterLaunch<cluster::backward_kernel<T, acc_t, A>> launch(plan, device, current_stream(job.out));
-  if (!launch.fits()) return false;
-  stepwise::take(job.dA, job.dY);
-  stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
-  const std::optional<Tensor> layout = device_layout(L, job.out);
-  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  launch(ptr<T>(job.dA), job.dA.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.grad_hx),
-         job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch,
-         static_cast<int>(H), plan.units, plan.tile, plan.size, reverse);
-  return true;
+  const int H = static_cast<int>(job.w_hh.size(0));
+  return run_cluster<cluster::backward_kernel<T, acc_t, A>>(
+      L, H, 1, {2, 4, 8}, job.out, cluster::backward_smem<acc_t>,
+      [&] {
+        stepwise::take(job.dA, job.dY);
+        stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
+      },
+      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+        launch(ptr<T>(job.dA), job.dA.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.grad_hx),
+               job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, offsets, L.steps, L.batch, H, plan.units,
+               plan.tile, plan.size, reverse);
+      });
 }
 
-// A cell's recurrence in cluster.cuh's kernels where they take it (an LSTM
-// without projection; a GRU) and its W_hh's slices fit; false: nothing done.
+// A cell's recurrence (an LSTM without projection; a GRU): one CTA or a cluster.
 template <typename T, typename acc_t>
 bool launch_cell(const SequenceLayout& L, const LstmForwardJob& job) {
-  const int64_t H = job.c.size(1);
-  const int device = job.c.get_device_index();
-  ClusterPlan plan;
-  const auto bytes = [&](int64_t units, int64_t tile) {
-    return cluster::lstm_forward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
-  };
-  if (job.w_hr.defined() || job.x.defined() ||
-      !plan_cluster(L, H, cluster::kLstmGates, {1, 2, 4, 8}, device, bytes, plan)) {
-    return false;
-  }
-  const ClusterLaunch<cluster::lstm_forward_kernel<T, acc_t>> launch(plan, device, current_stream(job.c));
-  if (!launch.fits()) return false;
-  const std::optional<Tensor> layout = device_layout(L, job.c);
-  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c), job.c.stride(0), ptr<T>(job.out),
-         job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.c0), job.c0.stride(0),
-         ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H),
-         plan.units, plan.tile, plan.size, job.reverse);
-  stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
-  stepwise::copy_final_rows<CudaBackend>(*job.steps, job.c, job.c_n);
-  return true;
+  if (job.w_hr.defined() || job.x.defined()) return false;
+  const int H = static_cast<int>(job.c.size(1));
+  return run_cluster<cluster::lstm_forward_kernel<T, acc_t>>(
+      L, H, cluster::kLstmGates, {1, 2, 4, 8}, job.c, cluster::lstm_forward_smem<acc_t>, [] {},
+      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+        launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c), job.c.stride(0), ptr<T>(job.out),
+               job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.c0), job.c0.stride(0),
+               ptr<T>(job.w_hh), bs, offsets, L.steps, L.batch, H, plan.units, plan.tile, plan.size,
+               job.reverse);
+        stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
+        stepwise::copy_final_rows<CudaBackend>(*job.steps, job.c, job.c_n);
+      });
 }
 
 template <typename T, typename acc_t>
 bool launch_cell(const SequenceLayout& L, const LstmBackwardJob& job) {
-  const int64_t H = job.c.size(1);
-  const int device = job.c.get_device_index();
-  ClusterPlan plan;
-  const auto bytes = [&](int64_t units, int64_t tile) {
-    return cluster::lstm_backward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
-  };
-  if (job.w_hr.defined() ||
-      !plan_cluster(L, H, cluster::kLstmGates, {1, 2, 4, 8}, device, bytes, plan)) {
-    return false;
-  }
-  const ClusterLaunch<cluster::lstm_backward_kernel<T, acc_t>> launch(plan, device, current_stream(job.c));
-  if (!launch.fits()) return false;
-  stepwise::take(job.gates, job.saved_gates);
-  stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
-  const std::optional<Tensor> layout = device_layout(L, job.c);
-  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  launch(ptr<T>(job.dh), job.dh.stride(0), ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c),
-         job.c.stride(0), ptr<T>(job.c0), job.c0.stride(0), ptr<T>(job.dc_n), job.dc_n.stride(0),
-         ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.grad_cx), job.grad_cx.stride(0),
-         ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H),
-         plan.units, plan.tile, plan.size, job.reverse);
-  return true;
+  if (job.w_hr.defined()) return false;
+  const int H = static_cast<int>(job.c.size(1));
+  return run_cluster<cluster::lstm_backward_kernel<T, acc_t>>(
+      L, H, cluster::kLstmGates, {1, 2, 4, 8}, job.c, cluster::lstm_backward_smem<acc_t>,
+      [&] {
+        stepwise::take(job.gates, job.saved_gates);
+        stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
+      },
+      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+        launch(ptr<T>(job.dh), job.dh.stride(0), ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c),
+               job.c.stride(0), ptr<T>(job.c0), job.c0.stride(0), ptr<T>(job.dc_n), job.dc_n.stride(0),
+               ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.grad_cx), job.grad_cx.stride(0),
+               ptr<T>(job.w_hh), bs, offsets, L.steps, L.batch, H, plan.units, plan.tile, plan.size,
+               job.reverse);
+      });
 }
 
 template <typename T, typename acc_t>
 bool launch_cell(const SequenceLayout& L, const GruForwardJob& job) {
-  const int64_t H = job.hn.size(1);
-  const int device = job.hn.get_device_index();
-  ClusterPlan plan;
-  const auto bytes = [&](int64_t units, int64_t tile) {
-    return cluster::gru_forward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
-  };
-  if (!plan_cluster(L, H, cluster::kGruGates, {1, 2, 4, 8}, device, bytes, plan)) return false;
-  const ClusterLaunch<cluster::gru_forward_kernel<T, acc_t>> launch(plan, device, current_stream(job.hn));
-  if (!launch.fits()) return false;
-  const std::optional<Tensor> layout = device_layout(L, job.hn);
-  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn), job.hn.stride(0), ptr<T>(job.out),
-         job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
-         job.b_hh.defined() ? ptr<T>(job.b_hh) : nullptr, bs, bs ? bs + L.steps : nullptr, L.steps,
-         L.batch, static_cast<int>(H), plan.units, plan.tile, plan.size, job.reverse);
-  stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
-  return true;
+  const int H = static_cast<int>(job.hn.size(1));
+  return run_cluster<cluster::gru_forward_kernel<T, acc_t>>(
+      L, H, cluster::kGruGates, {1, 2, 4, 8}, job.hn, cluster::gru_forward_smem<acc_t>, [] {},
+      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+        launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn), job.hn.stride(0), ptr<T>(job.out),
+               job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
+               job.b_hh.defined() ? ptr<T>(job.b_hh) : nullptr, bs, offsets, L.steps, L.batch, H,
+               plan.units, plan.tile, plan.size, job.reverse);
+        stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
+      });
 }
 
 template <typename T, typename acc_t>
 bool launch_cell(const SequenceLayout& L, const GruBackwardJob& job) {
-  const int64_t H = job.hn.size(1);
-  const int device = job.hn.get_device_index();
-  ClusterPlan plan;
-  const auto bytes = [&](int64_t units, int64_t tile) {
-    return cluster::gru_backward_smem<acc_t>(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
-  };
-  if (!plan_cluster(L, H, cluster::kGruGates, {1, 2, 4, 8}, device, bytes, plan)) return false;
-  const ClusterLaunch<cluster::gru_backward_kernel<T, acc_t>> launch(plan, device, current_stream(job.hn));
-  if (!launch.fits()) return false;
-  stepwise::take(job.gates, job.saved_gates);
-  stepwise::take(job.hn, job.saved_hn);
-  stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
-  const std::optional<Tensor> layout = device_layout(L, job.hn);
-  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  launch(ptr<T>(job.dh), job.dh.stride(0), ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn),
-         job.hn.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0),
-         ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr,
-         L.steps, L.batch, static_cast<int>(H), plan.units, plan.tile, plan.size, job.reverse);
-  return true;
+  const int H = static_cast<int>(job.hn.size(1));
+  return run_cluster<cluster::gru_backward_kernel<T, acc_t>>(
+      L, H, cluster::kGruGates, {1, 2, 4, 8}, job.hn, cluster::gru_backward_smem<acc_t>,
+      [&] {
+        stepwise::take(job.gates, job.saved_gates);
+        stepwise::take(job.hn, job.saved_hn);
+        stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
+      },
+      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+        launch(ptr<T>(job.dh), job.dh.stride(0), ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn),
+               job.hn.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0),
+               ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, offsets, L.steps,
+               L.batch, H, plan.units, plan.tile, plan.size, job.reverse);
+      });
 }
 
 template <typename T, typename acc_t, Activation A>

@@ -1,24 +1,27 @@
-// fastrnn: persistent Elman recurrences split over a thread-block cluster
-// (sm_90), for hidden sizes whose W_hh does not fit one CTA's shared memory
-// (persistent.cuh). One launch covers all T steps. A cluster owns a tile of
+// fastrnn: persistent recurrences (Elman, LSTM, GRU) whose W_hh is split over
+// the CTAs of a thread-block cluster (sm_90), for hidden sizes where it does
+// not fit one CTA's shared memory (persistent.cuh); a "cluster" of one CTA
+// runs anywhere. One launch covers all T steps. A cluster owns a tile of
 // batch rows; CTA r of it owns hidden units [r * units, (r + 1) * units) and
-// keeps W_hh's slice for them in shared memory for the whole sequence. Each
-// step, every CTA computes its units for the tile's rows and writes them into
-// every CTA's copy of the state (distributed shared memory): one cluster
-// barrier per step, and no global memory between steps.
+// keeps W_hh's slice for them (every gate's) in shared memory for the whole
+// sequence. Each step every CTA computes its units for the tile's rows and
+// writes what the next step needs from them into every CTA of the cluster
+// (distributed shared memory): the forward's h_t, the backward's dA_t. One
+// cluster barrier per step; nothing goes through global memory between steps.
 //
-// Shapes (N rows of the flattened sequence, B batch, H hidden, T steps; every
-// [rows, H] argument has unit column stride and the row stride ld_<name>):
-//   out        [N, H]  forward: P = X W_ih^T + b on entry, h on exit
-//   dA         [N, H]  backward: dY (+ dh_n on final rows) on entry, dA on exit
-//   hx         [B, H]  initial state;  grad_hx [B, H] written for rows that began at hx
-//   w_hh       [H, H]  row-major, W[j][k] (output unit j, input unit k)
-//   batch_sizes, offsets [T] int64 on the device, or null for a padded sequence
-// Launch: grid = clusters * cluster_size CTAs of kThreads, cluster dims
-// (cluster_size, 1, 1), dynamic shared memory forward_smem / backward_smem.
-// Cluster c handles batch rows [c * tile, c * tile + tile), with tile <=
-// (kThreads / units) * kRows. Rows are carried between steps as in
-// persistent.cuh: a state row holds its row's latest state, hx until it starts.
+// Shapes (N rows of the flattened sequence, B batch, H hidden, T steps, G
+// gates: 1 Elman, 4 LSTM (i f g o), 3 GRU (r z n); every [rows, width]
+// argument has unit column stride and the row stride ld_<name>):
+//   w_hh         [G*H, H] row-major, W[r][k] (gate row r, input unit k)
+//   hx (h0), c0  [B, H]   initial state;  grad_hx, grad_cx [B, H] written for
+//                         rows that began at the initial state
+//   batch_sizes, offsets  [T] int64 on the device, or null for a padded sequence
+// and per cell at its kernels below. Launch: grid = clusters * cluster_size
+// CTAs of kThreads, cluster dims (cluster_size, 1, 1), dynamic shared memory
+// *_smem(H, units, tile). Cluster c handles batch rows [c * tile, c * tile +
+// tile), tile <= (kThreads / units) * kRows. Rows are carried between steps
+// as in persistent.cuh: a state row holds its row's latest state, the
+// initial one until it starts.
 #pragma once
 
 #include "../activation.h"
@@ -35,19 +38,44 @@ namespace cluster {
 
 constexpr int kThreads = 256;
 constexpr int kRows = 4;  // batch rows per thread at most
+constexpr int kLstmGates = 4;
+constexpr int kGruGates = 3;
 
-// The state buffers' row stride: H + 1, so that a warp's threads on different
-// rows read different banks.
-__host__ __device__ inline int state_ld(int H) { return H + 1; }
+// A row stride for rows of `width` values: width + 1, so that a warp's threads
+// on different rows read different banks.
+__host__ __device__ inline int padded(int width) { return width + 1; }
 
+// Shared memory, in acc_t: W's slice ([G*H][units]), two buffers of the
+// tile's rows of `width` values (h or dA), and `extra` [tile][units] buffers.
 template <typename acc_t>
-__host__ __device__ inline size_t forward_smem(int H, int units, int tile) {
-  return (static_cast<size_t>(H) * units + 2 * static_cast<size_t>(tile) * state_ld(H)) * sizeof(acc_t);
+__host__ __device__ inline size_t smem_bytes(int G, int H, int units, int tile, int width, int extra) {
+  return (static_cast<size_t>(G) * H * units + 2 * static_cast<size_t>(tile) * padded(width) +
+          static_cast<size_t>(extra) * tile * units) * sizeof(acc_t);
 }
 
 template <typename acc_t>
+__host__ __device__ inline size_t forward_smem(int H, int units, int tile) {
+  return smem_bytes<acc_t>(1, H, units, tile, H, 0);
+}
+template <typename acc_t>
 __host__ __device__ inline size_t backward_smem(int H, int units, int tile) {
-  return forward_smem<acc_t>(H, units, tile) + static_cast<size_t>(tile) * units * sizeof(acc_t);
+  return smem_bytes<acc_t>(1, H, units, tile, H, 1);
+}
+template <typename acc_t>
+__host__ __device__ inline size_t lstm_forward_smem(int H, int units, int tile) {
+  return smem_bytes<acc_t>(kLstmGates, H, units, tile, H, 1);
+}
+template <typename acc_t>
+__host__ __device__ inline size_t lstm_backward_smem(int H, int units, int tile) {
+  return smem_bytes<acc_t>(kLstmGates, H, units, tile, kLstmGates * H, 2);
+}
+template <typename acc_t>
+__host__ __device__ inline size_t gru_forward_smem(int H, int units, int tile) {
+  return smem_bytes<acc_t>(kGruGates, H, units, tile, H, 0);
+}
+template <typename acc_t>
+__host__ __device__ inline size_t gru_backward_smem(int H, int units, int tile) {
+  return smem_bytes<acc_t>(kGruGates, H, units, tile, kGruGates * H, 1);
 }
 
 // The cluster's barrier (with release / acquire: shared-memory writes to other
@@ -85,19 +113,214 @@ __device__ __forceinline__ U* in_rank(U* p, unsigned rank, int size) {
 #endif
 }
 
-// A thread's share of its CTA's units x tile rows: unit u, rows g, g + groups,
-// ... (at most kRows of them).
+// Where a CTA works: its cluster's tile of batch rows and its own units.
+struct Place {
+  int size;     // CTAs in the cluster
+  int64_t b0;   // the tile's first batch row
+  int tile;     // rows per tile
+  int rows;     // this tile's rows (fewer in the batch's last tile)
+  int units;    // units per CTA
+  int j0;       // this CTA's first unit
+  int nu;       // this CTA's units (fewer in the cluster's last CTA)
+  __device__ Place(int64_t batch, int H, int units_, int tile_, int cluster_size)
+      : size(cluster_size), tile(tile_), units(units_) {
+    b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
+    rows = persistent::clamp_rows(batch, b0, tile);
+    j0 = static_cast<int>(cluster_rank(cluster_size)) * units;
+    nu = max(0, min(units, H - j0));
+  }
+};
+
+// A thread's share of its CTA's units x tile rows: unit u (j = j0 + u), rows
+// g, g + groups, ... (at most kRows of them).
 struct Share {
-  int u, g, groups;
+  int u, g, groups, j;
   bool works;
-  __device__ Share(int units, int nu) {
-    groups = kThreads / units;
-    u = threadIdx.x % units;
-    g = threadIdx.x / units;
-    works = g < groups && u < nu;
+  __device__ explicit Share(const Place& p) {
+    groups = kThreads / p.units;
+    u = threadIdx.x % p.units;
+    g = threadIdx.x / p.units;
+    j = p.j0 + u;
+    works = g < groups && u < p.nu;
   }
   __device__ int row(int i) const { return g + i * groups; }
 };
+
+// The sequence: its layout and the forward's order.
+struct Sequence {
+  const int64_t* batch_sizes;
+  const int64_t* offsets;
+  int64_t steps, batch;
+  bool reverse;
+};
+
+// Step s of the forward's order (t = T-1-s when reverse): the tile's rows in it
+// (active), those that continue the previous step's (carried; the others begin
+// at the initial state), and the first rows of the step and the previous one.
+struct Step {
+  int active, carried;
+  int64_t row0, prev0;
+  __device__ Step(const Place& p, const Sequence& q, int64_t s) {
+    const int64_t t = q.reverse ? q.steps - 1 - s : s, prev = q.reverse ? t + 1 : t - 1;
+    const int64_t rows_t = persistent::rows_at(q.batch_sizes, q.batch, t, q.steps);
+    const int64_t rows_prev = persistent::rows_at(q.batch_sizes, q.batch, prev, q.steps);
+    active = persistent::clamp_rows(rows_t, p.b0, p.tile);
+    carried = persistent::clamp_rows(min(rows_t, rows_prev), p.b0, p.tile);
+    row0 = (q.offsets ? q.offsets[t] : t * q.batch) + p.b0;
+    prev0 = rows_prev > 0 ? (q.offsets ? q.offsets[prev] : prev * q.batch) + p.b0 : 0;
+  }
+};
+
+// The forward's slice of W: w[(k * G + g) * units + u] = W[g * H + j0 + u][k].
+template <int G, typename T, typename acc_t>
+__device__ void load_unit_rows(acc_t* w, const T* w_hh, int H, const Place& p) {
+  for (int i = threadIdx.x; i < G * H * p.units; i += kThreads) {
+    const int k = i / (G * p.units), g = (i / p.units) % G, u = i % p.units;
+    w[i] = u < p.nu ? load<acc_t>(w_hh[(static_cast<int64_t>(g) * H + p.j0 + u) * H + k]) : acc_t(0);
+  }
+}
+
+// The backward's slice of W: w[r * units + u] = W[r][j0 + u], r < G * H.
+template <int G, typename T, typename acc_t>
+__device__ void load_unit_columns(acc_t* w, const T* w_hh, int H, const Place& p) {
+  for (int i = threadIdx.x; i < G * H * p.units; i += kThreads) {
+    const int r = i / p.units, u = i - r * p.units;
+    w[i] = u < p.nu ? load<acc_t>(w_hh[static_cast<int64_t>(r) * H + p.j0 + u]) : acc_t(0);
+  }
+}
+
+// dst[b * ld + k] = src[(b0 + b) * ld_src + k0 + k], k < width, for the tile's rows.
+template <typename T, typename acc_t>
+__device__ void load_tile(acc_t* dst, int ld, const T* src, int64_t ld_src, int k0, int width,
+                          const Place& p) {
+  for (int i = threadIdx.x; i < p.rows * width; i += kThreads) {
+    const int b = i / width, k = i - b * width;
+    dst[b * ld + k] = load<acc_t>(src[(p.b0 + b) * ld_src + k0 + k]);
+  }
+}
+
+// acc[i][g] += sum over k < K of src[b * ld + k] * w[(k * G + g) * units + u],
+// for this thread's rows b in the step.
+template <int G, typename acc_t>
+__device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][G], const acc_t* src, int ld, int K,
+                                           const acc_t* w, const Place& p, const Share& me,
+                                           int active) {
+  for (int k = 0; k < K; ++k) {
+    acc_t wk[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) wk[g] = w[(k * G + g) * p.units + me.u];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int b = me.row(i);
+      if (b < active) {
+        const acc_t x = src[b * ld + k];
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[i][g] += x * wk[g];
+      }
+    }
+  }
+}
+
+// v[g] into buf[b * ld + j + g * H] of every CTA of the cluster.
+template <int G, typename acc_t>
+__device__ __forceinline__ void to_every_cta(acc_t* buf, int ld, int b, int j, int H, const acc_t (&v)[G],
+                                             const Place& p) {
+  for (int r = 0; r < p.size; ++r) {
+    acc_t* dst = in_rank(buf, r, p.size) + b * ld + j;
+#pragma unroll
+    for (int g = 0; g < G; ++g) dst[g * H] = v[g];
+  }
+}
+
+// The forward's steps. Per step, for this thread's unit and rows in it: the
+// sums acc[g] = init(b, g) + h_{t-1} W_hh^T's G gates, then v = finish(b,
+// acc, h) with h the row's state; v, the row's h_t, goes to every CTA. A row
+// not in the step keeps its state. state [2][tile][padded(H)] holds h_0's rows
+// on entry.
+template <int G, typename acc_t, typename Init, typename Finish>
+__device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q, const acc_t* w,
+                                              acc_t* state, int H, const Init& init,
+                                              const Finish& finish) {
+  const int ldh = padded(H);
+  const Share me(p);
+  int cur = 0;
+  for (int64_t s = 0; s < q.steps; ++s) {
+    const Step st(p, q, s);
+    const acc_t* h = state + cur * p.tile * ldh;
+    if (me.works) {
+      acc_t acc[kRows][G];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int b = me.row(i);
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[i][g] = b < st.active ? init(me, st, b, g) : acc_t(0);
+      }
+      accumulate<G>(acc, h, ldh, H, w, p, me, st.active);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int b = me.row(i);
+        if (b >= p.rows) break;
+        acc_t v[1] = {h[b * ldh + me.j]};
+        if (b < st.active) v[0] = finish(me, st, b, acc[i], v[0]);
+        to_every_cta<1>(state + (cur ^ 1) * p.tile * ldh, ldh, b, me.j, H, v, p);
+      }
+    }
+    // Every CTA's share of h_t written everywhere, and h_{t-1} read by all. The
+    // next step writes the other buffer: no CTA gets there before every CTA
+    // has read this one.
+    cluster_sync(p.size);
+    cur ^= 1;
+  }
+}
+
+// The backward's steps, in the opposite order. Per step, for this thread's unit
+// and rows in it: cell(b, dh_t's part from later steps, ga, direct) computes
+// the G gates' dA_t (ga, to every CTA) and a part of dh_{t-1} that skips W_hh
+// (direct: GRU's d z). Then dh_{t-1} = dA_t W_hh + direct for this unit: kept
+// in dh [tile][units] for the rows the previous step carries (0 elsewhere:
+// their h was final, and dh_n is already in dY), written to grad_hx for those
+// that began at hx. grads: [2][tile][padded(G * H)]; dh zero on entry.
+template <int G, typename T, typename acc_t, typename Cell>
+__device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q, const acc_t* w,
+                                               acc_t* grads, acc_t* dh, T* grad_hx, int64_t ld_ghx,
+                                               int H, const Cell& cell) {
+  const int ldg = padded(G * H);
+  const Share me(p);
+  int cur = 0;
+  for (int64_t s = q.steps - 1; s >= 0; --s) {
+    const Step st(p, q, s);
+    acc_t* da = grads + cur * p.tile * ldg;
+    acc_t acc[kRows][1] = {};
+    if (me.works) {
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int b = me.row(i);
+        if (b >= p.rows) break;
+        acc_t ga[G] = {};
+        if (b < st.active) cell(me, st, b, dh[b * p.units + me.u], ga, acc[i][0]);
+        to_every_cta<G>(da, ldg, b, me.j, H, ga, p);
+      }
+    }
+    cluster_sync(p.size);
+    if (me.works) {
+      accumulate<1>(acc, da, ldg, G * H, w, p, me, st.active);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int b = me.row(i);
+        if (b >= p.rows) break;
+        dh[b * p.units + me.u] = b < st.carried ? acc[i][0] : acc_t(0);
+        if (b >= st.carried && b < st.active) grad_hx[(p.b0 + b) * ld_ghx + me.j] = store<T>(acc[i][0]);
+      }
+    }
+    cur ^= 1;
+  }
+  // No CTA leaves while another may still write into its shared memory: the
+  // last writes came before the last barrier.
+}
+
+// ---------------------------------------------------------------- Elman
+//   out  [N, H]  forward: P = X W_ih^T + b on entry, h on exit
+//   dA   [N, H]  backward: dY (+ dh_n on final rows) on entry, dA on exit
 
 template <typename T, typename acc_t, Activation A>
 __global__ void __launch_bounds__(kThreads)
@@ -106,62 +329,23 @@ forward_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ hx, in
                const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H, int units,
                int tile, int cluster_size, bool reverse) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int ldh = state_ld(H);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][units], w[k * units + u] = W[j0 + u][k]
-  acc_t* state = w + H * units;                // [2][tile][ldh]: h_{t-1}, h_t of the tile's rows
-  const unsigned rank = cluster_rank(cluster_size);
-  const int64_t b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
-  const int rows = persistent::clamp_rows(batch, b0, tile);
-  const int j0 = static_cast<int>(rank) * units;
-  const int nu = max(0, min(units, H - j0));
-  for (int i = threadIdx.x; i < H * units; i += kThreads) {
-    const int k = i / units, u = i - k * units;
-    w[i] = u < nu ? load<acc_t>(w_hh[static_cast<int64_t>(j0 + u) * H + k]) : acc_t(0);
-  }
-  for (int i = threadIdx.x; i < rows * H; i += kThreads) {
-    const int b = i / H, k = i - b * H;
-    state[b * ldh + k] = load<acc_t>(hx[(b0 + b) * ld_hx + k]);
-  }
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][units]
+  acc_t* state = w + H * units;                // [2][tile][padded(H)]
+  load_unit_rows<1>(w, w_hh, H, p);
+  load_tile(state, padded(H), hx, ld_hx, 0, H, p);
   // Every CTA of the cluster runs (its shared memory may be written) and has its state.
-  cluster_sync(cluster_size);
-  const Share me(units, nu);
-  const int j = j0 + me.u;
-  int cur = 0;
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t t = reverse ? steps - 1 - s : s;
-    const int active = persistent::clamp_rows(persistent::rows_at(batch_sizes, batch, t, steps), b0, tile);
-    T* out_t = out + ((offsets ? offsets[t] : t * batch) + b0) * ld_out;
-    const acc_t* h = state + cur * tile * ldh;
-    acc_t* next = state + (cur ^ 1) * tile * ldh;
-    if (me.works) {
-      acc_t acc[kRows];
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-        acc[i] = b < active ? load<acc_t>(out_t[b * ld_out + j]) : acc_t(0);
-      }
-      for (int k = 0; k < H; ++k) {
-        const acc_t wk = w[k * units + me.u];
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-          const int b = me.row(i);
-          if (b < active) acc[i] += h[b * ldh + k] * wk;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-        if (b >= rows) break;
-        // A row not in this step keeps its state.
-        const acc_t v = b < active ? activate<A>(acc[i]) : h[b * ldh + j];
-        if (b < active) out_t[b * ld_out + j] = store<T>(v);
-        for (int r = 0; r < cluster_size; ++r) in_rank(next, r, cluster_size)[b * ldh + j] = v;
-      }
-    }
-    // Every CTA's share of h_t written everywhere, and h_{t-1} read by all.
-    cluster_sync(cluster_size);
-    cur ^= 1;
-  }
+  cluster_sync(p.size);
+  forward_steps<1>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, state, H,
+      [&](const Share& me, const Step& st, int b, int) {
+        return load<acc_t>(out[(st.row0 + b) * ld_out + me.j]);
+      },
+      [&](const Share& me, const Step& st, int b, acc_t (&acc)[1], acc_t) {
+        const acc_t v = activate<A>(acc[0]);
+        out[(st.row0 + b) * ld_out + me.j] = store<T>(v);
+        return v;
+      });
 }
 
 template <typename T, typename acc_t, Activation A>
@@ -172,109 +356,35 @@ backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, in
                 int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
                 bool reverse) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int ldh = state_ld(H);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][units], w[j * units + u] = W[j][k0 + u]
-  acc_t* grads = w + H * units;                // [2][tile][ldh]: dA_t of the tile's rows, all units
-  acc_t* dh = grads + 2 * tile * ldh;          // [tile][units]: gradient reaching this CTA's units of h_t
-  const unsigned rank = cluster_rank(cluster_size);
-  const int64_t b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
-  const int rows = persistent::clamp_rows(batch, b0, tile);
-  const int k0 = static_cast<int>(rank) * units;
-  const int nu = max(0, min(units, H - k0));
-  for (int i = threadIdx.x; i < H * units; i += kThreads) {
-    const int jj = i / units, u = i - jj * units;
-    w[i] = u < nu ? load<acc_t>(w_hh[static_cast<int64_t>(jj) * H + k0 + u]) : acc_t(0);
-  }
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);          // [H][units]
+  acc_t* grads = w + H * units;                        // [2][tile][padded(H)]: dA_t
+  acc_t* dh = grads + 2 * tile * padded(H);            // [tile][units]
+  load_unit_columns<1>(w, w_hh, H, p);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dh[i] = acc_t(0);
-  cluster_sync(cluster_size);
-  const Share me(units, nu);
-  const int k = k0 + me.u;  // this thread's unit: of dA_t (as j) and of dh_{t-1} (as k)
-  int cur = 0;
-  // Backward visits the steps in the opposite order to forward.
-  for (int64_t s = steps - 1; s >= 0; --s) {
-    const int64_t t = reverse ? steps - 1 - s : s;
-    const int64_t prev = reverse ? t + 1 : t - 1;
-    const int64_t rows_t = persistent::rows_at(batch_sizes, batch, t, steps);
-    const int active = persistent::clamp_rows(rows_t, b0, tile);
-    const int carried = persistent::clamp_rows(
-        min(rows_t, persistent::rows_at(batch_sizes, batch, prev, steps)), b0, tile);
-    const int64_t row0 = (offsets ? offsets[t] : t * batch) + b0;
-    acc_t* da = grads + cur * tile * ldh;
-    if (me.works) {
-      // dA_t = (dY_t + dh_t) * act'(h_t) for this CTA's units, to every CTA.
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-        if (b >= rows) break;
-        acc_t d = acc_t(0);
-        if (b < active) {
-          const int64_t row = row0 + b;
-          d = activation_grad<A>(load<acc_t>(dA[row * ld_dA + k]) + dh[b * units + me.u],
-                                 load<acc_t>(out[row * ld_out + k]));
-          dA[row * ld_dA + k] = store<T>(d);
-        }
-        for (int r = 0; r < cluster_size; ++r) in_rank(da, r, cluster_size)[b * ldh + k] = d;
-      }
-    }
-    cluster_sync(cluster_size);
-    if (me.works) {
-      // dh_{t-1} = dA_t W_hh for this CTA's units: to the previous step's rows, or to grad_hx.
-      acc_t acc[kRows];
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) acc[i] = acc_t(0);
-      for (int jj = 0; jj < H; ++jj) {
-        const acc_t wj = w[jj * units + me.u];
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-          const int b = me.row(i);
-          if (b < active) acc[i] += da[b * ldh + jj] * wj;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-        if (b >= rows) break;
-        // Rows the previous step does not carry into this one have dh = 0 there
-        // (their h was final; dh_n is already in dA).
-        dh[b * units + me.u] = b < carried ? acc[i] : acc_t(0);
-        if (b >= carried && b < active) grad_hx[(b0 + b) * ld_ghx + k] = store<T>(acc[i]);
-      }
-    }
-    // The next step writes the other buffer: one barrier per step keeps a CTA
-    // from overwriting what another still reads (it cannot pass this one first).
-    cur ^= 1;
-  }
-  // No CTA leaves while another may still write into its shared memory: the
-  // last writes came before the last barrier.
+  cluster_sync(p.size);
+  // dA_t = (dY_t + dh_t) * act'(h_t).
+  backward_steps<1>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, grads, dh, grad_hx, ld_ghx, H,
+      [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[1], acc_t&) {
+        const int64_t row = st.row0 + b;
+        ga[0] = activation_grad<A>(load<acc_t>(dA[row * ld_dA + me.j]) + dh_later,
+                                   load<acc_t>(out[row * ld_out + me.j]));
+        dA[row * ld_dA + me.j] = store<T>(ga[0]);
+      });
 }
 
 // ---------------------------------------------------------------- LSTM
-// The same design with the cells' math (cells.h) as each step's epilogue; no
-// projection. A CTA's units bring all four gates of each; the state a step
-// hands on is h (to every CTA), c stays with its units' CTA. Shapes, besides
-// the Elman kernels' (G = 4 gates, i f g o in torch's order):
+// The cell's math (cells.h) as each step's epilogue; no projection. A CTA's
+// units bring all four gates of each; h goes to every CTA, c stays with its
+// units' CTA.
 //   gates  [N, 4H]  forward: X W_ih^T + b_ih + b_hh on entry, the activated
 //                   gates on exit; backward: the activated gates on entry, dA on exit
 //   c      [N, H]   forward: written, c_t; backward: read
 //   out    [N, H]   forward: written, h_t
 //   dh     [N, H]   backward: dY (+ dh_n on final rows) on entry, the whole
 //                   gradient of each h_t on exit
-//   h0, c0 [B, H];  dc_n [B, H];  grad_hx, grad_cx [B, H] written
-//   w_hh   [4H, H]  row-major
-constexpr int kLstmGates = 4;
-
-template <typename acc_t>
-__host__ __device__ inline size_t lstm_forward_smem(int H, int units, int tile) {
-  return (static_cast<size_t>(kLstmGates) * H * units + 2 * static_cast<size_t>(tile) * state_ld(H) +
-          static_cast<size_t>(tile) * units) * sizeof(acc_t);
-}
-
-template <typename acc_t>
-__host__ __device__ inline size_t lstm_backward_smem(int H, int units, int tile) {
-  return (static_cast<size_t>(kLstmGates) * H * units +
-          2 * static_cast<size_t>(tile) * state_ld(kLstmGates * H) +
-          2 * static_cast<size_t>(tile) * units) * sizeof(acc_t);
-}
+//   dc_n   [B, H]
 
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
@@ -286,84 +396,31 @@ lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int6
                     bool reverse) {
   constexpr int G = kLstmGates;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int ldh = state_ld(H);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][G][units], W[g * H + j0 + u][k]
-  acc_t* state = w + G * H * units;           // [2][tile][ldh]: h_{t-1}, h_t of the tile's rows
-  acc_t* cell = state + 2 * tile * ldh;       // [tile][units]: each row's latest c, c0 until it starts
-  const unsigned rank = cluster_rank(cluster_size);
-  const int64_t b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
-  const int rows = persistent::clamp_rows(batch, b0, tile);
-  const int j0 = static_cast<int>(rank) * units;
-  const int nu = max(0, min(units, H - j0));
-  for (int i = threadIdx.x; i < G * H * units; i += kThreads) {
-    const int k = i / (G * units), g = (i / units) % G, u = i % units;
-    w[i] = u < nu ? load<acc_t>(w_hh[(static_cast<int64_t>(g) * H + j0 + u) * H + k]) : acc_t(0);
-  }
-  for (int i = threadIdx.x; i < rows * H; i += kThreads) {
-    const int b = i / H, k = i - b * H;
-    state[b * ldh + k] = load<acc_t>(h0[(b0 + b) * ld_h0 + k]);
-  }
-  for (int i = threadIdx.x; i < rows * nu; i += kThreads) {
-    const int b = i / nu, u = i - b * nu;
-    cell[b * units + u] = load<acc_t>(c0[(b0 + b) * ld_c0 + j0 + u]);
-  }
-  cluster_sync(cluster_size);
-  const Share me(units, nu);
-  const int j = j0 + me.u;
-  int cur = 0;
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t t = reverse ? steps - 1 - s : s;
-    const int active = persistent::clamp_rows(persistent::rows_at(batch_sizes, batch, t, steps), b0, tile);
-    const int64_t row0 = (offsets ? offsets[t] : t * batch) + b0;
-    const acc_t* h = state + cur * tile * ldh;
-    acc_t* next = state + (cur ^ 1) * tile * ldh;
-    if (me.works) {
-      acc_t acc[kRows][G];
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][G][units]
+  acc_t* state = w + G * H * units;           // [2][tile][padded(H)]
+  acc_t* cell = state + 2 * tile * padded(H);  // [tile][units]: each row's latest c, c0 until it starts
+  load_unit_rows<G>(w, w_hh, H, p);
+  load_tile(state, padded(H), h0, ld_h0, 0, H, p);
+  load_tile(cell, units, c0, ld_c0, p.j0, p.nu, p);
+  cluster_sync(p.size);
+  forward_steps<G>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, state, H,
+      [&](const Share& me, const Step& st, int b, int g) {
+        return load<acc_t>(gates[(st.row0 + b) * ld_g + g * H + me.j]);
+      },
+      [&](const Share& me, const Step& st, int b, acc_t (&a)[G], acc_t) {
+        const int64_t row = st.row0 + b;
+        acc_t& cb = cell[b * units + me.u];
+        acc_t ct, mt;
+        lstm_forward_cell<ScalarAct, acc_t>(a[0], a[1], a[2], a[3], cb, ct, mt);
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          acc[i][g] = b < active ? load<acc_t>(gates[(row0 + b) * ld_g + g * H + j]) : acc_t(0);
-        }
-      }
-      for (int k = 0; k < H; ++k) {
-        acc_t wk[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) wk[g] = w[(k * G + g) * units + me.u];
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-          const int b = me.row(i);
-          if (b < active) {
-            const acc_t hk = h[b * ldh + k];
-#pragma unroll
-            for (int g = 0; g < G; ++g) acc[i][g] += hk * wk[g];
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-        if (b >= rows) break;
-        acc_t v = h[b * ldh + j];  // a row not in this step keeps its state
-        if (b < active) {
-          const int64_t row = row0 + b;
-          acc_t ct, mt;
-          lstm_forward_cell<ScalarAct, acc_t>(acc[i][0], acc[i][1], acc[i][2], acc[i][3],
-                                              cell[b * units + me.u], ct, mt);
-#pragma unroll
-          for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + j] = store<T>(acc[i][g]);
-          c[row * ld_c + j] = store<T>(ct);
-          out[row * ld_out + j] = store<T>(mt);
-          cell[b * units + me.u] = ct;
-          v = mt;
-        }
-        for (int r = 0; r < cluster_size; ++r) in_rank(next, r, cluster_size)[b * ldh + j] = v;
-      }
-    }
-    cluster_sync(cluster_size);
-    cur ^= 1;
-  }
+        for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + me.j] = store<T>(a[g]);
+        c[row * ld_c + me.j] = store<T>(ct);
+        out[row * ld_out + me.j] = store<T>(mt);
+        cb = ct;
+        return mt;
+      });
 }
 
 template <typename T, typename acc_t>
@@ -377,102 +434,42 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
                      int units, int tile, int cluster_size, bool reverse) {
   constexpr int G = kLstmGates;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int ldg = state_ld(G * H);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [4H][units], W[r][k0 + u]
-  acc_t* grads = w + G * H * units;           // [2][tile][ldg]: dA_t of the tile's rows, all gates
-  acc_t* dhr = grads + 2 * tile * ldg;        // [tile][units]: dh_t through W_hh (the recurrent part)
-  acc_t* dcr = dhr + tile * units;            // [tile][units]: the gradient reaching c_t
-  const unsigned rank = cluster_rank(cluster_size);
-  const int64_t b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
-  const int rows = persistent::clamp_rows(batch, b0, tile);
-  const int k0 = static_cast<int>(rank) * units;
-  const int nu = max(0, min(units, H - k0));
-  for (int i = threadIdx.x; i < G * H * units; i += kThreads) {
-    const int r = i / units, u = i - r * units;
-    w[i] = u < nu ? load<acc_t>(w_hh[static_cast<int64_t>(r) * H + k0 + u]) : acc_t(0);
-  }
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);      // [4H][units]
+  acc_t* grads = w + G * H * units;               // [2][tile][padded(4H)]: dA_t, all gates
+  acc_t* dhr = grads + 2 * tile * padded(G * H);  // [tile][units]: dh_t through W_hh
+  acc_t* dcr = dhr + tile * units;                // [tile][units]: the gradient reaching c_t
+  load_unit_columns<G>(w, w_hh, H, p);
+  for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
   // Every row's last step comes first: its c_t gets dc_n (dh_n is already in dh).
-  for (int i = threadIdx.x; i < tile * units; i += kThreads) {
-    const int b = i / units, u = i - b * units;
-    dhr[i] = acc_t(0);
-    dcr[i] = b < rows && u < nu ? load<acc_t>(dc_n[(b0 + b) * ld_dcn + k0 + u]) : acc_t(0);
-  }
-  cluster_sync(cluster_size);
-  const Share me(units, nu);
-  const int k = k0 + me.u;  // this thread's unit: of the cell (as j) and of dh_{t-1} (as k)
-  int cur = 0;
-  for (int64_t s = steps - 1; s >= 0; --s) {
-    const int64_t t = reverse ? steps - 1 - s : s;
-    const int64_t prev = reverse ? t + 1 : t - 1;
-    const int64_t rows_t = persistent::rows_at(batch_sizes, batch, t, steps);
-    const int64_t rows_prev = persistent::rows_at(batch_sizes, batch, prev, steps);
-    const int active = persistent::clamp_rows(rows_t, b0, tile);
-    const int carried = persistent::clamp_rows(min(rows_t, rows_prev), b0, tile);
-    const int64_t row0 = (offsets ? offsets[t] : t * batch) + b0;
-    const int64_t prev0 = rows_prev > 0 ? (offsets ? offsets[prev] : prev * batch) + b0 : 0;
-    acc_t* da = grads + cur * tile * ldg;
-    if (me.works) {
-      // The cell's gradients for this CTA's units: dA_t to every CTA, dc_{t-1} kept.
+  load_tile(dcr, units, dc_n, ld_dcn, p.j0, p.nu, p);
+  cluster_sync(p.size);
+  backward_steps<G>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, grads, dhr, grad_hx, ld_ghx, H,
+      [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[G], acc_t&) {
+        const int64_t row = st.row0 + b;
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-        if (b >= rows) break;
-        acc_t ga[G] = {};
-        if (b < active) {
-          const int64_t row = row0 + b;
+        for (int g = 0; g < G; ++g) ga[g] = load<acc_t>(gates[row * ld_g + g * H + me.j]);
+        const acc_t dm = load<acc_t>(dh[row * ld_dh + me.j]) + dh_later;
+        dh[row * ld_dh + me.j] = store<T>(dm);
+        const acc_t cp = load<acc_t>(b < st.carried ? c[(st.prev0 + b) * ld_c + me.j]
+                                                    : c0[(p.b0 + b) * ld_c0 + me.j]);
+        acc_t& dc = dcr[b * units + me.u];
+        acc_t dc_prev;
+        lstm_backward_cell<ScalarAct, acc_t>(ga[0], ga[1], ga[2], ga[3], load<acc_t>(c[row * ld_c + me.j]),
+                                             cp, dm, dc, dc_prev);
 #pragma unroll
-          for (int g = 0; g < G; ++g) ga[g] = load<acc_t>(gates[row * ld_g + g * H + k]);
-          const acc_t dm = load<acc_t>(dh[row * ld_dh + k]) + dhr[b * units + me.u];
-          dh[row * ld_dh + k] = store<T>(dm);
-          const acc_t cp = load<acc_t>(b < carried ? c[(prev0 + b) * ld_c + k] : c0[(b0 + b) * ld_c0 + k]);
-          acc_t dc_prev;
-          lstm_backward_cell<ScalarAct, acc_t>(ga[0], ga[1], ga[2], ga[3], load<acc_t>(c[row * ld_c + k]),
-                                               cp, dm, dcr[b * units + me.u], dc_prev);
-#pragma unroll
-          for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + k] = store<T>(ga[g]);
-          // To the previous step's row, or to grad_cx for a row that began at c0.
-          if (b < carried) {
-            dcr[b * units + me.u] = dc_prev;
-          } else {
-            grad_cx[(b0 + b) * ld_gcx + k] = store<T>(dc_prev);
-          }
+        for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + me.j] = store<T>(ga[g]);
+        // To the previous step's row, or to grad_cx for a row that began at c0.
+        if (b < st.carried) {
+          dc = dc_prev;
+        } else {
+          grad_cx[(p.b0 + b) * ld_gcx + me.j] = store<T>(dc_prev);
         }
-        for (int r = 0; r < cluster_size; ++r) {
-          acc_t* dst = in_rank(da, r, cluster_size) + b * ldg + k;
-#pragma unroll
-          for (int g = 0; g < G; ++g) dst[g * H] = ga[g];
-        }
-      }
-    }
-    cluster_sync(cluster_size);
-    if (me.works) {
-      // dh_{t-1} = dA_t W_hh for this CTA's units: the previous step's rows, or grad_hx.
-      acc_t acc[kRows];
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) acc[i] = acc_t(0);
-      for (int r = 0; r < G * H; ++r) {
-        const acc_t wr = w[r * units + me.u];
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-          const int b = me.row(i);
-          if (b < active) acc[i] += da[b * ldg + r] * wr;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-        if (b >= rows) break;
-        dhr[b * units + me.u] = b < carried ? acc[i] : acc_t(0);
-        if (b >= carried && b < active) grad_hx[(b0 + b) * ld_ghx + k] = store<T>(acc[i]);
-      }
-    }
-    cur ^= 1;
-  }
+      });
 }
 
 // ---------------------------------------------------------------- GRU
-// The same design again; r z n in torch's order. Shapes, besides the Elman
-// kernels' (3 gates):
 //   gates  [N, 3H]  forward: X W_ih^T + b_ih on entry, the activated r z n on
 //                   exit; backward: r z n on entry, [dA_r, dA_z, dA_hn] on exit
 //   hn     [N, H]   forward: written, (h_{t-1} W_hh^T)_n + b_hn; backward: read,
@@ -480,21 +477,7 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
 //   out    [N, H]   forward: written, h_t; backward: read (h_{t-1})
 //   dh     [N, H]   backward: dY (+ dh_n on final rows) on entry, the whole
 //                   gradient of each h_t on exit
-//   b_hh   [3H] or null;  w_hh [3H, H] row-major
-constexpr int kGruGates = 3;
-
-template <typename acc_t>
-__host__ __device__ inline size_t gru_forward_smem(int H, int units, int tile) {
-  return (static_cast<size_t>(kGruGates) * H * units + 2 * static_cast<size_t>(tile) * state_ld(H)) *
-         sizeof(acc_t);
-}
-
-template <typename acc_t>
-__host__ __device__ inline size_t gru_backward_smem(int H, int units, int tile) {
-  return (static_cast<size_t>(kGruGates) * H * units +
-          2 * static_cast<size_t>(tile) * state_ld(kGruGates * H) + static_cast<size_t>(tile) * units) *
-         sizeof(acc_t);
-}
+//   b_hh   [3H] or null
 
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
@@ -506,79 +489,30 @@ gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int6
                    bool reverse) {
   constexpr int G = kGruGates;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int ldh = state_ld(H);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][G][units], W[g * H + j0 + u][k]
-  acc_t* state = w + G * H * units;           // [2][tile][ldh]: h_{t-1}, h_t of the tile's rows
-  const unsigned rank = cluster_rank(cluster_size);
-  const int64_t b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
-  const int rows = persistent::clamp_rows(batch, b0, tile);
-  const int j0 = static_cast<int>(rank) * units;
-  const int nu = max(0, min(units, H - j0));
-  for (int i = threadIdx.x; i < G * H * units; i += kThreads) {
-    const int k = i / (G * units), g = (i / units) % G, u = i % units;
-    w[i] = u < nu ? load<acc_t>(w_hh[(static_cast<int64_t>(g) * H + j0 + u) * H + k]) : acc_t(0);
-  }
-  for (int i = threadIdx.x; i < rows * H; i += kThreads) {
-    const int b = i / H, k = i - b * H;
-    state[b * ldh + k] = load<acc_t>(h0[(b0 + b) * ld_h0 + k]);
-  }
-  cluster_sync(cluster_size);
-  const Share me(units, nu);
-  const int j = j0 + me.u;
-  acc_t bias[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) bias[g] = b_hh && me.works ? load<acc_t>(b_hh[g * H + j]) : acc_t(0);
-  int cur = 0;
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t t = reverse ? steps - 1 - s : s;
-    const int active = persistent::clamp_rows(persistent::rows_at(batch_sizes, batch, t, steps), b0, tile);
-    const int64_t row0 = (offsets ? offsets[t] : t * batch) + b0;
-    const acc_t* h = state + cur * tile * ldh;
-    acc_t* next = state + (cur ^ 1) * tile * ldh;
-    if (me.works) {
-      acc_t acc[kRows][G];  // h_{t-1} W_hh^T + b_hh for this unit's gates
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-        for (int g = 0; g < G; ++g) acc[i][g] = bias[g];
-      }
-      for (int k = 0; k < H; ++k) {
-        acc_t wk[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) wk[g] = w[(k * G + g) * units + me.u];
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-          const int b = me.row(i);
-          if (b < active) {
-            const acc_t hk = h[b * ldh + k];
-#pragma unroll
-            for (int g = 0; g < G; ++g) acc[i][g] += hk * wk[g];
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-        if (b >= rows) break;
-        acc_t v = h[b * ldh + j];  // a row not in this step keeps its state
-        if (b < active) {
-          const int64_t row = row0 + b;
-          acc_t r = load<acc_t>(gates[row * ld_g + j]), z = load<acc_t>(gates[row * ld_g + H + j]);
-          acc_t n = load<acc_t>(gates[row * ld_g + 2 * H + j]), ht;
-          gru_forward_cell<ScalarAct, acc_t>(r, z, n, acc[i][0], acc[i][1], acc[i][2], v, ht);
-          gates[row * ld_g + j] = store<T>(r);
-          gates[row * ld_g + H + j] = store<T>(z);
-          gates[row * ld_g + 2 * H + j] = store<T>(n);
-          hn[row * ld_hn + j] = store<T>(acc[i][2]);
-          out[row * ld_out + j] = store<T>(ht);
-          v = ht;
-        }
-        for (int r = 0; r < cluster_size; ++r) in_rank(next, r, cluster_size)[b * ldh + j] = v;
-      }
-    }
-    cluster_sync(cluster_size);
-    cur ^= 1;
-  }
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][G][units]
+  acc_t* state = w + G * H * units;           // [2][tile][padded(H)]
+  load_unit_rows<G>(w, w_hh, H, p);
+  load_tile(state, padded(H), h0, ld_h0, 0, H, p);
+  cluster_sync(p.size);
+  // The sums are h_{t-1} W_hh^T + b_hh; the input side (gates) joins in the cell.
+  forward_steps<G>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, state, H,
+      [&](const Share& me, const Step&, int, int g) {
+        return b_hh ? load<acc_t>(b_hh[g * H + me.j]) : acc_t(0);
+      },
+      [&](const Share& me, const Step& st, int b, acc_t (&a)[G], acc_t h_prev) {
+        const int64_t row = st.row0 + b;
+        acc_t r = load<acc_t>(gates[row * ld_g + me.j]), z = load<acc_t>(gates[row * ld_g + H + me.j]);
+        acc_t n = load<acc_t>(gates[row * ld_g + 2 * H + me.j]), ht;
+        gru_forward_cell<ScalarAct, acc_t>(r, z, n, a[0], a[1], a[2], h_prev, ht);
+        gates[row * ld_g + me.j] = store<T>(r);
+        gates[row * ld_g + H + me.j] = store<T>(z);
+        gates[row * ld_g + 2 * H + me.j] = store<T>(n);
+        hn[row * ld_hn + me.j] = store<T>(a[2]);
+        out[row * ld_out + me.j] = store<T>(ht);
+        return ht;
+      });
 }
 
 template <typename T, typename acc_t>
@@ -591,87 +525,29 @@ gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, in
                     int units, int tile, int cluster_size, bool reverse) {
   constexpr int G = kGruGates;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int ldg = state_ld(G * H);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [3H][units], W[r][k0 + u]
-  acc_t* grads = w + G * H * units;           // [2][tile][ldg]: [dA_r, dA_z, dA_hn] of the tile's rows
-  acc_t* dhr = grads + 2 * tile * ldg;        // [tile][units]: dh_t from the later step (all but dY)
-  const unsigned rank = cluster_rank(cluster_size);
-  const int64_t b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
-  const int rows = persistent::clamp_rows(batch, b0, tile);
-  const int k0 = static_cast<int>(rank) * units;
-  const int nu = max(0, min(units, H - k0));
-  for (int i = threadIdx.x; i < G * H * units; i += kThreads) {
-    const int r = i / units, u = i - r * units;
-    w[i] = u < nu ? load<acc_t>(w_hh[static_cast<int64_t>(r) * H + k0 + u]) : acc_t(0);
-  }
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);      // [3H][units]
+  acc_t* grads = w + G * H * units;               // [2][tile][padded(3H)]: [dA_r, dA_z, dA_hn]
+  acc_t* dhr = grads + 2 * tile * padded(G * H);  // [tile][units]: dh_t from the later step
+  load_unit_columns<G>(w, w_hh, H, p);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
-  cluster_sync(cluster_size);
-  const Share me(units, nu);
-  const int k = k0 + me.u;  // this thread's unit: of the cell (as j) and of dh_{t-1} (as k)
-  int cur = 0;
-  for (int64_t s = steps - 1; s >= 0; --s) {
-    const int64_t t = reverse ? steps - 1 - s : s;
-    const int64_t prev = reverse ? t + 1 : t - 1;
-    const int64_t rows_t = persistent::rows_at(batch_sizes, batch, t, steps);
-    const int64_t rows_prev = persistent::rows_at(batch_sizes, batch, prev, steps);
-    const int active = persistent::clamp_rows(rows_t, b0, tile);
-    const int carried = persistent::clamp_rows(min(rows_t, rows_prev), b0, tile);
-    const int64_t row0 = (offsets ? offsets[t] : t * batch) + b0;
-    const int64_t prev0 = rows_prev > 0 ? (offsets ? offsets[prev] : prev * batch) + b0 : 0;
-    acc_t* da = grads + cur * tile * ldg;
-    acc_t direct[kRows];  // d z: the part of dh_{t-1} that skips W_hh
-    if (me.works) {
+  cluster_sync(p.size);
+  backward_steps<G>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, grads, dhr, grad_hx, ld_ghx, H,
+      [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[G], acc_t& direct) {
+        const int64_t row = st.row0 + b;
+        const acc_t d = load<acc_t>(dh[row * ld_dh + me.j]) + dh_later;
+        dh[row * ld_dh + me.j] = store<T>(d);
+        const acc_t hp = load<acc_t>(b < st.carried ? out[(st.prev0 + b) * ld_out + me.j]
+                                                    : h0[(p.b0 + b) * ld_h0 + me.j]);
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-        direct[i] = acc_t(0);
-        if (b >= rows) break;
-        acc_t ga[G] = {};
-        if (b < active) {
-          const int64_t row = row0 + b;
-          const acc_t d = load<acc_t>(dh[row * ld_dh + k]) + dhr[b * units + me.u];
-          dh[row * ld_dh + k] = store<T>(d);
-          const acc_t hp = load<acc_t>(b < carried ? out[(prev0 + b) * ld_out + k] : h0[(b0 + b) * ld_h0 + k]);
+        for (int g = 0; g < G; ++g) ga[g] = load<acc_t>(gates[row * ld_g + g * H + me.j]);
+        acc_t hn_j = load<acc_t>(hn[row * ld_hn + me.j]);
+        gru_backward_cell<ScalarAct, acc_t>(ga[0], ga[1], ga[2], hn_j, d, hp, direct);
 #pragma unroll
-          for (int g = 0; g < G; ++g) ga[g] = load<acc_t>(gates[row * ld_g + g * H + k]);
-          acc_t hn_k = load<acc_t>(hn[row * ld_hn + k]);
-          gru_backward_cell<ScalarAct, acc_t>(ga[0], ga[1], ga[2], hn_k, d, hp, direct[i]);
-#pragma unroll
-          for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + k] = store<T>(ga[g]);
-          hn[row * ld_hn + k] = store<T>(hn_k);
-        }
-        for (int r = 0; r < cluster_size; ++r) {
-          acc_t* dst = in_rank(da, r, cluster_size) + b * ldg + k;
-#pragma unroll
-          for (int g = 0; g < G; ++g) dst[g * H] = ga[g];
-        }
-      }
-    }
-    cluster_sync(cluster_size);
-    if (me.works) {
-      // dh_{t-1} = [dA_r, dA_z, dA_hn] W_hh + d z: the previous step's rows, or grad_hx.
-      acc_t acc[kRows];
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) acc[i] = acc_t(0);
-      for (int r = 0; r < G * H; ++r) {
-        const acc_t wr = w[r * units + me.u];
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-          const int b = me.row(i);
-          if (b < active) acc[i] += da[b * ldg + r] * wr;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-        if (b >= rows) break;
-        const acc_t g = acc[i] + direct[i];
-        dhr[b * units + me.u] = b < carried ? g : acc_t(0);
-        if (b >= carried && b < active) grad_hx[(b0 + b) * ld_ghx + k] = store<T>(g);
-      }
-    }
-    cur ^= 1;
-  }
+        for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + me.j] = store<T>(ga[g]);
+        hn[row * ld_hn + me.j] = store<T>(hn_j);
+      });
 }
 
 }  // namespace cluster

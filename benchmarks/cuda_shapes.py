@@ -7,8 +7,8 @@ B=34, H=120). Precisions: strict fp32 (TF32 off for cuDNN and cuBLAS), TF32
 hold identical weights and see identical inputs; runs are interleaved after a
 warm-up and timed with CUDA events; medians are reported. fastrnn runs twice:
 as installed (a cuBLAS GEMM per step) and with its persistent kernels
-(FASTRNN_CUDA_PERSISTENT=1: csrc/cuda/persistent.cuh and cluster.cuh, where
-W_hh fits on chip; elsewhere the same per-step path).
+(FASTRNN_CUDA_PERSISTENT=1: csrc/cuda/persistent.cuh where W_hh fits on chip,
+elsewhere the same per-step path).
 
     python benchmarks/cuda_shapes.py [--repeats N] [--markdown FILE] [--json FILE]
                                      [--shapes NAME ...] [--precisions fp32 tf32 fp16 bf16]

@@ -105,8 +105,8 @@ def test_runs_on_the_inputs_device_not_the_current_one():
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 def test_persistent_kernels_match_torch(monkeypatch, hidden, packed, nonlinearity):
     """The persistent kernels (opt-in, FASTRNN_CUDA_PERSISTENT=1) against torch.nn.RNN in
-    float64, 300 rows in tiles and clusters of several sizes, uneven lengths; hidden 256 and 300
-    take the cluster kernels on sm_90 (test_persistent_path_by_hidden_size), 1024 does not fit
+    float64, 300 rows in tiles, uneven lengths; W_hh in one CTA up to hidden 128, split over a
+    cluster at 256 and 300 on sm_90 (test_persistent_path_by_hidden_size); 1024 does not fit
     on chip and takes the per-step path."""
     monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
     ref, fast = rnn_pair(5, hidden, 2, nonlinearity=nonlinearity, bidirectional=True)
@@ -133,14 +133,14 @@ def cuda_kernels(fn):
 
 
 @pytest.mark.parametrize("hidden, dtype, path", [
-    (100, torch.float32, "persistent"), (256, torch.float32, "cluster"),
+    (100, torch.float32, "one CTA"), (256, torch.float32, "cluster"),
     (512, torch.float32, "cluster"), (300, torch.float64, "cluster"),
     (256, torch.bfloat16, "cluster"), (1024, torch.float32, None)],
     ids=lambda v: str(v).replace("torch.", ""))
 def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
-    """With FASTRNN_CUDA_PERSISTENT=1 a layer runs where its W_hh fits: one CTA's shared
-    memory (csrc/cuda/persistent.cuh), else slices of it in a cluster's CTAs (cluster.cuh,
-    sm_90), else a GEMM per step; forward and backward alike, matching torch.nn.RNN in float64."""
+    """With FASTRNN_CUDA_PERSISTENT=1 a layer runs in csrc/cuda/persistent.cuh's kernels where
+    its W_hh fits one CTA's shared memory, or slices of it a cluster's CTAs (sm_90), else with
+    a GEMM per step; forward and backward alike, matching torch.nn.RNN in float64."""
     monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
     if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
         path = None
@@ -154,12 +154,9 @@ def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
         results.append([out, h, *grads(fast, weighted_sum(out, h), [x])])
 
     names = cuda_kernels(run)
-    recurrences = {n for n in names if "fastrnn::persistent::" in n or "fastrnn::cluster::" in n}
-    if path is None:
-        assert not recurrences, recurrences
-    else:
-        for kernel in ("forward_kernel", "backward_kernel"):
-            assert any(f"fastrnn::{path}::{kernel}" in n for n in recurrences), (kernel, names)
+    for kernel in ("forward_kernel", "backward_kernel"):
+        ran = any(f"fastrnn::persistent::{kernel}" in n for n in names)
+        assert ran == (path is not None), (kernel, names)
     exact = ref.double()
     x64 = x.detach().double().requires_grad_()
     out, h = exact(x64)
@@ -174,7 +171,7 @@ def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
                          ids=["H37-one-CTA", "H128-cluster", "H160-cluster"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_persistent_cells_match_torch(monkeypatch, cell, hidden, cluster, packed):
-    """The LSTM's and GRU's persistent kernels (csrc/cuda/cluster.cuh, opt-in with
+    """The LSTM's and GRU's persistent kernels (csrc/cuda/persistent.cuh, opt-in with
     FASTRNN_CUDA_PERSISTENT=1) against torch.nn in float64: two layers both ways, 300 rows,
     uneven lengths, a random initial state. W_hh fits one CTA at hidden 37; at 128 and 160 it
     is split over a cluster (sm_90; elsewhere the per-step path runs). Asserts which kernels
@@ -197,7 +194,7 @@ def test_persistent_cells_match_torch(monkeypatch, cell, hidden, cluster, packed
 
     names = cuda_kernels(lambda: run(fast))
     for kernel in (f"{cell}_forward_kernel", f"{cell}_backward_kernel"):
-        assert any(f"fastrnn::cluster::{kernel}" in n for n in names) == persistent, (kernel, names)
+        assert any(f"fastrnn::persistent::{kernel}" in n for n in names) == persistent, (kernel, names)
     run(ref)
     for a, e in zip(results[0], results[1]):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)

@@ -1,11 +1,10 @@
 // fastrnn CUDA kernels: the stack driver (stack.h) with cuBLAS GEMMs through
 // torch's CUDA shims, on the current stream. The recurrences run in the
-// persistent kernels of persistent.cuh where W_hh fits one CTA, else in those
-// of cluster.cuh where its slices fit a cluster's CTAs (sm_90), else with one
-// GEMM and one pointwise kernel per step (stepwise.h).
+// persistent kernels of persistent.cuh where W_hh (or its slices, over a
+// cluster's CTAs on sm_90) fits in shared memory, else with one GEMM and one
+// pointwise kernel per step (stepwise.h).
 #include "../stack.h"
 #include "../stepwise.h"
-#include "cluster.cuh"
 #include "persistent.cuh"
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cuda.h>
@@ -16,7 +15,6 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
-#include <initializer_list>
 #include <cstdlib>
 #include <cstring>
 
@@ -60,35 +58,8 @@ bool persistent_enabled() {
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
-// How a persistent launch tiles the batch: rows per CTA (at most
-// kThreads * kMaxPerThread outputs per step, and few enough rows that the
-// tiles spread over every SM) and the shared memory that takes.
-struct PersistentPlan {
-  int tile = 0;
-  int blocks = 0;
-  size_t smem = 0;
-};
-
-template <typename acc_t>
-bool plan_persistent(const SequenceLayout& L, int64_t H, int buffers, int device,
-                     PersistentPlan& plan) {
-  using namespace persistent;
-  if (H <= 0 || L.batch == 0 || H > kThreads * kMaxPerThread) return false;
-  const int64_t max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  int64_t tile = std::min<int64_t>(kThreads * kMaxPerThread / H, (L.batch + sms - 1) / sms);
-  tile = std::max<int64_t>(tile, 1);
-  auto bytes = [&](int64_t rows) { return (H * H + buffers * rows * H) * int64_t(sizeof(acc_t)); };
-  while (tile > 1 && bytes(tile) > max_smem) --tile;
-  if (bytes(tile) > max_smem) return false;  // W_hh does not fit on chip: step with GEMMs
-  plan.tile = static_cast<int>(tile);
-  plan.blocks = static_cast<int>((L.batch + tile - 1) / tile);
-  plan.smem = static_cast<size_t>(bytes(tile));
-  return true;
-}
-
-// How a cluster launch (cluster.cuh) splits a layer: CTAs per cluster, units
-// per CTA, batch rows per cluster, clusters.
+// How a persistent launch (persistent.cuh) splits a layer: CTAs per cluster,
+// units per CTA, batch rows per cluster, clusters.
 struct ClusterPlan {
   int size = 0;
   int units = 0;
@@ -99,14 +70,14 @@ struct ClusterPlan {
 
 // The cluster size with the shortest step, by a rough count of a thread's
 // serial multiply-adds (G gates per unit), a barrier, and waves where the
-// clusters outnumber what the SMs hold at once: among `sizes` (1: one CTA, a
-// plain launch; 2, 4, 8: the portable cluster sizes, sm_90). smem(H, units,
+// clusters outnumber what the SMs hold at once: 1 (one CTA, a plain launch,
+// any device) or 2, 4, 8 (the portable cluster sizes, sm_90). smem(H, units,
 // tile) is a CTA's shared memory. False where none fits.
 using SmemBytes = size_t (*)(int, int, int);
 
-bool plan_cluster(const SequenceLayout& L, int64_t H, int G, std::initializer_list<int> sizes,
-                  int device, SmemBytes smem, ClusterPlan& plan) {
-  using namespace cluster;
+bool plan_cluster(const SequenceLayout& L, int64_t H, int G, int device, SmemBytes smem,
+                  ClusterPlan& plan) {
+  using namespace persistent;
   if (H <= 0 || L.batch == 0) return false;
   const bool clusters_ok = device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
   const int64_t max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
@@ -115,7 +86,7 @@ bool plan_cluster(const SequenceLayout& L, int64_t H, int G, std::initializer_li
     return smem(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
   };
   double best = 0;
-  for (int size : sizes) {
+  for (int size : {1, 2, 4, 8}) {
     const int64_t units = (H + size - 1) / size;
     if ((size > 1 && !clusters_ok) || units > kThreads) continue;
     const int64_t groups = kThreads / units;
@@ -186,7 +157,7 @@ T* ptr(const Tensor& t) {
 
 struct CudaBackend;
 
-// A cluster.cuh kernel's launch by plan, once the device is known to hold
+// A persistent.cuh kernel's launch by plan, once the device is known to hold
 // one such cluster (fits()).
 template <auto kernel>
 class ClusterLaunch {
@@ -194,7 +165,7 @@ class ClusterLaunch {
   ClusterLaunch(const ClusterPlan& plan, int device, cudaStream_t stream) {
     prepare<kernel>(plan.smem, device);
     config_.gridDim = dim3(static_cast<unsigned>(plan.clusters * plan.size));
-    config_.blockDim = dim3(cluster::kThreads);
+    config_.blockDim = dim3(persistent::kThreads);
     config_.dynamicSmemBytes = plan.smem;
     config_.stream = stream;
     attribute_.id = cudaLaunchAttributeClusterDimension;
@@ -210,7 +181,7 @@ class ClusterLaunch {
     int fit = 0;
     const cudaError_t err =
         config_.numAttrs ? cudaOccupancyMaxActiveClusters(&fit, kernel, &config_)
-                         : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, cluster::kThreads,
+                         : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, persistent::kThreads,
                                                                          config_.dynamicSmemBytes);
     if (err != cudaSuccess) {
       (void)cudaGetLastError();  // not a launch error: the caller steps with GEMMs instead
@@ -222,7 +193,7 @@ class ClusterLaunch {
   template <typename... Args>
   void operator()(Args... args) const {
     const cudaError_t err = cudaLaunchKernelEx(&config_, kernel, args...);
-    FASTRNN_CHECK(err == cudaSuccess, "fastrnn: cluster kernel launch failed: ", cudaGetErrorString(err));
+    FASTRNN_CHECK(err == cudaSuccess, "fastrnn: persistent kernel launch failed: ", cudaGetErrorString(err));
   }
 
  private:
@@ -230,16 +201,16 @@ class ClusterLaunch {
   cudaLaunchAttribute attribute_ = {};
 };
 
-// A layer's recurrence in a cluster.cuh kernel: planned (plan_cluster), and
+// A layer's recurrence in a persistent.cuh kernel: planned (plan_cluster), and
 // run where the device holds such a cluster, after before() (what the kernel
 // reads first, put in place only once it runs); then run(launch, plan,
 // batch_sizes, offsets) passes the job's arguments. False: nothing done.
 template <auto kernel, typename Before, typename Run>
-bool run_cluster(const SequenceLayout& L, int64_t H, int G, std::initializer_list<int> sizes,
-                 const Tensor& like, SmemBytes smem, const Before& before, const Run& run) {
+bool run_cluster(const SequenceLayout& L, int64_t H, int G, const Tensor& like, SmemBytes smem,
+                 const Before& before, const Run& run) {
   const int device = like.get_device_index();
   ClusterPlan plan;
-  if (!plan_cluster(L, H, G, sizes, device, smem, plan)) return false;
+  if (!plan_cluster(L, H, G, device, smem, plan)) return false;
   const ClusterLaunch<kernel> launch(plan, device, current_stream(like));
   if (!launch.fits()) return false;
   before();
@@ -249,12 +220,12 @@ bool run_cluster(const SequenceLayout& L, int64_t H, int G, std::initializer_lis
   return true;
 }
 
-// Elman, where W_hh does not fit one CTA (persistent.cuh): clusters of 2-8.
+// Elman: one CTA or a cluster.
 template <typename T, typename acc_t, Activation A>
-bool launch_cluster_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse) {
+bool launch_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse) {
   const int H = static_cast<int>(job.w_hh.size(0));
-  return run_cluster<cluster::forward_kernel<T, acc_t, A>>(
-      L, H, 1, {2, 4, 8}, job.out, cluster::forward_smem<acc_t>, [] {},
+  return run_cluster<persistent::forward_kernel<T, acc_t, A>>(
+      L, H, 1, job.out, persistent::forward_smem<acc_t>, [] {},
       [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
         launch(ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
                bs, offsets, L.steps, L.batch, H, plan.units, plan.tile, plan.size, reverse);
@@ -263,10 +234,10 @@ bool launch_cluster_forward(const SequenceLayout& L, const ForwardJob& job, bool
 }
 
 template <typename T, typename acc_t, Activation A>
-bool launch_cluster_backward(const SequenceLayout& L, const BackwardJob& job, bool reverse) {
+bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool reverse) {
   const int H = static_cast<int>(job.w_hh.size(0));
-  return run_cluster<cluster::backward_kernel<T, acc_t, A>>(
-      L, H, 1, {2, 4, 8}, job.out, cluster::backward_smem<acc_t>,
+  return run_cluster<persistent::backward_kernel<T, acc_t, A>>(
+      L, H, 1, job.out, persistent::backward_smem<acc_t>,
       [&] {
         stepwise::take(job.dA, job.dY);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
@@ -283,8 +254,8 @@ template <typename T, typename acc_t>
 bool launch_cell(const SequenceLayout& L, const LstmForwardJob& job) {
   if (job.w_hr.defined() || job.x.defined()) return false;
   const int H = static_cast<int>(job.c.size(1));
-  return run_cluster<cluster::lstm_forward_kernel<T, acc_t>>(
-      L, H, cluster::kLstmGates, {1, 2, 4, 8}, job.c, cluster::lstm_forward_smem<acc_t>, [] {},
+  return run_cluster<persistent::lstm_forward_kernel<T, acc_t>>(
+      L, H, persistent::kLstmGates, job.c, persistent::lstm_forward_smem<acc_t>, [] {},
       [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
         launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c), job.c.stride(0), ptr<T>(job.out),
                job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.c0), job.c0.stride(0),
@@ -299,8 +270,8 @@ template <typename T, typename acc_t>
 bool launch_cell(const SequenceLayout& L, const LstmBackwardJob& job) {
   if (job.w_hr.defined()) return false;
   const int H = static_cast<int>(job.c.size(1));
-  return run_cluster<cluster::lstm_backward_kernel<T, acc_t>>(
-      L, H, cluster::kLstmGates, {1, 2, 4, 8}, job.c, cluster::lstm_backward_smem<acc_t>,
+  return run_cluster<persistent::lstm_backward_kernel<T, acc_t>>(
+      L, H, persistent::kLstmGates, job.c, persistent::lstm_backward_smem<acc_t>,
       [&] {
         stepwise::take(job.gates, job.saved_gates);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
@@ -317,8 +288,8 @@ bool launch_cell(const SequenceLayout& L, const LstmBackwardJob& job) {
 template <typename T, typename acc_t>
 bool launch_cell(const SequenceLayout& L, const GruForwardJob& job) {
   const int H = static_cast<int>(job.hn.size(1));
-  return run_cluster<cluster::gru_forward_kernel<T, acc_t>>(
-      L, H, cluster::kGruGates, {1, 2, 4, 8}, job.hn, cluster::gru_forward_smem<acc_t>, [] {},
+  return run_cluster<persistent::gru_forward_kernel<T, acc_t>>(
+      L, H, persistent::kGruGates, job.hn, persistent::gru_forward_smem<acc_t>, [] {},
       [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
         launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn), job.hn.stride(0), ptr<T>(job.out),
                job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
@@ -331,8 +302,8 @@ bool launch_cell(const SequenceLayout& L, const GruForwardJob& job) {
 template <typename T, typename acc_t>
 bool launch_cell(const SequenceLayout& L, const GruBackwardJob& job) {
   const int H = static_cast<int>(job.hn.size(1));
-  return run_cluster<cluster::gru_backward_kernel<T, acc_t>>(
-      L, H, cluster::kGruGates, {1, 2, 4, 8}, job.hn, cluster::gru_backward_smem<acc_t>,
+  return run_cluster<persistent::gru_backward_kernel<T, acc_t>>(
+      L, H, persistent::kGruGates, job.hn, persistent::gru_backward_smem<acc_t>,
       [&] {
         stepwise::take(job.gates, job.saved_gates);
         stepwise::take(job.hn, job.saved_hn);
@@ -344,46 +315,6 @@ bool launch_cell(const SequenceLayout& L, const GruBackwardJob& job) {
                ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, offsets, L.steps,
                L.batch, H, plan.units, plan.tile, plan.size, job.reverse);
       });
-}
-
-template <typename T, typename acc_t, Activation A>
-bool launch_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse) {
-  const int64_t H = job.w_hh.size(0);
-  PersistentPlan plan;
-  if (!plan_persistent<acc_t>(L, H, 1, job.out.get_device_index(), plan)) {
-    return launch_cluster_forward<T, acc_t, A>(L, job, reverse);
-  }
-  const std::optional<Tensor> layout = device_layout(L, job.out);
-  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  constexpr auto kernel = persistent::forward_kernel<T, acc_t, A>;
-  prepare<kernel>(plan.smem, job.out.get_device_index());
-  kernel<<<plan.blocks, persistent::kThreads, plan.smem, current_stream(job.out)>>>(
-      ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh), bs,
-      bs ? bs + L.steps : nullptr, L.steps, L.batch, static_cast<int>(H), plan.tile, reverse);
-  check_launch("persistent forward_kernel");
-  stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
-  return true;
-}
-
-template <typename T, typename acc_t, Activation A>
-bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool reverse) {
-  const int64_t H = job.w_hh.size(0);
-  PersistentPlan plan;
-  if (!plan_persistent<acc_t>(L, H, 2, job.out.get_device_index(), plan)) {
-    return launch_cluster_backward<T, acc_t, A>(L, job, reverse);
-  }
-  stepwise::take(job.dA, job.dY);
-  stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
-  const std::optional<Tensor> layout = device_layout(L, job.out);
-  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  constexpr auto kernel = persistent::backward_kernel<T, acc_t, A>;
-  prepare<kernel>(plan.smem, job.out.get_device_index());
-  kernel<<<plan.blocks, persistent::kThreads, plan.smem, current_stream(job.out)>>>(
-      ptr<T>(job.dA), job.dA.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.grad_hx),
-      job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, bs ? bs + L.steps : nullptr, L.steps, L.batch,
-      static_cast<int>(H), plan.tile, reverse);
-  check_launch("persistent backward_kernel");
-  return true;
 }
 
 // Blocks for a grid-stride pointwise kernel over n elements.
@@ -452,7 +383,7 @@ struct CudaBackend {
     }
   }
 
-  // The cells' recurrences: cluster.cuh's persistent kernels where they take
+  // The cells' recurrences: persistent.cuh's kernels where they take
   // the job (launch_cell), else a GEMM and a pointwise kernel per step.
   template <typename Job>
   static void forward_recurrences(const std::vector<Job>& jobs) {

@@ -1,26 +1,36 @@
-// fastrnn: persistent Elman recurrences. One launch covers all T steps: each
-// CTA owns a tile of batch rows, keeps W_hh and its rows' state in shared
-// memory (fp32 state for the half types, fp64 for double) for the whole
-// sequence, and synchronises only within the CTA between steps.
+// fastrnn: persistent recurrences (Elman, LSTM, GRU): one launch covers all T
+// steps, and W_hh stays in shared memory throughout, split over the CTAs of a
+// thread-block cluster (sm_90) where it does not fit one CTA; a "cluster" of
+// one CTA runs anywhere. A cluster owns a tile of batch rows; CTA r of it
+// owns hidden units [r * units, (r + 1) * units) and keeps W_hh's slice for
+// them (every gate's) in shared memory. Each step every CTA computes its units
+// for the tile's rows and writes what the next step needs from them into
+// every CTA of the cluster (distributed shared memory): the forward's h_t,
+// the backward's dA_t. One cluster barrier per step; nothing goes through
+// global memory between steps.
 //
-// Shapes (N rows of the flattened sequence, B batch, H hidden, T steps; every
-// [rows, H] argument has unit column stride and the row stride ld_<name>):
-//   out        [N, H]  forward: P = X W_ih^T + b on entry, h on exit
-//   dA         [N, H]  backward: dY (+ dh_n on final rows) on entry, dA on exit
-//   hx         [B, H]  initial state;  grad_hx [B, H] written for rows that began at hx
-//   w_hh       [H, H]  row-major, W[j][k] (output unit j, input unit k)
-//   batch_sizes, offsets [T] int64 on the device, or null for a padded sequence
-//                 (batch B at every step, step t at row t * B)
-// Step t's rows [0, carried) continue from the previous step and rows
-// [carried, batch_t) start from hx (elman_driver.h, StepRows): the shared
-// state row b simply holds whatever row b's latest state is, hx until it starts.
+// Shapes (N rows of the flattened sequence, B batch, H hidden, T steps, G
+// gates: 1 Elman, 4 LSTM (i f g o), 3 GRU (r z n); every [rows, width]
+// argument has unit column stride and the row stride ld_<name>):
+//   w_hh         [G*H, H] row-major, W[r][k] (gate row r, input unit k)
+//   hx (h0), c0  [B, H]   initial state;  grad_hx, grad_cx [B, H] written for
+//                         rows that began at the initial state
+//   batch_sizes, offsets  [T] int64 on the device, or null for a padded sequence
+//                         (batch B at every step, step t at row t * B)
+// and per cell at its kernels below. Launch: grid = clusters * cluster_size
+// CTAs of kThreads, cluster dims (cluster_size, 1, 1), dynamic shared memory
+// *_smem(H, units, tile). Cluster c handles batch rows [c * tile, c * tile +
+// tile), tile <= (kThreads / units) * kRows. Step t's rows [0, carried)
+// continue from the previous step and rows [carried, batch_t) start from the
+// initial state (layout.h, StepRows): a state row simply holds its row's
+// latest state, the initial one until it starts.
 #pragma once
 
 #include "../activation.h"
+#include "../cells.h"
 #include "../numeric.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 namespace fastrnn {
@@ -28,10 +38,14 @@ namespace fastrnn {
 namespace persistent {
 
 constexpr int kThreads = 256;
-constexpr int kMaxPerThread = 8;  // outputs per thread per step: tile rows * H <= 2048
+constexpr int kRows = 4;  // batch rows per thread at most
+constexpr int kLstmGates = 4;
+constexpr int kGruGates = 3;
 
-__device__ __forceinline__ int64_t rows_at(const int64_t* batch_sizes, int64_t batch,
-                                           int64_t t, int64_t steps) {
+// Rows of step t (0 outside the sequence), and how many of them fall in the
+// tile of rows [b0, b0 + tile).
+__device__ __forceinline__ int64_t rows_at(const int64_t* batch_sizes, int64_t batch, int64_t t,
+                                           int64_t steps) {
   if (t < 0 || t >= steps) return 0;
   return batch_sizes ? batch_sizes[t] : batch;
 }
@@ -41,51 +55,311 @@ __device__ __forceinline__ int clamp_rows(int64_t rows, int64_t b0, int tile) {
   return n <= 0 ? 0 : (n >= tile ? tile : static_cast<int>(n));
 }
 
+// A row stride for rows of `width` values: width + 1, so that a warp's threads
+// on different rows read different banks.
+__host__ __device__ inline int padded(int width) { return width + 1; }
+
+// Shared memory, in acc_t: W's slice ([G*H][units]), two buffers of the
+// tile's rows of `width` values (h or dA), and `extra` [tile][units] buffers.
+template <typename acc_t>
+__host__ __device__ inline size_t smem_bytes(int G, int H, int units, int tile, int width, int extra) {
+  return (static_cast<size_t>(G) * H * units + 2 * static_cast<size_t>(tile) * padded(width) +
+          static_cast<size_t>(extra) * tile * units) * sizeof(acc_t);
+}
+
+template <typename acc_t>
+__host__ __device__ inline size_t forward_smem(int H, int units, int tile) {
+  return smem_bytes<acc_t>(1, H, units, tile, H, 0);
+}
+template <typename acc_t>
+__host__ __device__ inline size_t backward_smem(int H, int units, int tile) {
+  return smem_bytes<acc_t>(1, H, units, tile, H, 1);
+}
+template <typename acc_t>
+__host__ __device__ inline size_t lstm_forward_smem(int H, int units, int tile) {
+  return smem_bytes<acc_t>(kLstmGates, H, units, tile, H, 1);
+}
+template <typename acc_t>
+__host__ __device__ inline size_t lstm_backward_smem(int H, int units, int tile) {
+  return smem_bytes<acc_t>(kLstmGates, H, units, tile, kLstmGates * H, 2);
+}
+template <typename acc_t>
+__host__ __device__ inline size_t gru_forward_smem(int H, int units, int tile) {
+  return smem_bytes<acc_t>(kGruGates, H, units, tile, H, 0);
+}
+template <typename acc_t>
+__host__ __device__ inline size_t gru_backward_smem(int H, int units, int tile) {
+  return smem_bytes<acc_t>(kGruGates, H, units, tile, kGruGates * H, 1);
+}
+
+// The cluster's barrier (with release / acquire: shared-memory writes to other
+// CTAs before it are seen by them after it), this CTA's rank in the cluster,
+// and p's address in CTA `rank`'s shared memory. A "cluster" of one CTA
+// (size 1) is a plain launch on any device; larger ones need sm_90, and the
+// host plans them only there.
+__device__ __forceinline__ void cluster_sync(int size) {
+  if (size == 1) {
+    __syncthreads();
+    return;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ unsigned cluster_rank(int size) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (size > 1) return cooperative_groups::this_cluster().block_rank();
+#endif
+  return 0;
+}
+
+template <typename U>
+__device__ __forceinline__ U* in_rank(U* p, unsigned rank, int size) {
+  if (size == 1) return p;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+  __trap();
+  return p;
+#endif
+}
+
+// Where a CTA works: its cluster's tile of batch rows and its own units.
+struct Place {
+  int size;     // CTAs in the cluster
+  int64_t b0;   // the tile's first batch row
+  int tile;     // rows per tile
+  int rows;     // this tile's rows (fewer in the batch's last tile)
+  int units;    // units per CTA
+  int j0;       // this CTA's first unit
+  int nu;       // this CTA's units (fewer in the cluster's last CTA)
+  __device__ Place(int64_t batch, int H, int units_, int tile_, int cluster_size)
+      : size(cluster_size), tile(tile_), units(units_) {
+    b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
+    rows = clamp_rows(batch, b0, tile);
+    j0 = static_cast<int>(cluster_rank(cluster_size)) * units;
+    nu = max(0, min(units, H - j0));
+  }
+};
+
+// A thread's share of its CTA's units x tile rows: unit u (j = j0 + u), rows
+// g, g + groups, ... (at most kRows of them).
+struct Share {
+  int u, g, groups, j;
+  bool works;
+  __device__ explicit Share(const Place& p) {
+    groups = kThreads / p.units;
+    u = threadIdx.x % p.units;
+    g = threadIdx.x / p.units;
+    j = p.j0 + u;
+    works = g < groups && u < p.nu;
+  }
+  __device__ int row(int i) const { return g + i * groups; }
+};
+
+// The sequence: its layout and the forward's order.
+struct Sequence {
+  const int64_t* batch_sizes;
+  const int64_t* offsets;
+  int64_t steps, batch;
+  bool reverse;
+};
+
+// Step s of the forward's order (t = T-1-s when reverse): the tile's rows in it
+// (active), those that continue the previous step's (carried; the others begin
+// at the initial state), and the first rows of the step and the previous one.
+struct Step {
+  int active, carried;
+  int64_t row0, prev0;
+  __device__ Step(const Place& p, const Sequence& q, int64_t s) {
+    const int64_t t = q.reverse ? q.steps - 1 - s : s, prev = q.reverse ? t + 1 : t - 1;
+    const int64_t rows_t = rows_at(q.batch_sizes, q.batch, t, q.steps);
+    const int64_t rows_prev = rows_at(q.batch_sizes, q.batch, prev, q.steps);
+    active = clamp_rows(rows_t, p.b0, p.tile);
+    carried = clamp_rows(min(rows_t, rows_prev), p.b0, p.tile);
+    row0 = (q.offsets ? q.offsets[t] : t * q.batch) + p.b0;
+    prev0 = rows_prev > 0 ? (q.offsets ? q.offsets[prev] : prev * q.batch) + p.b0 : 0;
+  }
+};
+
+// The forward's slice of W: w[(k * G + g) * units + u] = W[g * H + j0 + u][k].
+template <int G, typename T, typename acc_t>
+__device__ void load_unit_rows(acc_t* w, const T* w_hh, int H, const Place& p) {
+  for (int i = threadIdx.x; i < G * H * p.units; i += kThreads) {
+    const int k = i / (G * p.units), g = (i / p.units) % G, u = i % p.units;
+    w[i] = u < p.nu ? load<acc_t>(w_hh[(static_cast<int64_t>(g) * H + p.j0 + u) * H + k]) : acc_t(0);
+  }
+}
+
+// The backward's slice of W: w[r * units + u] = W[r][j0 + u], r < G * H.
+template <int G, typename T, typename acc_t>
+__device__ void load_unit_columns(acc_t* w, const T* w_hh, int H, const Place& p) {
+  for (int i = threadIdx.x; i < G * H * p.units; i += kThreads) {
+    const int r = i / p.units, u = i - r * p.units;
+    w[i] = u < p.nu ? load<acc_t>(w_hh[static_cast<int64_t>(r) * H + p.j0 + u]) : acc_t(0);
+  }
+}
+
+// dst[b * ld + k] = src[(b0 + b) * ld_src + k0 + k], k < width, for the tile's rows.
+template <typename T, typename acc_t>
+__device__ void load_tile(acc_t* dst, int ld, const T* src, int64_t ld_src, int k0, int width,
+                          const Place& p) {
+  for (int i = threadIdx.x; i < p.rows * width; i += kThreads) {
+    const int b = i / width, k = i - b * width;
+    dst[b * ld + k] = load<acc_t>(src[(p.b0 + b) * ld_src + k0 + k]);
+  }
+}
+
+// acc[i][g] += sum over k < K of src[b * ld + k] * w[(k * G + g) * units + u],
+// for this thread's rows b in the step.
+template <int G, typename acc_t>
+__device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][G], const acc_t* src, int ld, int K,
+                                           const acc_t* w, const Place& p, const Share& me,
+                                           int active) {
+  for (int k = 0; k < K; ++k) {
+    acc_t wk[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) wk[g] = w[(k * G + g) * p.units + me.u];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int b = me.row(i);
+      if (b < active) {
+        const acc_t x = src[b * ld + k];
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[i][g] += x * wk[g];
+      }
+    }
+  }
+}
+
+// v[g] into buf[b * ld + j + g * H] of every CTA of the cluster.
+template <int G, typename acc_t>
+__device__ __forceinline__ void to_every_cta(acc_t* buf, int ld, int b, int j, int H, const acc_t (&v)[G],
+                                             const Place& p) {
+  for (int r = 0; r < p.size; ++r) {
+    acc_t* dst = in_rank(buf, r, p.size) + b * ld + j;
+#pragma unroll
+    for (int g = 0; g < G; ++g) dst[g * H] = v[g];
+  }
+}
+
+// The forward's steps. Per step, for this thread's unit and rows in it: the
+// sums acc[g] = init(b, g) + h_{t-1} W_hh^T's G gates, then v = finish(b,
+// acc, h) with h the row's state; v, the row's h_t, goes to every CTA. A row
+// not in the step keeps its state. state [2][tile][padded(H)] holds h_0's rows
+// on entry.
+template <int G, typename acc_t, typename Init, typename Finish>
+__device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q, const acc_t* w,
+                                              acc_t* state, int H, const Init& init,
+                                              const Finish& finish) {
+  const int ldh = padded(H);
+  const Share me(p);
+  int cur = 0;
+  for (int64_t s = 0; s < q.steps; ++s) {
+    const Step st(p, q, s);
+    const acc_t* h = state + cur * p.tile * ldh;
+    if (me.works) {
+      acc_t acc[kRows][G];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int b = me.row(i);
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[i][g] = b < st.active ? init(me, st, b, g) : acc_t(0);
+      }
+      accumulate<G>(acc, h, ldh, H, w, p, me, st.active);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int b = me.row(i);
+        if (b >= p.rows) break;
+        acc_t v[1] = {h[b * ldh + me.j]};
+        if (b < st.active) v[0] = finish(me, st, b, acc[i], v[0]);
+        to_every_cta<1>(state + (cur ^ 1) * p.tile * ldh, ldh, b, me.j, H, v, p);
+      }
+    }
+    // Every CTA's share of h_t written everywhere, and h_{t-1} read by all. The
+    // next step writes the other buffer: no CTA gets there before every CTA
+    // has read this one.
+    cluster_sync(p.size);
+    cur ^= 1;
+  }
+}
+
+// The backward's steps, in the opposite order. Per step, for this thread's unit
+// and rows in it: cell(b, dh_t's part from later steps, ga, direct) computes
+// the G gates' dA_t (ga, to every CTA) and a part of dh_{t-1} that skips W_hh
+// (direct: GRU's d z). Then dh_{t-1} = dA_t W_hh + direct for this unit: kept
+// in dh [tile][units] for the rows the previous step carries (0 elsewhere:
+// their h was final, and dh_n is already in dY), written to grad_hx for those
+// that began at hx. grads: [2][tile][padded(G * H)]; dh zero on entry.
+template <int G, typename T, typename acc_t, typename Cell>
+__device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q, const acc_t* w,
+                                               acc_t* grads, acc_t* dh, T* grad_hx, int64_t ld_ghx,
+                                               int H, const Cell& cell) {
+  const int ldg = padded(G * H);
+  const Share me(p);
+  int cur = 0;
+  for (int64_t s = q.steps - 1; s >= 0; --s) {
+    const Step st(p, q, s);
+    acc_t* da = grads + cur * p.tile * ldg;
+    acc_t acc[kRows][1] = {};
+    if (me.works) {
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int b = me.row(i);
+        if (b >= p.rows) break;
+        acc_t ga[G] = {};
+        if (b < st.active) cell(me, st, b, dh[b * p.units + me.u], ga, acc[i][0]);
+        to_every_cta<G>(da, ldg, b, me.j, H, ga, p);
+      }
+    }
+    cluster_sync(p.size);
+    if (me.works) {
+      accumulate<1>(acc, da, ldg, G * H, w, p, me, st.active);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int b = me.row(i);
+        if (b >= p.rows) break;
+        dh[b * p.units + me.u] = b < st.carried ? acc[i][0] : acc_t(0);
+        if (b >= st.carried && b < st.active) grad_hx[(p.b0 + b) * ld_ghx + me.j] = store<T>(acc[i][0]);
+      }
+    }
+    cur ^= 1;
+  }
+  // No CTA leaves while another may still write into its shared memory: the
+  // last writes came before the last barrier.
+}
+
+// ---------------------------------------------------------------- Elman
+//   out  [N, H]  forward: P = X W_ih^T + b on entry, h on exit
+//   dA   [N, H]  backward: dY (+ dh_n on final rows) on entry, dA on exit
+
 template <typename T, typename acc_t, Activation A>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ hx, int64_t ld_hx,
                const T* __restrict__ w_hh, const int64_t* __restrict__ batch_sizes,
-               const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H, int tile,
-               bool reverse) {
+               const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H, int units,
+               int tile, int cluster_size, bool reverse) {
   extern __shared__ __align__(16) unsigned char smem[];
-  acc_t* w_t = reinterpret_cast<acc_t*>(smem);  // [H][H], w_t[k * H + j] = W[j][k]
-  acc_t* h = w_t + H * H;                        // [tile][H]
-  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * tile;
-  const int tile_rows = clamp_rows(batch, b0, tile);
-  for (int i = threadIdx.x; i < H * H; i += blockDim.x) {
-    w_t[(i % H) * H + i / H] = load<acc_t>(w_hh[i]);
-  }
-  for (int i = threadIdx.x; i < tile_rows * H; i += blockDim.x) {
-    h[i] = load<acc_t>(hx[(b0 + i / H) * ld_hx + i % H]);
-  }
-  __syncthreads();
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t t = reverse ? steps - 1 - s : s;
-    const int active = clamp_rows(rows_at(batch_sizes, batch, t, steps), b0, tile);
-    T* out_t = out + ((offsets ? offsets[t] : t * batch) + b0) * ld_out;
-    acc_t v[kMaxPerThread];
-#pragma unroll
-    for (int r = 0; r < kMaxPerThread; ++r) {
-      const int o = threadIdx.x + r * kThreads;
-      if (o < active * H) {
-        const int b = o / H, j = o - b * H;
-        const acc_t* hb = h + b * H;
-        acc_t acc = load<acc_t>(out_t[b * ld_out + j]);
-        for (int k = 0; k < H; ++k) acc += hb[k] * w_t[k * H + j];
-        v[r] = activate<A>(acc);
-      }
-    }
-    __syncthreads();  // every h_{t-1} read before any h_t is written
-#pragma unroll
-    for (int r = 0; r < kMaxPerThread; ++r) {
-      const int o = threadIdx.x + r * kThreads;
-      if (o < active * H) {
-        h[o] = v[r];
-        out_t[(o / H) * ld_out + o % H] = store<T>(v[r]);
-      }
-    }
-    __syncthreads();
-  }
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][units]
+  acc_t* state = w + H * units;                // [2][tile][padded(H)]
+  load_unit_rows<1>(w, w_hh, H, p);
+  load_tile(state, padded(H), hx, ld_hx, 0, H, p);
+  // Every CTA of the cluster runs (its shared memory may be written) and has its state.
+  cluster_sync(p.size);
+  forward_steps<1>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, state, H,
+      [&](const Share& me, const Step& st, int b, int) {
+        return load<acc_t>(out[(st.row0 + b) * ld_out + me.j]);
+      },
+      [&](const Share& me, const Step& st, int b, acc_t (&acc)[1], acc_t) {
+        const acc_t v = activate<A>(acc[0]);
+        out[(st.row0 + b) * ld_out + me.j] = store<T>(v);
+        return v;
+      });
 }
 
 template <typename T, typename acc_t, Activation A>
@@ -93,61 +367,201 @@ __global__ void __launch_bounds__(kThreads)
 backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, int64_t ld_out,
                 T* __restrict__ grad_hx, int64_t ld_ghx, const T* __restrict__ w_hh,
                 const int64_t* __restrict__ batch_sizes, const int64_t* __restrict__ offsets,
-                int64_t steps, int64_t batch, int H, int tile, bool reverse) {
+                int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
+                bool reverse) {
   extern __shared__ __align__(16) unsigned char smem[];
-  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][H], w[j * H + k] = W[j][k]
-  acc_t* dh = w + H * H;                      // [tile][H], gradient w.r.t. this step's h
-  acc_t* da = dh + tile * H;                  // [tile][H], this step's dA
-  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * tile;
-  const int tile_rows = clamp_rows(batch, b0, tile);
-  for (int i = threadIdx.x; i < H * H; i += blockDim.x) w[i] = load<acc_t>(w_hh[i]);
-  for (int i = threadIdx.x; i < tile_rows * H; i += blockDim.x) dh[i] = acc_t(0);
-  __syncthreads();
-  // Backward visits the steps in the opposite order to forward.
-  for (int64_t s = steps - 1; s >= 0; --s) {
-    const int64_t t = reverse ? steps - 1 - s : s;
-    const int64_t prev = reverse ? t + 1 : t - 1;
-    const int64_t rows_t = rows_at(batch_sizes, batch, t, steps);
-    const int active = clamp_rows(rows_t, b0, tile);
-    const int64_t carried_rows = min(rows_t, rows_at(batch_sizes, batch, prev, steps));
-    const int carried = clamp_rows(carried_rows, b0, tile);
-    const int64_t row0 = (offsets ? offsets[t] : t * batch) + b0;
-    // dA_t = (dY_t + dh_t) * act'(h_t)
-    for (int o = threadIdx.x; o < active * H; o += blockDim.x) {
-      const int64_t row = row0 + o / H, col = o % H;
-      const acc_t y = load<acc_t>(out[row * ld_out + col]);
-      const acc_t d = activation_grad<A>(load<acc_t>(dA[row * ld_dA + col]) + dh[o], y);
-      da[o] = d;
-      dA[row * ld_dA + col] = store<T>(d);
-    }
-    __syncthreads();
-    // dh_{t-1} = dA_t W_hh: to the previous step's rows, or to grad_hx.
-    acc_t v[kMaxPerThread];
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);          // [H][units]
+  acc_t* grads = w + H * units;                        // [2][tile][padded(H)]: dA_t
+  acc_t* dh = grads + 2 * tile * padded(H);            // [tile][units]
+  load_unit_columns<1>(w, w_hh, H, p);
+  for (int i = threadIdx.x; i < tile * units; i += kThreads) dh[i] = acc_t(0);
+  cluster_sync(p.size);
+  // dA_t = (dY_t + dh_t) * act'(h_t).
+  backward_steps<1>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, grads, dh, grad_hx, ld_ghx, H,
+      [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[1], acc_t&) {
+        const int64_t row = st.row0 + b;
+        ga[0] = activation_grad<A>(load<acc_t>(dA[row * ld_dA + me.j]) + dh_later,
+                                   load<acc_t>(out[row * ld_out + me.j]));
+        dA[row * ld_dA + me.j] = store<T>(ga[0]);
+      });
+}
+
+// ---------------------------------------------------------------- LSTM
+// The cell's math (cells.h) as each step's epilogue; no projection. A CTA's
+// units bring all four gates of each; h goes to every CTA, c stays with its
+// units' CTA.
+//   gates  [N, 4H]  forward: X W_ih^T + b_ih + b_hh on entry, the activated
+//                   gates on exit; backward: the activated gates on entry, dA on exit
+//   c      [N, H]   forward: written, c_t; backward: read
+//   out    [N, H]   forward: written, h_t
+//   dh     [N, H]   backward: dY (+ dh_n on final rows) on entry, the whole
+//                   gradient of each h_t on exit
+//   dc_n   [B, H]
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int64_t ld_c,
+                    T* __restrict__ out, int64_t ld_out, const T* __restrict__ h0, int64_t ld_h0,
+                    const T* __restrict__ c0, int64_t ld_c0, const T* __restrict__ w_hh,
+                    const int64_t* __restrict__ batch_sizes, const int64_t* __restrict__ offsets,
+                    int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
+                    bool reverse) {
+  constexpr int G = kLstmGates;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][G][units]
+  acc_t* state = w + G * H * units;           // [2][tile][padded(H)]
+  acc_t* cell = state + 2 * tile * padded(H);  // [tile][units]: each row's latest c, c0 until it starts
+  load_unit_rows<G>(w, w_hh, H, p);
+  load_tile(state, padded(H), h0, ld_h0, 0, H, p);
+  load_tile(cell, units, c0, ld_c0, p.j0, p.nu, p);
+  cluster_sync(p.size);
+  forward_steps<G>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, state, H,
+      [&](const Share& me, const Step& st, int b, int g) {
+        return load<acc_t>(gates[(st.row0 + b) * ld_g + g * H + me.j]);
+      },
+      [&](const Share& me, const Step& st, int b, acc_t (&a)[G], acc_t) {
+        const int64_t row = st.row0 + b;
+        acc_t& cb = cell[b * units + me.u];
+        acc_t ct, mt;
+        lstm_forward_cell<ScalarAct, acc_t>(a[0], a[1], a[2], a[3], cb, ct, mt);
 #pragma unroll
-    for (int r = 0; r < kMaxPerThread; ++r) {
-      const int o = threadIdx.x + r * kThreads;
-      if (o < active * H) {
-        const int b = o / H, k = o - b * H;
-        const acc_t* db = da + b * H;
-        acc_t acc = acc_t(0);
-        for (int j = 0; j < H; ++j) acc += db[j] * w[j * H + k];
-        v[r] = acc;
-      }
-    }
-    __syncthreads();  // dh is read above (first loop) before it is rewritten
+        for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + me.j] = store<T>(a[g]);
+        c[row * ld_c + me.j] = store<T>(ct);
+        out[row * ld_out + me.j] = store<T>(mt);
+        cb = ct;
+        return mt;
+      });
+}
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, int64_t ld_g,
+                     const T* __restrict__ c, int64_t ld_c, const T* __restrict__ c0, int64_t ld_c0,
+                     const T* __restrict__ dc_n, int64_t ld_dcn, T* __restrict__ grad_hx,
+                     int64_t ld_ghx, T* __restrict__ grad_cx, int64_t ld_gcx,
+                     const T* __restrict__ w_hh, const int64_t* __restrict__ batch_sizes,
+                     const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H,
+                     int units, int tile, int cluster_size, bool reverse) {
+  constexpr int G = kLstmGates;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);      // [4H][units]
+  acc_t* grads = w + G * H * units;               // [2][tile][padded(4H)]: dA_t, all gates
+  acc_t* dhr = grads + 2 * tile * padded(G * H);  // [tile][units]: dh_t through W_hh
+  acc_t* dcr = dhr + tile * units;                // [tile][units]: the gradient reaching c_t
+  load_unit_columns<G>(w, w_hh, H, p);
+  for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
+  // Every row's last step comes first: its c_t gets dc_n (dh_n is already in dh).
+  load_tile(dcr, units, dc_n, ld_dcn, p.j0, p.nu, p);
+  cluster_sync(p.size);
+  backward_steps<G>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, grads, dhr, grad_hx, ld_ghx, H,
+      [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[G], acc_t&) {
+        const int64_t row = st.row0 + b;
 #pragma unroll
-    for (int r = 0; r < kMaxPerThread; ++r) {
-      const int o = threadIdx.x + r * kThreads;
-      if (o < tile_rows * H) {
-        const int b = o / H;
-        // Rows the previous step does not carry into this one have dh = 0
-        // there (their h was final; dh_n is already in dA).
-        dh[o] = b < carried ? v[r] : acc_t(0);
-        if (b >= carried && b < active) grad_hx[(b0 + b) * ld_ghx + o % H] = store<T>(v[r]);
-      }
-    }
-    __syncthreads();
-  }
+        for (int g = 0; g < G; ++g) ga[g] = load<acc_t>(gates[row * ld_g + g * H + me.j]);
+        const acc_t dm = load<acc_t>(dh[row * ld_dh + me.j]) + dh_later;
+        dh[row * ld_dh + me.j] = store<T>(dm);
+        const acc_t cp = load<acc_t>(b < st.carried ? c[(st.prev0 + b) * ld_c + me.j]
+                                                    : c0[(p.b0 + b) * ld_c0 + me.j]);
+        acc_t& dc = dcr[b * units + me.u];
+        acc_t dc_prev;
+        lstm_backward_cell<ScalarAct, acc_t>(ga[0], ga[1], ga[2], ga[3], load<acc_t>(c[row * ld_c + me.j]),
+                                             cp, dm, dc, dc_prev);
+#pragma unroll
+        for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + me.j] = store<T>(ga[g]);
+        // To the previous step's row, or to grad_cx for a row that began at c0.
+        if (b < st.carried) {
+          dc = dc_prev;
+        } else {
+          grad_cx[(p.b0 + b) * ld_gcx + me.j] = store<T>(dc_prev);
+        }
+      });
+}
+
+// ---------------------------------------------------------------- GRU
+//   gates  [N, 3H]  forward: X W_ih^T + b_ih on entry, the activated r z n on
+//                   exit; backward: r z n on entry, [dA_r, dA_z, dA_hn] on exit
+//   hn     [N, H]   forward: written, (h_{t-1} W_hh^T)_n + b_hn; backward: read,
+//                   then dA_n (cells.h, gru_backward_cell)
+//   out    [N, H]   forward: written, h_t; backward: read (h_{t-1})
+//   dh     [N, H]   backward: dY (+ dh_n on final rows) on entry, the whole
+//                   gradient of each h_t on exit
+//   b_hh   [3H] or null
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int64_t ld_hn,
+                   T* __restrict__ out, int64_t ld_out, const T* __restrict__ h0, int64_t ld_h0,
+                   const T* __restrict__ w_hh, const T* __restrict__ b_hh,
+                   const int64_t* __restrict__ batch_sizes, const int64_t* __restrict__ offsets,
+                   int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
+                   bool reverse) {
+  constexpr int G = kGruGates;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][G][units]
+  acc_t* state = w + G * H * units;           // [2][tile][padded(H)]
+  load_unit_rows<G>(w, w_hh, H, p);
+  load_tile(state, padded(H), h0, ld_h0, 0, H, p);
+  cluster_sync(p.size);
+  // The sums are h_{t-1} W_hh^T + b_hh; the input side (gates) joins in the cell.
+  forward_steps<G>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, state, H,
+      [&](const Share& me, const Step&, int, int g) {
+        return b_hh ? load<acc_t>(b_hh[g * H + me.j]) : acc_t(0);
+      },
+      [&](const Share& me, const Step& st, int b, acc_t (&a)[G], acc_t h_prev) {
+        const int64_t row = st.row0 + b;
+        acc_t r = load<acc_t>(gates[row * ld_g + me.j]), z = load<acc_t>(gates[row * ld_g + H + me.j]);
+        acc_t n = load<acc_t>(gates[row * ld_g + 2 * H + me.j]), ht;
+        gru_forward_cell<ScalarAct, acc_t>(r, z, n, a[0], a[1], a[2], h_prev, ht);
+        gates[row * ld_g + me.j] = store<T>(r);
+        gates[row * ld_g + H + me.j] = store<T>(z);
+        gates[row * ld_g + 2 * H + me.j] = store<T>(n);
+        hn[row * ld_hn + me.j] = store<T>(a[2]);
+        out[row * ld_out + me.j] = store<T>(ht);
+        return ht;
+      });
+}
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, int64_t ld_g,
+                    T* __restrict__ hn, int64_t ld_hn, const T* __restrict__ out, int64_t ld_out,
+                    const T* __restrict__ h0, int64_t ld_h0, T* __restrict__ grad_hx, int64_t ld_ghx,
+                    const T* __restrict__ w_hh, const int64_t* __restrict__ batch_sizes,
+                    const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H,
+                    int units, int tile, int cluster_size, bool reverse) {
+  constexpr int G = kGruGates;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const Place p(batch, H, units, tile, cluster_size);
+  acc_t* w = reinterpret_cast<acc_t*>(smem);      // [3H][units]
+  acc_t* grads = w + G * H * units;               // [2][tile][padded(3H)]: [dA_r, dA_z, dA_hn]
+  acc_t* dhr = grads + 2 * tile * padded(G * H);  // [tile][units]: dh_t from the later step
+  load_unit_columns<G>(w, w_hh, H, p);
+  for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
+  cluster_sync(p.size);
+  backward_steps<G>(
+      p, {batch_sizes, offsets, steps, batch, reverse}, w, grads, dhr, grad_hx, ld_ghx, H,
+      [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[G], acc_t& direct) {
+        const int64_t row = st.row0 + b;
+        const acc_t d = load<acc_t>(dh[row * ld_dh + me.j]) + dh_later;
+        dh[row * ld_dh + me.j] = store<T>(d);
+        const acc_t hp = load<acc_t>(b < st.carried ? out[(st.prev0 + b) * ld_out + me.j]
+                                                    : h0[(p.b0 + b) * ld_h0 + me.j]);
+#pragma unroll
+        for (int g = 0; g < G; ++g) ga[g] = load<acc_t>(gates[row * ld_g + g * H + me.j]);
+        acc_t hn_j = load<acc_t>(hn[row * ld_hn + me.j]);
+        gru_backward_cell<ScalarAct, acc_t>(ga[0], ga[1], ga[2], hn_j, d, hp, direct);
+#pragma unroll
+        for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + me.j] = store<T>(ga[g]);
+        hn[row * ld_hn + me.j] = store<T>(hn_j);
+      });
 }
 
 }  // namespace persistent

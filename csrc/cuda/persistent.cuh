@@ -30,8 +30,10 @@
 #include "../cells.h"
 #include "../numeric.h"
 
+#if !defined(FASTRNN_PERSISTENT_ON_HOST)
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
+#endif
 
 namespace fastrnn {
 
@@ -92,11 +94,14 @@ __host__ __device__ inline size_t gru_backward_smem(int H, int units, int tile) 
   return smem_bytes<acc_t>(kGruGates, H, units, tile, kGruGates * H, 1);
 }
 
+#if !defined(FASTRNN_PERSISTENT_ON_HOST)
 // The cluster's barrier (with release / acquire: shared-memory writes to other
 // CTAs before it are seen by them after it), this CTA's rank in the cluster,
-// and p's address in CTA `rank`'s shared memory. A "cluster" of one CTA
-// (size 1) is a plain launch on any device; larger ones need sm_90, and the
-// host plans them only there.
+// p's address in CTA `rank`'s shared memory, and the CTA's dynamic shared
+// memory. A "cluster" of one CTA (size 1) is a plain launch on any device;
+// larger ones need sm_90, and the host plans them only there. (Tests run the
+// kernels on the CPU with their own definitions of these four:
+// tests/persistent_on_host.cpp.)
 __device__ __forceinline__ void cluster_sync(int size) {
   if (size == 1) {
     __syncthreads();
@@ -126,6 +131,12 @@ __device__ __forceinline__ U* in_rank(U* p, unsigned rank, int size) {
   return p;
 #endif
 }
+
+__device__ __forceinline__ unsigned char* shared_memory() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  return smem;
+}
+#endif
 
 // Where a CTA works: its cluster's tile of batch rows and its own units.
 struct Place {
@@ -342,7 +353,7 @@ forward_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ hx, in
                const T* __restrict__ w_hh, const int64_t* __restrict__ batch_sizes,
                const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H, int units,
                int tile, int cluster_size, bool reverse) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
   acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][units]
   acc_t* state = w + H * units;                // [2][tile][padded(H)]
@@ -369,7 +380,7 @@ backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, in
                 const int64_t* __restrict__ batch_sizes, const int64_t* __restrict__ offsets,
                 int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
                 bool reverse) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
   acc_t* w = reinterpret_cast<acc_t*>(smem);          // [H][units]
   acc_t* grads = w + H * units;                        // [2][tile][padded(H)]: dA_t
@@ -409,7 +420,7 @@ lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int6
                     int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
                     bool reverse) {
   constexpr int G = kLstmGates;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
   acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][G][units]
   acc_t* state = w + G * H * units;           // [2][tile][padded(H)]
@@ -447,7 +458,7 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
                      const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H,
                      int units, int tile, int cluster_size, bool reverse) {
   constexpr int G = kLstmGates;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
   acc_t* w = reinterpret_cast<acc_t*>(smem);      // [4H][units]
   acc_t* grads = w + G * H * units;               // [2][tile][padded(4H)]: dA_t, all gates
@@ -502,7 +513,7 @@ gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int6
                    int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
                    bool reverse) {
   constexpr int G = kGruGates;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
   acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][G][units]
   acc_t* state = w + G * H * units;           // [2][tile][padded(H)]
@@ -538,7 +549,7 @@ gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, in
                     const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H,
                     int units, int tile, int cluster_size, bool reverse) {
   constexpr int G = kGruGates;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
   acc_t* w = reinterpret_cast<acc_t*>(smem);      // [3H][units]
   acc_t* grads = w + G * H * units;               // [2][tile][padded(3H)]: [dA_r, dA_z, dA_hn]

@@ -1,0 +1,189 @@
+"""The persistent CUDA kernels' own code (csrc/cuda/persistent.cuh), run on the CPU through
+tests/persistent_on_host.cpp: one thread per CUDA thread, a barrier per cluster, a buffer per
+CTA's shared memory. What a GPU is needed for (the cluster API, distributed shared memory,
+the launch) is proven by tests/test_cuda.py; this proves the kernels' logic everywhere CI runs:
+tiles of batch rows, each CTA's units, rows carried between steps or starting from the initial
+state, packed and reversed sequences, the barriers' placement, the state and gradients handed
+between CTAs. Each kernel against an autograd reference, in float64, a layer at a time."""
+
+import ctypes
+import itertools
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS, ROWS_PER_THREAD = 256, 4  # persistent.cuh's kThreads, kRows
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build tests/persistent_on_host.cpp")
+    lib = tmp_path_factory.mktemp("persistent") / "libpersistent_on_host.so"
+    subprocess.run([cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{ROOT / 'csrc'}",
+                    str(ROOT / "tests" / "persistent_on_host.cpp"), "-o", str(lib)], check=True)
+    return ctypes.CDLL(str(lib))
+
+
+class Layer:
+    """A layer's sequence: padded (B rows at every step) or packed (lengths sorted down,
+    uneven), visited backwards when reverse; its launch shape."""
+
+    def __init__(self, hidden, size, tile, reverse, packed, seed, steps=4, batch=7):
+        self.T, self.B, self.H, self.reverse = steps, batch, hidden, reverse
+        self.size, self.units = size, math.ceil(hidden / size)
+        assert self.units <= THREADS
+        self.tile = min(tile, THREADS // self.units * ROWS_PER_THREAD)
+        self.g = torch.Generator().manual_seed(seed)
+        if packed:
+            lengths = sorted(torch.randint(1, steps + 1, (batch,), generator=self.g).tolist(), reverse=True)
+            lengths[0] = steps
+            self.bs = [sum(n > t for n in lengths) for t in range(steps)]
+            self.offs = [sum(self.bs[:t]) for t in range(steps)]
+        else:
+            self.bs = self.offs = None
+        self.N = sum(self.bs) if packed else steps * batch
+
+    def rand(self, *shape, scale=1.0):
+        return torch.randn(*shape, generator=self.g, dtype=torch.float64) * scale
+
+    def visit(self):
+        """(row of each sequence b at step t) for t in the forward's order."""
+        for t in (range(self.T - 1, -1, -1) if self.reverse else range(self.T)):
+            n = self.bs[t] if self.bs else self.B
+            base = self.offs[t] if self.bs else t * self.B
+            yield [(b, base + b) for b in range(n)]
+
+    def final_rows(self):
+        last = {}
+        for rows in self.visit():
+            last.update(rows)
+        return [last[b] for b in range(self.B)]
+
+    def args(self, lib_call, *tensors):
+        """Calls lib_call with the tensors' pointers and the layer's layout and shape."""
+        layout = [torch.tensor(v, dtype=torch.int64) if v else None for v in (self.bs, self.offs)]
+        ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else 0)  # noqa: E731
+        for t in tensors:
+            assert t is None or (t.is_contiguous() and t.dtype == torch.float64)
+        lib_call(*(ptr(t) for t in tensors), *(ptr(t) for t in layout), ctypes.c_int64(self.T),
+                 ctypes.c_int64(self.B), self.H, self.units, self.tile, self.size,
+                 ctypes.c_bool(self.reverse))
+
+
+def recur(layer, state, step):
+    """Runs step(row, states of b) -> new states over the layer's visit; returns per row outputs."""
+    states = [list(s) for s in zip(*state)]  # per sequence b
+    outs = {}
+    for rows in layer.visit():
+        for b, row in rows:
+            states[b] = step(row, states[b])
+            outs[row] = states[b]
+    return [torch.stack([outs[r][i] for r in range(layer.N)]) for i in range(len(state))], \
+        [torch.stack([s[i] for s in states]) for i in range(len(state))]
+
+
+def check(got, want, what):
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=what)
+
+
+CASES = [dict(hidden=h, size=s, tile=t, reverse=r, packed=p)
+         for (h, s), t, r, p in itertools.product([(7, 1), (10, 4), (9, 2), (70, 8)], [3],
+                                                  [False, True], [False, True])]
+
+
+def case_id(c):
+    return (f"H{c['hidden']}-cluster{c['size']}-{'reverse' if c['reverse'] else 'forward'}-"
+            f"{'packed' if c['packed'] else 'padded'}")
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_elman_kernels(kernels, case, act):
+    L = Layer(**case, seed=1)
+    H, f = L.H, (torch.tanh if act == "tanh" else torch.relu)
+    P, hx, W = L.rand(L.N, H).requires_grad_(), L.rand(L.B, H).requires_grad_(), L.rand(H, H, scale=0.4)
+    (out_ref,), (hn_ref,) = recur(L, [hx], lambda row, s: [f(P[row] + s[0] @ W.T)])
+    out = P.detach().clone()
+    L.args(lambda *a: kernels.elman_forward(*a, int(act == "relu")), out, hx.detach(), W)
+    check(out, out_ref.detach(), "h")
+
+    dY, dhn = L.rand(L.N, H), L.rand(L.B, H)
+    ((out_ref * dY).sum() + (hn_ref * dhn).sum()).backward()
+    dA = dY.clone()
+    dA[L.final_rows()] += dhn
+    grad_hx = torch.full((L.B, H), float("nan"), dtype=torch.float64)
+    L.args(lambda *a: kernels.elman_backward(*a, int(act == "relu")), dA, out, grad_hx, W)
+    check(dA, P.grad, "dA")
+    check(grad_hx, hx.grad, "grad_hx")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_lstm_kernels(kernels, case):
+    L = Layer(**case, seed=2)
+    H = L.H
+    P = L.rand(L.N, 4 * H).requires_grad_()
+    h0, c0 = L.rand(L.B, H).requires_grad_(), L.rand(L.B, H).requires_grad_()
+    W = L.rand(4 * H, H, scale=0.4)
+
+    def step(row, s):
+        i, f, g, o = (P[row] + s[0] @ W.T).chunk(4)
+        c = torch.sigmoid(f) * s[1] + torch.sigmoid(i) * torch.tanh(g)
+        return [torch.sigmoid(o) * torch.tanh(c), c]
+
+    (out_ref, c_ref), (hn_ref, cn_ref) = recur(L, [h0, c0], step)
+    gates = P.detach().clone()
+    c, out = (torch.full((L.N, H), float("nan"), dtype=torch.float64) for _ in range(2))
+    L.args(kernels.lstm_forward, gates, c, out, h0.detach(), c0.detach(), W)
+    check(out, out_ref.detach(), "h")
+    check(c, c_ref.detach(), "c")
+
+    dY, dhn, dcn = L.rand(L.N, H), L.rand(L.B, H), L.rand(L.B, H)
+    ((out_ref * dY).sum() + (hn_ref * dhn).sum() + (cn_ref * dcn).sum()).backward()
+    dh = dY.clone()
+    dh[L.final_rows()] += dhn
+    grad_hx, grad_cx = (torch.full((L.B, H), float("nan"), dtype=torch.float64) for _ in range(2))
+    L.args(kernels.lstm_backward, dh, gates, c, c0.detach(), dcn, grad_hx, grad_cx, W)
+    check(gates, P.grad, "dA")
+    check(grad_hx, h0.grad, "grad_hx")
+    check(grad_cx, c0.grad, "grad_cx")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_gru_kernels(kernels, case):
+    L = Layer(**case, seed=3)
+    H = L.H
+    P, h0 = L.rand(L.N, 3 * H).requires_grad_(), L.rand(L.B, H).requires_grad_()
+    W, b_hh = L.rand(3 * H, H, scale=0.4), L.rand(3 * H).requires_grad_()
+
+    def step(row, s):
+        (xr, xz, xn), (hr, hz, hn) = P[row].chunk(3), (s[0] @ W.T + b_hh).chunk(3)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return [(1 - z) * n + z * s[0]]
+
+    (out_ref,), (hn_ref,) = recur(L, [h0], step)
+    gates = P.detach().clone()
+    hn, out = (torch.full((L.N, H), float("nan"), dtype=torch.float64) for _ in range(2))
+    L.args(kernels.gru_forward, gates, hn, out, h0.detach(), W, b_hh.detach())
+    check(out, out_ref.detach(), "h")
+
+    dY, dhn = L.rand(L.N, H), L.rand(L.B, H)
+    ((out_ref * dY).sum() + (hn_ref * dhn).sum()).backward()
+    dh = dY.clone()
+    dh[L.final_rows()] += dhn
+    grad_hx = torch.full((L.B, H), float("nan"), dtype=torch.float64)
+    L.args(kernels.gru_backward, dh, gates, hn, out, h0.detach(), grad_hx, W)
+    # gates end as [dA_r, dA_z, dA_hn] and hn as dA_n: r and z's input-side gradients, n's,
+    # and (summed over rows) the gradient of b_hh.
+    check(gates[:, :2 * H], P.grad[:, :2 * H], "dA_r, dA_z")
+    check(hn, P.grad[:, 2 * H:], "dA_n")
+    check(gates.sum(0), b_hh.grad, "dA_hn (db_hh)")
+    check(grad_hx, h0.grad, "grad_hx")

@@ -61,11 +61,14 @@ class Layer:
             base = self.offs[t] if self.bs else t * self.B
             yield [(b, base + b) for b in range(n)]
 
-    def final_rows(self):
+    def with_final(self, dY, d_n):
+        """dY with d_n added on each sequence's last row: what the kernels take as dY."""
         last = {}
         for rows in self.visit():
             last.update(rows)
-        return [last[b] for b in range(self.B)]
+        d = dY.clone()
+        d[[last[b] for b in range(self.B)]] += d_n
+        return d
 
     def args(self, lib_call, *tensors):
         """Calls lib_call with the tensors' pointers and the layer's layout and shape."""
@@ -88,6 +91,11 @@ def recur(layer, state, step):
             outs[row] = states[b]
     return [torch.stack([outs[r][i] for r in range(layer.N)]) for i in range(len(state))], \
         [torch.stack([s[i] for s in states]) for i in range(len(state))]
+
+
+def nan(*shape):
+    """A buffer the kernels must write (NaN wherever they do not)."""
+    return torch.full(shape, float("nan"), dtype=torch.float64)
 
 
 def check(got, want, what):
@@ -117,9 +125,7 @@ def test_elman_kernels(kernels, case, act):
 
     dY, dhn = L.rand(L.N, H), L.rand(L.B, H)
     ((out_ref * dY).sum() + (hn_ref * dhn).sum()).backward()
-    dA = dY.clone()
-    dA[L.final_rows()] += dhn
-    grad_hx = torch.full((L.B, H), float("nan"), dtype=torch.float64)
+    dA, grad_hx = L.with_final(dY, dhn), nan(L.B, H)
     L.args(lambda *a: kernels.elman_backward(*a, int(act == "relu")), dA, out, grad_hx, W)
     check(dA, P.grad, "dA")
     check(grad_hx, hx.grad, "grad_hx")
@@ -140,16 +146,14 @@ def test_lstm_kernels(kernels, case):
 
     (out_ref, c_ref), (hn_ref, cn_ref) = recur(L, [h0, c0], step)
     gates = P.detach().clone()
-    c, out = (torch.full((L.N, H), float("nan"), dtype=torch.float64) for _ in range(2))
+    c, out = nan(L.N, H), nan(L.N, H)
     L.args(kernels.lstm_forward, gates, c, out, h0.detach(), c0.detach(), W)
     check(out, out_ref.detach(), "h")
     check(c, c_ref.detach(), "c")
 
     dY, dhn, dcn = L.rand(L.N, H), L.rand(L.B, H), L.rand(L.B, H)
     ((out_ref * dY).sum() + (hn_ref * dhn).sum() + (cn_ref * dcn).sum()).backward()
-    dh = dY.clone()
-    dh[L.final_rows()] += dhn
-    grad_hx, grad_cx = (torch.full((L.B, H), float("nan"), dtype=torch.float64) for _ in range(2))
+    dh, grad_hx, grad_cx = L.with_final(dY, dhn), nan(L.B, H), nan(L.B, H)
     L.args(kernels.lstm_backward, dh, gates, c, c0.detach(), dcn, grad_hx, grad_cx, W)
     check(gates, P.grad, "dA")
     check(grad_hx, h0.grad, "grad_hx")
@@ -171,15 +175,13 @@ def test_gru_kernels(kernels, case):
 
     (out_ref,), (hn_ref,) = recur(L, [h0], step)
     gates = P.detach().clone()
-    hn, out = (torch.full((L.N, H), float("nan"), dtype=torch.float64) for _ in range(2))
+    hn, out = nan(L.N, H), nan(L.N, H)
     L.args(kernels.gru_forward, gates, hn, out, h0.detach(), W, b_hh.detach())
     check(out, out_ref.detach(), "h")
 
     dY, dhn = L.rand(L.N, H), L.rand(L.B, H)
     ((out_ref * dY).sum() + (hn_ref * dhn).sum()).backward()
-    dh = dY.clone()
-    dh[L.final_rows()] += dhn
-    grad_hx = torch.full((L.B, H), float("nan"), dtype=torch.float64)
+    dh, grad_hx = L.with_final(dY, dhn), nan(L.B, H)
     L.args(kernels.gru_backward, dh, gates, hn, out, h0.detach(), grad_hx, W)
     # gates end as [dA_r, dA_z, dA_hn] and hn as dA_n: r and z's input-side gradients, n's,
     # and (summed over rows) the gradient of b_hh.

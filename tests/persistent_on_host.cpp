@@ -4,7 +4,8 @@
 // code runs, cluster by cluster; only these four primitives and the launch are
 // the host's. tests/test_persistent_on_host.py builds this file and checks the
 // kernels against autograd, float64, with a layer's worth of arguments:
-// contiguous [rows, width] buffers, launch shape (units, tile, cluster size) given.
+// contiguous [rows, width] buffers, launch shape (units, tile, cluster size) given;
+// and asks persistent::plan where layers run on a given device.
 #include <algorithm>
 #include <barrier>
 #include <cstdint>
@@ -78,6 +79,25 @@ void launch(int64_t batch, int tile, int size, size_t smem_bytes, const Kernel& 
 }  // namespace
 
 extern "C" {
+
+// persistent::plan for a layer: cell 0 Elman, 1 LSTM, 2 GRU; its forward or
+// backward kernel; float (acc float) or double. out: size, units, tile, clusters.
+void plan_layer(int cell, bool backward, bool is_double, int64_t batch, int64_t H, bool clusters,
+                int64_t max_smem, int64_t sms, int* out) {
+  static const SmemBytes kSmem[2][3][2] = {
+      {{forward_smem<float>, backward_smem<float>},
+       {lstm_forward_smem<float>, lstm_backward_smem<float>},
+       {gru_forward_smem<float>, gru_backward_smem<float>}},
+      {{forward_smem<double>, backward_smem<double>},
+       {lstm_forward_smem<double>, lstm_backward_smem<double>},
+       {gru_forward_smem<double>, gru_backward_smem<double>}}};
+  static const int kGates[3] = {1, kLstmGates, kGruGates};
+  const Plan p = plan(batch, H, kGates[cell], Device{clusters, max_smem, sms}, kSmem[is_double][cell][backward]);
+  out[0] = p.size;
+  out[1] = p.units;
+  out[2] = p.tile;
+  out[3] = p.clusters;
+}
 
 // act: 0 tanh, 1 relu. bs, offs: null for a padded sequence.
 void elman_forward(double* out, const double* hx, const double* w, const int64_t* bs,

@@ -189,3 +189,72 @@ def test_gru_kernels(kernels, case):
     check(hn, P.grad[:, 2 * H:], "dA_n")
     check(gates.sum(0), b_hh.grad, "dA_hn (db_hh)")
     check(grad_hx, h0.grad, "grad_hx")
+
+
+# ---- where layers run: persistent::plan ------------------------------------------------
+
+H100 = dict(clusters=True, max_smem=227 * 1024, sms=132)  # sm_90: clusters, 227 KB a CTA
+A100 = dict(clusters=False, max_smem=163 * 1024, sms=108)  # sm_80: no clusters, 163 KB
+CELLS = {"rnn": 0, "lstm": 1, "gru": 2}
+
+
+def plan(kernels, cell, hidden, batch=64, backward=False, double=False, device=H100):
+    out = (ctypes.c_int * 4)()
+    kernels.plan_layer(CELLS[cell], ctypes.c_bool(backward), ctypes.c_bool(double), ctypes.c_int64(batch),
+                       ctypes.c_int64(hidden), ctypes.c_bool(device["clusters"]),
+                       ctypes.c_int64(device["max_smem"]), ctypes.c_int64(device["sms"]), out)
+    return dict(zip(("size", "units", "tile", "clusters"), out))
+
+
+def path(kernels, cell, hidden, **kw):
+    """Where a layer's forward and backward run: "one CTA", "cluster", or None (a GEMM per step)."""
+    sizes = {plan(kernels, cell, hidden, backward=b, **kw)["size"] for b in (False, True)}
+    if 0 in sizes:
+        return None
+    return "one CTA" if sizes == {1} else "cluster"
+
+
+@pytest.mark.parametrize("cell, hidden, batch, double, where", [
+    # tests/test_cuda.py's expectations, on an H100
+    ("rnn", 100, 64, False, "one CTA"), ("rnn", 256, 64, False, "cluster"),
+    ("rnn", 512, 64, False, "cluster"), ("rnn", 300, 64, True, "cluster"),
+    ("rnn", 1024, 64, False, None), ("rnn", 128, 300, True, "one CTA"),
+    ("lstm", 37, 300, True, "one CTA"), ("lstm", 128, 300, True, "cluster"),
+    ("lstm", 160, 300, True, "cluster"), ("gru", 37, 300, True, "one CTA"),
+    ("gru", 128, 300, True, "cluster"), ("gru", 160, 300, True, "cluster"),
+    ("lstm", 128, 64, False, "cluster"),  # the MNIST notebook's LSTM
+], ids=lambda v: str(v))
+def test_plan_where_test_cuda_expects(kernels, cell, hidden, batch, double, where):
+    assert path(kernels, cell, hidden, batch=batch, double=double) == where
+
+
+@pytest.mark.parametrize("cell, one_cta, cluster", [("rnn", 239, 672), ("lstm", 119, 329),
+                                                    ("gru", 138, 384)])
+def test_plan_limits_as_the_readme_says(kernels, cell, one_cta, cluster):
+    """The largest float32 hidden size in one CTA and in a cluster on an H100 (the README
+    rounds them: about 240 / 670, 120 / 330, 140 / 380), and in float64 about 0.7 times."""
+    assert path(kernels, cell, one_cta) == "one CTA" and path(kernels, cell, one_cta + 1) == "cluster"
+    assert path(kernels, cell, cluster) == "cluster" and path(kernels, cell, cluster + 1) is None
+    largest64 = max(h for h in range(1, cluster + 1) if path(kernels, cell, h, double=True))
+    assert 0.66 < largest64 / cluster < 0.74
+
+
+@pytest.mark.parametrize("device", [H100, A100], ids=["H100", "A100"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_plan_fits(kernels, device, cell):
+    """Every plan covers the batch and the hidden units, fits the shared memory, gives every
+    row a thread; clusters only where the device has them."""
+    smem = {"rnn": (1, 0, 1), "lstm": (4, 1, 2), "gru": (3, 0, 1)}[cell]  # G, extra fwd / bwd
+    for hidden, batch, backward in itertools.product([1, 8, 100, 255, 400, 700], [1, 7, 64, 300],
+                                                     [False, True]):
+        p = plan(kernels, cell, hidden, batch=batch, backward=backward, device=device)
+        if p["size"] == 0:
+            continue
+        assert p["size"] == 1 or device["clusters"]
+        assert p["units"] * p["size"] >= hidden > p["units"] * (p["size"] - 1)
+        assert p["clusters"] * p["tile"] >= batch > (p["clusters"] - 1) * p["tile"]
+        assert p["tile"] <= THREADS // p["units"] * ROWS_PER_THREAD
+        G, width = smem[0], (hidden * (smem[0] if backward else 1))
+        extra = smem[2] if backward else smem[1]
+        bytes_ = 4 * (G * hidden * p["units"] + 2 * p["tile"] * (width + 1) + extra * p["tile"] * p["units"])
+        assert bytes_ <= device["max_smem"]

@@ -58,52 +58,13 @@ bool persistent_enabled() {
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
-// How a persistent launch (persistent.cuh) splits a layer: CTAs per cluster,
-// units per CTA, batch rows per cluster, clusters.
-struct ClusterPlan {
-  int size = 0;
-  int units = 0;
-  int tile = 0;
-  int clusters = 0;
-  size_t smem = 0;
-};
-
-// The cluster size with the shortest step, by a rough count of a thread's
-// serial multiply-adds (G gates per unit), a barrier, and waves where the
-// clusters outnumber what the SMs hold at once: 1 (one CTA, a plain launch,
-// any device) or 2, 4, 8 (the portable cluster sizes, sm_90). smem(H, units,
-// tile) is a CTA's shared memory. False where none fits.
-using SmemBytes = size_t (*)(int, int, int);
-
-bool plan_cluster(const SequenceLayout& L, int64_t H, int G, int device, SmemBytes smem,
-                  ClusterPlan& plan) {
-  using namespace persistent;
-  if (H <= 0 || L.batch == 0) return false;
-  const bool clusters_ok = device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
-  const int64_t max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  const auto bytes = [&](int64_t units, int64_t tile) {
-    return smem(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile));
-  };
-  double best = 0;
-  for (int size : {1, 2, 4, 8}) {
-    const int64_t units = (H + size - 1) / size;
-    if ((size > 1 && !clusters_ok) || units > kThreads) continue;
-    const int64_t groups = kThreads / units;
-    // Enough clusters for every SM to hold a CTA, as few rows per thread as that allows.
-    int64_t tile = std::min<int64_t>({groups * kRows, L.batch,
-                                      std::max<int64_t>(1, (L.batch * size + sms - 1) / sms)});
-    while (tile > 1 && static_cast<int64_t>(bytes(units, tile)) > max_smem) --tile;
-    if (static_cast<int64_t>(bytes(units, tile)) > max_smem) continue;
-    const int64_t clusters = (L.batch + tile - 1) / tile;
-    const int64_t waves = (clusters * size + sms - 1) / sms;
-    const double cost = waves * (2.0 * G * H * ((tile + groups - 1) / groups) + (size > 1 ? 600 : 200));
-    if (plan.size == 0 || cost < best) {
-      best = cost;
-      plan = {size, static_cast<int>(units), static_cast<int>(tile), static_cast<int>(clusters),
-              bytes(units, tile)};
-    }
-  }
+// persistent::plan for this device.
+bool plan_cluster(const SequenceLayout& L, int64_t H, int G, int device, persistent::SmemBytes smem,
+                  persistent::Plan& plan) {
+  const persistent::Device d{device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9,
+                             device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                             device_attribute(cudaDevAttrMultiProcessorCount, device)};
+  plan = persistent::plan(L.batch, H, G, d, smem);
   return plan.size > 0;
 }
 
@@ -162,7 +123,7 @@ struct CudaBackend;
 template <auto kernel>
 class ClusterLaunch {
  public:
-  ClusterLaunch(const ClusterPlan& plan, int device, cudaStream_t stream) {
+  ClusterLaunch(const persistent::Plan& plan, int device, cudaStream_t stream) {
     prepare<kernel>(plan.smem, device);
     config_.gridDim = dim3(static_cast<unsigned>(plan.clusters * plan.size));
     config_.blockDim = dim3(persistent::kThreads);
@@ -206,10 +167,10 @@ class ClusterLaunch {
 // reads first, put in place only once it runs); then run(launch, plan,
 // batch_sizes, offsets) passes the job's arguments. False: nothing done.
 template <auto kernel, typename Before, typename Run>
-bool run_cluster(const SequenceLayout& L, int64_t H, int G, const Tensor& like, SmemBytes smem,
+bool run_cluster(const SequenceLayout& L, int64_t H, int G, const Tensor& like, persistent::SmemBytes smem,
                  const Before& before, const Run& run) {
   const int device = like.get_device_index();
-  ClusterPlan plan;
+  persistent::Plan plan;
   if (!plan_cluster(L, H, G, device, smem, plan)) return false;
   const ClusterLaunch<kernel> launch(plan, device, current_stream(like));
   if (!launch.fits()) return false;
@@ -226,7 +187,7 @@ bool launch_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse
   const int H = static_cast<int>(job.w_hh.size(0));
   return run_cluster<persistent::forward_kernel<T, acc_t, A>>(
       L, H, 1, job.out, persistent::forward_smem<acc_t>, [] {},
-      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
         launch(ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
                bs, offsets, L.steps, L.batch, H, plan.units, plan.tile, plan.size, reverse);
         stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
@@ -242,7 +203,7 @@ bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool rever
         stepwise::take(job.dA, job.dY);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
       },
-      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
         launch(ptr<T>(job.dA), job.dA.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.grad_hx),
                job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, offsets, L.steps, L.batch, H, plan.units,
                plan.tile, plan.size, reverse);
@@ -256,7 +217,7 @@ bool launch_cell(const SequenceLayout& L, const LstmForwardJob& job) {
   const int H = static_cast<int>(job.c.size(1));
   return run_cluster<persistent::lstm_forward_kernel<T, acc_t>>(
       L, H, persistent::kLstmGates, job.c, persistent::lstm_forward_smem<acc_t>, [] {},
-      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
         launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c), job.c.stride(0), ptr<T>(job.out),
                job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.c0), job.c0.stride(0),
                ptr<T>(job.w_hh), bs, offsets, L.steps, L.batch, H, plan.units, plan.tile, plan.size,
@@ -276,7 +237,7 @@ bool launch_cell(const SequenceLayout& L, const LstmBackwardJob& job) {
         stepwise::take(job.gates, job.saved_gates);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
       },
-      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
         launch(ptr<T>(job.dh), job.dh.stride(0), ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c),
                job.c.stride(0), ptr<T>(job.c0), job.c0.stride(0), ptr<T>(job.dc_n), job.dc_n.stride(0),
                ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.grad_cx), job.grad_cx.stride(0),
@@ -290,7 +251,7 @@ bool launch_cell(const SequenceLayout& L, const GruForwardJob& job) {
   const int H = static_cast<int>(job.hn.size(1));
   return run_cluster<persistent::gru_forward_kernel<T, acc_t>>(
       L, H, persistent::kGruGates, job.hn, persistent::gru_forward_smem<acc_t>, [] {},
-      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
         launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn), job.hn.stride(0), ptr<T>(job.out),
                job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
                job.b_hh.defined() ? ptr<T>(job.b_hh) : nullptr, bs, offsets, L.steps, L.batch, H,
@@ -309,7 +270,7 @@ bool launch_cell(const SequenceLayout& L, const GruBackwardJob& job) {
         stepwise::take(job.hn, job.saved_hn);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
       },
-      [&](const auto& launch, const ClusterPlan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
         launch(ptr<T>(job.dh), job.dh.stride(0), ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn),
                job.hn.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0),
                ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, offsets, L.steps,

@@ -30,6 +30,10 @@
 #include "../cells.h"
 #include "../numeric.h"
 
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
 #if !defined(FASTRNN_PERSISTENT_ON_HOST)
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -92,6 +96,60 @@ __host__ __device__ inline size_t gru_forward_smem(int H, int units, int tile) {
 template <typename acc_t>
 __host__ __device__ inline size_t gru_backward_smem(int H, int units, int tile) {
   return smem_bytes<acc_t>(kGruGates, H, units, tile, kGruGates * H, 1);
+}
+
+// How a launch splits a layer: CTAs per cluster (0: none fits), units per CTA,
+// batch rows per cluster, clusters, and a CTA's shared memory in bytes.
+struct Plan {
+  int size = 0;
+  int units = 0;
+  int tile = 0;
+  int clusters = 0;
+  size_t smem = 0;
+};
+
+// What the plan needs of the device: whether it has clusters (sm_90), a CTA's
+// shared memory (the opt-in maximum), its SMs.
+struct Device {
+  bool clusters;
+  int64_t max_smem;
+  int64_t sms;
+};
+
+// A kernel's shared memory in bytes for (H, units, tile): *_smem<acc_t> below.
+using SmemBytes = size_t (*)(int, int, int);
+
+// The cluster size with the shortest step, by a rough count of a thread's
+// serial multiply-adds (G gates per unit), a barrier, and waves where the
+// clusters outnumber what the SMs hold at once: 1 (one CTA, a plain launch,
+// any device) or 2, 4, 8 (the portable cluster sizes, sm_90). Each cluster
+// takes as few rows as lets every SM hold a CTA, fewer where shared memory
+// runs out. Plan::size 0 where no size fits.
+inline Plan plan(int64_t batch, int64_t H, int G, const Device& d, SmemBytes smem) {
+  Plan best;
+  if (H <= 0 || batch <= 0) return best;
+  const auto bytes = [&](int64_t units, int64_t tile) {
+    return static_cast<int64_t>(smem(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile)));
+  };
+  double best_cost = 0;
+  for (int size : {1, 2, 4, 8}) {
+    const int64_t units = (H + size - 1) / size;
+    if ((size > 1 && !d.clusters) || units > kThreads) continue;
+    const int64_t groups = kThreads / units;
+    int64_t tile = std::min<int64_t>(
+        {groups * kRows, batch, std::max<int64_t>(1, (batch * size + d.sms - 1) / d.sms)});
+    while (tile > 1 && bytes(units, tile) > d.max_smem) --tile;
+    if (bytes(units, tile) > d.max_smem) continue;
+    const int64_t clusters = (batch + tile - 1) / tile;
+    const int64_t waves = (clusters * size + d.sms - 1) / d.sms;
+    const double cost = waves * (2.0 * G * H * ((tile + groups - 1) / groups) + (size > 1 ? 600 : 200));
+    if (best.size == 0 || cost < best_cost) {
+      best_cost = cost;
+      best = {size, static_cast<int>(units), static_cast<int>(tile), static_cast<int>(clusters),
+              static_cast<size_t>(bytes(units, tile))};
+    }
+  }
+  return best;
 }
 
 #if !defined(FASTRNN_PERSISTENT_ON_HOST)

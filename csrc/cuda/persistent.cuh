@@ -214,6 +214,23 @@ struct Place {
   }
 };
 
+// A CTA's shared memory as smem_bytes counts it: W's slice w ([G*H][units]),
+// the two buffers of the tile's rows of `width` values (buffer(0), buffer(1):
+// h or dA, padded rows), and the [tile][units] buffers extra(0), extra(1), ...
+template <typename acc_t>
+struct Smem {
+  acc_t* w;
+  acc_t* buffers;
+  int tile, units, width;
+  __device__ Smem(const Place& p, int G, int H, int width_)
+      : tile(p.tile), units(p.units), width(width_) {
+    w = reinterpret_cast<acc_t*>(shared_memory());
+    buffers = w + G * H * units;
+  }
+  __device__ acc_t* buffer(int i) const { return buffers + i * tile * padded(width); }
+  __device__ acc_t* extra(int i) const { return buffer(2) + i * tile * units; }
+};
+
 // A thread's share of its CTA's units x tile rows: unit u (j = j0 + u), rows
 // g, g + groups, ... (at most kRows of them).
 struct Share {
@@ -318,18 +335,16 @@ __device__ __forceinline__ void to_every_cta(acc_t* buf, int ld, int b, int j, i
 // The forward's steps. Per step, for this thread's unit and rows in it: the
 // sums acc[g] = init(b, g) + h_{t-1} W_hh^T's G gates, then v = finish(b,
 // acc, h) with h the row's state; v, the row's h_t, goes to every CTA. A row
-// not in the step keeps its state. state [2][tile][padded(H)] holds h_0's rows
-// on entry.
+// not in the step keeps its state. m.buffer(0) holds h_0's rows on entry.
 template <int G, typename acc_t, typename Init, typename Finish>
-__device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q, const acc_t* w,
-                                              acc_t* state, int H, const Init& init,
-                                              const Finish& finish) {
+__device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q, const Smem<acc_t>& m,
+                                              int H, const Init& init, const Finish& finish) {
   const int ldh = padded(H);
   const Share me(p);
   int cur = 0;
   for (int64_t s = 0; s < q.steps; ++s) {
     const Step st(p, q, s);
-    const acc_t* h = state + cur * p.tile * ldh;
+    const acc_t* h = m.buffer(cur);
     if (me.works) {
       acc_t acc[kRows][G];
 #pragma unroll
@@ -338,14 +353,14 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
 #pragma unroll
         for (int g = 0; g < G; ++g) acc[i][g] = b < st.active ? init(me, st, b, g) : acc_t(0);
       }
-      accumulate<G>(acc, h, ldh, H, w, p, me, st.active);
+      accumulate<G>(acc, h, ldh, H, m.w, p, me, st.active);
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
         const int b = me.row(i);
         if (b >= p.rows) break;
         acc_t v[1] = {h[b * ldh + me.j]};
         if (b < st.active) v[0] = finish(me, st, b, acc[i], v[0]);
-        to_every_cta<1>(state + (cur ^ 1) * p.tile * ldh, ldh, b, me.j, H, v, p);
+        to_every_cta<1>(m.buffer(cur ^ 1), ldh, b, me.j, H, v, p);
       }
     }
     // Every CTA's share of h_t written everywhere, and h_{t-1} read by all. The
@@ -362,17 +377,17 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
 // (direct: GRU's d z). Then dh_{t-1} = dA_t W_hh + direct for this unit: kept
 // in dh [tile][units] for the rows the previous step carries (0 elsewhere:
 // their h was final, and dh_n is already in dY), written to grad_hx for those
-// that began at hx. grads: [2][tile][padded(G * H)]; dh zero on entry.
+// that began at hx. m's buffers hold dA_t ([tile][padded(G * H)]); dh zero on entry.
 template <int G, typename T, typename acc_t, typename Cell>
-__device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q, const acc_t* w,
-                                               acc_t* grads, acc_t* dh, T* grad_hx, int64_t ld_ghx,
-                                               int H, const Cell& cell) {
+__device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q, const Smem<acc_t>& m,
+                                               acc_t* dh, T* grad_hx, int64_t ld_ghx, int H,
+                                               const Cell& cell) {
   const int ldg = padded(G * H);
   const Share me(p);
   int cur = 0;
   for (int64_t s = q.steps - 1; s >= 0; --s) {
     const Step st(p, q, s);
-    acc_t* da = grads + cur * p.tile * ldg;
+    acc_t* da = m.buffer(cur);
     acc_t acc[kRows][1] = {};
     if (me.works) {
 #pragma unroll
@@ -386,7 +401,7 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
     }
     cluster_sync(p.size);
     if (me.works) {
-      accumulate<1>(acc, da, ldg, G * H, w, p, me, st.active);
+      accumulate<1>(acc, da, ldg, G * H, m.w, p, me, st.active);
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
         const int b = me.row(i);
@@ -411,16 +426,14 @@ forward_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ hx, in
                const T* __restrict__ w_hh, const int64_t* __restrict__ batch_sizes,
                const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H, int units,
                int tile, int cluster_size, bool reverse) {
-  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][units]
-  acc_t* state = w + H * units;                // [2][tile][padded(H)]
-  load_unit_rows<1>(w, w_hh, H, p);
-  load_tile(state, padded(H), hx, ld_hx, 0, H, p);
+  const Smem<acc_t> m(p, 1, H, H);  // buffers: h_{t-1}, h_t
+  load_unit_rows<1>(m.w, w_hh, H, p);
+  load_tile(m.buffer(0), padded(H), hx, ld_hx, 0, H, p);
   // Every CTA of the cluster runs (its shared memory may be written) and has its state.
   cluster_sync(p.size);
   forward_steps<1>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, w, state, H,
+      p, {batch_sizes, offsets, steps, batch, reverse}, m, H,
       [&](const Share& me, const Step& st, int b, int) {
         return load<acc_t>(out[(st.row0 + b) * ld_out + me.j]);
       },
@@ -438,17 +451,15 @@ backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, in
                 const int64_t* __restrict__ batch_sizes, const int64_t* __restrict__ offsets,
                 int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
                 bool reverse) {
-  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);          // [H][units]
-  acc_t* grads = w + H * units;                        // [2][tile][padded(H)]: dA_t
-  acc_t* dh = grads + 2 * tile * padded(H);            // [tile][units]
-  load_unit_columns<1>(w, w_hh, H, p);
+  const Smem<acc_t> m(p, 1, H, H);  // buffers: dA_t; extra(0): dh_t through W_hh
+  acc_t* dh = m.extra(0);
+  load_unit_columns<1>(m.w, w_hh, H, p);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dh[i] = acc_t(0);
   cluster_sync(p.size);
   // dA_t = (dY_t + dh_t) * act'(h_t).
   backward_steps<1>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, w, grads, dh, grad_hx, ld_ghx, H,
+      p, {batch_sizes, offsets, steps, batch, reverse}, m, dh, grad_hx, ld_ghx, H,
       [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[1], acc_t&) {
         const int64_t row = st.row0 + b;
         ga[0] = activation_grad<A>(load<acc_t>(dA[row * ld_dA + me.j]) + dh_later,
@@ -478,17 +489,15 @@ lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int6
                     int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
                     bool reverse) {
   constexpr int G = kLstmGates;
-  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][G][units]
-  acc_t* state = w + G * H * units;           // [2][tile][padded(H)]
-  acc_t* cell = state + 2 * tile * padded(H);  // [tile][units]: each row's latest c, c0 until it starts
-  load_unit_rows<G>(w, w_hh, H, p);
-  load_tile(state, padded(H), h0, ld_h0, 0, H, p);
+  const Smem<acc_t> m(p, G, H, H);  // buffers: h_{t-1}, h_t
+  acc_t* cell = m.extra(0);         // each row's latest c, c0 until it starts
+  load_unit_rows<G>(m.w, w_hh, H, p);
+  load_tile(m.buffer(0), padded(H), h0, ld_h0, 0, H, p);
   load_tile(cell, units, c0, ld_c0, p.j0, p.nu, p);
   cluster_sync(p.size);
   forward_steps<G>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, w, state, H,
+      p, {batch_sizes, offsets, steps, batch, reverse}, m, H,
       [&](const Share& me, const Step& st, int b, int g) {
         return load<acc_t>(gates[(st.row0 + b) * ld_g + g * H + me.j]);
       },
@@ -516,19 +525,17 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
                      const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H,
                      int units, int tile, int cluster_size, bool reverse) {
   constexpr int G = kLstmGates;
-  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);      // [4H][units]
-  acc_t* grads = w + G * H * units;               // [2][tile][padded(4H)]: dA_t, all gates
-  acc_t* dhr = grads + 2 * tile * padded(G * H);  // [tile][units]: dh_t through W_hh
-  acc_t* dcr = dhr + tile * units;                // [tile][units]: the gradient reaching c_t
-  load_unit_columns<G>(w, w_hh, H, p);
+  const Smem<acc_t> m(p, G, H, G * H);  // buffers: dA_t, all gates
+  acc_t* dhr = m.extra(0);              // dh_t through W_hh
+  acc_t* dcr = m.extra(1);              // the gradient reaching c_t
+  load_unit_columns<G>(m.w, w_hh, H, p);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
   // Every row's last step comes first: its c_t gets dc_n (dh_n is already in dh).
   load_tile(dcr, units, dc_n, ld_dcn, p.j0, p.nu, p);
   cluster_sync(p.size);
   backward_steps<G>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, w, grads, dhr, grad_hx, ld_ghx, H,
+      p, {batch_sizes, offsets, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,
       [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[G], acc_t&) {
         const int64_t row = st.row0 + b;
 #pragma unroll
@@ -571,16 +578,14 @@ gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int6
                    int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
                    bool reverse) {
   constexpr int G = kGruGates;
-  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);  // [H][G][units]
-  acc_t* state = w + G * H * units;           // [2][tile][padded(H)]
-  load_unit_rows<G>(w, w_hh, H, p);
-  load_tile(state, padded(H), h0, ld_h0, 0, H, p);
+  const Smem<acc_t> m(p, G, H, H);  // buffers: h_{t-1}, h_t
+  load_unit_rows<G>(m.w, w_hh, H, p);
+  load_tile(m.buffer(0), padded(H), h0, ld_h0, 0, H, p);
   cluster_sync(p.size);
   // The sums are h_{t-1} W_hh^T + b_hh; the input side (gates) joins in the cell.
   forward_steps<G>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, w, state, H,
+      p, {batch_sizes, offsets, steps, batch, reverse}, m, H,
       [&](const Share& me, const Step&, int, int g) {
         return b_hh ? load<acc_t>(b_hh[g * H + me.j]) : acc_t(0);
       },
@@ -607,16 +612,14 @@ gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, in
                     const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H,
                     int units, int tile, int cluster_size, bool reverse) {
   constexpr int G = kGruGates;
-  unsigned char* smem = shared_memory();
   const Place p(batch, H, units, tile, cluster_size);
-  acc_t* w = reinterpret_cast<acc_t*>(smem);      // [3H][units]
-  acc_t* grads = w + G * H * units;               // [2][tile][padded(3H)]: [dA_r, dA_z, dA_hn]
-  acc_t* dhr = grads + 2 * tile * padded(G * H);  // [tile][units]: dh_t from the later step
-  load_unit_columns<G>(w, w_hh, H, p);
+  const Smem<acc_t> m(p, G, H, G * H);  // buffers: [dA_r, dA_z, dA_hn]
+  acc_t* dhr = m.extra(0);              // dh_t from the later step
+  load_unit_columns<G>(m.w, w_hh, H, p);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
   cluster_sync(p.size);
   backward_steps<G>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, w, grads, dhr, grad_hx, ld_ghx, H,
+      p, {batch_sizes, offsets, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,
       [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[G], acc_t& direct) {
         const int64_t row = st.row0 + b;
         const acc_t d = load<acc_t>(dh[row * ld_dh + me.j]) + dh_later;

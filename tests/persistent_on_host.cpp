@@ -17,6 +17,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(threads)
+#define __grid_constant__
 #define FASTRNN_PERSISTENT_ON_HOST
 
 using std::max;
@@ -76,9 +77,23 @@ void launch(int64_t batch, int tile, int size, size_t smem_bytes, const Kernel& 
   }
 }
 
+// The kernels' Runs for batch sizes bs [steps], null for a padded sequence
+// (the tests check that bs fits first: count_runs).
+Runs runs_of(const int64_t* bs, int64_t steps) {
+  Runs r{};
+  if (bs) make_runs(bs, steps, r);
+  return r;
+}
+
 }  // namespace
 
 extern "C" {
+
+// persistent::make_runs: the runs of bs [steps], -1 where they do not fit the kernels.
+int count_runs(const int64_t* bs, int64_t steps) {
+  Runs r{};
+  return make_runs(bs, steps, r) ? r.count : -1;
+}
 
 // persistent::plan for a layer: cell 0 Elman, 1 LSTM, 2 GRU; its forward or
 // backward kernel; float (acc float) or double. out: size, units, tile, clusters.
@@ -99,59 +114,63 @@ void plan_layer(int cell, bool backward, bool is_double, int64_t batch, int64_t 
   out[3] = p.clusters;
 }
 
-// act: 0 tanh, 1 relu. bs, offs: null for a padded sequence.
-void elman_forward(double* out, const double* hx, const double* w, const int64_t* bs,
-                   const int64_t* offs, int64_t steps, int64_t batch, int H, int units, int tile,
-                   int size, bool reverse, int act) {
+// act: 0 tanh, 1 relu. bs: batch sizes [steps], null for a padded sequence.
+void elman_forward(double* out, const double* hx, const double* w, const int64_t* bs, int64_t steps,
+                   int64_t batch, int H, int units, int tile, int size, bool reverse, int act) {
+  const Runs runs = runs_of(bs, steps);
   launch(batch, tile, size, forward_smem<double>(H, units, tile), [&] {
     (act ? forward_kernel<double, double, Activation::Relu> : forward_kernel<double, double, Activation::Tanh>)(
-        out, H, hx, H, w, bs, offs, steps, batch, H, units, tile, size, reverse);
+        out, H, hx, H, w, runs, steps, batch, H, units, tile, size, reverse);
   });
 }
 
-void elman_backward(double* dA, const double* out, double* grad_hx, const double* w,
-                    const int64_t* bs, const int64_t* offs, int64_t steps, int64_t batch, int H,
-                    int units, int tile, int size, bool reverse, int act) {
+void elman_backward(double* dA, const double* out, double* grad_hx, const double* w, const int64_t* bs,
+                    int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse,
+                    int act) {
+  const Runs runs = runs_of(bs, steps);
   launch(batch, tile, size, backward_smem<double>(H, units, tile), [&] {
     (act ? backward_kernel<double, double, Activation::Relu> : backward_kernel<double, double, Activation::Tanh>)(
-        dA, H, out, H, grad_hx, H, w, bs, offs, steps, batch, H, units, tile, size, reverse);
+        dA, H, out, H, grad_hx, H, w, runs, steps, batch, H, units, tile, size, reverse);
   });
 }
 
 void lstm_forward(double* gates, double* c, double* out, const double* h0, const double* c0,
-                  const double* w, const int64_t* bs, const int64_t* offs, int64_t steps,
-                  int64_t batch, int H, int units, int tile, int size, bool reverse) {
+                  const double* w, const int64_t* bs, int64_t steps, int64_t batch, int H, int units,
+                  int tile, int size, bool reverse) {
+  const Runs runs = runs_of(bs, steps);
   launch(batch, tile, size, lstm_forward_smem<double>(H, units, tile), [&] {
-    lstm_forward_kernel<double, double>(gates, 4 * H, c, H, out, H, h0, H, c0, H, w, bs, offs, steps,
-                                        batch, H, units, tile, size, reverse);
+    lstm_forward_kernel<double, double>(gates, 4 * H, c, H, out, H, h0, H, c0, H, w, runs, steps, batch, H,
+                                        units, tile, size, reverse);
   });
 }
 
 void lstm_backward(double* dh, double* gates, const double* c, const double* c0, const double* dc_n,
-                   double* grad_hx, double* grad_cx, const double* w, const int64_t* bs,
-                   const int64_t* offs, int64_t steps, int64_t batch, int H, int units, int tile,
-                   int size, bool reverse) {
+                   double* grad_hx, double* grad_cx, const double* w, const int64_t* bs, int64_t steps,
+                   int64_t batch, int H, int units, int tile, int size, bool reverse) {
+  const Runs runs = runs_of(bs, steps);
   launch(batch, tile, size, lstm_backward_smem<double>(H, units, tile), [&] {
     lstm_backward_kernel<double, double>(dh, H, gates, 4 * H, c, H, c0, H, dc_n, H, grad_hx, H, grad_cx, H,
-                                         w, bs, offs, steps, batch, H, units, tile, size, reverse);
+                                         w, runs, steps, batch, H, units, tile, size, reverse);
   });
 }
 
 void gru_forward(double* gates, double* hn, double* out, const double* h0, const double* w,
-                 const double* b_hh, const int64_t* bs, const int64_t* offs, int64_t steps,
-                 int64_t batch, int H, int units, int tile, int size, bool reverse) {
+                 const double* b_hh, const int64_t* bs, int64_t steps, int64_t batch, int H, int units,
+                 int tile, int size, bool reverse) {
+  const Runs runs = runs_of(bs, steps);
   launch(batch, tile, size, gru_forward_smem<double>(H, units, tile), [&] {
-    gru_forward_kernel<double, double>(gates, 3 * H, hn, H, out, H, h0, H, w, b_hh, bs, offs, steps, batch,
-                                       H, units, tile, size, reverse);
+    gru_forward_kernel<double, double>(gates, 3 * H, hn, H, out, H, h0, H, w, b_hh, runs, steps, batch, H,
+                                       units, tile, size, reverse);
   });
 }
 
 void gru_backward(double* dh, double* gates, double* hn, const double* out, const double* h0,
-                  double* grad_hx, const double* w, const int64_t* bs, const int64_t* offs,
-                  int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse) {
+                  double* grad_hx, const double* w, const int64_t* bs, int64_t steps, int64_t batch, int H,
+                  int units, int tile, int size, bool reverse) {
+  const Runs runs = runs_of(bs, steps);
   launch(batch, tile, size, gru_backward_smem<double>(H, units, tile), [&] {
-    gru_backward_kernel<double, double>(dh, H, gates, 3 * H, hn, H, out, H, h0, H, grad_hx, H, w, bs, offs,
-                                        steps, batch, H, units, tile, size, reverse);
+    gru_backward_kernel<double, double>(dh, H, gates, 3 * H, hn, H, out, H, h0, H, grad_hx, H, w, runs, steps,
+                                        batch, H, units, tile, size, reverse);
   });
 }
 

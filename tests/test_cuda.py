@@ -78,6 +78,53 @@ def test_cuda_graph_capture_and_replay():
     torch.testing.assert_close(static_h, h)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["per-step", "persistent"])
+def test_packed_call_makes_no_host_sync_and_a_cuda_graph_replays_it(monkeypatch, cell, persistent):
+    """A packed module call, forward and backward, waits on the GPU nowhere (torch's sync debug
+    mode raises where a call would: a packed sequence's batch sizes reach the persistent kernels
+    in their parameters, not by a copy), on either path; so a CUDA graph captures it, and its
+    replays on new data match eager calls."""
+    if persistent:
+        monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
+    _, fast = rnn_pair(8, 32, 2, cell=cell, bidirectional=True)
+    fast = fast.cuda()
+    x = torch.randn(10, 4, 8, device="cuda")
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([10, 7, 7, 3]), enforce_sorted=False)
+    static = packed.data.requires_grad_()
+    params = list(fast.parameters())
+    weights = None  # of each output in the loss, made on the device before any capture
+
+    def call():
+        nonlocal weights
+        out, h = fast(packed._replace(data=static))
+        outputs = [out.data, *flat(h)]
+        weights = weights or [torch.randn_like(t) for t in outputs]
+        loss = sum((t * w).sum() for t, w in zip(outputs, weights))
+        return [*outputs, *torch.autograd.grad(loss, [static, *params])]
+
+    names = cuda_kernels(call)
+    assert any("fastrnn::persistent::" in n for n in names) == persistent, names
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            captured = call()
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(2):
+        with torch.no_grad():
+            static.copy_(torch.randn_like(static))
+        graph.replay()
+        for a, e in zip(captured, call()):
+            torch.testing.assert_close(a, e)
+
+
 def test_packed_uneven_lengths_cuda():
     ref, fast = rnn_pair(4, 16, 2, bidirectional=True)
     ref, fast = ref.cuda().double(), fast.cuda().double()

@@ -36,15 +36,18 @@ class Layer:
     """A layer's sequence: padded (B rows at every step) or packed (lengths sorted down,
     uneven), visited backwards when reverse; its launch shape."""
 
-    def __init__(self, hidden, size, tile, reverse, packed, seed, steps=4, batch=7):
+    def __init__(self, hidden, size, tile, reverse, packed, seed, steps=4, batch=7, lengths=None):
         self.T, self.B, self.H, self.reverse = steps, batch, hidden, reverse
         self.size, self.units = size, math.ceil(hidden / size)
         assert self.units <= THREADS
         self.tile = min(tile, THREADS // self.units * ROWS_PER_THREAD)
         self.g = torch.Generator().manual_seed(seed)
         if packed:
-            lengths = sorted(torch.randint(1, steps + 1, (batch,), generator=self.g).tolist(), reverse=True)
-            lengths[0] = steps
+            if lengths is None:
+                lengths = torch.randint(1, steps + 1, (batch,), generator=self.g).tolist()
+                lengths[0] = steps
+            assert len(lengths) == batch and max(lengths) == steps
+            lengths = sorted(lengths, reverse=True)
             self.bs = [sum(n > t for n in lengths) for t in range(steps)]
             self.offs = [sum(self.bs[:t]) for t in range(steps)]
         else:
@@ -71,12 +74,12 @@ class Layer:
         return d
 
     def args(self, lib_call, *tensors):
-        """Calls lib_call with the tensors' pointers and the layer's layout and shape."""
-        layout = [torch.tensor(v, dtype=torch.int64) if v else None for v in (self.bs, self.offs)]
+        """Calls lib_call with the tensors' pointers and the layer's batch sizes and shape."""
+        bs = torch.tensor(self.bs, dtype=torch.int64) if self.bs else None
         ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else 0)  # noqa: E731
         for t in tensors:
             assert t is None or (t.is_contiguous() and t.dtype == torch.float64)
-        lib_call(*(ptr(t) for t in tensors), *(ptr(t) for t in layout), ctypes.c_int64(self.T),
+        lib_call(*(ptr(t) for t in tensors), ptr(bs), ctypes.c_int64(self.T),
                  ctypes.c_int64(self.B), self.H, self.units, self.tile, self.size,
                  ctypes.c_bool(self.reverse))
 
@@ -105,16 +108,49 @@ def check(got, want, what):
 CASES = [dict(hidden=h, size=s, tile=t, reverse=r, packed=p)
          for (h, s), t, r, p in itertools.product([(7, 1), (10, 4), (9, 2), (70, 8)], [3],
                                                   [False, True], [False, True])]
+# A longer packed sequence whose batch sizes change in 11 runs (some of several steps), over
+# three tiles of rows.
+CASES += [dict(hidden=10, size=2, tile=5, reverse=r, packed=True, steps=30, batch=13,
+               lengths=[30, 29, 27, 27, 20, 18, 15, 15, 9, 6, 3, 2, 1]) for r in (False, True)]
+MAX_RUNS = 192  # persistent.cuh's kMaxRuns
 
 
 def case_id(c):
     return (f"H{c['hidden']}-cluster{c['size']}-{'reverse' if c['reverse'] else 'forward'}-"
-            f"{'packed' if c['packed'] else 'padded'}")
+            f"{'packed' if c['packed'] else 'padded'}" + (f"-T{c['steps']}" if "steps" in c else ""))
+
+
+def runs(kernels, batch_sizes):
+    bs = torch.tensor(batch_sizes, dtype=torch.int64)
+    return kernels.count_runs(ctypes.c_void_p(bs.data_ptr()), ctypes.c_int64(len(batch_sizes)))
+
+
+def test_batch_sizes_as_runs(kernels):
+    """The kernels take a packed sequence's batch sizes in their parameters as runs of equal
+    size: one per distinct size, up to MAX_RUNS (beyond, the layer steps with GEMMs)."""
+    assert runs(kernels, [5, 5, 3, 3, 3, 1]) == 3
+    assert runs(kernels, [4] * 10) == 1
+    assert runs(kernels, list(range(MAX_RUNS, 0, -1))) == MAX_RUNS
+    assert runs(kernels, list(range(MAX_RUNS + 1, 0, -1))) == -1
+    assert runs(kernels, [9] * 300 + list(range(MAX_RUNS - 1, 0, -1))) == MAX_RUNS
 
 
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_elman_kernels(kernels, case, act):
+    elman_case(kernels, case, act)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_elman_kernels_at_the_most_runs(kernels, reverse):
+    """MAX_RUNS sequences of lengths 1 .. MAX_RUNS: every step a run of its own."""
+    case = dict(hidden=4, size=1, tile=100, reverse=reverse, packed=True, steps=MAX_RUNS, batch=MAX_RUNS,
+                lengths=list(range(1, MAX_RUNS + 1)))
+    assert runs(kernels, Layer(**case, seed=0).bs) == MAX_RUNS
+    elman_case(kernels, case, "tanh")
+
+
+def elman_case(kernels, case, act):
     L = Layer(**case, seed=1)
     H, f = L.H, (torch.tanh if act == "tanh" else torch.relu)
     P, hx, W = L.rand(L.N, H).requires_grad_(), L.rand(L.B, H).requires_grad_(), L.rand(H, H, scale=0.4)

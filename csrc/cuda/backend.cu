@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <bit>
 #include <cstdlib>
 #include <cstring>
 
@@ -68,23 +69,25 @@ bool plan_cluster(const SequenceLayout& L, int64_t H, int G, int device, persist
   return plan.size > 0;
 }
 
-// batch_sizes then offsets, [2, T] int64 on the device (none when padded).
-std::optional<Tensor> device_layout(const SequenceLayout& L, const Tensor& like) {
-  if (!L.packed) return std::nullopt;
-  Tensor host = torch::stable::empty({2, L.steps}, ScalarType::Long, std::nullopt,
-                                     torch::stable::Device(torch::headeronly::DeviceType::CPU));
-  int64_t* p = host.mutable_data_ptr<int64_t>();
-  std::copy(L.batch_sizes.begin(), L.batch_sizes.end(), p);
-  std::copy(L.offsets.begin(), L.offsets.end(), p + L.steps);
-  return torch::stable::to(host, like.device());
+// Per-device caches below cover devices [0, kMaxDevices).
+constexpr int kMaxDevices = 64;
+
+// bound = max(bound, v), or min where lower (0 standing for none yet).
+void raise_to(std::atomic<size_t>& bound, size_t v) {
+  size_t seen = bound.load(std::memory_order_relaxed);
+  while (seen < v && !bound.compare_exchange_weak(seen, v)) {
+  }
+}
+void lower_to(std::atomic<size_t>& bound, size_t v) {
+  size_t seen = bound.load(std::memory_order_relaxed);
+  while ((seen == 0 || seen > v) && !bound.compare_exchange_weak(seen, v)) {
+  }
 }
 
 // Lets `kernel` take `smem` bytes of dynamic shared memory on `device`. The
 // attribute stays set for the process, so it is set only when a launch needs
 // more than any before it (one driver call per kernel and device, not one per
 // launch). A race sets it twice, harmlessly.
-constexpr int kMaxDevices = 64;
-
 template <auto kernel>
 void prepare(size_t smem, int device) {
   static std::atomic<size_t> allowed[kMaxDevices] = {};  // per kernel: one per instantiation
@@ -93,10 +96,7 @@ void prepare(size_t smem, int device) {
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   FASTRNN_CHECK(err == cudaSuccess, "fastrnn: cudaFuncSetAttribute failed: ", cudaGetErrorString(err));
-  if (!cached) return;
-  size_t seen = allowed[device].load(std::memory_order_relaxed);
-  while (seen < smem && !allowed[device].compare_exchange_weak(seen, smem)) {
-  }
+  if (cached) raise_to(allowed[device], smem);
 }
 
 // f.template operator()<T>() for the dtype's storage type.
@@ -123,7 +123,8 @@ struct CudaBackend;
 template <auto kernel>
 class ClusterLaunch {
  public:
-  ClusterLaunch(const persistent::Plan& plan, int device, cudaStream_t stream) {
+  ClusterLaunch(const persistent::Plan& plan, int device, cudaStream_t stream)
+      : device_(device), size_index_(std::countr_zero(static_cast<unsigned>(plan.size))) {
     prepare<kernel>(plan.smem, device);
     config_.gridDim = dim3(static_cast<unsigned>(plan.clusters * plan.size));
     config_.blockDim = dim3(persistent::kThreads);
@@ -138,16 +139,29 @@ class ClusterLaunch {
   }
   ClusterLaunch(const ClusterLaunch&) = delete;  // config_ points into it
 
+  // The occupancy query's answers are kept per kernel, device and cluster size
+  // as what is known: up to fits_up_to bytes of shared memory fit, from
+  // fails_from on they do not (the answer only turns false as it grows). A
+  // race asks twice, harmlessly.
   bool fits() const {
+    static std::atomic<size_t> fits_up_to[kMaxDevices][4] = {}, fails_from[kMaxDevices][4] = {};
+    const size_t smem = config_.dynamicSmemBytes;
+    const bool cached = device_ >= 0 && device_ < kMaxDevices && size_index_ < 4;
+    if (cached) {
+      if (smem <= fits_up_to[device_][size_index_].load(std::memory_order_relaxed)) return true;
+      const size_t fails = fails_from[device_][size_index_].load(std::memory_order_relaxed);
+      if (fails != 0 && smem >= fails) return false;
+    }
     int fit = 0;
     const cudaError_t err =
         config_.numAttrs ? cudaOccupancyMaxActiveClusters(&fit, kernel, &config_)
-                         : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, persistent::kThreads,
-                                                                         config_.dynamicSmemBytes);
+                         : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, persistent::kThreads, smem);
     if (err != cudaSuccess) {
       (void)cudaGetLastError();  // not a launch error: the caller steps with GEMMs instead
       return false;
     }
+    if (cached && fit > 0) raise_to(fits_up_to[device_][size_index_], smem);
+    if (cached && fit == 0) lower_to(fails_from[device_][size_index_], smem);
     return fit > 0;
   }
 
@@ -158,26 +172,29 @@ class ClusterLaunch {
   }
 
  private:
+  int device_;
+  int size_index_;  // log2 of the cluster size
   cudaLaunchConfig_t config_ = {};
   cudaLaunchAttribute attribute_ = {};
 };
 
 // A layer's recurrence in a persistent.cuh kernel: planned (plan_cluster), and
-// run where the device holds such a cluster, after before() (what the kernel
-// reads first, put in place only once it runs); then run(launch, plan,
-// batch_sizes, offsets) passes the job's arguments. False: nothing done.
+// run where the device holds such a cluster and a packed sequence's batch sizes
+// fit the kernel's parameters (persistent::Runs), after before() (what the
+// kernel reads first, put in place only once it runs); then run(launch, plan,
+// runs) passes the job's arguments. False: nothing done.
 template <auto kernel, typename Before, typename Run>
 bool run_cluster(const SequenceLayout& L, int64_t H, int G, const Tensor& like, persistent::SmemBytes smem,
                  const Before& before, const Run& run) {
+  persistent::Runs runs{};
+  if (L.packed && !persistent::make_runs(L.batch_sizes.data(), L.steps, runs)) return false;
   const int device = like.get_device_index();
   persistent::Plan plan;
   if (!plan_cluster(L, H, G, device, smem, plan)) return false;
   const ClusterLaunch<kernel> launch(plan, device, current_stream(like));
   if (!launch.fits()) return false;
   before();
-  const std::optional<Tensor> layout = device_layout(L, like);
-  const int64_t* bs = layout ? static_cast<const int64_t*>(layout->data_ptr()) : nullptr;
-  run(launch, plan, bs, bs ? bs + L.steps : nullptr);
+  run(launch, plan, runs);
   return true;
 }
 
@@ -187,9 +204,9 @@ bool launch_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse
   const int H = static_cast<int>(job.w_hh.size(0));
   return run_cluster<persistent::forward_kernel<T, acc_t, A>>(
       L, H, 1, job.out, persistent::forward_smem<acc_t>, [] {},
-      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
-               bs, offsets, L.steps, L.batch, H, plan.units, plan.tile, plan.size, reverse);
+               runs, L.steps, L.batch, H, plan.units, plan.tile, plan.size, reverse);
         stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
       });
 }
@@ -203,9 +220,9 @@ bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool rever
         stepwise::take(job.dA, job.dY);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
       },
-      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.dA), job.dA.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.grad_hx),
-               job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, offsets, L.steps, L.batch, H, plan.units,
+               job.grad_hx.stride(0), ptr<T>(job.w_hh), runs, L.steps, L.batch, H, plan.units,
                plan.tile, plan.size, reverse);
       });
 }
@@ -217,10 +234,10 @@ bool launch_cell(const SequenceLayout& L, const LstmForwardJob& job) {
   const int H = static_cast<int>(job.c.size(1));
   return run_cluster<persistent::lstm_forward_kernel<T, acc_t>>(
       L, H, persistent::kLstmGates, job.c, persistent::lstm_forward_smem<acc_t>, [] {},
-      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c), job.c.stride(0), ptr<T>(job.out),
                job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.c0), job.c0.stride(0),
-               ptr<T>(job.w_hh), bs, offsets, L.steps, L.batch, H, plan.units, plan.tile, plan.size,
+               ptr<T>(job.w_hh), runs, L.steps, L.batch, H, plan.units, plan.tile, plan.size,
                job.reverse);
         stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
         stepwise::copy_final_rows<CudaBackend>(*job.steps, job.c, job.c_n);
@@ -237,11 +254,11 @@ bool launch_cell(const SequenceLayout& L, const LstmBackwardJob& job) {
         stepwise::take(job.gates, job.saved_gates);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
       },
-      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.dh), job.dh.stride(0), ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c),
                job.c.stride(0), ptr<T>(job.c0), job.c0.stride(0), ptr<T>(job.dc_n), job.dc_n.stride(0),
                ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.grad_cx), job.grad_cx.stride(0),
-               ptr<T>(job.w_hh), bs, offsets, L.steps, L.batch, H, plan.units, plan.tile, plan.size,
+               ptr<T>(job.w_hh), runs, L.steps, L.batch, H, plan.units, plan.tile, plan.size,
                job.reverse);
       });
 }
@@ -251,10 +268,10 @@ bool launch_cell(const SequenceLayout& L, const GruForwardJob& job) {
   const int H = static_cast<int>(job.hn.size(1));
   return run_cluster<persistent::gru_forward_kernel<T, acc_t>>(
       L, H, persistent::kGruGates, job.hn, persistent::gru_forward_smem<acc_t>, [] {},
-      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn), job.hn.stride(0), ptr<T>(job.out),
                job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
-               job.b_hh.defined() ? ptr<T>(job.b_hh) : nullptr, bs, offsets, L.steps, L.batch, H,
+               job.b_hh.defined() ? ptr<T>(job.b_hh) : nullptr, runs, L.steps, L.batch, H,
                plan.units, plan.tile, plan.size, job.reverse);
         stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
       });
@@ -270,10 +287,10 @@ bool launch_cell(const SequenceLayout& L, const GruBackwardJob& job) {
         stepwise::take(job.hn, job.saved_hn);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
       },
-      [&](const auto& launch, const persistent::Plan& plan, const int64_t* bs, const int64_t* offsets) {
+      [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.dh), job.dh.stride(0), ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn),
                job.hn.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0),
-               ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.w_hh), bs, offsets, L.steps,
+               ptr<T>(job.grad_hx), job.grad_hx.stride(0), ptr<T>(job.w_hh), runs, L.steps,
                L.batch, H, plan.units, plan.tile, plan.size, job.reverse);
       });
 }

@@ -15,8 +15,8 @@
 //   w_hh         [G*H, H] row-major, W[r][k] (gate row r, input unit k)
 //   hx (h0), c0  [B, H]   initial state;  grad_hx, grad_cx [B, H] written for
 //                         rows that began at the initial state
-//   batch_sizes, offsets  [T] int64 on the device, or null for a padded sequence
-//                         (batch B at every step, step t at row t * B)
+//   runs         the batch sizes of a packed sequence, by value (Runs, below);
+//                count 0 for a padded one (batch B at every step, step t at row t * B)
 // and per cell at its kernels below. Launch: grid = clusters * cluster_size
 // CTAs of kThreads, cluster dims (cluster_size, 1, 1), dynamic shared memory
 // *_smem(H, units, tile). Cluster c handles batch rows [c * tile, c * tile +
@@ -48,12 +48,39 @@ constexpr int kRows = 4;  // batch rows per thread at most
 constexpr int kLstmGates = 4;
 constexpr int kGruGates = 3;
 
-// Rows of step t (0 outside the sequence), and how many of them fall in the
-// tile of rows [b0, b0 + tile).
-__device__ __forceinline__ int64_t rows_at(const int64_t* batch_sizes, int64_t batch, int64_t t,
-                                           int64_t steps) {
-  if (t < 0 || t >= steps) return 0;
-  return batch_sizes ? batch_sizes[t] : batch;
+// A packed sequence's batch sizes as runs of steps of equal size, passed by
+// value in the kernels' parameters (__grid_constant__): nothing to copy to the
+// device before a launch, so no host sync, and a CUDA graph keeps them in its
+// kernel nodes. Run i covers steps [first[i], first[i + 1]) (the last to the
+// sequence's end), size[i] rows each, from row offset[i] on. A non-increasing
+// batch_sizes has one run per distinct length; kMaxRuns keeps the kernels'
+// parameters inside the portable 4 KB.
+constexpr int kMaxRuns = 192;
+struct Runs {
+  int count = 0;  // 0: a padded sequence
+  int32_t first[kMaxRuns];
+  int32_t size[kMaxRuns];
+  int64_t offset[kMaxRuns];
+};
+static_assert(sizeof(Runs) <= 3200, "the kernels' other parameters need the rest of 4 KB");
+
+// Runs of batch_sizes [steps] (non-increasing, positive); false where more
+// than kMaxRuns (the caller steps with GEMMs instead).
+inline bool make_runs(const int64_t* batch_sizes, int64_t steps, Runs& r) {
+  r.count = 0;
+  if (steps > INT32_MAX) return false;
+  int64_t row = 0;
+  for (int64_t t = 0; t < steps; ++t) {
+    if (t == 0 || batch_sizes[t] != batch_sizes[t - 1]) {
+      if (r.count == kMaxRuns || batch_sizes[t] > INT32_MAX) return false;
+      r.first[r.count] = static_cast<int32_t>(t);
+      r.size[r.count] = static_cast<int32_t>(batch_sizes[t]);
+      r.offset[r.count] = row;
+      ++r.count;
+    }
+    row += batch_sizes[t];
+  }
+  return true;
 }
 
 __device__ __forceinline__ int clamp_rows(int64_t rows, int64_t b0, int tile) {
@@ -248,26 +275,46 @@ struct Share {
 
 // The sequence: its layout and the forward's order.
 struct Sequence {
-  const int64_t* batch_sizes;
-  const int64_t* offsets;
+  const Runs* runs;  // the kernel's __grid_constant__ parameter
   int64_t steps, batch;
   bool reverse;
+
+  // Step t's rows and its first row (0 rows outside the sequence). run: the
+  // run of the step looked up last, a hint; steps come in order, so it moves
+  // by at most one run per step.
+  __device__ __forceinline__ void at(int64_t t, int& run, int64_t& rows, int64_t& first_row) const {
+    rows = 0;
+    first_row = 0;
+    if (t < 0 || t >= steps) return;
+    if (runs->count == 0) {
+      rows = batch;
+      first_row = t * batch;
+      return;
+    }
+    while (run > 0 && t < runs->first[run]) --run;
+    while (run + 1 < runs->count && t >= runs->first[run + 1]) ++run;
+    rows = runs->size[run];
+    first_row = runs->offset[run] + (t - runs->first[run]) * rows;
+  }
 };
 
 // Step s of the forward's order (t = T-1-s when reverse): the tile's rows in it
 // (active), those that continue the previous step's (carried; the others begin
 // at the initial state), and the first rows of the step and the previous one.
+// run: Sequence::at's hint, kept by the caller from step to step.
 struct Step {
   int active, carried;
   int64_t row0, prev0;
-  __device__ Step(const Place& p, const Sequence& q, int64_t s) {
+  __device__ Step(const Place& p, const Sequence& q, int64_t s, int& run) {
     const int64_t t = q.reverse ? q.steps - 1 - s : s, prev = q.reverse ? t + 1 : t - 1;
-    const int64_t rows_t = rows_at(q.batch_sizes, q.batch, t, q.steps);
-    const int64_t rows_prev = rows_at(q.batch_sizes, q.batch, prev, q.steps);
+    int64_t rows_t, rows_prev, first_t, first_prev;
+    int prev_run = run;
+    q.at(prev, prev_run, rows_prev, first_prev);
+    q.at(t, run, rows_t, first_t);
     active = clamp_rows(rows_t, p.b0, p.tile);
     carried = clamp_rows(min(rows_t, rows_prev), p.b0, p.tile);
-    row0 = (q.offsets ? q.offsets[t] : t * q.batch) + p.b0;
-    prev0 = rows_prev > 0 ? (q.offsets ? q.offsets[prev] : prev * q.batch) + p.b0 : 0;
+    row0 = first_t + p.b0;
+    prev0 = rows_prev > 0 ? first_prev + p.b0 : 0;
   }
 };
 
@@ -341,9 +388,9 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
                                               int H, const Init& init, const Finish& finish) {
   const int ldh = padded(H);
   const Share me(p);
-  int cur = 0;
+  int cur = 0, run = 0;
   for (int64_t s = 0; s < q.steps; ++s) {
-    const Step st(p, q, s);
+    const Step st(p, q, s, run);
     const acc_t* h = m.buffer(cur);
     if (me.works) {
       acc_t acc[kRows][G];
@@ -384,9 +431,9 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
                                                const Cell& cell) {
   const int ldg = padded(G * H);
   const Share me(p);
-  int cur = 0;
+  int cur = 0, run = q.runs->count - 1;
   for (int64_t s = q.steps - 1; s >= 0; --s) {
-    const Step st(p, q, s);
+    const Step st(p, q, s, run);
     acc_t* da = m.buffer(cur);
     acc_t acc[kRows][1] = {};
     if (me.works) {
@@ -423,8 +470,7 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
 template <typename T, typename acc_t, Activation A>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ hx, int64_t ld_hx,
-               const T* __restrict__ w_hh, const int64_t* __restrict__ batch_sizes,
-               const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H, int units,
+               const T* __restrict__ w_hh, const __grid_constant__ Runs runs, int64_t steps, int64_t batch, int H, int units,
                int tile, int cluster_size, bool reverse) {
   const Place p(batch, H, units, tile, cluster_size);
   const Smem<acc_t> m(p, 1, H, H);  // buffers: h_{t-1}, h_t
@@ -433,7 +479,7 @@ forward_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ hx, in
   // Every CTA of the cluster runs (its shared memory may be written) and has its state.
   cluster_sync(p.size);
   forward_steps<1>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, m, H,
+      p, {&runs, steps, batch, reverse}, m, H,
       [&](const Share& me, const Step& st, int b, int) {
         return load<acc_t>(out[(st.row0 + b) * ld_out + me.j]);
       },
@@ -448,7 +494,7 @@ template <typename T, typename acc_t, Activation A>
 __global__ void __launch_bounds__(kThreads)
 backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, int64_t ld_out,
                 T* __restrict__ grad_hx, int64_t ld_ghx, const T* __restrict__ w_hh,
-                const int64_t* __restrict__ batch_sizes, const int64_t* __restrict__ offsets,
+                const __grid_constant__ Runs runs,
                 int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
                 bool reverse) {
   const Place p(batch, H, units, tile, cluster_size);
@@ -459,7 +505,7 @@ backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, in
   cluster_sync(p.size);
   // dA_t = (dY_t + dh_t) * act'(h_t).
   backward_steps<1>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, m, dh, grad_hx, ld_ghx, H,
+      p, {&runs, steps, batch, reverse}, m, dh, grad_hx, ld_ghx, H,
       [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[1], acc_t&) {
         const int64_t row = st.row0 + b;
         ga[0] = activation_grad<A>(load<acc_t>(dA[row * ld_dA + me.j]) + dh_later,
@@ -485,7 +531,7 @@ __global__ void __launch_bounds__(kThreads)
 lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int64_t ld_c,
                     T* __restrict__ out, int64_t ld_out, const T* __restrict__ h0, int64_t ld_h0,
                     const T* __restrict__ c0, int64_t ld_c0, const T* __restrict__ w_hh,
-                    const int64_t* __restrict__ batch_sizes, const int64_t* __restrict__ offsets,
+                    const __grid_constant__ Runs runs,
                     int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
                     bool reverse) {
   constexpr int G = kLstmGates;
@@ -497,7 +543,7 @@ lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int6
   load_tile(cell, units, c0, ld_c0, p.j0, p.nu, p);
   cluster_sync(p.size);
   forward_steps<G>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, m, H,
+      p, {&runs, steps, batch, reverse}, m, H,
       [&](const Share& me, const Step& st, int b, int g) {
         return load<acc_t>(gates[(st.row0 + b) * ld_g + g * H + me.j]);
       },
@@ -521,8 +567,7 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
                      const T* __restrict__ c, int64_t ld_c, const T* __restrict__ c0, int64_t ld_c0,
                      const T* __restrict__ dc_n, int64_t ld_dcn, T* __restrict__ grad_hx,
                      int64_t ld_ghx, T* __restrict__ grad_cx, int64_t ld_gcx,
-                     const T* __restrict__ w_hh, const int64_t* __restrict__ batch_sizes,
-                     const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H,
+                     const T* __restrict__ w_hh, const __grid_constant__ Runs runs, int64_t steps, int64_t batch, int H,
                      int units, int tile, int cluster_size, bool reverse) {
   constexpr int G = kLstmGates;
   const Place p(batch, H, units, tile, cluster_size);
@@ -535,7 +580,7 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
   load_tile(dcr, units, dc_n, ld_dcn, p.j0, p.nu, p);
   cluster_sync(p.size);
   backward_steps<G>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,
+      p, {&runs, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,
       [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[G], acc_t&) {
         const int64_t row = st.row0 + b;
 #pragma unroll
@@ -574,7 +619,7 @@ __global__ void __launch_bounds__(kThreads)
 gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int64_t ld_hn,
                    T* __restrict__ out, int64_t ld_out, const T* __restrict__ h0, int64_t ld_h0,
                    const T* __restrict__ w_hh, const T* __restrict__ b_hh,
-                   const int64_t* __restrict__ batch_sizes, const int64_t* __restrict__ offsets,
+                   const __grid_constant__ Runs runs,
                    int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
                    bool reverse) {
   constexpr int G = kGruGates;
@@ -585,7 +630,7 @@ gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int6
   cluster_sync(p.size);
   // The sums are h_{t-1} W_hh^T + b_hh; the input side (gates) joins in the cell.
   forward_steps<G>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, m, H,
+      p, {&runs, steps, batch, reverse}, m, H,
       [&](const Share& me, const Step&, int, int g) {
         return b_hh ? load<acc_t>(b_hh[g * H + me.j]) : acc_t(0);
       },
@@ -608,8 +653,7 @@ __global__ void __launch_bounds__(kThreads)
 gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, int64_t ld_g,
                     T* __restrict__ hn, int64_t ld_hn, const T* __restrict__ out, int64_t ld_out,
                     const T* __restrict__ h0, int64_t ld_h0, T* __restrict__ grad_hx, int64_t ld_ghx,
-                    const T* __restrict__ w_hh, const int64_t* __restrict__ batch_sizes,
-                    const int64_t* __restrict__ offsets, int64_t steps, int64_t batch, int H,
+                    const T* __restrict__ w_hh, const __grid_constant__ Runs runs, int64_t steps, int64_t batch, int H,
                     int units, int tile, int cluster_size, bool reverse) {
   constexpr int G = kGruGates;
   const Place p(batch, H, units, tile, cluster_size);
@@ -619,7 +663,7 @@ gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, in
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
   cluster_sync(p.size);
   backward_steps<G>(
-      p, {batch_sizes, offsets, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,
+      p, {&runs, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,
       [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[G], acc_t& direct) {
         const int64_t row = st.row0 + b;
         const acc_t d = load<acc_t>(dh[row * ld_dh + me.j]) + dh_later;

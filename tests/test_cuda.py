@@ -179,6 +179,32 @@ def cuda_kernels(fn):
     return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["per-step", "persistent"])
+def test_a_layers_directions_run_at_once(monkeypatch, cell, persistent):
+    """A bidirectional layer's directions run at the same time, forward and backward: fastrnn's
+    kernels go to two streams (the current one and a side stream); a unidirectional stack's
+    to the current stream only. (Results: the parity tests, bidirectional ones included.)"""
+    if persistent:
+        monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
+    streams = {}
+    for bidirectional in (False, True):
+        _, fast = rnn_pair(8, 32, 2, cell=cell, bidirectional=bidirectional)
+        fast = fast.cuda()
+        x = torch.randn(10, 4, 8, device="cuda", requires_grad=True)
+
+        def run():
+            out, h = fast(x)
+            grads(fast, weighted_sum(out, h), [x])
+
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        streams[bidirectional] = {e.device_resource_id for e in prof.events()
+                                  if e.device_type == torch.autograd.DeviceType.CUDA and "fastrnn::" in e.name}
+    assert len(streams[False]) == 1 and len(streams[True]) == 2, streams
+
+
 @pytest.mark.parametrize("hidden, dtype, path", [
     (100, torch.float32, "one CTA"), (256, torch.float32, "cluster"),
     (512, torch.float32, "cluster"), (300, torch.float64, "cluster"),

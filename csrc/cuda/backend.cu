@@ -2,7 +2,8 @@
 // torch's CUDA shims, on the current stream. The recurrences run in the
 // persistent kernels of persistent.cuh where W_hh (or its slices, over a
 // cluster's CTAs on sm_90) fits in shared memory, else with one GEMM and one
-// pointwise kernel per step (stepwise.h).
+// pointwise kernel per step (stepwise.h); a layer's two directions run at
+// once, the second on a side stream.
 #include "../stack.h"
 #include "../stepwise.h"
 #include "persistent.cuh"
@@ -38,17 +39,15 @@ cudaStream_t current_stream(const Tensor& t) {
   return static_cast<cudaStream_t>(stream);
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  FASTRNN_CHECK(err == cudaSuccess, "fastrnn: ", what, " failed: ",
-                  cudaGetErrorString(err));
+void cuda_check(cudaError_t err, const char* what) {
+  FASTRNN_CHECK(err == cudaSuccess, "fastrnn: ", what, " failed: ", cudaGetErrorString(err));
 }
+
+void check_launch(const char* what) { cuda_check(cudaGetLastError(), what); }
 
 int device_attribute(cudaDeviceAttr attr, int device) {
   int value = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&value, attr, device);
-  FASTRNN_CHECK(err == cudaSuccess, "fastrnn: cudaDeviceGetAttribute failed: ",
-                cudaGetErrorString(err));
+  cuda_check(cudaDeviceGetAttribute(&value, attr, device), "cudaDeviceGetAttribute");
   return value;
 }
 
@@ -59,12 +58,14 @@ bool persistent_enabled() {
   return flag != nullptr && std::strcmp(flag, "1") == 0;
 }
 
-// persistent::plan for this device.
-bool plan_cluster(const SequenceLayout& L, int64_t H, int G, int device, persistent::SmemBytes smem,
-                  persistent::Plan& plan) {
-  const persistent::Device d{device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9,
-                             device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                             device_attribute(cudaDevAttrMultiProcessorCount, device)};
+// persistent::plan for this device, for one of `concurrent` layers that run at
+// once (a layer's directions, concurrently()): each is planned on its share of the SMs.
+bool plan_cluster(const SequenceLayout& L, int64_t H, int G, int device, int concurrent,
+                  persistent::SmemBytes smem, persistent::Plan& plan) {
+  const persistent::Device d{
+      device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9,
+      device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+      std::max(1, device_attribute(cudaDevAttrMultiProcessorCount, device) / std::max(1, concurrent))};
   plan = persistent::plan(L.batch, H, G, d, smem);
   return plan.size > 0;
 }
@@ -93,9 +94,8 @@ void prepare(size_t smem, int device) {
   static std::atomic<size_t> allowed[kMaxDevices] = {};  // per kernel: one per instantiation
   const bool cached = device >= 0 && device < kMaxDevices;
   if (cached && smem <= allowed[device].load(std::memory_order_relaxed)) return;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  FASTRNN_CHECK(err == cudaSuccess, "fastrnn: cudaFuncSetAttribute failed: ", cudaGetErrorString(err));
+  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+             "cudaFuncSetAttribute");
   if (cached) raise_to(allowed[device], smem);
 }
 
@@ -167,8 +167,7 @@ class ClusterLaunch {
 
   template <typename... Args>
   void operator()(Args... args) const {
-    const cudaError_t err = cudaLaunchKernelEx(&config_, kernel, args...);
-    FASTRNN_CHECK(err == cudaSuccess, "fastrnn: persistent kernel launch failed: ", cudaGetErrorString(err));
+    cuda_check(cudaLaunchKernelEx(&config_, kernel, args...), "persistent kernel launch");
   }
 
  private:
@@ -184,13 +183,13 @@ class ClusterLaunch {
 // kernel reads first, put in place only once it runs); then run(launch, plan,
 // runs) passes the job's arguments. False: nothing done.
 template <auto kernel, typename Before, typename Run>
-bool run_cluster(const SequenceLayout& L, int64_t H, int G, const Tensor& like, persistent::SmemBytes smem,
-                 const Before& before, const Run& run) {
+bool run_cluster(const SequenceLayout& L, int64_t H, int G, const Tensor& like, int concurrent,
+                 persistent::SmemBytes smem, const Before& before, const Run& run) {
   persistent::Runs runs{};
   if (L.packed && !persistent::make_runs(L.batch_sizes.data(), L.steps, runs)) return false;
   const int device = like.get_device_index();
   persistent::Plan plan;
-  if (!plan_cluster(L, H, G, device, smem, plan)) return false;
+  if (!plan_cluster(L, H, G, device, concurrent, smem, plan)) return false;
   const ClusterLaunch<kernel> launch(plan, device, current_stream(like));
   if (!launch.fits()) return false;
   before();
@@ -200,22 +199,24 @@ bool run_cluster(const SequenceLayout& L, int64_t H, int G, const Tensor& like, 
 
 // Elman: one CTA or a cluster.
 template <typename T, typename acc_t, Activation A>
-bool launch_forward(const SequenceLayout& L, const ForwardJob& job, bool reverse) {
+bool launch_forward(const ForwardJob& job, int concurrent) {
+  const SequenceLayout& L = *job.layout;
   const int H = static_cast<int>(job.w_hh.size(0));
   return run_cluster<persistent::forward_kernel<T, acc_t, A>>(
-      L, H, 1, job.out, persistent::forward_smem<acc_t>, [] {},
+      L, H, 1, job.out, concurrent, persistent::forward_smem<acc_t>, [] {},
       [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
-               runs, L.steps, L.batch, H, plan.units, plan.tile, plan.size, reverse);
+               runs, L.steps, L.batch, H, plan.units, plan.tile, plan.size, job.reverse);
         stepwise::copy_final_rows<CudaBackend>(*job.steps, job.out, job.h_n);
       });
 }
 
 template <typename T, typename acc_t, Activation A>
-bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool reverse) {
+bool launch_backward(const BackwardJob& job, int concurrent) {
+  const SequenceLayout& L = *job.layout;
   const int H = static_cast<int>(job.w_hh.size(0));
   return run_cluster<persistent::backward_kernel<T, acc_t, A>>(
-      L, H, 1, job.out, persistent::backward_smem<acc_t>,
+      L, H, 1, job.out, concurrent, persistent::backward_smem<acc_t>,
       [&] {
         stepwise::take(job.dA, job.dY);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
@@ -223,17 +224,18 @@ bool launch_backward(const SequenceLayout& L, const BackwardJob& job, bool rever
       [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.dA), job.dA.stride(0), ptr<T>(job.out), job.out.stride(0), ptr<T>(job.grad_hx),
                job.grad_hx.stride(0), ptr<T>(job.w_hh), runs, L.steps, L.batch, H, plan.units,
-               plan.tile, plan.size, reverse);
+               plan.tile, plan.size, job.reverse);
       });
 }
 
 // A cell's recurrence (an LSTM without projection; a GRU): one CTA or a cluster.
 template <typename T, typename acc_t>
-bool launch_cell(const SequenceLayout& L, const LstmForwardJob& job) {
+bool launch_cell(const LstmForwardJob& job, int concurrent) {
+  const SequenceLayout& L = *job.layout;
   if (job.w_hr.defined() || job.x.defined()) return false;
   const int H = static_cast<int>(job.c.size(1));
   return run_cluster<persistent::lstm_forward_kernel<T, acc_t>>(
-      L, H, persistent::kLstmGates, job.c, persistent::lstm_forward_smem<acc_t>, [] {},
+      L, H, persistent::kLstmGates, job.c, concurrent, persistent::lstm_forward_smem<acc_t>, [] {},
       [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c), job.c.stride(0), ptr<T>(job.out),
                job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.c0), job.c0.stride(0),
@@ -245,11 +247,12 @@ bool launch_cell(const SequenceLayout& L, const LstmForwardJob& job) {
 }
 
 template <typename T, typename acc_t>
-bool launch_cell(const SequenceLayout& L, const LstmBackwardJob& job) {
+bool launch_cell(const LstmBackwardJob& job, int concurrent) {
+  const SequenceLayout& L = *job.layout;
   if (job.w_hr.defined()) return false;
   const int H = static_cast<int>(job.c.size(1));
   return run_cluster<persistent::lstm_backward_kernel<T, acc_t>>(
-      L, H, persistent::kLstmGates, job.c, persistent::lstm_backward_smem<acc_t>,
+      L, H, persistent::kLstmGates, job.c, concurrent, persistent::lstm_backward_smem<acc_t>,
       [&] {
         stepwise::take(job.gates, job.saved_gates);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
@@ -264,10 +267,11 @@ bool launch_cell(const SequenceLayout& L, const LstmBackwardJob& job) {
 }
 
 template <typename T, typename acc_t>
-bool launch_cell(const SequenceLayout& L, const GruForwardJob& job) {
+bool launch_cell(const GruForwardJob& job, int concurrent) {
+  const SequenceLayout& L = *job.layout;
   const int H = static_cast<int>(job.hn.size(1));
   return run_cluster<persistent::gru_forward_kernel<T, acc_t>>(
-      L, H, persistent::kGruGates, job.hn, persistent::gru_forward_smem<acc_t>, [] {},
+      L, H, persistent::kGruGates, job.hn, concurrent, persistent::gru_forward_smem<acc_t>, [] {},
       [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn), job.hn.stride(0), ptr<T>(job.out),
                job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
@@ -278,10 +282,11 @@ bool launch_cell(const SequenceLayout& L, const GruForwardJob& job) {
 }
 
 template <typename T, typename acc_t>
-bool launch_cell(const SequenceLayout& L, const GruBackwardJob& job) {
+bool launch_cell(const GruBackwardJob& job, int concurrent) {
+  const SequenceLayout& L = *job.layout;
   const int H = static_cast<int>(job.hn.size(1));
   return run_cluster<persistent::gru_backward_kernel<T, acc_t>>(
-      L, H, persistent::kGruGates, job.hn, persistent::gru_backward_smem<acc_t>,
+      L, H, persistent::kGruGates, job.hn, concurrent, persistent::gru_backward_smem<acc_t>,
       [&] {
         stepwise::take(job.gates, job.saved_gates);
         stepwise::take(job.hn, job.saved_hn);
@@ -298,6 +303,74 @@ bool launch_cell(const SequenceLayout& L, const GruBackwardJob& job) {
 // Blocks for a grid-stride pointwise kernel over n elements.
 unsigned pointwise_blocks(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65535));
+}
+
+// A stream and two events per device and host thread, made on first use and
+// kept: where a layer's other directions run beside its first.
+struct SideStream {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+};
+
+SideStream& side_stream(int device) {
+  thread_local SideStream sides[kMaxDevices];
+  SideStream& s = sides[device];
+  if (s.stream == nullptr) {
+    cuda_check(cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming), "cudaEventCreate");
+    cuda_check(cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming), "cudaEventCreate");
+    cuda_check(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  }
+  return s;
+}
+
+// torch's current stream on `device` is `stream` while this lives (its
+// GEMMs and copies go there too).
+class StreamGuard {
+ public:
+  StreamGuard(cudaStream_t stream, int device) {
+    TORCH_ERROR_CODE_CHECK(aoti_torch_create_cuda_stream_guard(stream, device, &guard_));
+  }
+  ~StreamGuard() { (void)aoti_torch_delete_cuda_stream_guard(guard_); }
+  StreamGuard(const StreamGuard&) = delete;
+  StreamGuard& operator=(const StreamGuard&) = delete;
+
+ private:
+  CUDAStreamGuardHandle guard_ = nullptr;
+};
+
+// f(job, n) for each of a layer's n independent jobs (its directions), all at
+// once: the first on the current stream, the others on the side stream, which
+// forks from it and joins back into it through events. Nothing waits on the
+// host, and a CUDA graph captures the fork and the join as edges. Each
+// job's memory belongs to the op, which outlives the join, so the caching
+// allocator needs no record_stream.
+template <typename Job, typename F>
+void concurrently(const std::vector<Job>& jobs, const F& f) {
+  const int n = static_cast<int>(jobs.size());
+  const int device = n > 1 ? jobs[0].w_hh.get_device_index() : -1;
+  if (n < 2 || device < 0 || device >= kMaxDevices) {
+    for (const Job& job : jobs) f(job, 1);
+    return;
+  }
+  const cudaStream_t main = current_stream(jobs[0].w_hh);
+  const SideStream& side = side_stream(device);
+  cuda_check(cudaEventRecord(side.fork, main), "cudaEventRecord");
+  cuda_check(cudaStreamWaitEvent(side.stream, side.fork, 0), "cudaStreamWaitEvent");
+  // The main stream waits for the side's work however this scope is left.
+  struct Join {
+    const SideStream& side;
+    cudaStream_t main;
+    ~Join() {
+      if (cudaEventRecord(side.join, side.stream) != cudaSuccess ||
+          cudaStreamWaitEvent(main, side.join, 0) != cudaSuccess) {
+        (void)cudaGetLastError();
+        (void)cudaStreamSynchronize(side.stream);
+      }
+    }
+  } join{side, main};
+  f(jobs[0], n);
+  const StreamGuard on_side(side.stream, device);
+  for (int i = 1; i < n; ++i) f(jobs[i], n);
 }
 
 struct CudaBackend {
@@ -333,56 +406,52 @@ struct CudaBackend {
     check_launch("for_each_kernel");
   }
 
+  // A layer's directions run at once (concurrently()), each in a persistent
+  // kernel where it takes the job, else with a GEMM and a pointwise kernel per step.
   static void forward_recurrences(const std::vector<ForwardJob>& jobs, Activation act) {
-    for (const ForwardJob& job : jobs) {
-      bool fused = false;
-      if (persistent_enabled()) {
-        with_dtype(job.out.scalar_type(), [&]<typename T>() {
-          with_activation(act, [&](auto a) {
-            fused = launch_forward<T, acc_type<T>, decltype(a)::value>(*job.layout, job, job.reverse);
-          });
-        });
-      }
-      if (!fused) stepwise::forward<CudaBackend>(job, act);
-    }
+    concurrently(jobs, [&](const ForwardJob& job, int n) {
+      if (!persistent_elman<true>(job, act, n)) stepwise::forward<CudaBackend>(job, act);
+    });
   }
-
   static void backward_recurrences(const std::vector<BackwardJob>& jobs, Activation act) {
-    for (const BackwardJob& job : jobs) {
-      bool fused = false;
-      if (persistent_enabled()) {
-        with_dtype(job.out.scalar_type(), [&]<typename T>() {
-          with_activation(act, [&](auto a) {
-            fused = launch_backward<T, acc_type<T>, decltype(a)::value>(*job.layout, job, job.reverse);
-          });
-        });
-      }
-      if (!fused) stepwise::backward<CudaBackend>(job, act);
-    }
+    concurrently(jobs, [&](const BackwardJob& job, int n) {
+      if (!persistent_elman<false>(job, act, n)) stepwise::backward<CudaBackend>(job, act);
+    });
   }
-
-  // The cells' recurrences: persistent.cuh's kernels where they take
-  // the job (launch_cell), else a GEMM and a pointwise kernel per step.
   template <typename Job>
   static void forward_recurrences(const std::vector<Job>& jobs) {
-    for (const Job& job : jobs) {
-      if (!persistent_cell(job)) stepwise::forward<CudaBackend>(job);
-    }
+    concurrently(jobs, [&](const Job& job, int n) {
+      if (!persistent_cell(job, n)) stepwise::forward<CudaBackend>(job);
+    });
   }
   template <typename Job>
   static void backward_recurrences(const std::vector<Job>& jobs) {
-    for (const Job& job : jobs) {
-      if (!persistent_cell(job)) stepwise::backward<CudaBackend>(job);
-    }
+    concurrently(jobs, [&](const Job& job, int n) {
+      if (!persistent_cell(job, n)) stepwise::backward<CudaBackend>(job);
+    });
+  }
+
+  template <bool Forward, typename Job>
+  static bool persistent_elman(const Job& job, Activation act, int concurrent) {
+    bool fused = false;
+    if (!persistent_enabled()) return false;
+    with_dtype(job.w_hh.scalar_type(), [&]<typename T>() {
+      with_activation(act, [&](auto a) {
+        constexpr Activation A = decltype(a)::value;
+        if constexpr (Forward) {
+          fused = launch_forward<T, acc_type<T>, A>(job, concurrent);
+        } else {
+          fused = launch_backward<T, acc_type<T>, A>(job, concurrent);
+        }
+      });
+    });
+    return fused;
   }
   template <typename Job>
-  static bool persistent_cell(const Job& job) {
+  static bool persistent_cell(const Job& job, int concurrent) {
     bool fused = false;
-    if (persistent_enabled()) {
-      with_dtype(job.w_hh.scalar_type(), [&]<typename T>() {
-        fused = launch_cell<T, acc_type<T>>(*job.layout, job);
-      });
-    }
+    if (!persistent_enabled()) return false;
+    with_dtype(job.w_hh.scalar_type(), [&]<typename T>() { fused = launch_cell<T, acc_type<T>>(job, concurrent); });
     return fused;
   }
 };

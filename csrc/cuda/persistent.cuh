@@ -379,27 +379,53 @@ __device__ __forceinline__ void to_every_cta(acc_t* buf, int ld, int b, int j, i
   }
 }
 
+// A thread's values for its rows of a step, from global memory: load(b, v)
+// fills v[N] for row b (0 for rows outside the step). The steps load them a
+// step ahead, so that their latency passes during the step before rather than
+// at the head of the step's chain of work.
+template <int N, typename acc_t>
+struct Ahead {
+  acc_t v[kRows][N];
+  template <typename Load>
+  __device__ __forceinline__ void load(const Share& me, const Step& st, const Load& f) {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int b = me.row(i);
+      if (me.works && b < st.active) {
+        f(b, v[i]);
+      } else {
+#pragma unroll
+        for (int n = 0; n < N; ++n) v[i][n] = acc_t(0);
+      }
+    }
+  }
+};
+
 // The forward's steps. Per step, for this thread's unit and rows in it: the
-// sums acc[g] = init(b, g) + h_{t-1} W_hh^T's G gates, then v = finish(b,
-// acc, h) with h the row's state; v, the row's h_t, goes to every CTA. A row
-// not in the step keeps its state. m.buffer(0) holds h_0's rows on entry.
+// sums acc[g] = init[g] + h_{t-1} W_hh^T's G gates, with init(me, st, b, init)
+// what the step starts from (loaded ahead), then v = finish(b, acc, h) with
+// h the row's state; v, the row's h_t, goes to every CTA. A row not in the
+// step keeps its state. m.buffer(0) holds h_0's rows on entry.
 template <int G, typename acc_t, typename Init, typename Finish>
 __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q, const Smem<acc_t>& m,
                                               int H, const Init& init, const Finish& finish) {
   const int ldh = padded(H);
   const Share me(p);
   int cur = 0, run = 0;
+  Step st(p, q, 0, run);
+  Ahead<G, acc_t> ahead;
+  ahead.load(me, st, [&](int b, acc_t (&v)[G]) { init(me, st, b, v); });
   for (int64_t s = 0; s < q.steps; ++s) {
-    const Step st(p, q, s, run);
     const acc_t* h = m.buffer(cur);
+    acc_t acc[kRows][G];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) acc[i][g] = ahead.v[i][g];
+    }
+    const Step next(p, q, s + 1, run);  // no rows past the last step
+    ahead.load(me, next, [&](int b, acc_t (&v)[G]) { init(me, next, b, v); });
     if (me.works) {
-      acc_t acc[kRows][G];
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int b = me.row(i);
-#pragma unroll
-        for (int g = 0; g < G; ++g) acc[i][g] = b < st.active ? init(me, st, b, g) : acc_t(0);
-      }
       accumulate<G>(acc, h, ldh, H, m.w, p, me, st.active);
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
@@ -415,26 +441,39 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
     // has read this one.
     cluster_sync(p.size);
     cur ^= 1;
+    st = next;
   }
 }
 
 // The backward's steps, in the opposite order. Per step, for this thread's unit
-// and rows in it: cell(b, dh_t's part from later steps, ga, direct) computes
-// the G gates' dA_t (ga, to every CTA) and a part of dh_{t-1} that skips W_hh
-// (direct: GRU's d z). Then dh_{t-1} = dA_t W_hh + direct for this unit: kept
-// in dh [tile][units] for the rows the previous step carries (0 elsewhere:
-// their h was final, and dh_n is already in dY), written to grad_hx for those
-// that began at hx. m's buffers hold dA_t ([tile][padded(G * H)]); dh zero on entry.
-template <int G, typename T, typename acc_t, typename Cell>
+// and rows in it: load(st, b, in) fills in[L], the row's values from global
+// memory (loaded a step ahead); cell(st, b, in, dh_t's part from later steps,
+// ga, direct) computes the G gates' dA_t (ga, to every CTA) and a part of
+// dh_{t-1} that skips W_hh (direct: GRU's d z). Then dh_{t-1} = dA_t W_hh +
+// direct for this unit: kept in dh [tile][units] for the rows the previous
+// step carries (0 elsewhere: their h was final, and dh_n is already in dY),
+// written to grad_hx for those that began at hx. m's buffers hold dA_t
+// ([tile][padded(G * H)]); dh zero on entry.
+template <int G, int L, typename T, typename acc_t, typename Load, typename Cell>
 __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q, const Smem<acc_t>& m,
                                                acc_t* dh, T* grad_hx, int64_t ld_ghx, int H,
-                                               const Cell& cell) {
+                                               const Load& load, const Cell& cell) {
   const int ldg = padded(G * H);
   const Share me(p);
   int cur = 0, run = q.runs->count - 1;
+  Step st(p, q, q.steps - 1, run);
+  Ahead<L, acc_t> ahead;
+  ahead.load(me, st, [&](int b, acc_t (&in)[L]) { load(me, st, b, in); });
   for (int64_t s = q.steps - 1; s >= 0; --s) {
-    const Step st(p, q, s, run);
     acc_t* da = m.buffer(cur);
+    acc_t in[kRows][L];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+      for (int n = 0; n < L; ++n) in[i][n] = ahead.v[i][n];
+    }
+    const Step next(p, q, s - 1, run);  // no rows before the first step
+    ahead.load(me, next, [&](int b, acc_t (&v)[L]) { load(me, next, b, v); });
     acc_t acc[kRows][1] = {};
     if (me.works) {
 #pragma unroll
@@ -442,7 +481,7 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
         const int b = me.row(i);
         if (b >= p.rows) break;
         acc_t ga[G] = {};
-        if (b < st.active) cell(me, st, b, dh[b * p.units + me.u], ga, acc[i][0]);
+        if (b < st.active) cell(me, st, b, in[i], dh[b * p.units + me.u], ga, acc[i][0]);
         to_every_cta<G>(da, ldg, b, me.j, H, ga, p);
       }
     }
@@ -458,6 +497,7 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
       }
     }
     cur ^= 1;
+    st = next;
   }
   // No CTA leaves while another may still write into its shared memory: the
   // last writes came before the last barrier.
@@ -480,8 +520,8 @@ forward_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ hx, in
   cluster_sync(p.size);
   forward_steps<1>(
       p, {&runs, steps, batch, reverse}, m, H,
-      [&](const Share& me, const Step& st, int b, int) {
-        return load<acc_t>(out[(st.row0 + b) * ld_out + me.j]);
+      [&](const Share& me, const Step& st, int b, acc_t (&init)[1]) {
+        init[0] = load<acc_t>(out[(st.row0 + b) * ld_out + me.j]);
       },
       [&](const Share& me, const Step& st, int b, acc_t (&acc)[1], acc_t) {
         const acc_t v = activate<A>(acc[0]);
@@ -504,13 +544,17 @@ backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, in
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dh[i] = acc_t(0);
   cluster_sync(p.size);
   // dA_t = (dY_t + dh_t) * act'(h_t).
-  backward_steps<1>(
+  // in: dY_t (+ dh_n), h_t.
+  backward_steps<1, 2>(
       p, {&runs, steps, batch, reverse}, m, dh, grad_hx, ld_ghx, H,
-      [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[1], acc_t&) {
+      [&](const Share& me, const Step& st, int b, acc_t (&in)[2]) {
         const int64_t row = st.row0 + b;
-        ga[0] = activation_grad<A>(load<acc_t>(dA[row * ld_dA + me.j]) + dh_later,
-                                   load<acc_t>(out[row * ld_out + me.j]));
-        dA[row * ld_dA + me.j] = store<T>(ga[0]);
+        in[0] = load<acc_t>(dA[row * ld_dA + me.j]);
+        in[1] = load<acc_t>(out[row * ld_out + me.j]);
+      },
+      [&](const Share& me, const Step& st, int b, const acc_t (&in)[2], acc_t dh_later, acc_t (&ga)[1], acc_t&) {
+        ga[0] = activation_grad<A>(in[0] + dh_later, in[1]);
+        dA[(st.row0 + b) * ld_dA + me.j] = store<T>(ga[0]);
       });
 }
 
@@ -544,8 +588,9 @@ lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int6
   cluster_sync(p.size);
   forward_steps<G>(
       p, {&runs, steps, batch, reverse}, m, H,
-      [&](const Share& me, const Step& st, int b, int g) {
-        return load<acc_t>(gates[(st.row0 + b) * ld_g + g * H + me.j]);
+      [&](const Share& me, const Step& st, int b, acc_t (&init)[G]) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) init[g] = load<acc_t>(gates[(st.row0 + b) * ld_g + g * H + me.j]);
       },
       [&](const Share& me, const Step& st, int b, acc_t (&a)[G], acc_t) {
         const int64_t row = st.row0 + b;
@@ -579,20 +624,27 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
   // Every row's last step comes first: its c_t gets dc_n (dh_n is already in dh).
   load_tile(dcr, units, dc_n, ld_dcn, p.j0, p.nu, p);
   cluster_sync(p.size);
-  backward_steps<G>(
+  // in: the four gates, dY_t (+ dh_n), c_t, c_{t-1}.
+  backward_steps<G, G + 3>(
       p, {&runs, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,
-      [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[G], acc_t&) {
+      [&](const Share& me, const Step& st, int b, acc_t (&in)[G + 3]) {
         const int64_t row = st.row0 + b;
 #pragma unroll
-        for (int g = 0; g < G; ++g) ga[g] = load<acc_t>(gates[row * ld_g + g * H + me.j]);
-        const acc_t dm = load<acc_t>(dh[row * ld_dh + me.j]) + dh_later;
+        for (int g = 0; g < G; ++g) in[g] = load<acc_t>(gates[row * ld_g + g * H + me.j]);
+        in[G] = load<acc_t>(dh[row * ld_dh + me.j]);
+        in[G + 1] = load<acc_t>(c[row * ld_c + me.j]);
+        in[G + 2] = load<acc_t>(b < st.carried ? c[(st.prev0 + b) * ld_c + me.j] : c0[(p.b0 + b) * ld_c0 + me.j]);
+      },
+      [&](const Share& me, const Step& st, int b, const acc_t (&in)[G + 3], acc_t dh_later, acc_t (&ga)[G],
+          acc_t&) {
+        const int64_t row = st.row0 + b;
+#pragma unroll
+        for (int g = 0; g < G; ++g) ga[g] = in[g];
+        const acc_t dm = in[G] + dh_later;
         dh[row * ld_dh + me.j] = store<T>(dm);
-        const acc_t cp = load<acc_t>(b < st.carried ? c[(st.prev0 + b) * ld_c + me.j]
-                                                    : c0[(p.b0 + b) * ld_c0 + me.j]);
         acc_t& dc = dcr[b * units + me.u];
         acc_t dc_prev;
-        lstm_backward_cell<ScalarAct, acc_t>(ga[0], ga[1], ga[2], ga[3], load<acc_t>(c[row * ld_c + me.j]),
-                                             cp, dm, dc, dc_prev);
+        lstm_backward_cell<ScalarAct, acc_t>(ga[0], ga[1], ga[2], ga[3], in[G + 1], in[G + 2], dm, dc, dc_prev);
 #pragma unroll
         for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + me.j] = store<T>(ga[g]);
         // To the previous step's row, or to grad_cx for a row that began at c0.
@@ -631,8 +683,9 @@ gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int6
   // The sums are h_{t-1} W_hh^T + b_hh; the input side (gates) joins in the cell.
   forward_steps<G>(
       p, {&runs, steps, batch, reverse}, m, H,
-      [&](const Share& me, const Step&, int, int g) {
-        return b_hh ? load<acc_t>(b_hh[g * H + me.j]) : acc_t(0);
+      [&](const Share& me, const Step&, int, acc_t (&init)[G]) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) init[g] = b_hh ? load<acc_t>(b_hh[g * H + me.j]) : acc_t(0);
       },
       [&](const Share& me, const Step& st, int b, acc_t (&a)[G], acc_t h_prev) {
         const int64_t row = st.row0 + b;
@@ -662,18 +715,26 @@ gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, in
   load_unit_columns<G>(m.w, w_hh, H, p);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
   cluster_sync(p.size);
-  backward_steps<G>(
+  // in: r z n, dY_t (+ dh_n), h_{t-1}, hn_t.
+  backward_steps<G, G + 3>(
       p, {&runs, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,
-      [&](const Share& me, const Step& st, int b, acc_t dh_later, acc_t (&ga)[G], acc_t& direct) {
+      [&](const Share& me, const Step& st, int b, acc_t (&in)[G + 3]) {
         const int64_t row = st.row0 + b;
-        const acc_t d = load<acc_t>(dh[row * ld_dh + me.j]) + dh_later;
-        dh[row * ld_dh + me.j] = store<T>(d);
-        const acc_t hp = load<acc_t>(b < st.carried ? out[(st.prev0 + b) * ld_out + me.j]
-                                                    : h0[(p.b0 + b) * ld_h0 + me.j]);
 #pragma unroll
-        for (int g = 0; g < G; ++g) ga[g] = load<acc_t>(gates[row * ld_g + g * H + me.j]);
-        acc_t hn_j = load<acc_t>(hn[row * ld_hn + me.j]);
-        gru_backward_cell<ScalarAct, acc_t>(ga[0], ga[1], ga[2], hn_j, d, hp, direct);
+        for (int g = 0; g < G; ++g) in[g] = load<acc_t>(gates[row * ld_g + g * H + me.j]);
+        in[G] = load<acc_t>(dh[row * ld_dh + me.j]);
+        in[G + 1] = load<acc_t>(b < st.carried ? out[(st.prev0 + b) * ld_out + me.j] : h0[(p.b0 + b) * ld_h0 + me.j]);
+        in[G + 2] = load<acc_t>(hn[row * ld_hn + me.j]);
+      },
+      [&](const Share& me, const Step& st, int b, const acc_t (&in)[G + 3], acc_t dh_later, acc_t (&ga)[G],
+          acc_t& direct) {
+        const int64_t row = st.row0 + b;
+        const acc_t d = in[G] + dh_later;
+        dh[row * ld_dh + me.j] = store<T>(d);
+#pragma unroll
+        for (int g = 0; g < G; ++g) ga[g] = in[g];
+        acc_t hn_j = in[G + 2];
+        gru_backward_cell<ScalarAct, acc_t>(ga[0], ga[1], ga[2], hn_j, d, in[G + 1], direct);
 #pragma unroll
         for (int g = 0; g < G; ++g) gates[row * ld_g + g * H + me.j] = store<T>(ga[g]);
         hn[row * ld_hn + me.j] = store<T>(hn_j);

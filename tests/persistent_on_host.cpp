@@ -85,6 +85,78 @@ Runs runs_of(const int64_t* bs, int64_t steps) {
   return r;
 }
 
+// The kernels, arithmetic in double, on buffers of T: double, or float for
+// W_hh's slice in a storage type narrower than the arithmetic's (the half
+// types' case on a GPU). bs: batch sizes [steps], null for a padded sequence.
+template <typename T>
+T* as(void* p) {
+  return static_cast<T*>(p);
+}
+
+template <typename T>
+void elman_forward_as(void* out, void* hx, void* w, const int64_t* bs, int64_t steps, int64_t batch, int H,
+                      int units, int tile, int size, bool reverse, int act) {
+  const Runs runs = runs_of(bs, steps);
+  launch(batch, tile, size, forward_smem<T, double>(H, units, tile), [&] {
+    (act ? forward_kernel<T, double, Activation::Relu> : forward_kernel<T, double, Activation::Tanh>)(
+        as<T>(out), H, as<T>(hx), H, as<T>(w), runs, steps, batch, H, units, tile, size, reverse);
+  });
+}
+
+template <typename T>
+void elman_backward_as(void* dA, void* out, void* grad_hx, void* w, const int64_t* bs, int64_t steps,
+                       int64_t batch, int H, int units, int tile, int size, bool reverse, int act) {
+  const Runs runs = runs_of(bs, steps);
+  launch(batch, tile, size, backward_smem<T, double>(H, units, tile), [&] {
+    (act ? backward_kernel<T, double, Activation::Relu> : backward_kernel<T, double, Activation::Tanh>)(
+        as<T>(dA), H, as<T>(out), H, as<T>(grad_hx), H, as<T>(w), runs, steps, batch, H, units, tile, size,
+        reverse);
+  });
+}
+
+template <typename T>
+void lstm_forward_as(void* gates, void* c, void* out, void* h0, void* c0, void* w, const int64_t* bs,
+                     int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse) {
+  const Runs runs = runs_of(bs, steps);
+  launch(batch, tile, size, lstm_forward_smem<T, double>(H, units, tile), [&] {
+    lstm_forward_kernel<T, double>(as<T>(gates), 4 * H, as<T>(c), H, as<T>(out), H, as<T>(h0), H, as<T>(c0), H,
+                                   as<T>(w), runs, steps, batch, H, units, tile, size, reverse);
+  });
+}
+
+template <typename T>
+void lstm_backward_as(void* dh, void* gates, void* c, void* c0, void* dc_n, void* grad_hx, void* grad_cx,
+                      void* w, const int64_t* bs, int64_t steps, int64_t batch, int H, int units, int tile,
+                      int size, bool reverse) {
+  const Runs runs = runs_of(bs, steps);
+  launch(batch, tile, size, lstm_backward_smem<T, double>(H, units, tile), [&] {
+    lstm_backward_kernel<T, double>(as<T>(dh), H, as<T>(gates), 4 * H, as<T>(c), H, as<T>(c0), H, as<T>(dc_n), H,
+                                    as<T>(grad_hx), H, as<T>(grad_cx), H, as<T>(w), runs, steps, batch, H, units,
+                                    tile, size, reverse);
+  });
+}
+
+template <typename T>
+void gru_forward_as(void* gates, void* hn, void* out, void* h0, void* w, void* b_hh, const int64_t* bs,
+                    int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse) {
+  const Runs runs = runs_of(bs, steps);
+  launch(batch, tile, size, gru_forward_smem<T, double>(H, units, tile), [&] {
+    gru_forward_kernel<T, double>(as<T>(gates), 3 * H, as<T>(hn), H, as<T>(out), H, as<T>(h0), H, as<T>(w),
+                                  as<T>(b_hh), runs, steps, batch, H, units, tile, size, reverse);
+  });
+}
+
+template <typename T>
+void gru_backward_as(void* dh, void* gates, void* hn, void* out, void* h0, void* grad_hx, void* w,
+                     const int64_t* bs, int64_t steps, int64_t batch, int H, int units, int tile, int size,
+                     bool reverse) {
+  const Runs runs = runs_of(bs, steps);
+  launch(batch, tile, size, gru_backward_smem<T, double>(H, units, tile), [&] {
+    gru_backward_kernel<T, double>(as<T>(dh), H, as<T>(gates), 3 * H, as<T>(hn), H, as<T>(out), H, as<T>(h0), H,
+                                   as<T>(grad_hx), H, as<T>(w), runs, steps, batch, H, units, tile, size, reverse);
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -96,82 +168,65 @@ int count_runs(const int64_t* bs, int64_t steps) {
 }
 
 // persistent::plan for a layer: cell 0 Elman, 1 LSTM, 2 GRU; its forward or
-// backward kernel; float (acc float) or double. out: size, units, tile, clusters.
-void plan_layer(int cell, bool backward, bool is_double, int64_t batch, int64_t H, bool clusters,
-                int64_t max_smem, int64_t sms, int* out) {
-  static const SmemBytes kSmem[2][3][2] = {
-      {{forward_smem<float>, backward_smem<float>},
-       {lstm_forward_smem<float>, lstm_backward_smem<float>},
-       {gru_forward_smem<float>, gru_backward_smem<float>}},
-      {{forward_smem<double>, backward_smem<double>},
-       {lstm_forward_smem<double>, lstm_backward_smem<double>},
-       {gru_forward_smem<double>, gru_backward_smem<double>}}};
+// backward kernel; storage 0 float, 1 double, 2 a half type (a 2-byte T,
+// float arithmetic). out: size, units, tile, clusters.
+void plan_layer(int cell, bool backward, int storage, int64_t batch, int64_t H, bool clusters, int64_t max_smem,
+                int64_t sms, int* out) {
+  using Half = std::uint16_t;  // the half types' size: all the planner needs of them
+  static const SmemBytes kSmem[3][3][2] = {
+      {{forward_smem<float, float>, backward_smem<float, float>},
+       {lstm_forward_smem<float, float>, lstm_backward_smem<float, float>},
+       {gru_forward_smem<float, float>, gru_backward_smem<float, float>}},
+      {{forward_smem<double, double>, backward_smem<double, double>},
+       {lstm_forward_smem<double, double>, lstm_backward_smem<double, double>},
+       {gru_forward_smem<double, double>, gru_backward_smem<double, double>}},
+      {{forward_smem<Half, float>, backward_smem<Half, float>},
+       {lstm_forward_smem<Half, float>, lstm_backward_smem<Half, float>},
+       {gru_forward_smem<Half, float>, gru_backward_smem<Half, float>}}};
   static const int kGates[3] = {1, kLstmGates, kGruGates};
-  const Plan p = plan(batch, H, kGates[cell], Device{clusters, max_smem, sms}, kSmem[is_double][cell][backward]);
+  const Plan p = plan(batch, H, kGates[cell], Device{clusters, max_smem, sms}, kSmem[storage][cell][backward]);
   out[0] = p.size;
   out[1] = p.units;
   out[2] = p.tile;
   out[3] = p.clusters;
 }
 
-// act: 0 tanh, 1 relu. bs: batch sizes [steps], null for a padded sequence.
-void elman_forward(double* out, const double* hx, const double* w, const int64_t* bs, int64_t steps,
-                   int64_t batch, int H, int units, int tile, int size, bool reverse, int act) {
-  const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, forward_smem<double>(H, units, tile), [&] {
-    (act ? forward_kernel<double, double, Activation::Relu> : forward_kernel<double, double, Activation::Tanh>)(
-        out, H, hx, H, w, runs, steps, batch, H, units, tile, size, reverse);
-  });
+// The kernels on float (f32) or double buffers; the arguments as *_as above.
+void elman_forward(void* out, void* hx, void* w, const int64_t* bs, int64_t steps, int64_t batch, int H,
+                   int units, int tile, int size, bool reverse, int f32, int act) {
+  (f32 ? elman_forward_as<float> : elman_forward_as<double>)(out, hx, w, bs, steps, batch, H, units, tile, size,
+                                                             reverse, act);
 }
 
-void elman_backward(double* dA, const double* out, double* grad_hx, const double* w, const int64_t* bs,
-                    int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse,
-                    int act) {
-  const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, backward_smem<double>(H, units, tile), [&] {
-    (act ? backward_kernel<double, double, Activation::Relu> : backward_kernel<double, double, Activation::Tanh>)(
-        dA, H, out, H, grad_hx, H, w, runs, steps, batch, H, units, tile, size, reverse);
-  });
+void elman_backward(void* dA, void* out, void* grad_hx, void* w, const int64_t* bs, int64_t steps, int64_t batch,
+                    int H, int units, int tile, int size, bool reverse, int f32, int act) {
+  (f32 ? elman_backward_as<float> : elman_backward_as<double>)(dA, out, grad_hx, w, bs, steps, batch, H, units,
+                                                               tile, size, reverse, act);
 }
 
-void lstm_forward(double* gates, double* c, double* out, const double* h0, const double* c0,
-                  const double* w, const int64_t* bs, int64_t steps, int64_t batch, int H, int units,
-                  int tile, int size, bool reverse) {
-  const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, lstm_forward_smem<double>(H, units, tile), [&] {
-    lstm_forward_kernel<double, double>(gates, 4 * H, c, H, out, H, h0, H, c0, H, w, runs, steps, batch, H,
-                                        units, tile, size, reverse);
-  });
+void lstm_forward(void* gates, void* c, void* out, void* h0, void* c0, void* w, const int64_t* bs, int64_t steps,
+                  int64_t batch, int H, int units, int tile, int size, bool reverse, int f32) {
+  (f32 ? lstm_forward_as<float> : lstm_forward_as<double>)(gates, c, out, h0, c0, w, bs, steps, batch, H, units,
+                                                           tile, size, reverse);
 }
 
-void lstm_backward(double* dh, double* gates, const double* c, const double* c0, const double* dc_n,
-                   double* grad_hx, double* grad_cx, const double* w, const int64_t* bs, int64_t steps,
-                   int64_t batch, int H, int units, int tile, int size, bool reverse) {
-  const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, lstm_backward_smem<double>(H, units, tile), [&] {
-    lstm_backward_kernel<double, double>(dh, H, gates, 4 * H, c, H, c0, H, dc_n, H, grad_hx, H, grad_cx, H,
-                                         w, runs, steps, batch, H, units, tile, size, reverse);
-  });
+void lstm_backward(void* dh, void* gates, void* c, void* c0, void* dc_n, void* grad_hx, void* grad_cx, void* w,
+                   const int64_t* bs, int64_t steps, int64_t batch, int H, int units, int tile, int size,
+                   bool reverse, int f32) {
+  (f32 ? lstm_backward_as<float> : lstm_backward_as<double>)(dh, gates, c, c0, dc_n, grad_hx, grad_cx, w, bs,
+                                                             steps, batch, H, units, tile, size, reverse);
 }
 
-void gru_forward(double* gates, double* hn, double* out, const double* h0, const double* w,
-                 const double* b_hh, const int64_t* bs, int64_t steps, int64_t batch, int H, int units,
-                 int tile, int size, bool reverse) {
-  const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, gru_forward_smem<double>(H, units, tile), [&] {
-    gru_forward_kernel<double, double>(gates, 3 * H, hn, H, out, H, h0, H, w, b_hh, runs, steps, batch, H,
-                                       units, tile, size, reverse);
-  });
+void gru_forward(void* gates, void* hn, void* out, void* h0, void* w, void* b_hh, const int64_t* bs,
+                 int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse, int f32) {
+  (f32 ? gru_forward_as<float> : gru_forward_as<double>)(gates, hn, out, h0, w, b_hh, bs, steps, batch, H, units,
+                                                         tile, size, reverse);
 }
 
-void gru_backward(double* dh, double* gates, double* hn, const double* out, const double* h0,
-                  double* grad_hx, const double* w, const int64_t* bs, int64_t steps, int64_t batch, int H,
-                  int units, int tile, int size, bool reverse) {
-  const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, gru_backward_smem<double>(H, units, tile), [&] {
-    gru_backward_kernel<double, double>(dh, H, gates, 3 * H, hn, H, out, H, h0, H, grad_hx, H, w, runs, steps,
-                                        batch, H, units, tile, size, reverse);
-  });
+void gru_backward(void* dh, void* gates, void* hn, void* out, void* h0, void* grad_hx, void* w, const int64_t* bs,
+                  int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse, int f32) {
+  (f32 ? gru_backward_as<float> : gru_backward_as<double>)(dh, gates, hn, out, h0, grad_hx, w, bs, steps, batch,
+                                                           H, units, tile, size, reverse);
 }
 
 }  // extern "C"

@@ -36,8 +36,10 @@ class Layer:
     """A layer's sequence: padded (B rows at every step) or packed (lengths sorted down,
     uneven), visited backwards when reverse; its launch shape."""
 
-    def __init__(self, hidden, size, tile, reverse, packed, seed, steps=4, batch=7, lengths=None):
+    def __init__(self, hidden, size, tile, reverse, packed, seed, steps=4, batch=7, lengths=None,
+                 storage=torch.float64):
         self.T, self.B, self.H, self.reverse = steps, batch, hidden, reverse
+        self.storage = storage  # the kernels' T (their arithmetic is in float64 either way)
         self.size, self.units = size, math.ceil(hidden / size)
         assert self.units <= THREADS
         self.tile = min(tile, THREADS // self.units * ROWS_PER_THREAD)
@@ -55,7 +57,8 @@ class Layer:
         self.N = sum(self.bs) if packed else steps * batch
 
     def rand(self, *shape, scale=1.0):
-        return torch.randn(*shape, generator=self.g, dtype=torch.float64) * scale
+        """float64 values that the storage type holds exactly."""
+        return (torch.randn(*shape, generator=self.g, dtype=torch.float64) * scale).to(self.storage).double()
 
     def visit(self):
         """(row of each sequence b at step t) for t in the forward's order."""
@@ -74,14 +77,23 @@ class Layer:
         return d
 
     def args(self, lib_call, *tensors):
-        """Calls lib_call with the tensors' pointers and the layer's batch sizes and shape."""
+        """Calls lib_call with the float64 tensors' pointers (as the storage type: what the
+        kernels write comes back rounded to it) and the layer's batch sizes and shape."""
         bs = torch.tensor(self.bs, dtype=torch.int64) if self.bs else None
         ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else 0)  # noqa: E731
         for t in tensors:
             assert t is None or (t.is_contiguous() and t.dtype == torch.float64)
-        lib_call(*(ptr(t) for t in tensors), ptr(bs), ctypes.c_int64(self.T),
+        stored = [None if t is None else t.to(self.storage) for t in tensors]
+        lib_call(*(ptr(t) for t in stored), ptr(bs), ctypes.c_int64(self.T),
                  ctypes.c_int64(self.B), self.H, self.units, self.tile, self.size,
-                 ctypes.c_bool(self.reverse))
+                 ctypes.c_bool(self.reverse), int(self.storage == torch.float32))
+        for t, s in zip(tensors, stored):
+            if t is not None and s is not t and not torch.equal(t, s.double()):  # written
+                t.copy_(s)
+
+    def check(self, got, want, what):
+        tol = dict(rtol=1e-9, atol=1e-11) if self.storage == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(got, want, **tol, msg=what)
 
 
 def recur(layer, state, step):
@@ -101,10 +113,6 @@ def nan(*shape):
     return torch.full(shape, float("nan"), dtype=torch.float64)
 
 
-def check(got, want, what):
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=what)
-
-
 CASES = [dict(hidden=h, size=s, tile=t, reverse=r, packed=p)
          for (h, s), t, r, p in itertools.product([(7, 1), (10, 4), (9, 2), (70, 8)], [3],
                                                   [False, True], [False, True])]
@@ -112,12 +120,17 @@ CASES = [dict(hidden=h, size=s, tile=t, reverse=r, packed=p)
 # three tiles of rows.
 CASES += [dict(hidden=10, size=2, tile=5, reverse=r, packed=True, steps=30, batch=13,
                lengths=[30, 29, 27, 27, 20, 18, 15, 15, 9, 6, 3, 2, 1]) for r in (False, True)]
+# W_hh's slice kept in a storage type narrower than the arithmetic's (as the half types are on
+# a GPU): float32 storage, float64 arithmetic.
+CASES += [dict(hidden=h, size=s, tile=3, reverse=r, packed=p, storage=torch.float32)
+          for (h, s), r, p in [((9, 2), True, True), ((70, 8), False, False)]]
 MAX_RUNS = 192  # persistent.cuh's kMaxRuns
 
 
 def case_id(c):
     return (f"H{c['hidden']}-cluster{c['size']}-{'reverse' if c['reverse'] else 'forward'}-"
-            f"{'packed' if c['packed'] else 'padded'}" + (f"-T{c['steps']}" if "steps" in c else ""))
+            f"{'packed' if c['packed'] else 'padded'}" + (f"-T{c['steps']}" if "steps" in c else "")
+            + ("-float32" if c.get("storage") == torch.float32 else ""))
 
 
 def runs(kernels, batch_sizes):
@@ -157,14 +170,14 @@ def elman_case(kernels, case, act):
     (out_ref,), (hn_ref,) = recur(L, [hx], lambda row, s: [f(P[row] + s[0] @ W.T)])
     out = P.detach().clone()
     L.args(lambda *a: kernels.elman_forward(*a, int(act == "relu")), out, hx.detach(), W)
-    check(out, out_ref.detach(), "h")
+    L.check(out, out_ref.detach(), "h")
 
     dY, dhn = L.rand(L.N, H), L.rand(L.B, H)
     ((out_ref * dY).sum() + (hn_ref * dhn).sum()).backward()
     dA, grad_hx = L.with_final(dY, dhn), nan(L.B, H)
     L.args(lambda *a: kernels.elman_backward(*a, int(act == "relu")), dA, out, grad_hx, W)
-    check(dA, P.grad, "dA")
-    check(grad_hx, hx.grad, "grad_hx")
+    L.check(dA, P.grad, "dA")
+    L.check(grad_hx, hx.grad, "grad_hx")
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -184,16 +197,16 @@ def test_lstm_kernels(kernels, case):
     gates = P.detach().clone()
     c, out = nan(L.N, H), nan(L.N, H)
     L.args(kernels.lstm_forward, gates, c, out, h0.detach(), c0.detach(), W)
-    check(out, out_ref.detach(), "h")
-    check(c, c_ref.detach(), "c")
+    L.check(out, out_ref.detach(), "h")
+    L.check(c, c_ref.detach(), "c")
 
     dY, dhn, dcn = L.rand(L.N, H), L.rand(L.B, H), L.rand(L.B, H)
     ((out_ref * dY).sum() + (hn_ref * dhn).sum() + (cn_ref * dcn).sum()).backward()
     dh, grad_hx, grad_cx = L.with_final(dY, dhn), nan(L.B, H), nan(L.B, H)
     L.args(kernels.lstm_backward, dh, gates, c, c0.detach(), dcn, grad_hx, grad_cx, W)
-    check(gates, P.grad, "dA")
-    check(grad_hx, h0.grad, "grad_hx")
-    check(grad_cx, c0.grad, "grad_cx")
+    L.check(gates, P.grad, "dA")
+    L.check(grad_hx, h0.grad, "grad_hx")
+    L.check(grad_cx, c0.grad, "grad_cx")
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -213,7 +226,7 @@ def test_gru_kernels(kernels, case):
     gates = P.detach().clone()
     hn, out = nan(L.N, H), nan(L.N, H)
     L.args(kernels.gru_forward, gates, hn, out, h0.detach(), W, b_hh.detach())
-    check(out, out_ref.detach(), "h")
+    L.check(out, out_ref.detach(), "h")
 
     dY, dhn = L.rand(L.N, H), L.rand(L.B, H)
     ((out_ref * dY).sum() + (hn_ref * dhn).sum()).backward()
@@ -221,10 +234,10 @@ def test_gru_kernels(kernels, case):
     L.args(kernels.gru_backward, dh, gates, hn, out, h0.detach(), grad_hx, W)
     # gates end as [dA_r, dA_z, dA_hn] and hn as dA_n: r and z's input-side gradients, n's,
     # and (summed over rows) the gradient of b_hh.
-    check(gates[:, :2 * H], P.grad[:, :2 * H], "dA_r, dA_z")
-    check(hn, P.grad[:, 2 * H:], "dA_n")
-    check(gates.sum(0), b_hh.grad, "dA_hn (db_hh)")
-    check(grad_hx, h0.grad, "grad_hx")
+    L.check(gates[:, :2 * H], P.grad[:, :2 * H], "dA_r, dA_z")
+    L.check(hn, P.grad[:, 2 * H:], "dA_n")
+    L.check(gates.sum(0), b_hh.grad, "dA_hn (db_hh)")
+    L.check(grad_hx, h0.grad, "grad_hx")
 
 
 # ---- where layers run: persistent::plan ------------------------------------------------
@@ -234,9 +247,12 @@ A100 = dict(clusters=False, max_smem=163 * 1024, sms=108)  # sm_80: no clusters,
 CELLS = {"rnn": 0, "lstm": 1, "gru": 2}
 
 
-def plan(kernels, cell, hidden, batch=64, backward=False, double=False, device=H100):
+STORAGE = {"float32": 0, "float64": 1, "half": 2}  # half: bfloat16 and float16 (float arithmetic)
+
+
+def plan(kernels, cell, hidden, batch=64, backward=False, dtype="float32", device=H100):
     out = (ctypes.c_int * 4)()
-    kernels.plan_layer(CELLS[cell], ctypes.c_bool(backward), ctypes.c_bool(double), ctypes.c_int64(batch),
+    kernels.plan_layer(CELLS[cell], ctypes.c_bool(backward), STORAGE[dtype], ctypes.c_int64(batch),
                        ctypes.c_int64(hidden), ctypes.c_bool(device["clusters"]),
                        ctypes.c_int64(device["max_smem"]), ctypes.c_int64(device["sms"]), out)
     return dict(zip(("size", "units", "tile", "clusters"), out))
@@ -250,40 +266,52 @@ def path(kernels, cell, hidden, **kw):
     return "one CTA" if sizes == {1} else "cluster"
 
 
-@pytest.mark.parametrize("cell, hidden, batch, double, where", [
+@pytest.mark.parametrize("cell, hidden, batch, dtype, where", [
     # tests/test_cuda.py's expectations, on an H100
-    ("rnn", 100, 64, False, "one CTA"), ("rnn", 256, 64, False, "cluster"),
-    ("rnn", 512, 64, False, "cluster"), ("rnn", 300, 64, True, "cluster"),
-    ("rnn", 1024, 64, False, None), ("rnn", 128, 300, True, "one CTA"),
-    ("lstm", 37, 300, True, "one CTA"), ("lstm", 128, 300, True, "cluster"),
-    ("lstm", 160, 300, True, "cluster"), ("gru", 37, 300, True, "one CTA"),
-    ("gru", 128, 300, True, "cluster"), ("gru", 160, 300, True, "cluster"),
-    ("lstm", 128, 64, False, "cluster"),  # the MNIST notebook's LSTM
+    ("rnn", 100, 64, "float32", "one CTA"), ("rnn", 256, 64, "float32", "cluster"),
+    ("rnn", 512, 64, "float32", "cluster"), ("rnn", 300, 64, "float64", "cluster"),
+    ("rnn", 1024, 64, "float32", None), ("rnn", 128, 300, "float64", "one CTA"),
+    ("rnn", 300, 64, "half", "cluster"), ("rnn", 700, 64, "half", "cluster"),
+    ("rnn", 700, 64, "float32", None),
+    ("lstm", 37, 300, "float64", "one CTA"), ("lstm", 128, 300, "float64", "cluster"),
+    ("lstm", 160, 300, "float64", "cluster"), ("gru", 37, 300, "float64", "one CTA"),
+    ("gru", 128, 300, "float64", "cluster"), ("gru", 160, 300, "float64", "cluster"),
+    ("lstm", 128, 64, "float32", "cluster"),  # the MNIST notebook's LSTM
 ], ids=lambda v: str(v))
-def test_plan_where_test_cuda_expects(kernels, cell, hidden, batch, double, where):
-    assert path(kernels, cell, hidden, batch=batch, double=double) == where
+def test_plan_where_test_cuda_expects(kernels, cell, hidden, batch, dtype, where):
+    assert path(kernels, cell, hidden, batch=batch, dtype=dtype) == where
+
+
+def largest(kernels, cell, dtype, start):
+    h = start
+    while path(kernels, cell, h + 1, dtype=dtype):
+        h += 1
+    return h
 
 
 @pytest.mark.parametrize("cell, one_cta, cluster", [("rnn", 239, 672), ("lstm", 119, 329),
                                                     ("gru", 138, 384)])
 def test_plan_limits_as_the_readme_says(kernels, cell, one_cta, cluster):
     """The largest float32 hidden size in one CTA and in a cluster on an H100 (the README
-    rounds them: about 240 / 670, 120 / 330, 140 / 380), and in float64 about 0.7 times."""
+    rounds them: about 240 / 670, 120 / 330, 140 / 380); in float64 about 0.7 times, in the
+    half types (W_hh's slice kept as they are, the rest in float) about 1.4 times."""
     assert path(kernels, cell, one_cta) == "one CTA" and path(kernels, cell, one_cta + 1) == "cluster"
     assert path(kernels, cell, cluster) == "cluster" and path(kernels, cell, cluster + 1) is None
-    largest64 = max(h for h in range(1, cluster + 1) if path(kernels, cell, h, double=True))
-    assert 0.66 < largest64 / cluster < 0.74
+    assert 0.66 < largest(kernels, cell, "float64", cluster // 2) / cluster < 0.74
+    assert 1.35 < largest(kernels, cell, "half", cluster) / cluster < 1.45
 
 
 @pytest.mark.parametrize("device", [H100, A100], ids=["H100", "A100"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_plan_fits(kernels, device, cell):
-    """Every plan covers the batch and the hidden units, fits the shared memory, gives every
-    row a thread; clusters only where the device has them."""
+    """Every plan covers the batch and the hidden units, fits the shared memory (W_hh's slice
+    in the storage type, the rest in the arithmetic's), gives every row a thread; clusters
+    only where the device has them."""
     smem = {"rnn": (1, 0, 1), "lstm": (4, 1, 2), "gru": (3, 0, 1)}[cell]  # G, extra fwd / bwd
-    for hidden, batch, backward in itertools.product([1, 8, 100, 255, 400, 700], [1, 7, 64, 300],
-                                                     [False, True]):
-        p = plan(kernels, cell, hidden, batch=batch, backward=backward, device=device)
+    sizes = {"float32": (4, 4), "float64": (8, 8), "half": (2, 4)}  # bytes of W's and the rest
+    for (dtype, (w_bytes, acc_bytes)), hidden, batch, backward in itertools.product(
+            sizes.items(), [1, 8, 100, 255, 400, 700, 900], [1, 7, 64, 300], [False, True]):
+        p = plan(kernels, cell, hidden, batch=batch, backward=backward, device=device, dtype=dtype)
         if p["size"] == 0:
             continue
         assert p["size"] == 1 or device["clusters"]
@@ -292,5 +320,6 @@ def test_plan_fits(kernels, device, cell):
         assert p["tile"] <= THREADS // p["units"] * ROWS_PER_THREAD
         G, width = smem[0], (hidden * (smem[0] if backward else 1))
         extra = smem[2] if backward else smem[1]
-        bytes_ = 4 * (G * hidden * p["units"] + 2 * p["tile"] * (width + 1) + extra * p["tile"] * p["units"])
+        bytes_ = (math.ceil(G * hidden * p["units"] * w_bytes / 16) * 16
+                  + acc_bytes * (2 * p["tile"] * (width + 1) + extra * p["tile"] * p["units"]))
         assert bytes_ <= device["max_smem"]

@@ -203,7 +203,7 @@ bool launch_forward(const ForwardJob& job, int concurrent) {
   const SequenceLayout& L = *job.layout;
   const int H = static_cast<int>(job.w_hh.size(0));
   return run_cluster<persistent::forward_kernel<T, acc_t, A>>(
-      L, H, 1, job.out, concurrent, persistent::forward_smem<acc_t>, [] {},
+      L, H, 1, job.out, concurrent, persistent::forward_smem<T, acc_t>, [] {},
       [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.out), job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
                runs, L.steps, L.batch, H, plan.units, plan.tile, plan.size, job.reverse);
@@ -216,7 +216,7 @@ bool launch_backward(const BackwardJob& job, int concurrent) {
   const SequenceLayout& L = *job.layout;
   const int H = static_cast<int>(job.w_hh.size(0));
   return run_cluster<persistent::backward_kernel<T, acc_t, A>>(
-      L, H, 1, job.out, concurrent, persistent::backward_smem<acc_t>,
+      L, H, 1, job.out, concurrent, persistent::backward_smem<T, acc_t>,
       [&] {
         stepwise::take(job.dA, job.dY);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
@@ -235,7 +235,7 @@ bool launch_cell(const LstmForwardJob& job, int concurrent) {
   if (job.w_hr.defined() || job.x.defined()) return false;
   const int H = static_cast<int>(job.c.size(1));
   return run_cluster<persistent::lstm_forward_kernel<T, acc_t>>(
-      L, H, persistent::kLstmGates, job.c, concurrent, persistent::lstm_forward_smem<acc_t>, [] {},
+      L, H, persistent::kLstmGates, job.c, concurrent, persistent::lstm_forward_smem<T, acc_t>, [] {},
       [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.c), job.c.stride(0), ptr<T>(job.out),
                job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.c0), job.c0.stride(0),
@@ -252,7 +252,7 @@ bool launch_cell(const LstmBackwardJob& job, int concurrent) {
   if (job.w_hr.defined()) return false;
   const int H = static_cast<int>(job.c.size(1));
   return run_cluster<persistent::lstm_backward_kernel<T, acc_t>>(
-      L, H, persistent::kLstmGates, job.c, concurrent, persistent::lstm_backward_smem<acc_t>,
+      L, H, persistent::kLstmGates, job.c, concurrent, persistent::lstm_backward_smem<T, acc_t>,
       [&] {
         stepwise::take(job.gates, job.saved_gates);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
@@ -271,7 +271,7 @@ bool launch_cell(const GruForwardJob& job, int concurrent) {
   const SequenceLayout& L = *job.layout;
   const int H = static_cast<int>(job.hn.size(1));
   return run_cluster<persistent::gru_forward_kernel<T, acc_t>>(
-      L, H, persistent::kGruGates, job.hn, concurrent, persistent::gru_forward_smem<acc_t>, [] {},
+      L, H, persistent::kGruGates, job.hn, concurrent, persistent::gru_forward_smem<T, acc_t>, [] {},
       [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
         launch(ptr<T>(job.gates), job.gates.stride(0), ptr<T>(job.hn), job.hn.stride(0), ptr<T>(job.out),
                job.out.stride(0), ptr<T>(job.h0), job.h0.stride(0), ptr<T>(job.w_hh),
@@ -286,7 +286,7 @@ bool launch_cell(const GruBackwardJob& job, int concurrent) {
   const SequenceLayout& L = *job.layout;
   const int H = static_cast<int>(job.hn.size(1));
   return run_cluster<persistent::gru_backward_kernel<T, acc_t>>(
-      L, H, persistent::kGruGates, job.hn, concurrent, persistent::gru_backward_smem<acc_t>,
+      L, H, persistent::kGruGates, job.hn, concurrent, persistent::gru_backward_smem<T, acc_t>,
       [&] {
         stepwise::take(job.gates, job.saved_gates);
         stepwise::take(job.hn, job.saved_hn);

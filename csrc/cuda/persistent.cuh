@@ -92,37 +92,41 @@ __device__ __forceinline__ int clamp_rows(int64_t rows, int64_t b0, int tile) {
 // on different rows read different banks.
 __host__ __device__ inline int padded(int width) { return width + 1; }
 
-// Shared memory, in acc_t: W's slice ([G*H][units]), two buffers of the
-// tile's rows of `width` values (h or dA), and `extra` [tile][units] buffers.
-template <typename acc_t>
+// Shared memory: W's slice ([G*H][units]) in the storage type T (the weights
+// as given: half types take half the room of float, and no rounding), then,
+// 16-byte aligned, in acc_t: two buffers of the tile's rows of `width` values
+// (h or dA), and `extra` [tile][units] buffers.
+__host__ __device__ inline size_t aligned16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+template <typename T, typename acc_t>
 __host__ __device__ inline size_t smem_bytes(int G, int H, int units, int tile, int width, int extra) {
-  return (static_cast<size_t>(G) * H * units + 2 * static_cast<size_t>(tile) * padded(width) +
-          static_cast<size_t>(extra) * tile * units) * sizeof(acc_t);
+  return aligned16(static_cast<size_t>(G) * H * units * sizeof(T)) +
+         (2 * static_cast<size_t>(tile) * padded(width) + static_cast<size_t>(extra) * tile * units) * sizeof(acc_t);
 }
 
-template <typename acc_t>
+template <typename T, typename acc_t>
 __host__ __device__ inline size_t forward_smem(int H, int units, int tile) {
-  return smem_bytes<acc_t>(1, H, units, tile, H, 0);
+  return smem_bytes<T, acc_t>(1, H, units, tile, H, 0);
 }
-template <typename acc_t>
+template <typename T, typename acc_t>
 __host__ __device__ inline size_t backward_smem(int H, int units, int tile) {
-  return smem_bytes<acc_t>(1, H, units, tile, H, 1);
+  return smem_bytes<T, acc_t>(1, H, units, tile, H, 1);
 }
-template <typename acc_t>
+template <typename T, typename acc_t>
 __host__ __device__ inline size_t lstm_forward_smem(int H, int units, int tile) {
-  return smem_bytes<acc_t>(kLstmGates, H, units, tile, H, 1);
+  return smem_bytes<T, acc_t>(kLstmGates, H, units, tile, H, 1);
 }
-template <typename acc_t>
+template <typename T, typename acc_t>
 __host__ __device__ inline size_t lstm_backward_smem(int H, int units, int tile) {
-  return smem_bytes<acc_t>(kLstmGates, H, units, tile, kLstmGates * H, 2);
+  return smem_bytes<T, acc_t>(kLstmGates, H, units, tile, kLstmGates * H, 2);
 }
-template <typename acc_t>
+template <typename T, typename acc_t>
 __host__ __device__ inline size_t gru_forward_smem(int H, int units, int tile) {
-  return smem_bytes<acc_t>(kGruGates, H, units, tile, H, 0);
+  return smem_bytes<T, acc_t>(kGruGates, H, units, tile, H, 0);
 }
-template <typename acc_t>
+template <typename T, typename acc_t>
 __host__ __device__ inline size_t gru_backward_smem(int H, int units, int tile) {
-  return smem_bytes<acc_t>(kGruGates, H, units, tile, kGruGates * H, 1);
+  return smem_bytes<T, acc_t>(kGruGates, H, units, tile, kGruGates * H, 1);
 }
 
 // How a launch splits a layer: CTAs per cluster (0: none fits), units per CTA,
@@ -143,7 +147,7 @@ struct Device {
   int64_t sms;
 };
 
-// A kernel's shared memory in bytes for (H, units, tile): *_smem<acc_t> below.
+// A kernel's shared memory in bytes for (H, units, tile): *_smem<T, acc_t> above.
 using SmemBytes = size_t (*)(int, int, int);
 
 // The cluster size with the shortest step, by a rough count of a thread's
@@ -241,18 +245,18 @@ struct Place {
   }
 };
 
-// A CTA's shared memory as smem_bytes counts it: W's slice w ([G*H][units]),
+// A CTA's shared memory as smem_bytes counts it: W's slice w ([G*H][units], in T),
 // the two buffers of the tile's rows of `width` values (buffer(0), buffer(1):
 // h or dA, padded rows), and the [tile][units] buffers extra(0), extra(1), ...
-template <typename acc_t>
+template <typename T, typename acc_t>
 struct Smem {
-  acc_t* w;
+  T* w;
   acc_t* buffers;
   int tile, units, width;
   __device__ Smem(const Place& p, int G, int H, int width_)
       : tile(p.tile), units(p.units), width(width_) {
-    w = reinterpret_cast<acc_t*>(shared_memory());
-    buffers = w + G * H * units;
+    w = reinterpret_cast<T*>(shared_memory());
+    buffers = reinterpret_cast<acc_t*>(shared_memory() + aligned16(static_cast<size_t>(G) * H * units * sizeof(T)));
   }
   __device__ acc_t* buffer(int i) const { return buffers + i * tile * padded(width); }
   __device__ acc_t* extra(int i) const { return buffer(2) + i * tile * units; }
@@ -319,20 +323,20 @@ struct Step {
 };
 
 // The forward's slice of W: w[(k * G + g) * units + u] = W[g * H + j0 + u][k].
-template <int G, typename T, typename acc_t>
-__device__ void load_unit_rows(acc_t* w, const T* w_hh, int H, const Place& p) {
+template <int G, typename T>
+__device__ void load_unit_rows(T* w, const T* w_hh, int H, const Place& p) {
   for (int i = threadIdx.x; i < G * H * p.units; i += kThreads) {
     const int k = i / (G * p.units), g = (i / p.units) % G, u = i % p.units;
-    w[i] = u < p.nu ? load<acc_t>(w_hh[(static_cast<int64_t>(g) * H + p.j0 + u) * H + k]) : acc_t(0);
+    w[i] = u < p.nu ? w_hh[(static_cast<int64_t>(g) * H + p.j0 + u) * H + k] : store<T>(0.0f);
   }
 }
 
 // The backward's slice of W: w[r * units + u] = W[r][j0 + u], r < G * H.
-template <int G, typename T, typename acc_t>
-__device__ void load_unit_columns(acc_t* w, const T* w_hh, int H, const Place& p) {
+template <int G, typename T>
+__device__ void load_unit_columns(T* w, const T* w_hh, int H, const Place& p) {
   for (int i = threadIdx.x; i < G * H * p.units; i += kThreads) {
     const int r = i / p.units, u = i - r * p.units;
-    w[i] = u < p.nu ? load<acc_t>(w_hh[static_cast<int64_t>(r) * H + p.j0 + u]) : acc_t(0);
+    w[i] = u < p.nu ? w_hh[static_cast<int64_t>(r) * H + p.j0 + u] : store<T>(0.0f);
   }
 }
 
@@ -348,14 +352,13 @@ __device__ void load_tile(acc_t* dst, int ld, const T* src, int64_t ld_src, int 
 
 // acc[i][g] += sum over k < K of src[b * ld + k] * w[(k * G + g) * units + u],
 // for this thread's rows b in the step.
-template <int G, typename acc_t>
+template <int G, typename T, typename acc_t>
 __device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][G], const acc_t* src, int ld, int K,
-                                           const acc_t* w, const Place& p, const Share& me,
-                                           int active) {
+                                           const T* w, const Place& p, const Share& me, int active) {
   for (int k = 0; k < K; ++k) {
     acc_t wk[G];
 #pragma unroll
-    for (int g = 0; g < G; ++g) wk[g] = w[(k * G + g) * p.units + me.u];
+    for (int g = 0; g < G; ++g) wk[g] = load<acc_t>(w[(k * G + g) * p.units + me.u]);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int b = me.row(i);
@@ -406,8 +409,8 @@ struct Ahead {
 // what the step starts from (loaded ahead), then v = finish(b, acc, h) with
 // h the row's state; v, the row's h_t, goes to every CTA. A row not in the
 // step keeps its state. m.buffer(0) holds h_0's rows on entry.
-template <int G, typename acc_t, typename Init, typename Finish>
-__device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q, const Smem<acc_t>& m,
+template <int G, typename T, typename acc_t, typename Init, typename Finish>
+__device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q, const Smem<T, acc_t>& m,
                                               int H, const Init& init, const Finish& finish) {
   const int ldh = padded(H);
   const Share me(p);
@@ -455,7 +458,7 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
 // written to grad_hx for those that began at hx. m's buffers hold dA_t
 // ([tile][padded(G * H)]); dh zero on entry.
 template <int G, int L, typename T, typename acc_t, typename Load, typename Cell>
-__device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q, const Smem<acc_t>& m,
+__device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q, const Smem<T, acc_t>& m,
                                                acc_t* dh, T* grad_hx, int64_t ld_ghx, int H,
                                                const Load& load, const Cell& cell) {
   const int ldg = padded(G * H);
@@ -513,7 +516,7 @@ forward_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ hx, in
                const T* __restrict__ w_hh, const __grid_constant__ Runs runs, int64_t steps, int64_t batch, int H, int units,
                int tile, int cluster_size, bool reverse) {
   const Place p(batch, H, units, tile, cluster_size);
-  const Smem<acc_t> m(p, 1, H, H);  // buffers: h_{t-1}, h_t
+  const Smem<T, acc_t> m(p, 1, H, H);  // buffers: h_{t-1}, h_t
   load_unit_rows<1>(m.w, w_hh, H, p);
   load_tile(m.buffer(0), padded(H), hx, ld_hx, 0, H, p);
   // Every CTA of the cluster runs (its shared memory may be written) and has its state.
@@ -538,7 +541,7 @@ backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, in
                 int64_t steps, int64_t batch, int H, int units, int tile, int cluster_size,
                 bool reverse) {
   const Place p(batch, H, units, tile, cluster_size);
-  const Smem<acc_t> m(p, 1, H, H);  // buffers: dA_t; extra(0): dh_t through W_hh
+  const Smem<T, acc_t> m(p, 1, H, H);  // buffers: dA_t; extra(0): dh_t through W_hh
   acc_t* dh = m.extra(0);
   load_unit_columns<1>(m.w, w_hh, H, p);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dh[i] = acc_t(0);
@@ -556,6 +559,15 @@ backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, in
         ga[0] = activation_grad<A>(in[0] + dh_later, in[1]);
         dA[(st.row0 + b) * ld_dA + me.j] = store<T>(ga[0]);
       });
+}
+
+// The cells' backward inputs: in[0, G) the G gates of `row`, in[G] its dY (+ dh_n).
+template <int G, int L, typename T, typename acc_t>
+__device__ __forceinline__ void load_gates_and_dy(acc_t (&in)[L], const T* gates, int64_t ld_g, const T* dh,
+                                                  int64_t ld_dh, int64_t row, int H, int j) {
+#pragma unroll
+  for (int g = 0; g < G; ++g) in[g] = load<acc_t>(gates[row * ld_g + g * H + j]);
+  in[G] = load<acc_t>(dh[row * ld_dh + j]);
 }
 
 // ---------------------------------------------------------------- LSTM
@@ -580,7 +592,7 @@ lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int6
                     bool reverse) {
   constexpr int G = kLstmGates;
   const Place p(batch, H, units, tile, cluster_size);
-  const Smem<acc_t> m(p, G, H, H);  // buffers: h_{t-1}, h_t
+  const Smem<T, acc_t> m(p, G, H, H);  // buffers: h_{t-1}, h_t
   acc_t* cell = m.extra(0);         // each row's latest c, c0 until it starts
   load_unit_rows<G>(m.w, w_hh, H, p);
   load_tile(m.buffer(0), padded(H), h0, ld_h0, 0, H, p);
@@ -616,7 +628,7 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
                      int units, int tile, int cluster_size, bool reverse) {
   constexpr int G = kLstmGates;
   const Place p(batch, H, units, tile, cluster_size);
-  const Smem<acc_t> m(p, G, H, G * H);  // buffers: dA_t, all gates
+  const Smem<T, acc_t> m(p, G, H, G * H);  // buffers: dA_t, all gates
   acc_t* dhr = m.extra(0);              // dh_t through W_hh
   acc_t* dcr = m.extra(1);              // the gradient reaching c_t
   load_unit_columns<G>(m.w, w_hh, H, p);
@@ -629,9 +641,7 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
       p, {&runs, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,
       [&](const Share& me, const Step& st, int b, acc_t (&in)[G + 3]) {
         const int64_t row = st.row0 + b;
-#pragma unroll
-        for (int g = 0; g < G; ++g) in[g] = load<acc_t>(gates[row * ld_g + g * H + me.j]);
-        in[G] = load<acc_t>(dh[row * ld_dh + me.j]);
+        load_gates_and_dy<G>(in, gates, ld_g, dh, ld_dh, row, H, me.j);
         in[G + 1] = load<acc_t>(c[row * ld_c + me.j]);
         in[G + 2] = load<acc_t>(b < st.carried ? c[(st.prev0 + b) * ld_c + me.j] : c0[(p.b0 + b) * ld_c0 + me.j]);
       },
@@ -676,7 +686,7 @@ gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int6
                    bool reverse) {
   constexpr int G = kGruGates;
   const Place p(batch, H, units, tile, cluster_size);
-  const Smem<acc_t> m(p, G, H, H);  // buffers: h_{t-1}, h_t
+  const Smem<T, acc_t> m(p, G, H, H);  // buffers: h_{t-1}, h_t
   load_unit_rows<G>(m.w, w_hh, H, p);
   load_tile(m.buffer(0), padded(H), h0, ld_h0, 0, H, p);
   cluster_sync(p.size);
@@ -710,7 +720,7 @@ gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, in
                     int units, int tile, int cluster_size, bool reverse) {
   constexpr int G = kGruGates;
   const Place p(batch, H, units, tile, cluster_size);
-  const Smem<acc_t> m(p, G, H, G * H);  // buffers: [dA_r, dA_z, dA_hn]
+  const Smem<T, acc_t> m(p, G, H, G * H);  // buffers: [dA_r, dA_z, dA_hn]
   acc_t* dhr = m.extra(0);              // dh_t from the later step
   load_unit_columns<G>(m.w, w_hh, H, p);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
@@ -720,9 +730,7 @@ gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, in
       p, {&runs, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,
       [&](const Share& me, const Step& st, int b, acc_t (&in)[G + 3]) {
         const int64_t row = st.row0 + b;
-#pragma unroll
-        for (int g = 0; g < G; ++g) in[g] = load<acc_t>(gates[row * ld_g + g * H + me.j]);
-        in[G] = load<acc_t>(dh[row * ld_dh + me.j]);
+        load_gates_and_dy<G>(in, gates, ld_g, dh, ld_dh, row, H, me.j);
         in[G + 1] = load<acc_t>(b < st.carried ? out[(st.prev0 + b) * ld_out + me.j] : h0[(p.b0 + b) * ld_h0 + me.j]);
         in[G + 2] = load<acc_t>(hn[row * ld_hn + me.j]);
       },

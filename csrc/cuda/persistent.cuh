@@ -351,11 +351,16 @@ __device__ void load_tile(acc_t* dst, int ld, const T* src, int64_t ld_src, int 
 }
 
 // acc[i][g] += sum over k < K of src[b * ld + k] * w[(k * G + g) * units + u],
-// for this thread's rows b in the step.
+// for this thread's rows b in the step. The sum runs as S partial sums over k
+// mod S, added at the end: a thread often has one row (where each cluster
+// takes one batch row) and then one chain of K dependent multiply-adds, whose
+// latency, not their issue, would set the step's time.
 template <int G, typename T, typename acc_t>
 __device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][G], const acc_t* src, int ld, int K,
                                            const T* w, const Place& p, const Share& me, int active) {
-  for (int k = 0; k < K; ++k) {
+  constexpr int S = G >= 4 ? 1 : (G >= 2 ? 2 : 4);
+  acc_t part[S][kRows][G] = {};
+  const auto add = [&](int k, acc_t (&sum)[kRows][G]) {
     acc_t wk[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) wk[g] = load<acc_t>(w[(k * G + g) * p.units + me.u]);
@@ -365,8 +370,24 @@ __device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][G], const acc_t* 
       if (b < active) {
         const acc_t x = src[b * ld + k];
 #pragma unroll
-        for (int g = 0; g < G; ++g) acc[i][g] += x * wk[g];
+        for (int g = 0; g < G; ++g) sum[i][g] += x * wk[g];
       }
+    }
+  };
+  int k = 0;
+  for (; k + S <= K; k += S) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) add(k + s, part[s]);
+  }
+  for (; k < K; ++k) add(k, part[0]);
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      acc_t sum = part[0][i][g];
+#pragma unroll
+      for (int s = 1; s < S; ++s) sum += part[s][i][g];
+      acc[i][g] += sum;
     }
   }
 }

@@ -352,22 +352,22 @@ void concurrently(const std::vector<Job>& jobs, const F& f) {
     for (const Job& job : jobs) f(job, 1);
     return;
   }
-  const cudaStream_t main = current_stream(jobs[0].w_hh);
+  const cudaStream_t current = current_stream(jobs[0].w_hh);
   const SideStream& side = side_stream(device);
-  cuda_check(cudaEventRecord(side.fork, main), "cudaEventRecord");
+  cuda_check(cudaEventRecord(side.fork, current), "cudaEventRecord");
   cuda_check(cudaStreamWaitEvent(side.stream, side.fork, 0), "cudaStreamWaitEvent");
-  // The main stream waits for the side's work however this scope is left.
+  // The current stream waits for the side's work however this scope is left.
   struct Join {
     const SideStream& side;
-    cudaStream_t main;
+    cudaStream_t current;
     ~Join() {
       if (cudaEventRecord(side.join, side.stream) != cudaSuccess ||
-          cudaStreamWaitEvent(main, side.join, 0) != cudaSuccess) {
+          cudaStreamWaitEvent(current, side.join, 0) != cudaSuccess) {
         (void)cudaGetLastError();
         (void)cudaStreamSynchronize(side.stream);
       }
     }
-  } join{side, main};
+  } join{side, current};
   f(jobs[0], n);
   const StreamGuard on_side(side.stream, device);
   for (int i = 1; i < n; ++i) f(jobs[i], n);

@@ -1386,6 +1386,38 @@ def test_autocast_under_compile():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cell, kwargs", [("rnn", {}), ("lstm", {}), ("gru", {}),
+                                          ("lstm", dict(proj_size=5))],
+                         ids=["rnn", "lstm", "gru", "lstm-proj"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_half_types_on_cpu_run_in_float32(dtype, cell, kwargs, packed):
+    """On the CPU a bfloat16 / float16 call runs the float32 kernels on its values (float32
+    holds them exactly) and rounds what it returns: its forward gives the very bits of the
+    float32 call on the same values, rounded; its gradients, in the half type, are the
+    float32 call's within the half type's rounding (the forward's saved tensors are rounded
+    to it in between)."""
+    _, fast = rnn_pair(8, 16, 2, cell=cell, bidirectional=True, **kwargs)
+    half = copy.deepcopy(fast).to(dtype)
+    single = copy.deepcopy(half).float()
+    x = torch.randn(7, 3, 8).to(dtype)
+    lengths = torch.tensor([7, 5, 2])
+    results = []
+    for m, xs in ((half, x), (single, x.float())):
+        xs = xs.clone().requires_grad_()
+        inp = pack_padded_sequence(xs, lengths) if packed else xs
+        out, h = m(inp)
+        outs = [out.data if packed else out, *flat(h)]
+        results.append((outs, grads_of(outs, [xs, *m.parameters()])))
+    (outs_h, grads_h), (outs_s, grads_s) = results
+    for a, b in zip(outs_h, outs_s):
+        assert a.dtype == dtype and torch.equal(a, b.to(dtype))
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(grads_h, grads_s):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b, rtol=8 * eps, atol=8 * eps * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 def test_reduced_precision_on_cpu_like_torch(dtype, nonlinearity):
     """Without autocast: torch.nn.RNN runs in bfloat16 and float16 on the CPU, so fastrnn

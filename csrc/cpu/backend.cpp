@@ -1,12 +1,14 @@
 // fastrnn CPU kernels: the stack driver (stack.h) with the fused Elman
 // recurrence (recurrence.h) and the fused LSTM / GRU recurrences
-// (cell_recurrence.h) where they take the dtype, the cells' pointwise
+// (cell_recurrence.h) where they take the dtype (float32 and float64; the
+// half types' calls run in float32, in_float.h), the cells' pointwise
 // math (cells.h) in vectorisable loops after per-step GEMMs elsewhere, and
 // the large products on fastrnn's own tiles (linear.h) where they beat
 // torch's BLAS, else BLAS through torch's CPU shims.
 #include "../stack.h"
 #include "../stepwise.h"
 #include "cell_recurrence.h"
+#include "in_float.h"
 #include "linear.h"
 #include "recurrence.h"
 
@@ -386,13 +388,14 @@ struct CpuBackend {
 
 }  // namespace
 
+// bfloat16 and float16 calls run in float32 (cpu/in_float.h).
 STABLE_TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
-  m.impl("rnn", TORCH_BOX(&rnn_forward<CpuBackend>));
-  m.impl("rnn_backward", TORCH_BOX(&rnn_backward<CpuBackend>));
-  m.impl("lstm", TORCH_BOX(&lstm_forward<CpuBackend>));
-  m.impl("lstm_backward", TORCH_BOX(&lstm_backward<CpuBackend>));
-  m.impl("gru", TORCH_BOX(&gru_forward<CpuBackend>));
-  m.impl("gru_backward", TORCH_BOX(&gru_backward<CpuBackend>));
+  m.impl("rnn", TORCH_BOX(&cpu::InFloat<&rnn_forward<CpuBackend>>::call));
+  m.impl("rnn_backward", TORCH_BOX(&cpu::InFloat<&rnn_backward<CpuBackend>>::call));
+  m.impl("lstm", TORCH_BOX(&cpu::InFloat<&lstm_forward<CpuBackend>>::call));
+  m.impl("lstm_backward", TORCH_BOX(&cpu::InFloat<&lstm_backward<CpuBackend>>::call));
+  m.impl("gru", TORCH_BOX(&cpu::InFloat<&gru_forward<CpuBackend>>::call));
+  m.impl("gru_backward", TORCH_BOX(&cpu::InFloat<&gru_backward<CpuBackend>>::call));
 }
 
 }  // namespace fastrnn

@@ -1,0 +1,97 @@
+// fastrnn CPU: bfloat16 and float16 calls run the float32 kernels.
+//
+// InFloat<Op>::call widens every floating-point tensor of a call in one half
+// type (bfloat16 or float16) to float32, which holds their values exactly,
+// runs Op, and narrows each float32 result back to that type. The fused
+// recurrences then take the call (they are float32 and float64 only), and
+// the state and the sums stay in float32 from step to step where the
+// per-step path in the half type rounded them at every step; what the call
+// returns is in the half type, as torch.nn's modules' results are. A call
+// whose floating-point tensors are not all of one half type goes to Op as it
+// is, whose checks name what is wrong.
+#pragma once
+
+#include "../checks.h"
+
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace fastrnn::cpu {
+namespace in_float {
+
+inline bool is_half(ScalarType t) { return t == ScalarType::BFloat16 || t == ScalarType::Half; }
+
+inline bool is_floating(ScalarType t) {
+  return is_half(t) || t == ScalarType::Float || t == ScalarType::Double;
+}
+
+// The floating-point dtypes of a call's arguments: the one half type they
+// all share, if they do.
+struct Dtypes {
+  std::optional<ScalarType> seen;
+  bool one = true;
+
+  void add(const Tensor& t) {
+    if (!t.defined() || !is_floating(t.scalar_type())) return;
+    if (seen && *seen != t.scalar_type()) one = false;
+    seen = t.scalar_type();
+  }
+  void add(const std::optional<Tensor>& t) {
+    if (t) add(*t);
+  }
+  void add(const std::vector<Tensor>& ts) {
+    for (const Tensor& t : ts) add(t);
+  }
+  template <typename U>
+  void add(const U&) {}
+
+  std::optional<ScalarType> half() const {
+    return one && seen && is_half(*seen) ? seen : std::nullopt;
+  }
+};
+
+inline Tensor cast(const Tensor& t, ScalarType from, ScalarType to) {
+  return t.defined() && t.scalar_type() == from ? torch::stable::to(t, to) : t;
+}
+
+inline std::optional<Tensor> cast(const std::optional<Tensor>& t, ScalarType from, ScalarType to) {
+  return t ? std::optional<Tensor>(cast(*t, from, to)) : std::nullopt;
+}
+
+inline std::vector<Tensor> cast(const std::vector<Tensor>& ts, ScalarType from, ScalarType to) {
+  std::vector<Tensor> out;
+  out.reserve(ts.size());
+  for (const Tensor& t : ts) out.push_back(cast(t, from, to));
+  return out;
+}
+
+template <typename U>
+U cast(U u, ScalarType, ScalarType) {
+  return u;
+}
+
+template <typename... Ts>
+std::tuple<Ts...> cast(const std::tuple<Ts...>& results, ScalarType from, ScalarType to) {
+  return std::apply([&](const Ts&... r) { return std::tuple<Ts...>(cast(r, from, to)...); }, results);
+}
+
+}  // namespace in_float
+
+template <auto Op>
+struct InFloat;
+
+template <typename R, typename... Args, R (*Op)(Args...)>
+struct InFloat<Op> {
+  static R call(Args... args) {
+    in_float::Dtypes dtypes;
+    (dtypes.add(args), ...);
+    const std::optional<ScalarType> half = dtypes.half();
+    if (!half) return Op(std::move(args)...);
+    return in_float::cast(Op(in_float::cast(std::move(args), *half, ScalarType::Float)...),
+                          ScalarType::Float, *half);
+  }
+};
+
+}  // namespace fastrnn::cpu

@@ -4,11 +4,14 @@ Three contenders, in one process, on identical weights and inputs: torch's modul
 in float32 torch runs oneDNN's fused LSTM, forward and backward), fastrnn with its per-step
 path (one BLAS GEMM per step and the cell's pointwise pass, FASTRNN_CPU_FUSED=0) and fastrnn
 with the fused recurrence kernels (csrc/cpu/recurrence.h). Runs are interleaved (A B C,
-C B A, ...) after a warm-up; --stat min on a loaded machine.
+C B A, ...) after a warm-up; --stat min on a loaded machine. --autocast runs all three
+under torch.autocast("cpu", dtype) (the RNN's cells, tanh and relu, can be added with --cells).
 
     python benchmarks/cpu_cells.py [--threads N] [--repeats N] [--stat median|min]
-                                   [--cells lstm gru] [--shapes NAME ...] [--markdown FILE]
+                                   [--cells lstm gru tanh relu] [--shapes NAME ...]
+                                   [--autocast bfloat16|float16] [--markdown FILE]
 """
+
 
 import argparse
 
@@ -42,6 +45,17 @@ def inputs_for(batch, steps, packed):
                                                     enforce_sorted=False),)
 
 
+def under_autocast(step, dtype):
+    """`step` under CPU autocast to `dtype` (None: as it is)."""
+    if dtype is None:
+        return step
+
+    def run():
+        with torch.autocast("cpu", dtype=getattr(torch, dtype)):
+            return step()
+    return run
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +65,8 @@ def main():
     parser.add_argument("--cells", nargs="*", default=["lstm", "gru"])
     parser.add_argument("--shapes", nargs="*", help="only these shapes (names as in the table)")
     parser.add_argument("--passes", nargs="*", default=["fwd+bwd", "inference"])
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"],
+                        help="every contender under torch.autocast('cpu', dtype)")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
     if args.threads:
@@ -67,8 +83,9 @@ def main():
             for kind in args.passes:
                 backward = kind == "fwd+bwd"
                 fast_step = make_step(fast, inputs, backward)
-                times = time_interleaved([make_step(ref, inputs, backward),
-                                          with_fused(fast_step, False), with_fused(fast_step, True)],
+                steps_ = [make_step(ref, inputs, backward), with_fused(fast_step, False),
+                          with_fused(fast_step, True)]
+                times = time_interleaved([under_autocast(f, args.autocast) for f in steps_],
                                          repeats=args.repeats)
                 rows.append((cell, name, kind, [t[args.stat] for t in times]))
                 ts = rows[-1][3]
@@ -77,7 +94,9 @@ def main():
 
     lines = [
         f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"input={INPUT}, batch_first, float32, {args.stat} of {args.repeats} interleaved runs; ms",
+        f"input={INPUT}, batch_first, "
+        f"{'autocast ' + args.autocast if args.autocast else 'float32'}, "
+        f"{args.stat} of {args.repeats} interleaved runs; ms",
         "",
         "| cell | shape | pass | " + " | ".join(CONTENDERS) + " | fused vs torch | fused vs per-step |",
         "|---|---|---|" + "---|" * len(CONTENDERS) + "---|---|",

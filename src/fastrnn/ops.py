@@ -234,6 +234,7 @@ def _register_autograd(name):
     def setup_context(ctx, inputs, output):
         a = _Args(name, inputs)
         _save(ctx, name, a.config, a.input, a.states, a.batch_sizes, a.weights, output)
+        ctx.set_materialize_grads(False)  # as _setup: no zeros the size of the reserve
 
     def backward(ctx, grad_output, *grads):
         need = ctx.needs_input_grad

@@ -12,7 +12,6 @@ under torch.autocast("cpu", dtype) (the RNN's cells, tanh and relu, can be added
                                    [--autocast bfloat16|float16] [--markdown FILE]
 """
 
-
 import argparse
 
 import torch

@@ -226,6 +226,11 @@ def _save(ctx, name, config, input, states, batch_sizes, weights, output):
     ctx.name, ctx.config = name, config
     ctx.save_for_backward(input, *states, batch_sizes, output[0], output[-1], *weights)
     ctx.mark_non_differentiable(output[-1])  # the reserve
+    # Outputs without a gradient reach backward as None, not as zeros: the reserve never
+    # has one, and zeros the size of a whole stack's saved tensors cost a memset per
+    # backward (an LSTM's is several times its output). _backward makes the zeros that it
+    # does need.
+    ctx.set_materialize_grads(False)
 
 
 def _register_autograd(name):
@@ -234,7 +239,6 @@ def _register_autograd(name):
     def setup_context(ctx, inputs, output):
         a = _Args(name, inputs)
         _save(ctx, name, a.config, a.input, a.states, a.batch_sizes, a.weights, output)
-        ctx.set_materialize_grads(False)  # as _setup: no zeros the size of the reserve
 
     def backward(ctx, grad_output, *grads):
         need = ctx.needs_input_grad
@@ -289,11 +293,6 @@ def _run(name, config, batch_sizes, input, tensors):
 def _setup(ctx, name, config, batch_sizes, input, tensors, output):
     states = _STATES[name]
     _save(ctx, name, config, input, tensors[:states], batch_sizes, tensors[states:], output)
-    # Outputs without a gradient reach backward as None, not as zeros: the reserve never
-    # has one, and zeros the size of a whole stack's saved tensors cost a memset per
-    # backward (an LSTM's is several times its output). _backward makes the zeros that it
-    # does need.
-    ctx.set_materialize_grads(False)
 
 
 class _Eager(torch.autograd.Function):

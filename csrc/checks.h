@@ -44,10 +44,12 @@ struct RnnConfig {
     }
   }
   // Elements of the reserve tensor (ops.h): the outputs of layers 0..L-2, their
-  // dropout masks, then every layer's saved tensors.
-  int64_t reserve_size() const {
+  // dropout masks, then every layer's saved tensors (`saved_layers` of them: a
+  // forward without a reserve keeps one layer's at a time).
+  int64_t reserve_size(int64_t saved_layers = -1) const {
+    if (saved_layers < 0) saved_layers = layers;
     return (layers - 1) * layout.rows * layer_width() * (dropout_applied() ? 2 : 1) +
-           layers * layout.rows * directions * saved_per_row();
+           saved_layers * layout.rows * directions * saved_per_row();
   }
 };
 
@@ -228,6 +230,9 @@ inline void check_backward_args(const char* op, const RnnConfig& c, const Tensor
     check_like_input(op, name, *t, input);
   }
   check_defined(op, "reserve", reserve);
+  FASTRNN_CHECK(reserve.dim() != 1 || reserve.size(0) > 0 || c.reserve_size() == 0, op,
+                ": reserve is empty: its forward ran with need_reserve=False, which keeps none "
+                "for a backward");
   check_shape(op, "reserve", reserve, {c.reserve_size()});
   check_like_input(op, "reserve", reserve, input);
   check_defined(op, "grad_h_n", grad_h_n);

@@ -37,6 +37,10 @@
 //   bidirectional
 //   nonlinearity   "tanh" | "relu"
 //   batch_sizes    [T] int64 on the CPU, positive and non-increasing, or None (padded)
+//   need_reserve   (default true) false: no backward will follow (inference),
+//                  and the reserve comes back empty, [0]; the call then keeps
+//                  what it needs of it in memory of its own, one layer's saved
+//                  tensors at a time, and allocates nothing it does not return
 // ) -> (output  [T, B, D*H] | [N, D*H],
 //       h_n     [L*D, B, H],
 //       reserve [R]: what backward reads besides the output: the outputs of
@@ -69,7 +73,7 @@
 //        h_t = (1 - z) n + z h_{t-1}
 //
 // fastrnn::lstm(input, hx [L*D, B, R], cx [L*D, B, H], weights, has_biases,
-//               num_layers, dropout, train, bidirectional, batch_sizes)
+//               num_layers, dropout, train, bidirectional, batch_sizes, need_reserve)
 //   weights per cell: weight_ih [4H, I_l], weight_hh [4H, R], (bias_ih [4H],
 //   bias_hh [4H],) (weight_hr [R, H] with proj_size R < H); R = H without it;
 //   I_l = D*R for l > 0
@@ -78,7 +82,7 @@
 //               masks as for rnn; then per layer the activated gates
 //               [N, D*4H], c [N, D*H] and, with proj_size, m [N, D*H])
 // fastrnn::gru(input, hx [L*D, B, H], weights, has_biases, num_layers, dropout,
-//              train, bidirectional, batch_sizes)
+//              train, bidirectional, batch_sizes, need_reserve)
 //   weights per cell: weight_ih [3H, I_l], weight_hh [3H, H], (bias_ih [3H], bias_hh [3H])
 //   -> (output, h_n, reserve [R_gru]: as for rnn, then per layer the
 //       activated gates [N, D*3H] and (h_{t-1} W_hh^T)_n + b_hn [N, D*H])
@@ -106,8 +110,8 @@ using torch::stable::Tensor;
 // The op schemas, defined once (csrc/fastrnn.cpp) and implemented per device.
 inline constexpr const char* kRnnSchema =
     "rnn(Tensor input, Tensor hx, Tensor[] weights, bool has_biases, int num_layers, "
-    "float dropout, bool train, bool bidirectional, str nonlinearity, Tensor? batch_sizes) "
-    "-> (Tensor output, Tensor h_n, Tensor reserve)";
+    "float dropout, bool train, bool bidirectional, str nonlinearity, Tensor? batch_sizes, "
+    "bool need_reserve=True) -> (Tensor output, Tensor h_n, Tensor reserve)";
 inline constexpr const char* kRnnBackwardSchema =
     "rnn_backward(Tensor input, Tensor hx, Tensor[] weights, bool has_biases, int num_layers, "
     "float dropout, bool train, bool bidirectional, str nonlinearity, Tensor? batch_sizes, "
@@ -116,7 +120,7 @@ inline constexpr const char* kRnnBackwardSchema =
 
 inline constexpr const char* kLstmSchema =
     "lstm(Tensor input, Tensor hx, Tensor cx, Tensor[] weights, bool has_biases, int num_layers, "
-    "float dropout, bool train, bool bidirectional, Tensor? batch_sizes) "
+    "float dropout, bool train, bool bidirectional, Tensor? batch_sizes, bool need_reserve=True) "
     "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor reserve)";
 inline constexpr const char* kLstmBackwardSchema =
     "lstm_backward(Tensor input, Tensor hx, Tensor cx, Tensor[] weights, bool has_biases, "
@@ -126,7 +130,7 @@ inline constexpr const char* kLstmBackwardSchema =
     "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)";
 inline constexpr const char* kGruSchema =
     "gru(Tensor input, Tensor hx, Tensor[] weights, bool has_biases, int num_layers, "
-    "float dropout, bool train, bool bidirectional, Tensor? batch_sizes) "
+    "float dropout, bool train, bool bidirectional, Tensor? batch_sizes, bool need_reserve=True) "
     "-> (Tensor output, Tensor h_n, Tensor reserve)";
 inline constexpr const char* kGruBackwardSchema =
     "gru_backward(Tensor input, Tensor hx, Tensor[] weights, bool has_biases, int num_layers, "

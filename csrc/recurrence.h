@@ -71,6 +71,9 @@ struct LstmForwardJob {
   Tensor x;       // [N, I]   the layer's input, as ForwardJob's
   Tensor w_ih;    // [4H, I]  contiguous
   Tensor bias;    // [4H]     b_ih + b_hh (or the one there is), contiguous; or undefined
+  // A forward without a reserve, its projection inside: gates and c are
+  // [2B, *] rings, the visiting order's step p at rows (p % 2) * B on.
+  bool ring = false;
 };
 
 struct LstmBackwardJob {
@@ -123,6 +126,18 @@ struct GruBackwardJob {
 // rows [final_from(steps, i), steps[i].count) of the i-th visited step.
 inline int64_t final_from(const std::vector<StepRows>& steps, size_t i) {
   return i + 1 < steps.size() ? steps[i + 1].carried : 0;
+}
+
+// steps with their rows in a two-step ring of 2 * batch rows (LstmForwardJob::ring):
+// the p-th step visited at (p % 2) * batch, its previous step at the other half
+// (the previous step's rows carried into a step are its first ones).
+inline std::vector<StepRows> two_step_ring(const std::vector<StepRows>& steps, int64_t batch) {
+  std::vector<StepRows> ring(steps);
+  for (size_t p = 0; p < ring.size(); ++p) {
+    ring[p].begin = static_cast<int64_t>(p % 2) * batch;
+    ring[p].prev_begin = ring[p].carried > 0 ? static_cast<int64_t>((p + 1) % 2) * batch : 0;
+  }
+  return ring;
 }
 
 }  // namespace fastrnn

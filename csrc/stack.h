@@ -20,6 +20,8 @@
 #include "tensor_util.h"
 
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace fastrnn {
@@ -29,7 +31,12 @@ namespace detail {
 struct StackViews {
   const RnnConfig& c;
   const std::vector<Tensor>& weights;
-  Tensor reserve;  // [R] (ops.h)
+  Tensor reserve;  // [R] (ops.h); a forward without one: the layers' outputs and masks
+  // A forward without a reserve (need_reserve false) takes the rest from here:
+  // one block of saved tensors, which the layers use in turn, and the LSTM's
+  // two-step rings (LstmForwardJob::ring), each made when first asked for.
+  scratch::Tensors* workspace = nullptr;
+  mutable Tensor shared_block, rings;
 
   int64_t N() const { return c.layout.rows; }
   int64_t W() const { return c.layer_width(); }
@@ -53,12 +60,21 @@ struct StackViews {
   // when given, is a copy of the block's start to read instead of the reserve.
   Tensor saved(int64_t l, int64_t d, int64_t col, int64_t width, const Tensor* copy = nullptr) const {
     const int64_t D = c.directions, at = N() * D * col + d * width;
-    return copy ? view2d(*copy, N(), width, D * width, at)
-                : view2d(reserve, N(), width, D * width, block_offset(l) + at);
+    if (copy) return view2d(*copy, N(), width, D * width, at);
+    if (!workspace) return view2d(reserve, N(), width, D * width, block_offset(l) + at);
+    if (!shared_block.defined()) shared_block = workspace->empty(reserve, {N() * D * c.saved_per_row()});
+    return view2d(shared_block, N(), width, D * width, at);
   }
   int64_t block_offset(int64_t l) const {
     const int64_t outputs = (c.layers - 1) * N() * W() * (c.dropout_applied() ? 2 : 1);
     return outputs + l * N() * c.directions * c.saved_per_row();
+  }
+  // Direction d's two-step ring of an LSTM's gates ([2B, 4H]) and c ([2B, H]).
+  std::pair<Tensor, Tensor> lstm_ring(int64_t d) const {
+    const int64_t rows = 2 * c.layout.batch, H = c.hidden;
+    if (!rings.defined()) rings = workspace->empty(reserve, {c.directions * rows * 5 * H});
+    return {view2d(rings, rows, 4 * H, 4 * H, d * rows * 5 * H),
+            view2d(rings, rows, H, H, d * rows * 5 * H + rows * 4 * H)};
   }
   Tensor gates(int64_t l, int64_t d, const Tensor* copy = nullptr) const {
     return saved(l, d, 0, c.gates * c.hidden, copy);
@@ -208,14 +224,24 @@ void forward_layer(const StackViews& s, int64_t l, LayerInput& x, const Tensor& 
         break;
       }
       case CellKind::Lstm: {
-        const Tensor gates = s.gates(l, d), cs = s.after_gates(l, d, 0);
         const std::optional<Tensor> bias = bias_sum(s.b_ih(cell), s.b_hh(cell));
-        LstmForwardJob job{&c.layout, d == 1, &order[d], gates, cs,
+        LstmForwardJob job{&c.layout, d == 1, &order[d], Tensor(), Tensor(),
                            c.proj ? s.after_gates(l, d, 1) : Tensor(), out_d,
                            StackViews::state(h0, cell), StackViews::state(c0, cell),
                            StackViews::state(h_n, cell), StackViews::state(c_n, cell), w_hh,
                            s.w_hr(cell)};
-        take_projection<Backend>(job, x, s.w_ih(cell), bias, gates);
+        // Without a reserve and with the projection inside, no step reads the
+        // gates or c past the next step: two steps' rows hold them.
+        if (s.workspace && !c.proj) {
+          std::tie(job.gates, job.c) = s.lstm_ring(d);
+          job.x = x.lying();
+          job.ring = input_projection_inside<Backend>(job);
+        }
+        if (!job.ring) {
+          job.gates = s.gates(l, d);
+          job.c = s.after_gates(l, d, 0);
+        }
+        take_projection<Backend>(job, x, s.w_ih(cell), bias, job.gates);
         jobs.lstm.push_back(job);
         break;
       }
@@ -461,22 +487,38 @@ inline std::vector<Tensor> no_grads(const Tensor& like, size_t n) {
 
 namespace detail {
 
+// A forward's views: into a new reserve, or, where no backward will follow
+// (need_reserve false), into memory from `tmp` (cached on the CPU) that keeps
+// the layers' outputs and one layer's saved tensors at a time.
+inline StackViews forward_views(const RnnConfig& c, const std::vector<Tensor>& weights,
+                                const Tensor& input, bool need_reserve, scratch::Tensors& tmp) {
+  if (need_reserve) return {c, weights, empty(input, {c.reserve_size()})};
+  return {c, weights, tmp.empty(input, {c.reserve_size(0)}), &tmp};
+}
+
+// What a forward returns as its reserve.
+inline Tensor returned_reserve(const StackViews& s, const Tensor& input) {
+  return s.workspace ? empty(input, {0}) : s.reserve;
+}
+
 // The RNN's and the GRU's entries: one state, so the same body (op names the
 // op in messages; nonlinearity is the RNN's, "" for the GRU).
 template <class Backend>
 RnnResult one_state_forward(const char* op, CellKind kind, Tensor input, Tensor hx,
                             std::vector<Tensor> weights, bool has_biases, int64_t num_layers,
                             double dropout, bool train, bool bidirectional,
-                            const std::string& nonlinearity, std::optional<Tensor> batch_sizes) {
+                            const std::string& nonlinearity, std::optional<Tensor> batch_sizes,
+                            bool need_reserve) {
   const RnnConfig c = check_rnn_args<Backend>(op, kind, input, hx, nullptr, weights, has_biases,
                                               num_layers, dropout, train, bidirectional,
                                               nonlinearity, batch_sizes);
-  const StackViews s{c, weights, empty(input, {c.reserve_size()})};
+  scratch::Tensors tmp;
+  const StackViews s = forward_views(c, weights, input, need_reserve, tmp);
   const Tensor h0 = as_contiguous(hx);
   Tensor h_n = empty(hx, {c.cells(), c.layout.batch, c.hidden});
   if (c.layout.steps == 0) torch::stable::copy_(h_n, h0);
   Tensor output = stack_forward<Backend>(s, input, h0, Tensor(), h_n, Tensor());
-  return {output, h_n, s.reserve};
+  return {output, h_n, returned_reserve(s, input)};
 }
 
 template <class Backend>
@@ -508,10 +550,12 @@ RnnBackwardResult one_state_backward(const char* op, CellKind kind, Tensor input
 template <class Backend>
 RnnResult rnn_forward(Tensor input, Tensor hx, std::vector<Tensor> weights, bool has_biases,
                       int64_t num_layers, double dropout, bool train, bool bidirectional,
-                      std::string nonlinearity, std::optional<Tensor> batch_sizes) {
+                      std::string nonlinearity, std::optional<Tensor> batch_sizes,
+                      bool need_reserve) {
   return detail::one_state_forward<Backend>("fastrnn::rnn", CellKind::Elman, input, hx,
                                             std::move(weights), has_biases, num_layers, dropout,
-                                            train, bidirectional, nonlinearity, batch_sizes);
+                                            train, bidirectional, nonlinearity, batch_sizes,
+                                            need_reserve);
 }
 
 template <class Backend>
@@ -530,10 +574,10 @@ RnnBackwardResult rnn_backward(Tensor input, Tensor hx, std::vector<Tensor> weig
 template <class Backend>
 RnnResult gru_forward(Tensor input, Tensor hx, std::vector<Tensor> weights, bool has_biases,
                       int64_t num_layers, double dropout, bool train, bool bidirectional,
-                      std::optional<Tensor> batch_sizes) {
+                      std::optional<Tensor> batch_sizes, bool need_reserve) {
   return detail::one_state_forward<Backend>("fastrnn::gru", CellKind::Gru, input, hx,
                                             std::move(weights), has_biases, num_layers, dropout,
-                                            train, bidirectional, "", batch_sizes);
+                                            train, bidirectional, "", batch_sizes, need_reserve);
 }
 
 template <class Backend>
@@ -551,11 +595,13 @@ RnnBackwardResult gru_backward(Tensor input, Tensor hx, std::vector<Tensor> weig
 template <class Backend>
 LstmResult lstm_forward(Tensor input, Tensor hx, Tensor cx, std::vector<Tensor> weights,
                         bool has_biases, int64_t num_layers, double dropout, bool train,
-                        bool bidirectional, std::optional<Tensor> batch_sizes) {
+                        bool bidirectional, std::optional<Tensor> batch_sizes,
+                        bool need_reserve) {
   const RnnConfig c = check_rnn_args<Backend>("fastrnn::lstm", CellKind::Lstm, input, hx, &cx,
                                               weights, has_biases, num_layers, dropout, train,
                                               bidirectional, "", batch_sizes);
-  const detail::StackViews s{c, weights, empty(input, {c.reserve_size()})};
+  scratch::Tensors tmp;
+  const detail::StackViews s = detail::forward_views(c, weights, input, need_reserve, tmp);
   const Tensor h0 = as_contiguous(hx), c0 = as_contiguous(cx);
   Tensor h_n = empty(hx, {c.cells(), c.layout.batch, c.state_size()});
   Tensor c_n = empty(cx, {c.cells(), c.layout.batch, c.hidden});
@@ -564,7 +610,7 @@ LstmResult lstm_forward(Tensor input, Tensor hx, Tensor cx, std::vector<Tensor> 
     torch::stable::copy_(c_n, c0);
   }
   Tensor output = detail::stack_forward<Backend>(s, input, h0, c0, h_n, c_n);
-  return {output, h_n, c_n, s.reserve};
+  return {output, h_n, c_n, detail::returned_reserve(s, input)};
 }
 
 template <class Backend>

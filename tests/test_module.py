@@ -192,14 +192,15 @@ def test_one_call_each_and_parity_in_other_modes(case):
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_no_backward_call_without_gradients(cell):
-    """Under torch.no_grad and with nothing requiring grad: one forward op call, no
-    reserve kept alive for a backward that cannot come."""
+    """Under torch.no_grad and with nothing requiring grad: one forward op call, which
+    keeps no reserve for a backward that cannot come."""
     _, fast = twins(Case(cell=cell, num_layers=2, bidirectional=True))
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     for context in (torch.no_grad, torch.inference_mode):
         with context(), OpCalls() as calls:
             out, h_n = fast(x)
         assert calls.names() == [cell]
+        assert calls.calls[0][2][-1].shape == (0,)
         assert not any(t.requires_grad for t in (out, *flat(h_n)))
 
 

@@ -1127,6 +1127,72 @@ def test_cell_backward_does_not_modify_reserve(case):
     assert all(torch.equal(a, b) for a, b in zip(flat(first), flat(again)))
 
 
+# ---- need_reserve=False: a forward no backward follows ------------------------------------
+
+NO_RESERVE_CASES = [
+    BASE.replace(num_layers=3, bidirectional=True, packed=True),
+    BASE.replace(num_layers=2, nonlinearity="relu", dtype=torch.float32),
+    BASE.replace(num_layers=3, dropout=0.5, train=True, bidirectional=True),
+    LSTM_BASE.replace(num_layers=3, bidirectional=True),
+    LSTM_BASE.replace(num_layers=2, proj_size=2, packed=True),
+    # batch >= 8: the projection inside, the gates and c in a two-step ring
+    LSTM_BASE.replace(num_layers=2, batch=9, dtype=torch.float32),
+    LSTM_BASE.replace(num_layers=3, batch=10, bidirectional=True, packed=True),
+    LSTM_BASE.replace(num_layers=2, batch=8, steps=7, packed=True, h0=False),
+    LSTM_BASE.replace(num_layers=3, dropout=0.5, train=True, packed=True),
+    GRU_BASE.replace(num_layers=3, bidirectional=True, packed=True),
+    GRU_BASE.replace(num_layers=2, dropout=0.5, train=True, dtype=torch.float32),
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", NO_RESERVE_CASES, ids=case_id)
+def test_forward_without_reserve_gives_the_same_results(case, device):
+    """need_reserve=False: an empty reserve and the very bits of the call that keeps it
+    (the layers share one block of saved tensors in the call's own memory), dropout's
+    masks drawn alike."""
+    args = op_inputs(case.replace(device=device))
+    torch.manual_seed(7)
+    kept = args.op(*args.raw())
+    torch.manual_seed(7)
+    bare = args.op(*args.raw(), False)
+    assert kept[-1].numel() > 0
+    assert bare[-1].shape == (0,) and bare[-1].dtype == case.dtype
+    assert bare[-1].device == args.input.device
+    for i, (a, b) in enumerate(zip(kept[:-1], bare[:-1])):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"result {i}: {m}")
+
+
+@pytest.mark.parametrize("case", [NO_RESERVE_CASES[0], NO_RESERVE_CASES[4], NO_RESERVE_CASES[6],
+                                  NO_RESERVE_CASES[9]], ids=case_id)
+def test_opcheck_forward_without_reserve(case):
+    args = op_inputs(case)  # no gradient: such a forward has no backward
+    torch.library.opcheck(args.op.default, (*args.raw(), False))
+
+
+def test_backward_of_a_forward_without_reserve_names_the_problem():
+    args = op_inputs(LSTM_BASE.replace(num_layers=2))
+    out, h_n, c_n, reserve = args.op(*args.raw(), False)
+    with pytest.raises(RuntimeError, match=r"fastrnn::lstm_backward: reserve is empty: its "
+                       r"forward ran with need_reserve=False"):
+        args.backward_op(*args.raw(), out, reserve, torch.ones_like(out), torch.ones_like(h_n),
+                         torch.ones_like(c_n), True, True)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_wrapper_keeps_a_reserve_only_for_a_backward(cell):
+    """fastrnn.rnn / lstm / gru ask for the reserve exactly when autograd will want it."""
+    case = CELL_BASE.replace(cell=cell, num_layers=2)
+    results = {}
+    for grad_mode, requires_grad in ((False, True), (True, False), (True, True)):
+        args = op_inputs(case, requires_grad=requires_grad)
+        with torch.set_grad_enabled(grad_mode), OpCalls() as calls:
+            args.wrapper()
+        results[grad_mode, requires_grad] = [out[-1].numel() for _, _, out in calls.calls]
+    assert results[False, True] == [0] and results[True, False] == [0]
+    assert len(results[True, True]) == 1 and results[True, True][0] > 0
+
+
 # ---- opcheck ---------------------------------------------------------------------------
 
 CELL_OPCHECK = [

@@ -292,28 +292,37 @@ struct CpuBackend {
 
   static void forward_recurrences(const std::vector<LstmForwardJob>& jobs) {
     bool fused = false;
+    // A ring job's rows of gates and c per step.
+    std::vector<std::vector<StepRows>> ring_steps(jobs.size());
+    for (size_t k = 0; k < jobs.size(); ++k) {
+      if (jobs[k].ring) ring_steps[k] = two_step_ring(*jobs[k].steps, jobs[k].layout->batch);
+    }
     with_dtype(jobs[0].gates.scalar_type(), [&]<typename T>() {
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
         if (jobs[0].w_hr.defined()) return;
         std::vector<cpu::LstmForwardRecurrence<T>> rec;
-        for (const LstmForwardJob& j : jobs) {
+        for (size_t k = 0; k < jobs.size(); ++k) {
+          const LstmForwardJob& j = jobs[k];
           rec.push_back({*j.steps, j.c.size(1), ptr<T>(j.gates), j.gates.stride(0), ptr<T>(j.c),
                          j.c.stride(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0), j.h0.stride(0),
                          ptr<T>(j.c0), j.c0.stride(0), ptr<T>(j.w_hh)});
           set_input<T>(rec.back(), j.x, j.w_ih, j.bias);
+          rec.back().state_steps = ring_steps[k];
         }
         fused = cpu::forward_recurrences<T>(std::span<const cpu::LstmForwardRecurrence<T>>(rec));
       }
     });
-    // input_projection_inside() promised the kernel would take the job.
+    // input_projection_inside() promised the kernel would take the job (a ring's too).
     FASTRNN_CHECK(fused || !jobs[0].x.defined(), "fastrnn: the CPU LSTM recurrence refused its input projection");
     if (!fused) {
       for (const LstmForwardJob& job : jobs) stepwise::forward<CpuBackend>(job);
       return;
     }
-    for (const LstmForwardJob& j : jobs) {
+    for (size_t k = 0; k < jobs.size(); ++k) {
+      const LstmForwardJob& j = jobs[k];
       stepwise::copy_final_rows<CpuBackend>(*j.steps, j.out, j.h_n);
-      stepwise::copy_final_rows<CpuBackend>(*j.steps, j.c, j.c_n);
+      // A sequence's last c stays in the ring: later steps have fewer rows.
+      stepwise::copy_final_rows<CpuBackend>(j.ring ? ring_steps[k] : *j.steps, j.c, j.c_n);
     }
   }
 

@@ -64,6 +64,9 @@ struct LstmForwardRecurrence {
   int64_t input = 0;                // I
   const T* w_ih = nullptr;          // [4H, I] contiguous
   const T* bias = nullptr;          // [4H] (b_ih + b_hh) or null
+  // Where each step's rows of gates and c are (begin, prev_begin), where not
+  // steps' own: a two-step ring (LstmForwardJob::ring); else empty.
+  std::span<const StepRows> state_steps;
 };
 
 template <typename T>

@@ -129,12 +129,13 @@ void run_forward(std::span<const Job> jobs) {
         const StepRows& st = j.steps[p];
         CellStep<T> cs;
         cs.H = j.hidden;
-        cs.gates = {j.gates + st.begin * j.ld_gates, j.ld_gates};
         cs.h = {j.out + st.begin * j.ld_out, j.ld_out};
         StepTask<T> t;
         if constexpr (Cell == 0) {
-          cs.c = {j.c + st.begin * j.ld_c, j.ld_c};
-          set_prev<T>(cs, st, j.c, j.ld_c, j.c0, j.ld_c0);
+          const StepRows& rs = j.state_steps.empty() ? st : j.state_steps[p];
+          cs.gates = {j.gates + rs.begin * j.ld_gates, j.ld_gates};
+          cs.c = {j.c + rs.begin * j.ld_c, j.ld_c};
+          set_prev<T>(cs, rs, j.c, j.ld_c, j.c0, j.ld_c0);
           if (j.x) {
             cs.projected = true;
             cs.bias = j.bias;
@@ -142,6 +143,7 @@ void run_forward(std::span<const Job> jobs) {
             t.K_x = j.input;
           }
         } else {
+          cs.gates = {j.gates + st.begin * j.ld_gates, j.ld_gates};
           cs.hn = {j.hn + st.begin * j.ld_hn, j.ld_hn};
           cs.bias = j.b_hh;
           set_prev<T>(cs, st, j.out, j.ld_out, j.h0, j.ld_h0);

@@ -381,7 +381,7 @@ std::vector<Tensor> weight_tensors(const Problem& p, ScalarType dtype) {
   return ws;
 }
 
-// The ten arguments of fastrnn::rnn, which rnn_backward's begin with.
+// The eleven arguments of fastrnn::rnn (a reserve asked for).
 std::vector<StableIValue> rnn_args(const Problem& p, ScalarType dtype,
                                    std::vector<Tensor> weights, const std::string& nonlinearity,
                                    std::vector<int64_t> hx_shape) {
@@ -395,7 +395,8 @@ std::vector<StableIValue> rnn_args(const Problem& p, ScalarType dtype,
           from(p.train),
           from(p.D == 2),
           from(nonlinearity),
-          from(batch_sizes_of(p))};
+          from(batch_sizes_of(p)),
+          from(true)};
 }
 
 void call(const char* op, std::vector<StableIValue>& stack) {

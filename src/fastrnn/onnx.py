@@ -223,7 +223,7 @@ def _stack_symbolic(g, op, input, states, weights, has_biases, num_layers, dropo
 
 
 def _rnn_symbolic(g, input, hx, weights, has_biases, num_layers, dropout, train, bidirectional,
-                  nonlinearity, batch_sizes):
+                  nonlinearity, batch_sizes, need_reserve=True):
     from torch.onnx import symbolic_helper as sh
 
     directions = 2 if bidirectional else 1
@@ -233,7 +233,7 @@ def _rnn_symbolic(g, input, hx, weights, has_biases, num_layers, dropout, train,
 
 
 def _lstm_symbolic(g, input, hx, cx, weights, has_biases, num_layers, dropout, train,
-                   bidirectional, batch_sizes):
+                   bidirectional, batch_sizes, need_reserve=True):
     from torch.onnx import symbolic_helper as sh
 
     weights = sh._unpack_list(weights)
@@ -245,7 +245,7 @@ def _lstm_symbolic(g, input, hx, cx, weights, has_biases, num_layers, dropout, t
 
 
 def _gru_symbolic(g, input, hx, weights, has_biases, num_layers, dropout, train, bidirectional,
-                  batch_sizes):
+                  batch_sizes, need_reserve=True):
     from torch.onnx import symbolic_helper as sh
 
     return _stack_symbolic(g, "GRU", input, [hx], sh._unpack_list(weights), has_biases,
@@ -257,11 +257,11 @@ def _register_symbolics():
     from torch.onnx import register_custom_op_symbolic, symbolic_helper as sh
 
     symbolics = {
-        "fastrnn::rnn": sh.parse_args("v", "v", "v", "b", "i", "f", "b", "b", "s", "v")(
+        "fastrnn::rnn": sh.parse_args("v", "v", "v", "b", "i", "f", "b", "b", "s", "v", "b")(
             _rnn_symbolic),
-        "fastrnn::lstm": sh.parse_args("v", "v", "v", "v", "b", "i", "f", "b", "b", "v")(
+        "fastrnn::lstm": sh.parse_args("v", "v", "v", "v", "b", "i", "f", "b", "b", "v", "b")(
             _lstm_symbolic),
-        "fastrnn::gru": sh.parse_args("v", "v", "v", "b", "i", "f", "b", "b", "v")(
+        "fastrnn::gru": sh.parse_args("v", "v", "v", "b", "i", "f", "b", "b", "v", "b")(
             _gru_symbolic),
     }
     # The exporter looks a symbolic up at the highest registered opset <= the

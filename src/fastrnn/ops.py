@@ -6,7 +6,9 @@ Three op pairs share one engine and one shape: ``rnn`` (Elman), ``lstm`` and
 ``gru``, each with its ``*_backward``. Their arguments are
 ``(input, *states, weights, has_biases, num_layers, dropout, train,
 bidirectional[, nonlinearity], batch_sizes)``, where states is (hx,) or, for
-LSTM, (hx, cx); they return ``(output, *final states, reserve)``.
+LSTM, (hx, cx); they return ``(output, *final states, reserve)``. The forward
+ops take one more, ``need_reserve`` (default True): False where no backward
+will follow, which returns an empty reserve and saves its memory.
 """
 
 import inspect
@@ -107,14 +109,19 @@ def gru(
 
 
 class _Args:
-    """An op call's arguments by name: (input, *states, weights, *config, batch_sizes)."""
+    """An op call's arguments by name: (input, *states, weights, *config, batch_sizes[,
+    need_reserve])."""
 
     def __init__(self, name, args):
         states = _STATES[name]
+        config = 6 if name == "rnn" else 5  # has_biases .. [nonlinearity]
+        self.need_reserve = True
+        if len(args) > 3 + states + config:  # a forward call's need_reserve
+            *args, self.need_reserve = args
         self.input = args[0]
         self.states = list(args[1 : 1 + states])
         self.weights = args[1 + states]
-        self.config = tuple(args[2 + states : -1])  # has_biases .. [nonlinearity]
+        self.config = tuple(args[2 + states : -1])
         self.batch_sizes = args[-1]
         _, self.num_layers, self.dropout, self.train, self.bidirectional = self.config[:5]
 
@@ -175,7 +182,7 @@ def _register_fakes(name):
     def forward_fake(*args):
         a = _Args(name, args)
         _check_devices(op, a.input, _named(a), a.batch_sizes)
-        reserve = a.input.new_empty(_reserve_size(name, a))
+        reserve = a.input.new_empty(_reserve_size(name, a) if a.need_reserve else 0)
         width = (2 if a.bidirectional else 1) * a.states[0].shape[2]
         output = a.input.new_empty((*a.input.shape[:-1], width))
         return (output, *(s.new_empty(s.shape) for s in a.states), reserve)
@@ -238,6 +245,7 @@ def _register_autograd(name):
 
     def setup_context(ctx, inputs, output):
         a = _Args(name, inputs)
+        ctx.inputs = len(inputs)
         _save(ctx, name, a.config, a.input, a.states, a.batch_sizes, a.weights, output)
 
     def backward(ctx, grad_output, *grads):
@@ -245,7 +253,7 @@ def _register_autograd(name):
         grad_input, grad_states, grad_weights = _backward(
             name, ctx.config, ctx.saved_tensors, grad_output, grads[:states], need[0],
             need[1 : 1 + states], need[1 + states])
-        return (grad_input, *grad_states, grad_weights, *([None] * (len(ctx.config) + 1)))
+        return (grad_input, *grad_states, grad_weights, *([None] * (ctx.inputs - 2 - states)))
 
     def no_double_backward(ctx, *grads):
         raise _double_backward_error(name)
@@ -353,12 +361,16 @@ def _call(name, input, states, weights, config, batch_sizes):
             f"supported by fastrnn's {name} op; use torch.nn's module for them")
     # Under autocast the op itself is called: its autocast kernel casts the inputs where
     # autograd records the casts (inside _Eager.forward it would not).
-    if (torch.is_grad_enabled() and not _recorded()
-            and not torch.is_autocast_enabled(input.device.type)
-            and any(t.requires_grad for t in (input, *states, *weights))):
+    need_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (input, *states, *weights))
+    if need_grad and not _recorded() and not torch.is_autocast_enabled(input.device.type):
         function = _Eager if level is None else _EagerTransformed
         return function.apply(name, config, batch_sizes, input, *states, *weights)
-    return getattr(_ops, name)(input, *states, list(weights), *config, batch_sizes)
+    # Without a gradient to come (inference) the op keeps no reserve. A trace
+    # (torch.jit.trace) keeps it: the traced graph may run where one is needed.
+    need_reserve = need_grad or level is not None or torch.jit.is_tracing()
+    return getattr(_ops, name)(input, *states, list(weights), *config, batch_sizes,
+                               need_reserve)
 
 
 def _recorded():

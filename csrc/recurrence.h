@@ -97,13 +97,18 @@ struct GruForwardJob {
   const SequenceLayout* layout;
   bool reverse;
   const std::vector<StepRows>* steps;
-  Tensor gates;  // [N, 3H]  X W_ih^T + b_ih on entry, activated r z n on exit
+  Tensor gates;  // [N, 3H]  X W_ih^T + b_ih on entry (unless x is defined), activated r z n
+                 //          on exit
   Tensor hn;     // [N, H]   written: (h_{t-1} W_hh^T)_n + b_hn
   Tensor out;    // [N, H]   written: h_t
   Tensor h0;     // [B, H]
   Tensor h_n;    // [B, H]   written
   Tensor w_hh;   // [3H, H]
   Tensor b_hh;   // [3H] or undefined
+  // The input projection inside the recurrence, as LstmForwardJob's (bias: b_ih).
+  Tensor x, w_ih, bias;
+  // As LstmForwardJob's: gates and hn are [2B, *] rings.
+  bool ring = false;
 };
 
 struct GruBackwardJob {

@@ -33,7 +33,7 @@ struct StackViews {
   const std::vector<Tensor>& weights;
   Tensor reserve;  // [R] (ops.h); a forward without one: the layers' outputs and masks
   // A forward without a reserve (need_reserve false) takes the rest from here:
-  // one block of saved tensors, which the layers use in turn, and the LSTM's
+  // one block of saved tensors, which the layers use in turn, and the cells'
   // two-step rings (LstmForwardJob::ring), each made when first asked for.
   scratch::Tensors* workspace = nullptr;
   mutable Tensor shared_block, rings;
@@ -69,12 +69,12 @@ struct StackViews {
     const int64_t outputs = (c.layers - 1) * N() * W() * (c.dropout_applied() ? 2 : 1);
     return outputs + l * N() * c.directions * c.saved_per_row();
   }
-  // Direction d's two-step ring of an LSTM's gates ([2B, 4H]) and c ([2B, H]).
-  std::pair<Tensor, Tensor> lstm_ring(int64_t d) const {
-    const int64_t rows = 2 * c.layout.batch, H = c.hidden;
-    if (!rings.defined()) rings = workspace->empty(reserve, {c.directions * rows * 5 * H});
-    return {view2d(rings, rows, 4 * H, 4 * H, d * rows * 5 * H),
-            view2d(rings, rows, H, H, d * rows * 5 * H + rows * 4 * H)};
+  // Direction d's two-step ring of a cell's gates ([2B, G*H]) and the [2B, H]
+  // tensor after them (LSTM's c, GRU's hn).
+  std::pair<Tensor, Tensor> cell_ring(int64_t d) const {
+    const int64_t rows = 2 * c.layout.batch, GH = c.gates * c.hidden, per = rows * (GH + c.hidden);
+    if (!rings.defined()) rings = workspace->empty(reserve, {c.directions * per});
+    return {view2d(rings, rows, GH, GH, d * per), view2d(rings, rows, c.hidden, c.hidden, d * per + rows * GH)};
   }
   Tensor gates(int64_t l, int64_t d, const Tensor* copy = nullptr) const {
     return saved(l, d, 0, c.gates * c.hidden, copy);
@@ -198,6 +198,25 @@ inline Tensor top_columns(const Tensor& dY, int64_t N, int64_t H, int64_t d) {
   return view2d(dY, N, H, dY.stride(0), d * H);
 }
 
+// A cell job's gates and the [N, H] tensor after them (LSTM's c, GRU's hn):
+// where the forward keeps no reserve and the backend runs the projection
+// inside, no step reads them past the next, and a two-step ring holds them
+// (job.ring); else the layer's block of saved tensors.
+template <class Backend, class Job>
+void take_cell_buffers(const StackViews& s, int64_t l, int64_t d, LayerInput& x, Job& job,
+                       Tensor& after) {
+  if (s.workspace) {
+    std::tie(job.gates, after) = s.cell_ring(d);
+    job.x = x.lying();
+    job.ring = input_projection_inside<Backend>(job);
+    job.x = Tensor();
+  }
+  if (!job.ring) {
+    job.gates = s.gates(l, d);
+    after = s.after_gates(l, d, 0);
+  }
+}
+
 // What a layer's forward hands to the backend, per cell kind.
 struct LayerJobs {
   std::vector<ForwardJob> elman;
@@ -230,28 +249,19 @@ void forward_layer(const StackViews& s, int64_t l, LayerInput& x, const Tensor& 
                            StackViews::state(h0, cell), StackViews::state(c0, cell),
                            StackViews::state(h_n, cell), StackViews::state(c_n, cell), w_hh,
                            s.w_hr(cell)};
-        // Without a reserve and with the projection inside, no step reads the
-        // gates or c past the next step: two steps' rows hold them.
-        if (s.workspace && !c.proj) {
-          std::tie(job.gates, job.c) = s.lstm_ring(d);
-          job.x = x.lying();
-          job.ring = input_projection_inside<Backend>(job);
-        }
-        if (!job.ring) {
-          job.gates = s.gates(l, d);
-          job.c = s.after_gates(l, d, 0);
-        }
+        take_cell_buffers<Backend>(s, l, d, x, job, job.c);
         take_projection<Backend>(job, x, s.w_ih(cell), bias, job.gates);
         jobs.lstm.push_back(job);
         break;
       }
       case CellKind::Gru: {
-        const Tensor gates = s.gates(l, d);
-        project<Backend>(gates, x.rows(), s.w_ih(cell), s.b_ih(cell));
         const std::optional<Tensor> b_hh = s.b_hh(cell);
-        jobs.gru.push_back({&c.layout, d == 1, &order[d], gates, s.after_gates(l, d, 0), out_d,
-                            StackViews::state(h0, cell), StackViews::state(h_n, cell), w_hh,
-                            b_hh ? *b_hh : Tensor()});
+        GruForwardJob job{&c.layout, d == 1, &order[d], Tensor(), Tensor(), out_d,
+                          StackViews::state(h0, cell), StackViews::state(h_n, cell), w_hh,
+                          b_hh ? *b_hh : Tensor()};
+        take_cell_buffers<Backend>(s, l, d, x, job, job.hn);
+        take_projection<Backend>(job, x, s.w_ih(cell), s.b_ih(cell), job.gates);
+        jobs.gru.push_back(job);
         break;
       }
     }

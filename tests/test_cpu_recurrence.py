@@ -214,7 +214,7 @@ def fused_kernels(on):
     return env_vars(FASTRNN_CPU_FUSED="1" if on else "0")
 
 
-# The runs of compare_cell: name -> environment. The LSTM's fused forward takes its input
+# The runs of compare_cell: name -> environment. The cells' fused forwards take their input
 # projection inside or outside by a cost rule (recurrence.h: projection_inside);
 # FASTRNN_CPU_PROJECT_INSIDE forces either wherever the kernel takes the job.
 RUNS = {
@@ -224,8 +224,9 @@ RUNS = {
         "per-step": dict(FASTRNN_CPU_FUSED="0", FASTRNN_CPU_PROJECT_INSIDE=None),
     },
     "gru": {
-        "fused": dict(FASTRNN_CPU_FUSED="1"),
-        "per-step": dict(FASTRNN_CPU_FUSED="0"),
+        "inside": dict(FASTRNN_CPU_FUSED="1", FASTRNN_CPU_PROJECT_INSIDE="1"),
+        "outside": dict(FASTRNN_CPU_FUSED="1", FASTRNN_CPU_PROJECT_INSIDE="0"),
+        "per-step": dict(FASTRNN_CPU_FUSED="0", FASTRNN_CPU_PROJECT_INSIDE=None),
     },
 }
 
@@ -402,6 +403,30 @@ def test_lstm_projection_paths_both_run(dtype, same_products):
     for batch in (1, 64):
         runs = lstm_projection_runs(33, batch, 7, dtype)
         assert not same_bits(runs["inside"], runs["outside"]), f"B={batch}"
+
+
+def _avx512():
+    """Whether the kernels run AVX-512 here (the CPU has it, FASTRNN_CPU_ISA does not cap it)."""
+    if os.environ.get("FASTRNN_CPU_ISA") in ("avx2", "baseline"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _avx512(), reason="fastrnn's own products (linear.h) are AVX-512's")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_gru_projection_inside_gives_the_bits_of_the_one_outside(dtype, same_products):
+    """The GRU keeps X W_ih^T + b_ih apart from the recurrent sums (r scales only the
+    latter's n): inside each step's product it is summed in the order of fastrnn's own
+    product outside (FASTRNN_CPU_LINEAR=1), so both give the same bits, at both batch
+    sizes, stacked, bidirectional and packed."""
+    for layers, bidirectional, packed in ((1, False, False), (2, True, True)):
+        runs = compare_cell("gru", 33, 19, 5, dtype, layers=layers, bidirectional=bidirectional,
+                            packed=packed, input_size=9)
+        assert same_bits(runs["inside"], runs["outside"]), (layers, bidirectional, packed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -1142,6 +1142,8 @@ NO_RESERVE_CASES = [
     LSTM_BASE.replace(num_layers=3, dropout=0.5, train=True, packed=True),
     GRU_BASE.replace(num_layers=3, bidirectional=True, packed=True),
     GRU_BASE.replace(num_layers=2, dropout=0.5, train=True, dtype=torch.float32),
+    GRU_BASE.replace(num_layers=2, batch=9, bidirectional=True, packed=True),  # a ring
+    GRU_BASE.replace(num_layers=2, batch=8, steps=6, dtype=torch.float32),
 ]
 
 
@@ -1163,8 +1165,7 @@ def test_forward_without_reserve_gives_the_same_results(case, device):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"result {i}: {m}")
 
 
-@pytest.mark.parametrize("case", [NO_RESERVE_CASES[0], NO_RESERVE_CASES[4], NO_RESERVE_CASES[6],
-                                  NO_RESERVE_CASES[9]], ids=case_id)
+@pytest.mark.parametrize("case", [NO_RESERVE_CASES[i] for i in (0, 4, 6, 9, 11)], ids=case_id)
 def test_opcheck_forward_without_reserve(case):
     args = op_inputs(case)  # no gradient: such a forward has no backward
     torch.library.opcheck(args.op.default, (*args.raw(), False))

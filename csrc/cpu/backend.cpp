@@ -282,6 +282,17 @@ struct CpuBackend {
     }
   }
 
+  // A cell job's rows of its gates (and c or hn) per step: empty unless they
+  // are a two-step ring (LstmForwardJob::ring).
+  template <class Job>
+  static std::vector<std::vector<StepRows>> ring_steps(const std::vector<Job>& jobs) {
+    std::vector<std::vector<StepRows>> rings(jobs.size());
+    for (size_t k = 0; k < jobs.size(); ++k) {
+      if (jobs[k].ring) rings[k] = two_step_ring(*jobs[k].steps, jobs[k].layout->batch);
+    }
+    return rings;
+  }
+
   // LSTM and GRU: every direction of the layer in one parallel region of the
   // fused recurrences (cell_recurrence.h) where they take the dtype (float,
   // double) and there is no projection, else one GEMM per step and the
@@ -292,11 +303,7 @@ struct CpuBackend {
 
   static void forward_recurrences(const std::vector<LstmForwardJob>& jobs) {
     bool fused = false;
-    // A ring job's rows of gates and c per step.
-    std::vector<std::vector<StepRows>> ring_steps(jobs.size());
-    for (size_t k = 0; k < jobs.size(); ++k) {
-      if (jobs[k].ring) ring_steps[k] = two_step_ring(*jobs[k].steps, jobs[k].layout->batch);
-    }
+    const std::vector<std::vector<StepRows>> rings = ring_steps(jobs);
     with_dtype(jobs[0].gates.scalar_type(), [&]<typename T>() {
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
         if (jobs[0].w_hr.defined()) return;
@@ -307,7 +314,7 @@ struct CpuBackend {
                          j.c.stride(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0), j.h0.stride(0),
                          ptr<T>(j.c0), j.c0.stride(0), ptr<T>(j.w_hh)});
           set_input<T>(rec.back(), j.x, j.w_ih, j.bias);
-          rec.back().state_steps = ring_steps[k];
+          rec.back().state_steps = rings[k];
         }
         fused = cpu::forward_recurrences<T>(std::span<const cpu::LstmForwardRecurrence<T>>(rec));
       }
@@ -322,7 +329,7 @@ struct CpuBackend {
       const LstmForwardJob& j = jobs[k];
       stepwise::copy_final_rows<CpuBackend>(*j.steps, j.out, j.h_n);
       // A sequence's last c stays in the ring: later steps have fewer rows.
-      stepwise::copy_final_rows<CpuBackend>(j.ring ? ring_steps[k] : *j.steps, j.c, j.c_n);
+      stepwise::copy_final_rows<CpuBackend>(j.ring ? rings[k] : *j.steps, j.c, j.c_n);
     }
   }
 
@@ -349,21 +356,31 @@ struct CpuBackend {
     }
   }
 
+  static bool input_projection_inside(const GruForwardJob& j) {
+    return projection_inside(j.x, j.gates, j.hn.size(1), j.layout->batch);
+  }
+
   static void forward_recurrences(const std::vector<GruForwardJob>& jobs) {
     bool fused = false;
+    const std::vector<std::vector<StepRows>> rings = ring_steps(jobs);
     with_dtype(jobs[0].gates.scalar_type(), [&]<typename T>() {
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
         std::vector<cpu::GruForwardRecurrence<T>> rec;
         std::vector<Tensor> b_hh;  // contiguous copies where needed, alive until the kernel is done
-        for (const GruForwardJob& j : jobs) {
+        for (size_t k = 0; k < jobs.size(); ++k) {
+          const GruForwardJob& j = jobs[k];
           b_hh.push_back(j.b_hh.defined() ? as_contiguous(j.b_hh) : Tensor());
           rec.push_back({*j.steps, j.hn.size(1), ptr<T>(j.gates), j.gates.stride(0), ptr<T>(j.hn),
                          j.hn.stride(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0), j.h0.stride(0),
                          ptr<T>(j.w_hh), ptr<T>(b_hh.back())});
+          set_input<T>(rec.back(), j.x, j.w_ih, j.bias);
+          rec.back().state_steps = rings[k];
         }
         fused = cpu::forward_recurrences<T>(std::span<const cpu::GruForwardRecurrence<T>>(rec));
       }
     });
+    // input_projection_inside() promised the kernel would take the job (a ring's too).
+    FASTRNN_CHECK(fused || !jobs[0].x.defined(), "fastrnn: the CPU GRU recurrence refused its input projection");
     if (!fused) {
       for (const GruForwardJob& job : jobs) stepwise::forward<CpuBackend>(job);
       return;

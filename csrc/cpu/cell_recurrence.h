@@ -8,6 +8,10 @@
 //             gate of its units and its epilogue runs the cell's forward
 //             (cells.h's element function on vectors) and writes the gates, c
 //             and h (LSTM) or the gates, hn and h (GRU, b_hh added there).
+//             With the input projection inside (the panels then hold W_ih's
+//             rows too), the LSTM's product runs over [x_t, h_{t-1}] in one
+//             sum; the GRU's runs over x_t first and writes X W_ih^T + b_ih
+//             into the gates, then over h_{t-1}.
 //   backward  one product per step, dA_t W_hh (K = G*H) over units of h_{t-1},
 //             with an epilogue that forms dh_{t-1} = dY_{t-1} + that product
 //             for its units and then runs step t-1's cell gradient for those
@@ -97,7 +101,7 @@ struct GruForwardRecurrence {
   std::span<const StepRows> steps;
   int64_t hidden = 0;
   T* gates = nullptr;               // [N, ld_gates], columns [0, 3H): X W_ih^T + b_ih on
-  int64_t ld_gates = 0;             //   entry, the activated r z n on exit
+  int64_t ld_gates = 0;             //   entry (unless x is set), the activated r z n on exit
   T* hn = nullptr;                  // [N, ld_hn]: (h_{t-1} W_hh^T)_n + b_hn, written
   int64_t ld_hn = 0;
   T* out = nullptr;                 // [N, ld_out]: h_t, written
@@ -106,6 +110,17 @@ struct GruForwardRecurrence {
   int64_t ld_h0 = 0;
   const T* w_hh = nullptr;          // [3H, H] contiguous
   const T* b_hh = nullptr;          // [3H] contiguous, or null
+  // The input projection inside, as LstmForwardRecurrence's: each step's
+  // product first runs over x_t alone and writes X W_ih^T + b_ih into the
+  // gates (the cell keeps it apart from the recurrent sums: r scales only
+  // the latter's n), then over h_{t-1}.
+  const T* x = nullptr;
+  int64_t ld_x = 0;
+  int64_t ld_x_step = 0;
+  int64_t input = 0;
+  const T* w_ih = nullptr;          // [3H, I] contiguous
+  const T* bias = nullptr;          // [3H] b_ih or null
+  std::span<const StepRows> state_steps;  // as LstmForwardRecurrence's (gates and hn)
 };
 
 template <typename T>

@@ -119,33 +119,33 @@ void run_forward(std::span<const Job> jobs) {
       jobs, std::span<const detail::JobShape>(shapes), plan, 0,
       [&](const detail::Slot& s, const Job& j, T* dst) {
         const int64_t I = detail::inside_input(j);
-        if constexpr (Cell == 0) {
-          if (I) pack_gate_panels(j.w_ih, j.hidden, I, G, ks.lanes, s.panel_begin, s.panel_end, dst, 0, I + j.hidden);
-        }
+        if (I) pack_gate_panels(j.w_ih, j.hidden, I, G, ks.lanes, s.panel_begin, s.panel_end, dst, 0, I + j.hidden);
         pack_gate_panels(j.w_hh, j.hidden, j.hidden, G, ks.lanes, s.panel_begin, s.panel_end, dst,
                          I, I + j.hidden);
       },
       [&](const detail::Slot& s, const Job& j, const T* panels, int64_t p) {
         const StepRows& st = j.steps[p];
+        const StepRows& rs = j.state_steps.empty() ? st : j.state_steps[p];  // gates' rows
         CellStep<T> cs;
         cs.H = j.hidden;
+        cs.gates = {j.gates + rs.begin * j.ld_gates, j.ld_gates};
         cs.h = {j.out + st.begin * j.ld_out, j.ld_out};
         StepTask<T> t;
+        if (j.x) {
+          t.x = step_rows(j.x, j.ld_x, j.ld_x_step, st);
+          t.K_x = j.input;
+        }
         if constexpr (Cell == 0) {
-          const StepRows& rs = j.state_steps.empty() ? st : j.state_steps[p];
-          cs.gates = {j.gates + rs.begin * j.ld_gates, j.ld_gates};
           cs.c = {j.c + rs.begin * j.ld_c, j.ld_c};
           set_prev<T>(cs, rs, j.c, j.ld_c, j.c0, j.ld_c0);
           if (j.x) {
             cs.projected = true;
             cs.bias = j.bias;
-            t.x = step_rows(j.x, j.ld_x, j.ld_x_step, st);
-            t.K_x = j.input;
           }
         } else {
-          cs.gates = {j.gates + st.begin * j.ld_gates, j.ld_gates};
-          cs.hn = {j.hn + st.begin * j.ld_hn, j.ld_hn};
+          cs.hn = {j.hn + rs.begin * j.ld_hn, j.ld_hn};
           cs.bias = j.b_hh;
+          t.bias = j.bias;  // P's, written by the tile before the recurrent product
           set_prev<T>(cs, st, j.out, j.ld_out, j.h0, j.ld_h0);
         }
         t.a_lo = {j.out + st.prev_begin * j.ld_out, j.ld_out};

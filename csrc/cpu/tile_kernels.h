@@ -484,6 +484,24 @@ struct TileKernel {
     }
   }
 
+  // A GRU tile row's input projection into its gates: gate v of units
+  // [u0, u0 + nc) = acc[v] + b_ih (t.bias, or none).
+  template <int W>
+  static FASTRNN_INLINE void store_gate_projection(const StepTask<T>& t, int64_t i, int64_t u0,
+                                                   int nc, V (&acc)[W]) {
+    const int64_t H = t.cell->H;
+    T* g = t.cell->gates.row(i) + u0;
+    for (int v = 0; v < W; ++v) {
+      V p = acc[v];
+      if (t.bias) {
+        V b;
+        load_part(b, t.bias + v * H + u0, nc);
+        p = b + p;
+      }
+      store_part(g + v * H, p, nc);
+    }
+  }
+
   // acc[r] += sum over k < K of a[r][k] * panel row k ([K][W * N]).
   template <int M, int W>
   static FASTRNN_INLINE void multiply_add(V (&acc)[M][W], const T* const (&a)[M], const T* panel,
@@ -520,19 +538,24 @@ struct TileKernel {
         }
       }
     } else {
-      if constexpr (E == Epilogue::Forward || E == Epilogue::LstmForward) {
+      if constexpr (E == Epilogue::Forward || E == Epilogue::LstmForward || E == Epilogue::GruForward) {
         if (t.K_x > 0) {
           const T* x[M];
           for (int r = 0; r < M; ++r) x[r] = t.x.row(i0 + r);
           multiply_add<M, W>(acc, x, panel, t.K_x);
           panel += t.K_x * W * N;
-          if constexpr (E == Epilogue::Forward) {
+          if constexpr (E == Epilogue::Forward || E == Epilogue::GruForward) {
             // P = x_t W_ih^T + bias where the epilogue reads it, as the projection
             // outside writes it: the same bits either way (an Elman step sums P and
             // the recurrent product apart, as torch does; relu's derivative would
-            // flip at pre-activations that round to the other side of 0).
+            // flip at pre-activations that round to the other side of 0). The GRU
+            // keeps them apart anyway: r scales only the recurrent sum of n.
             for (int r = 0; r < M; ++r) {
-              finish_row<W, Epilogue::Linear>(t, i0 + r, c0, nc, acc[r]);
+              if constexpr (E == Epilogue::Forward) {
+                finish_row<W, Epilogue::Linear>(t, i0 + r, c0, nc, acc[r]);
+              } else {
+                store_gate_projection<W>(t, i0 + r, c0, nc, acc[r]);
+              }
               for (int v = 0; v < W; ++v) acc[r][v] = V{};
             }
           }

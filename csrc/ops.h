@@ -46,7 +46,9 @@
 //       reserve [R]: what backward reads besides the output: the outputs of
 //               layers 0..L-2 ([N, D*H] each), then, when dropout is applied,
 //               their dropout masks (0 or 1/(1-p), [N, D*H] each);
-//               R = (L-1) * N * D*H * (2 if dropout is applied else 1))
+//               R = (L-1) * N * D*H * (2 if dropout is applied else 1); in
+//               the input's dtype, but float32 for a bfloat16 or float16 call
+//               on the CPU, whose kernels run in float32 (backward takes either))
 //
 // fastrnn::rnn_backward(
 //   input, hx, weights, has_biases, num_layers, dropout, train, bidirectional,

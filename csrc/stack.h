@@ -205,11 +205,13 @@ inline Tensor top_columns(const Tensor& dY, int64_t N, int64_t H, int64_t d) {
 template <class Backend, class Job>
 void take_cell_buffers(const StackViews& s, int64_t l, int64_t d, LayerInput& x, Job& job,
                        Tensor& after) {
-  if (s.workspace) {
-    std::tie(job.gates, after) = s.cell_ring(d);
-    job.x = x.lying();
-    job.ring = input_projection_inside<Backend>(job);
-    job.x = Tensor();
+  if constexpr (requires { Backend::input_projection_inside(job); }) {
+    if (s.workspace) {
+      std::tie(job.gates, after) = s.cell_ring(d);
+      job.x = x.lying();
+      job.ring = Backend::input_projection_inside(job);
+      job.x = Tensor();
+    }
   }
   if (!job.ring) {
     job.gates = s.gates(l, d);

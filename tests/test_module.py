@@ -1395,8 +1395,8 @@ def test_half_types_on_cpu_run_in_float32(dtype, cell, kwargs, packed):
     """On the CPU a bfloat16 / float16 call runs the float32 kernels on its values (float32
     holds them exactly) and rounds what it returns: its forward gives the very bits of the
     float32 call on the same values, rounded; its gradients, in the half type, are the
-    float32 call's within the half type's rounding (the forward's saved tensors are rounded
-    to it in between)."""
+    float32 call's within the half type's rounding (the output, which backward reads too, is
+    rounded to it in between; the reserve stays float32)."""
     _, fast = rnn_pair(8, 16, 2, cell=cell, bidirectional=True, **kwargs)
     half = copy.deepcopy(fast).to(dtype)
     single = copy.deepcopy(half).float()

@@ -715,7 +715,8 @@ def test_autocast_raw_op(dtype):
         out, h_n, reserve = args.call()
         out2, h2 = fastrnn.rnn(args.input, args.hx, args.weights, num_layers=2,
                                bidirectional=True, batch_sizes=args.batch_sizes)
-    assert out.dtype == h_n.dtype == reserve.dtype == out2.dtype == h2.dtype == dtype
+    assert out.dtype == h_n.dtype == out2.dtype == h2.dtype == dtype
+    assert reserve.dtype == torch.float32  # what the CPU's float32 kernels keep (ops.h)
     assert torch.equal(out, out2) and torch.equal(h_n, h2)
     torch.testing.assert_close(out.float(), ref_out, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(h_n.float(), ref_h, atol=3e-2, rtol=3e-2)
@@ -732,6 +733,33 @@ def test_autocast_raw_op(dtype):
         with torch.autocast("cpu", enabled=False):
             assert args.call()[0].dtype == torch.float32
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_half_type_call_keeps_a_float32_reserve_on_cpu(cell, dtype):
+    """A bfloat16 / float16 call on the CPU keeps its reserve in float32, as its kernels
+    wrote it (ops.h). Its backward takes that reserve, or the same rounded to the half type
+    (within rounding), and names a reserve of a third dtype."""
+    case = CELL_BASE.replace(cell=cell, num_layers=2, bidirectional=True, dtype=dtype)
+    args = op_inputs(case)
+    *outputs, reserve = args.call()
+    assert {o.dtype for o in outputs} == {dtype} and reserve.dtype == torch.float32
+    upstream = [torch.randn_like(o) for o in outputs]
+
+    def backward(r):
+        return flat(args.backward_op(*args.raw(), outputs[0], r, *upstream, True, True))
+
+    kept, rounded = backward(reserve), backward(reserve.to(dtype))
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(rounded, kept):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=16 * eps,
+                                   atol=16 * eps * float(b.float().abs().max()))
+    with pytest.raises(RuntimeError, match=r"reserve must have the same dtype as input"):
+        backward(reserve.double())
+    # the fake kernel gives the reserve's float32 too (torch.compile, torch.export)
+    torch.library.opcheck(args.op.default, args.raw(), test_utils=("test_faketensor",))
 
 # ---------------------------------------------------------------------------------------
 # Hostile arguments to the raw ops, in a child process (tests/hostile_ops_child.py)
@@ -1563,14 +1591,15 @@ def test_cell_autocast_raw_op(cell, dtype):
     args = op_inputs(case, requires_grad=True)
     want = args.reference()
     with torch.autocast("cpu", dtype=dtype):
-        outputs = args.call()
+        *outputs, reserve = args.call()
         wrapped = args.wrapper()
     assert {o.dtype for o in (*outputs, *wrapped)} == {dtype}
+    assert reserve.dtype == torch.float32  # what the CPU's float32 kernels keep (ops.h)
     assert all(torch.equal(a, b) for a, b in zip(outputs, wrapped))
     for a, e in zip(outputs, want):
         torch.testing.assert_close(a.float(), e, atol=3e-2, rtol=3e-2)
     assert not torch.equal(outputs[0].float(), want[0])  # it really ran in reduced precision
-    grads = torch.autograd.grad(sum(o.float().sum() for o in outputs[:-1]), args.leaves())
+    grads = torch.autograd.grad(sum(o.float().sum() for o in outputs), args.leaves())
     assert all(g.dtype == torch.float32 for g in grads)
     args64 = op_inputs(case.replace(dtype=torch.float64))
     with torch.autocast("cpu", dtype=dtype):

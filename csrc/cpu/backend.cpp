@@ -16,6 +16,8 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <string_view>
+
 namespace fastrnn {
 namespace {
 
@@ -414,14 +416,27 @@ struct CpuBackend {
 
 }  // namespace
 
+// The position of a backward op's reserve among its arguments (ops.h's schema).
+constexpr int reserve_arg(std::string_view schema) {
+  const size_t at = schema.find("Tensor reserve,");
+  int commas = 0;
+  for (size_t i = 0; i < at; ++i) commas += schema[i] == ',';
+  return commas;
+}
+static_assert(reserve_arg(kGruBackwardSchema) == 10);
+
+using RnnBackwardOp = cpu::InFloat<&rnn_backward<CpuBackend>, reserve_arg(kRnnBackwardSchema)>;
+using LstmBackwardOp = cpu::InFloat<&lstm_backward<CpuBackend>, reserve_arg(kLstmBackwardSchema)>;
+using GruBackwardOp = cpu::InFloat<&gru_backward<CpuBackend>, reserve_arg(kGruBackwardSchema)>;
+
 // bfloat16 and float16 calls run in float32 (cpu/in_float.h).
 STABLE_TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
   m.impl("rnn", TORCH_BOX(&cpu::InFloat<&rnn_forward<CpuBackend>>::call));
-  m.impl("rnn_backward", TORCH_BOX(&cpu::InFloat<&rnn_backward<CpuBackend>>::call));
+  m.impl("rnn_backward", TORCH_BOX(&RnnBackwardOp::call));
   m.impl("lstm", TORCH_BOX(&cpu::InFloat<&lstm_forward<CpuBackend>>::call));
-  m.impl("lstm_backward", TORCH_BOX(&cpu::InFloat<&lstm_backward<CpuBackend>>::call));
+  m.impl("lstm_backward", TORCH_BOX(&LstmBackwardOp::call));
   m.impl("gru", TORCH_BOX(&cpu::InFloat<&gru_forward<CpuBackend>>::call));
-  m.impl("gru_backward", TORCH_BOX(&cpu::InFloat<&gru_backward<CpuBackend>>::call));
+  m.impl("gru_backward", TORCH_BOX(&GruBackwardOp::call));
 }
 
 }  // namespace fastrnn

@@ -9,6 +9,11 @@
 // returns is in the half type, as torch.nn's modules' results are. A call
 // whose floating-point tensors are not all of one half type goes to Op as it
 // is, whose checks name what is wrong.
+//
+// Except the reserve (ops.h), which only the backward reads: it stays
+// float32, as the kernels wrote it and will read it. Narrowing an LSTM's
+// saved gates and cell states to the half type and widening them again took
+// a tenth of a bfloat16 training step.
 #pragma once
 
 #include "../checks.h"
@@ -33,19 +38,21 @@ struct Dtypes {
   std::optional<ScalarType> seen;
   bool one = true;
 
-  void add(const Tensor& t) {
+  // reserve: a backward's reserve argument, which may be float32 in a half-type call.
+  void add(const Tensor& t, bool reserve = false) {
     if (!t.defined() || !is_floating(t.scalar_type())) return;
+    if (reserve && t.scalar_type() == ScalarType::Float) return;
     if (seen && *seen != t.scalar_type()) one = false;
     seen = t.scalar_type();
   }
-  void add(const std::optional<Tensor>& t) {
+  void add(const std::optional<Tensor>& t, bool = false) {
     if (t) add(*t);
   }
-  void add(const std::vector<Tensor>& ts) {
+  void add(const std::vector<Tensor>& ts, bool = false) {
     for (const Tensor& t : ts) add(t);
   }
   template <typename U>
-  void add(const U&) {}
+  void add(const U&, bool = false) {}
 
   std::optional<ScalarType> half() const {
     return one && seen && is_half(*seen) ? seen : std::nullopt;
@@ -72,25 +79,35 @@ U cast(U u, ScalarType, ScalarType) {
   return u;
 }
 
-template <typename... Ts>
-std::tuple<Ts...> cast(const std::tuple<Ts...>& results, ScalarType from, ScalarType to) {
-  return std::apply([&](const Ts&... r) { return std::tuple<Ts...>(cast(r, from, to)...); }, results);
+// Every result cast but the last one when keep_last (a forward's reserve).
+template <typename... Ts, size_t... I>
+std::tuple<Ts...> cast(const std::tuple<Ts...>& results, ScalarType from, ScalarType to,
+                       bool keep_last, std::index_sequence<I...>) {
+  return std::tuple<Ts...>(
+      (keep_last && I + 1 == sizeof...(Ts) ? std::get<I>(results) : cast(std::get<I>(results), from, to))...);
 }
 
 }  // namespace in_float
 
-template <auto Op>
+// ReserveArg: the position of a backward op's reserve among its arguments;
+// -1 for a forward op, whose last result is its reserve.
+template <auto Op, int ReserveArg = -1>
 struct InFloat;
 
-template <typename R, typename... Args, R (*Op)(Args...)>
-struct InFloat<Op> {
-  static R call(Args... args) {
+template <typename R, typename... Args, R (*Op)(Args...), int ReserveArg>
+struct InFloat<Op, ReserveArg> {
+  static R call(Args... args) { return run(std::index_sequence_for<Args...>{}, std::move(args)...); }
+
+ private:
+  template <size_t... I>
+  static R run(std::index_sequence<I...>, Args... args) {
     in_float::Dtypes dtypes;
-    (dtypes.add(args), ...);
+    (dtypes.add(args, static_cast<int>(I) == ReserveArg), ...);
     const std::optional<ScalarType> half = dtypes.half();
     if (!half) return Op(std::move(args)...);
     return in_float::cast(Op(in_float::cast(std::move(args), *half, ScalarType::Float)...),
-                          ScalarType::Float, *half);
+                          ScalarType::Float, *half, ReserveArg < 0,
+                          std::make_index_sequence<std::tuple_size_v<R>>{});
   }
 };
 

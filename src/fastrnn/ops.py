@@ -175,6 +175,12 @@ def _reserve_size(name, a: _Args):
             + a.num_layers * rows * directions * saved)
 
 
+def _reserve_dtype(input):
+    """csrc/ops.h: a half-type call on the CPU runs, and keeps its reserve, in float32."""
+    half = input.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if half and input.device.type == "cpu" else input.dtype
+
+
 def _register_fakes(name):
     op = f"fastrnn::{name}"
 
@@ -182,7 +188,8 @@ def _register_fakes(name):
     def forward_fake(*args):
         a = _Args(name, args)
         _check_devices(op, a.input, _named(a), a.batch_sizes)
-        reserve = a.input.new_empty(_reserve_size(name, a) if a.need_reserve else 0)
+        reserve = a.input.new_empty(_reserve_size(name, a) if a.need_reserve else 0,
+                                    dtype=_reserve_dtype(a.input))
         width = (2 if a.bidirectional else 1) * a.states[0].shape[2]
         output = a.input.new_empty((*a.input.shape[:-1], width))
         return (output, *(s.new_empty(s.shape) for s in a.states), reserve)

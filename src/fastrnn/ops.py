@@ -252,7 +252,6 @@ def _register_autograd(name):
 
     def setup_context(ctx, inputs, output):
         a = _Args(name, inputs)
-        ctx.inputs = len(inputs)
         _save(ctx, name, a.config, a.input, a.states, a.batch_sizes, a.weights, output)
 
     def backward(ctx, grad_output, *grads):
@@ -260,7 +259,8 @@ def _register_autograd(name):
         grad_input, grad_states, grad_weights = _backward(
             name, ctx.config, ctx.saved_tensors, grad_output, grads[:states], need[0],
             need[1 : 1 + states], need[1 + states])
-        return (grad_input, *grad_states, grad_weights, *([None] * (ctx.inputs - 2 - states)))
+        # One gradient per argument passed (need_reserve, defaulted, may not have been).
+        return (grad_input, *grad_states, grad_weights, *([None] * (len(need) - 2 - states)))
 
     def no_double_backward(ctx, *grads):
         raise _double_backward_error(name)

@@ -208,9 +208,8 @@ void take_cell_buffers(const StackViews& s, int64_t l, int64_t d, LayerInput& x,
   if constexpr (requires { Backend::input_projection_inside(job); }) {
     if (s.workspace) {
       std::tie(job.gates, after) = s.cell_ring(d);
-      job.x = x.lying();
+      job.x = x.lying();  // as take_projection sets it next
       job.ring = Backend::input_projection_inside(job);
-      job.x = Tensor();
     }
   }
   if (!job.ring) {

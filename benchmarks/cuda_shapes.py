@@ -6,9 +6,8 @@ B=34, H=120). Precisions: strict fp32 (TF32 off for cuDNN and cuBLAS), TF32
 (allowed, torch.nn.RNN's default through cuDNN), fp16 and bf16. Both modules
 hold identical weights and see identical inputs; runs are interleaved after a
 warm-up and timed with CUDA events; medians are reported. fastrnn runs twice:
-as installed (a cuBLAS GEMM per step) and with its persistent kernels
-(FASTRNN_CUDA_PERSISTENT=1: csrc/cuda/persistent.cuh where W_hh fits on chip,
-elsewhere the same per-step path).
+as installed (csrc/cuda/persistent.cuh's kernels where W_hh fits on chip, elsewhere
+a cuBLAS GEMM per step) and on the per-step path alone (FASTRNN_CUDA_PERSISTENT=0).
 
     python benchmarks/cuda_shapes.py [--repeats N] [--markdown FILE] [--json FILE]
                                      [--shapes NAME ...] [--precisions fp32 tf32 fp16 bf16]
@@ -74,14 +73,14 @@ def main():
                 x = pack_padded_sequence(x, lengths, enforce_sorted=False)
             for backward in (False, True):
                 fast_step = make_step(fast, (x,), backward)
-                persistent_step = with_env(fast_step, "FASTRNN_CUDA_PERSISTENT", "1")
-                ref_t, fast_t, persistent_t = time_interleaved(
-                    [make_step(ref, (x,), backward), fast_step, persistent_step],
+                per_step = with_env(fast_step, "FASTRNN_CUDA_PERSISTENT", "0")
+                ref_t, fast_t, per_step_t = time_interleaved(
+                    [make_step(ref, (x,), backward), fast_step, per_step],
                     device="cuda", repeats=args.repeats, warmup=5)
                 rows.append(dict(precision=precision, shape=name, steps=steps, layers=layers,
                                  pass_="fwd+bwd" if backward else "forward",
                                  torch_ms=ref_t["median"] * 1e3, fastrnn_ms=fast_t["median"] * 1e3,
-                                 persistent_ms=persistent_t["median"] * 1e3))
+                                 per_step_ms=per_step_t["median"] * 1e3))
     set_tf32(True)
 
     lines = [
@@ -90,15 +89,15 @@ def main():
         "(CUDA events)",
         "",
         "| precision | shape | pass | torch.nn (cuDNN) ms | fastrnn ms | speedup | "
-        "fastrnn persistent ms | speedup | persistent us / step / layer |",
+        "fastrnn us / step / layer | fastrnn per-step path ms | speedup |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        per_step = r["persistent_ms"] * 1e3 / (r["steps"] * r["layers"])
+        us_per_step = r["fastrnn_ms"] * 1e3 / (r["steps"] * r["layers"])
         lines.append(f"| {r['precision']} | {r['shape']} | {r['pass_']} | {r['torch_ms']:.3f} | "
                      f"{r['fastrnn_ms']:.3f} | {r['torch_ms'] / r['fastrnn_ms']:.2f}x | "
-                     f"{r['persistent_ms']:.3f} | {r['torch_ms'] / r['persistent_ms']:.2f}x | "
-                     f"{per_step:.2f} |")
+                     f"{us_per_step:.2f} | {r['per_step_ms']:.3f} | "
+                     f"{r['torch_ms'] / r['per_step_ms']:.2f}x |")
     emit(lines, args.markdown)
     if args.json:
         with open(args.json, "w") as f:

@@ -53,6 +53,18 @@ TOL = {
     torch.float64: dict(rtol=1e-9, atol=1e-10),
     torch.float32: dict(rtol=1e-4, atol=1e-5),
 }
+# float32 on CUDA: cuDNN, cuBLAS and fastrnn's kernels sum in different orders, and CUDA's
+# tanhf is not correctly rounded; after a sequence and its backward a few elements lie ~5e-5
+# apart.
+CUDA_FLOAT32_TOL = dict(rtol=1e-4, atol=1e-4)
+# cuDNN's RNN takes TF32 for float32 by default (Ampere on, ~1e-3 apart): the parity tests
+# compare against float32's own arithmetic.
+torch.backends.cudnn.allow_tf32 = False
+
+
+def tolerance(tensor, dtype):
+    """TOL[dtype], widened for float32 on CUDA."""
+    return CUDA_FLOAT32_TOL if tensor.is_cuda and dtype == torch.float32 else TOL[dtype]
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 
@@ -345,7 +357,7 @@ def assert_close_all(actual, expected, dtype, what=""):
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert a.shape == e.shape, f"{what}[{i}]: shape {tuple(a.shape)} != {tuple(e.shape)}"
-        torch.testing.assert_close(a, e, **TOL[dtype], msg=lambda m: f"{what}[{i}]: {m}")
+        torch.testing.assert_close(a, e, **tolerance(a, dtype), msg=lambda m: f"{what}[{i}]: {m}")
 
 
 # ---------------------------------------------------------------------------------------

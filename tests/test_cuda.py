@@ -85,8 +85,7 @@ def test_packed_call_makes_no_host_sync_and_a_cuda_graph_replays_it(monkeypatch,
     mode raises where a call would: a packed sequence's batch sizes reach the persistent kernels
     in their parameters, not by a copy), on either path; so a CUDA graph captures it, and its
     replays on new data match eager calls."""
-    if persistent:
-        monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
+    monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1" if persistent else "0")
     _, fast = rnn_pair(8, 32, 2, cell=cell, bidirectional=True)
     fast = fast.cuda()
     x = torch.randn(10, 4, 8, device="cuda")
@@ -151,7 +150,7 @@ def test_runs_on_the_inputs_device_not_the_current_one():
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 def test_persistent_kernels_match_torch(monkeypatch, hidden, packed, nonlinearity):
-    """The persistent kernels (opt-in, FASTRNN_CUDA_PERSISTENT=1) against torch.nn.RNN in
+    """The persistent kernels (FASTRNN_CUDA_PERSISTENT=1, the default) against torch.nn.RNN in
     float64, 300 rows in tiles, uneven lengths; W_hh in one CTA up to hidden 128, split over a
     cluster at 256 and 300 on sm_90 (test_persistent_path_by_hidden_size); 1024 does not fit
     on chip and takes the per-step path."""
@@ -183,10 +182,10 @@ def cuda_kernels(fn):
 @pytest.mark.parametrize("persistent", [False, True], ids=["per-step", "persistent"])
 def test_a_layers_directions_run_at_once(monkeypatch, cell, persistent):
     """A bidirectional layer's directions run at the same time, forward and backward: fastrnn's
-    kernels go to two streams (the current one and a side stream); a unidirectional stack's
-    to the current stream only. (Results: the parity tests, bidirectional ones included.)"""
-    if persistent:
-        monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
+    kernels go to the current stream and a side stream (one of torch's pool, which need not be
+    the same one in forward and backward); a unidirectional stack's to the current stream only.
+    (Results: the parity tests, bidirectional ones included.)"""
+    monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1" if persistent else "0")
     streams = {}
     for bidirectional in (False, True):
         _, fast = rnn_pair(8, 32, 2, cell=cell, bidirectional=bidirectional)
@@ -202,7 +201,7 @@ def test_a_layers_directions_run_at_once(monkeypatch, cell, persistent):
             torch.cuda.synchronize()
         streams[bidirectional] = {e.device_resource_id for e in prof.events()
                                   if e.device_type == torch.autograd.DeviceType.CUDA and "fastrnn::" in e.name}
-    assert len(streams[False]) == 1 and len(streams[True]) == 2, streams
+    assert len(streams[False]) == 1 and streams[False] < streams[True], streams
 
 
 @pytest.mark.parametrize("hidden, dtype, path", [
@@ -212,12 +211,13 @@ def test_a_layers_directions_run_at_once(monkeypatch, cell, persistent):
     (672, torch.float32, "cluster"), (673, torch.float32, None), (1024, torch.float32, None)],
     ids=lambda v: str(v).replace("torch.", ""))
 def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
-    """With FASTRNN_CUDA_PERSISTENT=1 a layer runs in csrc/cuda/persistent.cuh's kernels where
+    """A layer runs in csrc/cuda/persistent.cuh's kernels where
     its W_hh fits one CTA's shared memory, or slices of it a cluster's CTAs (sm_90), else with
     a GEMM per step; forward and backward alike, matching torch.nn.RNN in float64. bfloat16's
     W_hh takes half float32's room: hidden 700 fits a cluster in it, not in float32. 672 and
     673 are float32's limit as persistent::plan counts shared memory on an H100: the device's
-    own answer (the occupancy check) must agree."""
+    own answer (the occupancy check) must agree. bfloat16's error (its gates and W_hh are
+    rounded at every step) is held to at most twice cuDNN's own bfloat16 error."""
     monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
     if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
         path = None
@@ -234,13 +234,19 @@ def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
     for kernel in ("forward_kernel", "backward_kernel"):
         ran = any(f"fastrnn::persistent::{kernel}" in n for n in names)
         assert ran == (path is not None), (kernel, names)
+    out, h = ref(x)
+    cudnn = [out, h, *grads(ref, weighted_sum(out, h), [x])]
     exact = ref.double()
     x64 = x.detach().double().requires_grad_()
     out, h = exact(x64)
     expected = [out, h, *grads(exact, weighted_sum(out, h), [x64])]
-    tol = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-4, 1e-5), torch.bfloat16: (5e-2, 5e-2)}[dtype]
-    for a, e in zip(results[0], expected):
-        torch.testing.assert_close(a.double(), e, rtol=tol[0], atol=tol[1])
+    for a, e, c in zip(results[0], expected, cudnn):
+        if dtype == torch.bfloat16:
+            errors = [float((t.double() - e).abs().max()) for t in (a, c)]
+            assert errors[0] <= 2 * errors[1] + 1e-3 * float(e.abs().max()), errors
+        else:
+            tol = 1e-10 if dtype == torch.float64 else 1e-4
+            torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -248,8 +254,7 @@ def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
                          ids=["H37-one-CTA", "H128-cluster", "H160-cluster"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_persistent_cells_match_torch(monkeypatch, cell, hidden, cluster, packed):
-    """The LSTM's and GRU's persistent kernels (csrc/cuda/persistent.cuh, opt-in with
-    FASTRNN_CUDA_PERSISTENT=1) against torch.nn in float64: two layers both ways, 300 rows,
+    """The LSTM's and GRU's persistent kernels (csrc/cuda/persistent.cuh, the default) against torch.nn in float64: two layers both ways, 300 rows,
     uneven lengths, a random initial state. W_hh fits one CTA at hidden 37; at 128 and 160 it
     is split over a cluster (sm_90; elsewhere the per-step path runs). Asserts which kernels
     ran."""
@@ -329,15 +334,15 @@ def test_cuda_dropout_repeatable_and_one_call_each():
 
 
 def test_autocast_cuda_like_torch():
-    """On CUDA torch.nn.RNN's cudnn op is an autocast op (float16 by default): fastrnn's
-    output and h_n come out in the same dtype."""
+    """On CUDA torch.nn.RNN's cuDNN op runs in float16 under autocast, whatever its dtype
+    (aten/src/ATen/cudnn/AutocastRNN.cpp): fastrnn's output and h_n come out the same."""
     ref, fast = rnn_pair(8, 16, 2, bidirectional=True)
     ref, fast = ref.cuda(), fast.cuda()
     x = torch.randn(6, 3, 8, device="cuda")
     for dtype in (torch.float16, torch.bfloat16):
         with torch.autocast("cuda", dtype=dtype):
             (o1, h1), (o2, h2) = ref(x), fast(x)
-        assert (o2.dtype, h2.dtype) == (o1.dtype, h1.dtype) == (dtype, dtype)
+        assert (o2.dtype, h2.dtype) == (o1.dtype, h1.dtype) == (torch.float16, torch.float16)
         torch.testing.assert_close(o2.float(), o1.float(), atol=3e-2, rtol=3e-2)
 
 
@@ -469,8 +474,8 @@ def test_cell_cuda_device_errors_name_the_argument():
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_cell_autocast_cuda_like_torch(cell):
-    """On CUDA torch.nn's cuDNN op is an autocast op: every output in the autocast dtype,
-    as fastrnn's."""
+    """On CUDA torch.nn's cuDNN op runs in float16 under autocast, whatever its dtype: every
+    output in float16, as fastrnn's."""
     ref, fast = rnn_pair(8, 16, 2, bidirectional=True, cell=cell)
     ref, fast = ref.cuda(), fast.cuda()
     x = torch.randn(6, 3, 8, device="cuda")
@@ -479,6 +484,6 @@ def test_cell_autocast_cuda_like_torch(cell):
             want, got = ref(x), fast(x)
         want = [want[0], *(want[1] if cell == "lstm" else [want[1]])]
         got = [got[0], *(got[1] if cell == "lstm" else [got[1]])]
-        assert [t.dtype for t in got] == [t.dtype for t in want]
+        assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.float16] * len(got)
         for a, e in zip(got, want):
             torch.testing.assert_close(a.float(), e.float(), atol=3e-2, rtol=3e-2)

@@ -28,7 +28,8 @@ from fastrnn.reference import gru_reference, lstm_reference, rnn_reference
 
 from conftest import (FAST_MODULES, LAYOUTS, PROPERTY, TOL, TORCH_MODULES, Case, OpArgs, OpCalls,
                       assert_close_all, case_id, devices, feed, flat, grads, grid, module_inputs,
-                      pack, pairwise, rnn_pair, run_module, twins, weighted_sum, with_layout)
+                      pack, pairwise, rnn_pair, run_module, tolerance, twins, weighted_sum,
+                      with_layout)
 
 # ---------------------------------------------------------------------------------------
 # The parity grid, with the op calls counted
@@ -505,7 +506,7 @@ def check_module_parity(c):
     dtype = c["case"].dtype
     for i, (a, e) in enumerate(zip(got_tensors, want_tensors)):
         assert a.shape == e.shape and a.dtype == e.dtype, (i, a.shape, e.shape)
-        torch.testing.assert_close(a, e, **TOL[dtype], msg=lambda m: f"tensor {i}: {m}")
+        torch.testing.assert_close(a, e, **tolerance(a, dtype), msg=lambda m: f"tensor {i}: {m}")
 
 
 _BASE = dict(case=Case(dtype=torch.float32, steps=3, batch=2, input_size=3, hidden_size=4),

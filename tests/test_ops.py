@@ -22,8 +22,8 @@ import fastrnn
 from fastrnn.reference import layer_reference
 
 import hostile_ops_child
-from conftest import (LAYOUTS, PROPERTY, TOL, Case, OpArgs, OpCalls, case_id, devices, flat, grid,
-                      op_inputs, weight_shapes, weighted_sum, with_layout)
+from conftest import (LAYOUTS, PROPERTY, Case, OpArgs, OpCalls, case_id, devices, flat, grid,
+                      op_inputs, tolerance, weight_shapes, weighted_sum, with_layout)
 
 RNN = torch.ops.fastrnn.rnn
 RNN_BACKWARD = torch.ops.fastrnn.rnn_backward
@@ -223,7 +223,7 @@ def check_op_property(c):
     assert len(got) == len(want)
     for i, (a, e) in enumerate(zip(got, want)):
         assert a.shape == e.shape and a.dtype == e.dtype, (i, a.shape, e.shape)
-        torch.testing.assert_close(a, e, **TOL[case.dtype], msg=lambda m: f"tensor {i}: {m}")
+        torch.testing.assert_close(a, e, **tolerance(a, case.dtype), msg=lambda m: f"tensor {i}: {m}")
 
 
 _OP_BASE = dict(case=Case(steps=3, batch=2, input_size=3, hidden_size=4, h0=True),

@@ -386,8 +386,9 @@ def _recorded():
 
 
 # Autocast. torch.nn's recurrent modules under torch.autocast run in the
-# autocast dtype (on the CPU their GEMMs are autocast ops; on CUDA cudnn's RNN
-# is an autocast op), so their outputs come out in that dtype. A custom op is
+# autocast dtype on the CPU (their GEMMs are autocast ops), and in float16 on
+# CUDA whatever the autocast dtype (cuDNN's RNN op casts to float16 itself,
+# aten/src/ATen/cudnn/AutocastRNN.cpp); their outputs come out so. A custom op is
 # not cast by default, and torch.library.register_autocast casts to one dtype
 # fixed at registration: this kernel reads the current autocast dtype at call
 # time, casts the floating-point tensors of the autocast device (float64
@@ -407,6 +408,8 @@ def _autocast_kernel(op, device_type):
 
     def kernel(*args):
         dtype = torch.get_autocast_dtype(device_type)
+        if device_type == "cuda" and torch.backends.cudnn.enabled:
+            dtype = torch.float16
         with torch.autocast(device_type, enabled=False):
             return op(*(cast(a, dtype) for a in args))
 

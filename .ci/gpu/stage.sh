@@ -4,7 +4,8 @@
 #   bash .ci/gpu/stage.sh 0    a first look at all three in about 5 minutes (7 at
 #                              most), for a session with little device time:
 #                              tests/test_cuda.py, memcheck on the persistent
-#                              kernels, the seed shapes
+#                              kernels, the seed shapes, an Nsight Compute profile
+#                              of the persistent kernels
 #   bash .ci/gpu/stage.sh 1    the test suite's CUDA tests, on the persistent kernels and
 #                              on the per-step path
 #   bash .ci/gpu/stage.sh 2    compute-sanitizer memcheck and racecheck on every CUDA kernel
@@ -50,6 +51,11 @@ case "$STAGE" in
     --shapes "relu-1x100 b128" "tanh-2x256 b64" "tanh-2x128 b100" "lstm-2x128 b64" \
     --markdown "$OUT/cuda_shapes.md" --json "$OUT/cuda_shapes.json" 2>&1 | tee -a "$OUT/summary.txt" \
     || status=1
+  note "Nsight Compute: where the persistent kernels' steps spend their time"
+  timeout 120 ncu --kernel-name regex:persistent --launch-count 4 --section LaunchStats \
+    --section Occupancy --section WarpStateStats --section SchedulerStats --section SourceCounters \
+    $PY .ci/gpu/profile_case.py > "$OUT/ncu.txt" 2>&1 || { status=1; echo "ncu FAILED" | tee -a "$OUT/summary.txt"; }
+  grep -E "persistent|Duration|Warp Cycles Per Issued|Stall" "$OUT/ncu.txt" | head -20 | tee -a "$OUT/summary.txt"
   ;;
 1)
   # Twice: as installed (persistent kernels where W_hh fits on chip), then every layer on

@@ -124,6 +124,11 @@ CASES += [dict(hidden=10, size=2, tile=5, reverse=r, packed=True, steps=30, batc
 # a GPU): float32 storage, float64 arithmetic.
 CASES += [dict(hidden=h, size=s, tile=3, reverse=r, packed=p, storage=torch.float32)
           for (h, s), r, p in [((9, 2), True, True), ((70, 8), False, False)]]
+# Threads with several rows each (a hundred units leave two groups of threads): 2 rows, 3 (run
+# as 4) and 4, in one CTA and over a cluster.
+CASES += [dict(hidden=h, size=s, tile=t, reverse=r, packed=p)
+          for h, s, t, r, p in [(100, 1, 4, False, True), (100, 1, 5, True, False),
+                                (100, 1, 8, False, False), (200, 2, 3, True, True)]]
 MAX_RUNS = 192  # persistent.cuh's kMaxRuns
 
 

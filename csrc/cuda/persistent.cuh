@@ -351,21 +351,24 @@ __device__ void load_tile(acc_t* dst, int ld, const T* src, int64_t ld_src, int 
 }
 
 // acc[i][g] += sum over k < K of src[b * ld + k] * w[(k * G + g) * units + u],
-// for this thread's rows b in the step. The sum runs as S partial sums over k
-// mod S, added at the end: a thread often has one row (where each cluster
-// takes one batch row) and then one chain of K dependent multiply-adds, whose
-// latency, not their issue, would set the step's time.
-template <int G, typename T, typename acc_t>
-__device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][G], const acc_t* src, int ld, int K,
-                                           const T* w, const Place& p, const Share& me, int active) {
-  constexpr int S = G >= 4 ? 1 : (G >= 2 ? 2 : 4);
-  acc_t part[S][kRows][G] = {};
-  const auto add = [&](int k, acc_t (&sum)[kRows][G]) {
+// for this thread's rows b in the step, R of them at most (rows past R stay as
+// they are): a step's time is one chain of K multiply-adds, latency-bound where
+// a thread has one or two rows, and each row it does not have would still cost
+// its loads' and multiply-adds' issue slots. The sum runs as S partial sums over
+// k mod S, added at the end, so that the thread has about 8 independent chains
+// (at least as many per row as G gates alone give: 4, 2, 1).
+template <int G, int R, typename T, typename acc_t>
+__device__ __forceinline__ void accumulate_rows(acc_t (&acc)[kRows][G], const acc_t* src, int ld, int K,
+                                                const T* w, const Place& p, const Share& me, int active) {
+  constexpr int S_gates = G >= 4 ? 1 : (G >= 2 ? 2 : 4);
+  constexpr int S = 8 / (R * G) > S_gates ? 8 / (R * G) : S_gates;
+  acc_t part[S][R][G] = {};
+  const auto add = [&](int k, acc_t (&sum)[R][G]) {
     acc_t wk[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) wk[g] = load<acc_t>(w[(k * G + g) * p.units + me.u]);
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) {
+    for (int i = 0; i < R; ++i) {
       const int b = me.row(i);
       if (b < active) {
         const acc_t x = src[b * ld + k];
@@ -381,7 +384,7 @@ __device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][G], const acc_t* 
   }
   for (; k < K; ++k) add(k, part[0]);
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) {
+  for (int i = 0; i < R; ++i) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       acc_t sum = part[0][i][g];
@@ -389,6 +392,21 @@ __device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][G], const acc_t* 
       for (int s = 1; s < S; ++s) sum += part[s][i][g];
       acc[i][g] += sum;
     }
+  }
+}
+
+// accumulate_rows for as many rows as the CTA's threads have: ceil(tile / groups),
+// the same in every thread, so the branch does not diverge.
+template <int G, typename T, typename acc_t>
+__device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][G], const acc_t* src, int ld, int K,
+                                           const T* w, const Place& p, const Share& me, int active) {
+  const int rows = (p.tile + me.groups - 1) / me.groups;
+  if (rows == 1) {
+    accumulate_rows<G, 1>(acc, src, ld, K, w, p, me, active);
+  } else if (rows == 2) {
+    accumulate_rows<G, 2>(acc, src, ld, K, w, p, me, active);
+  } else {
+    accumulate_rows<G, kRows>(acc, src, ld, K, w, p, me, active);
   }
 }
 

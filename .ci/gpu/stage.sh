@@ -47,7 +47,7 @@ case "$STAGE" in
     || { status=1; echo "memcheck (persistent) FAILED" | tee -a "$OUT/summary.txt"; }
   tail -2 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
   note "fastrnn against cuDNN, the seed shapes"
-  timeout 120 $PY benchmarks/cuda_shapes.py --repeats 10 --precisions fp32 bf16 \
+  timeout 120 $PY benchmarks/cuda_shapes.py --repeats 10 --precisions fp32 fp16 bf16 \
     --shapes "relu-1x100 b128" "tanh-2x256 b64" "tanh-2x128 b100" "lstm-2x128 b64" \
     --markdown "$OUT/cuda_shapes.md" --json "$OUT/cuda_shapes.json" 2>&1 | tee -a "$OUT/summary.txt" \
     || status=1

@@ -53,8 +53,8 @@ case "$STAGE" in
     || status=1
   note "Nsight Compute: where the persistent kernels' steps spend their time"
   timeout 120 ncu --kernel-name-base demangled --kernel-name regex:persistent --launch-count 4 \
-    --section LaunchStats \
-    --section Occupancy --section WarpStateStats --section SchedulerStats --section SourceCounters \
+    --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
+    --section SourceCounters \
     $PY .ci/gpu/profile_case.py > "$OUT/ncu.txt" 2>&1 || { status=1; echo "ncu FAILED" | tee -a "$OUT/summary.txt"; }
   grep -E "persistent|Duration|Warp Cycles Per Issued|Stall" "$OUT/ncu.txt" | head -20 | tee -a "$OUT/summary.txt"
   ;;

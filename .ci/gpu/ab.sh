@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Two builds of fastrnn's CUDA kernels against each other on the GPU machine, from the
+# repository root: the wheels in dist-base/ and dist/ (each built on a CPU machine by
+# .ci/gpu/wheel.sh at its revision; carry both folders), installed side by side;
+# benchmarks/cuda_shapes.py runs under each in alternating processes (3 each, so that a
+# drift of the machine's clocks falls on both), and the medians of fastrnn's times are
+# compared per shape. Results under $OUT: ab.md, and each run's JSON.
+#   bash .ci/gpu/ab.sh [cuda_shapes.py arguments, e.g. --shapes ... --precisions fp32]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/fastrnn-gpu-ab}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+for build in base new; do
+  wheel=$([ $build = base ] && echo dist-base || echo dist)
+  $PY -m pip install -q --no-deps --no-index --target /tmp/fastrnn-$build $wheel/fastrnn-*.whl || exit 1
+done
+for round in 1 2 3; do
+  for build in base new; do
+    PYTHONPATH=/tmp/fastrnn-$build timeout 150 $PY benchmarks/cuda_shapes.py --repeats 10 \
+      --json "$OUT/$build-$round.json" "$@" > /dev/null 2>&1 || echo "$build run $round FAILED"
+  done
+done
+$PY - "$OUT" <<'PY' | tee "$OUT/ab.md"
+import glob, json, statistics, sys
+out = sys.argv[1]
+times = {}
+for build in ("base", "new"):
+    for path in sorted(glob.glob(f"{out}/{build}-*.json")):
+        for r in json.load(open(path)):
+            times.setdefault((r["precision"], r["shape"], r["pass_"]), {}).setdefault(build, []).append(r["fastrnn_ms"])
+print("| precision | shape | pass | base ms | new ms | new vs base |")
+print("|---|---|---|---|---|---|")
+for (precision, shape, pass_), t in times.items():
+    if len(t) == 2:
+        base, new = statistics.median(t["base"]), statistics.median(t["new"])
+        print(f"| {precision} | {shape} | {pass_} | {base:.3f} | {new:.3f} | {base / new:.2f}x |")
+PY

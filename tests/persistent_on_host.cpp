@@ -1,14 +1,16 @@
 // csrc/cuda/persistent.cuh's kernels, compiled for the CPU: one std::thread per
 // CUDA thread, a std::barrier per cluster for its barrier, a buffer per CTA for
-// its shared memory (in_rank maps an address between them). The kernels' own
-// code runs, cluster by cluster; only these four primitives and the launch are
-// the host's. tests/test_persistent_on_host.py builds this file and checks the
+// its shared memory (in_rank maps an address between them), a barrier and a
+// slot per lane for each warp's shuffles. The kernels' own code runs, cluster
+// by cluster; only these five primitives and the launch are the host's. tests/test_persistent_on_host.py builds this file and checks the
 // kernels against autograd, float64, with a layer's worth of arguments:
 // contiguous [rows, width] buffers, launch shape (units, tile, cluster size) given;
 // and asks persistent::plan where layers run on a given device.
 #include <algorithm>
 #include <barrier>
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -30,9 +32,14 @@ struct Cluster {
   std::barrier<>* barrier;
   std::vector<unsigned char*> smem;
 };
+struct Warp {
+  std::barrier<> barrier{32};
+  unsigned char slot[32][sizeof(double)];
+};
 thread_local dim3 threadIdx, blockIdx;
 thread_local Cluster* this_cluster = nullptr;
 thread_local unsigned this_rank = 0;
+thread_local Warp* this_warp = nullptr;
 
 inline void cluster_sync(int) { this_cluster->barrier->arrive_and_wait(); }
 inline unsigned cluster_rank(int) { return this_rank; }
@@ -42,6 +49,19 @@ U* in_rank(U* p, unsigned rank, int) {
   return reinterpret_cast<U*>(this_cluster->smem[rank] + offset);
 }
 inline unsigned char* shared_memory() { return this_cluster->smem[this_rank]; }
+// Every lane posts its value, then reads its partner's; the second wait keeps a
+// lane's next post from overwriting a value not yet read.
+template <typename U>
+U lane_xor(U v, int mask) {
+  static_assert(sizeof(U) <= sizeof(double));
+  const unsigned lane = threadIdx.x % 32;
+  std::memcpy(this_warp->slot[lane], &v, sizeof(U));
+  this_warp->barrier.arrive_and_wait();
+  U other;
+  std::memcpy(&other, this_warp->slot[lane ^ static_cast<unsigned>(mask)], sizeof(U));
+  this_warp->barrier.arrive_and_wait();
+  return other;
+}
 
 #include "cuda/persistent.cuh"
 
@@ -61,6 +81,8 @@ void launch(int64_t batch, int tile, int size, size_t smem_bytes, const Kernel& 
     std::vector<std::vector<unsigned char>> memory(size, std::vector<unsigned char>(smem_bytes, 0xCD));
     Cluster cluster{&barrier, {}};
     for (auto& m : memory) cluster.smem.push_back(m.data());
+    std::vector<std::unique_ptr<Warp>> warps;
+    for (int w = 0; w < size * kThreads / 32; ++w) warps.push_back(std::make_unique<Warp>());
     std::vector<std::thread> threads;
     for (int r = 0; r < size; ++r) {
       for (int t = 0; t < kThreads; ++t) {
@@ -69,6 +91,7 @@ void launch(int64_t batch, int tile, int size, size_t smem_bytes, const Kernel& 
           blockIdx.x = static_cast<unsigned>(c * size + r);
           this_cluster = &cluster;
           this_rank = r;
+          this_warp = warps[r * kThreads / 32 + t / 32].get();
           kernel();
         });
       }

@@ -325,6 +325,10 @@ def test_plan_fits(kernels, device, cell):
         assert p["tile"] <= THREADS // p["units"] * ROWS_PER_THREAD
         G, width = smem[0], (hidden * (smem[0] if backward else 1))
         extra = smem[2] if backward else smem[1]
-        bytes_ = (math.ceil(G * hidden * p["units"] * w_bytes / 16) * 16
+        lanes = 1  # persistent.cuh's lanes(): W's slice rounds each unit's k up to blocks of them
+        while lanes < 8 and p["units"] * p["tile"] * lanes * 2 <= THREADS:
+            lanes *= 2
+        values = math.ceil(width / lanes) * lanes if backward else G * math.ceil(hidden / lanes) * lanes
+        bytes_ = (math.ceil(values * p["units"] * w_bytes / 16) * 16
                   + acc_bytes * (2 * p["tile"] * (width + 1) + extra * p["tile"] * p["units"]))
         assert bytes_ <= device["max_smem"]

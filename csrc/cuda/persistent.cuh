@@ -45,6 +45,7 @@ namespace persistent {
 
 constexpr int kThreads = 256;
 constexpr int kRows = 4;  // batch rows per thread at most
+constexpr int kMaxLanes = 8;  // lanes of a warp that share one unit's sum at most
 constexpr int kLstmGates = 4;
 constexpr int kGruGates = 3;
 
@@ -92,7 +93,28 @@ __device__ __forceinline__ int clamp_rows(int64_t rows, int64_t b0, int tile) {
 // on different rows read different banks.
 __host__ __device__ inline int padded(int width) { return width + 1; }
 
-// Shared memory: W's slice ([G*H][units]) in the storage type T (the weights
+// Lanes per sum: where a CTA's units x tile rows leave threads idle, F adjacent
+// lanes of a warp share each unit and row, lane f summing the k = f (mod F), and
+// add their sums with F - 1 shuffles: a step's chain of multiply-adds is F times
+// shorter. F is a power of two up to kMaxLanes with units * tile * F <= kThreads.
+__host__ __device__ inline int lanes(int units, int tile) {
+  int F = 1;
+  while (F < kMaxLanes && static_cast<int64_t>(units) * tile * F * 2 <= kThreads) F *= 2;
+  return F;
+}
+
+// k < K rounded up to whole blocks of F (the slice of W is laid out in them).
+__host__ __device__ inline int padded_k(int K, int F) { return (K + F - 1) / F * F; }
+
+// Values of W in a unit's slice: a product over rows of `width` values is the
+// forward's (width H: G sums over k < H) or the backward's (width G * H: one sum
+// over k < G * H), each k rounded up to the lanes' blocks.
+__host__ __device__ inline size_t slice_values(int G, int H, int width, int F) {
+  return width == H ? static_cast<size_t>(G) * padded_k(H, F) : static_cast<size_t>(padded_k(width, F));
+}
+
+// Shared memory: W's slice (G * H values of each unit, H rounded up to the
+// lanes' blocks) in the storage type T (the weights
 // as given: half types take half the room of float, and no rounding), then,
 // 16-byte aligned, in acc_t: two buffers of the tile's rows of `width` values
 // (h or dA), and `extra` [tile][units] buffers.
@@ -100,7 +122,7 @@ __host__ __device__ inline size_t aligned16(size_t bytes) { return (bytes + 15) 
 
 template <typename T, typename acc_t>
 __host__ __device__ inline size_t smem_bytes(int G, int H, int units, int tile, int width, int extra) {
-  return aligned16(static_cast<size_t>(G) * H * units * sizeof(T)) +
+  return aligned16(slice_values(G, H, width, lanes(units, tile)) * units * sizeof(T)) +
          (2 * static_cast<size_t>(tile) * padded(width) + static_cast<size_t>(extra) * tile * units) * sizeof(acc_t);
 }
 
@@ -151,7 +173,8 @@ struct Device {
 using SmemBytes = size_t (*)(int, int, int);
 
 // The cluster size with the shortest step, by a rough count of a thread's
-// serial multiply-adds (G gates per unit), a barrier, and waves where the
+// serial multiply-adds (G gates per unit, over its lanes), the lanes'
+// shuffles, a barrier, and waves where the
 // clusters outnumber what the SMs hold at once: 1 (one CTA, a plain launch,
 // any device) or 2, 4, 8 (the portable cluster sizes, sm_90). Each cluster
 // takes as few rows as lets every SM hold a CTA, fewer where shared memory
@@ -171,9 +194,11 @@ inline Plan plan(int64_t batch, int64_t H, int G, const Device& d, SmemBytes sme
         {groups * kRows, batch, std::max<int64_t>(1, (batch * size + d.sms - 1) / d.sms)});
     while (tile > 1 && bytes(units, tile) > d.max_smem) --tile;
     if (bytes(units, tile) > d.max_smem) continue;
+    const int F = lanes(static_cast<int>(units), static_cast<int>(tile));
+    const int64_t rows = (tile + kThreads / F / units - 1) / (kThreads / F / units);
     const int64_t clusters = (batch + tile - 1) / tile;
     const int64_t waves = (clusters * size + d.sms - 1) / d.sms;
-    const double cost = waves * (2.0 * G * H * ((tile + groups - 1) / groups) + (size > 1 ? 600 : 200));
+    const double cost = waves * (2.0 * G * H * rows / F + 30.0 * (F - 1) + (size > 1 ? 600 : 200));
     if (best.size == 0 || cost < best_cost) {
       best_cost = cost;
       best = {size, static_cast<int>(units), static_cast<int>(tile), static_cast<int>(clusters),
@@ -187,10 +212,10 @@ inline Plan plan(int64_t batch, int64_t H, int G, const Device& d, SmemBytes sme
 // The cluster's barrier (with release / acquire: shared-memory writes to other
 // CTAs before it are seen by them after it), this CTA's rank in the cluster,
 // p's address in CTA `rank`'s shared memory, and the CTA's dynamic shared
-// memory. A "cluster" of one CTA (size 1) is a plain launch on any device;
-// larger ones need sm_90, and the host plans them only there. (Tests run the
-// kernels on the CPU with their own definitions of these four:
-// tests/persistent_on_host.cpp.)
+// memory; lane_xor, a warp's shuffle. A "cluster" of one CTA (size 1) is a
+// plain launch on any device; larger ones need sm_90, and the host plans them
+// only there. (Tests run the kernels on the CPU with their own definitions of
+// these five: tests/persistent_on_host.cpp.)
 __device__ __forceinline__ void cluster_sync(int size) {
   if (size == 1) {
     __syncthreads();
@@ -225,6 +250,13 @@ __device__ __forceinline__ unsigned char* shared_memory() {
   extern __shared__ __align__(16) unsigned char smem[];
   return smem;
 }
+
+// v of the lane whose index differs from this one's in `mask`'s bits; every lane
+// of the warp takes part.
+template <typename U>
+__device__ __forceinline__ U lane_xor(U v, int mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+}
 #endif
 
 // Where a CTA works: its cluster's tile of batch rows and its own units.
@@ -236,8 +268,9 @@ struct Place {
   int units;    // units per CTA
   int j0;       // this CTA's first unit
   int nu;       // this CTA's units (fewer in the cluster's last CTA)
+  int lanes;    // lanes per sum (lanes(), above)
   __device__ Place(int64_t batch, int H, int units_, int tile_, int cluster_size)
-      : size(cluster_size), tile(tile_), units(units_) {
+      : size(cluster_size), tile(tile_), units(units_), lanes(persistent::lanes(units_, tile_)) {
     b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
     rows = clamp_rows(batch, b0, tile);
     j0 = static_cast<int>(cluster_rank(cluster_size)) * units;
@@ -245,7 +278,7 @@ struct Place {
   }
 };
 
-// A CTA's shared memory as smem_bytes counts it: W's slice w ([G*H][units], in T),
+// A CTA's shared memory as smem_bytes counts it: W's slice w (in T, slice_index's layout),
 // the two buffers of the tile's rows of `width` values (buffer(0), buffer(1):
 // h or dA, padded rows), and the [tile][units] buffers extra(0), extra(1), ...
 template <typename T, typename acc_t>
@@ -256,23 +289,27 @@ struct Smem {
   __device__ Smem(const Place& p, int G, int H, int width_)
       : tile(p.tile), units(p.units), width(width_) {
     w = reinterpret_cast<T*>(shared_memory());
-    buffers = reinterpret_cast<acc_t*>(shared_memory() + aligned16(static_cast<size_t>(G) * H * units * sizeof(T)));
+    const size_t w_bytes = slice_values(G, H, width_, p.lanes) * units * sizeof(T);
+    buffers = reinterpret_cast<acc_t*>(shared_memory() + aligned16(w_bytes));
   }
   __device__ acc_t* buffer(int i) const { return buffers + i * tile * padded(width); }
   __device__ acc_t* extra(int i) const { return buffer(2) + i * tile * units; }
 };
 
 // A thread's share of its CTA's units x tile rows: unit u (j = j0 + u), rows
-// g, g + groups, ... (at most kRows of them).
+// g, g + groups, ... (at most kRows of them), lane f of the p.lanes adjacent
+// lanes that share them. Lane 0 holds the sums and finishes the step (works).
 struct Share {
-  int u, g, groups, j;
+  int f, u, g, groups, j;
   bool works;
   __device__ explicit Share(const Place& p) {
-    groups = kThreads / p.units;
-    u = threadIdx.x % p.units;
-    g = threadIdx.x / p.units;
+    f = threadIdx.x % p.lanes;
+    const int t = threadIdx.x / p.lanes;
+    groups = kThreads / p.lanes / p.units;
+    u = t % p.units;
+    g = t / p.units;
     j = p.j0 + u;
-    works = g < groups && u < p.nu;
+    works = f == 0 && g < groups && u < p.nu;
   }
   __device__ int row(int i) const { return g + i * groups; }
 };
@@ -322,21 +359,30 @@ struct Step {
   }
 };
 
-// The forward's slice of W: w[(k * G + g) * units + u] = W[g * H + j0 + u][k].
+// Where the slice of W keeps the value that unit u's sum C takes at k: in
+// blocks of F values of k, so that the F lanes sharing a unit read adjacent
+// words (k = f mod F): w[((k / F) * C + c) * units * F + u * F + k % F].
+__host__ __device__ inline int slice_index(int k, int c, int u, int C, int units, int F) {
+  return ((k / F) * C + c) * units * F + u * F + k % F;
+}
+
+// The forward's slice of W: sum g of unit u takes W[g * H + j0 + u][k] at k < H.
 template <int G, typename T>
 __device__ void load_unit_rows(T* w, const T* w_hh, int H, const Place& p) {
   for (int i = threadIdx.x; i < G * H * p.units; i += kThreads) {
     const int k = i / (G * p.units), g = (i / p.units) % G, u = i % p.units;
-    w[i] = u < p.nu ? w_hh[(static_cast<int64_t>(g) * H + p.j0 + u) * H + k] : store<T>(0.0f);
+    w[slice_index(k, g, u, G, p.units, p.lanes)] =
+        u < p.nu ? w_hh[(static_cast<int64_t>(g) * H + p.j0 + u) * H + k] : store<T>(0.0f);
   }
 }
 
-// The backward's slice of W: w[r * units + u] = W[r][j0 + u], r < G * H.
+// The backward's slice of W: unit u's one sum takes W[r][j0 + u] at r < G * H.
 template <int G, typename T>
 __device__ void load_unit_columns(T* w, const T* w_hh, int H, const Place& p) {
   for (int i = threadIdx.x; i < G * H * p.units; i += kThreads) {
     const int r = i / p.units, u = i - r * p.units;
-    w[i] = u < p.nu ? w_hh[static_cast<int64_t>(r) * H + p.j0 + u] : store<T>(0.0f);
+    w[slice_index(r, 0, u, 1, p.units, p.lanes)] =
+        u < p.nu ? w_hh[static_cast<int64_t>(r) * H + p.j0 + u] : store<T>(0.0f);
   }
 }
 
@@ -350,23 +396,28 @@ __device__ void load_tile(acc_t* dst, int ld, const T* src, int64_t ld_src, int 
   }
 }
 
-// acc[i][g] += sum over k < K of src[b * ld + k] * w[(k * G + g) * units + u],
-// for this thread's rows b in the step, R of them at most (rows past R stay as
-// they are): a step's time is one chain of K multiply-adds, latency-bound where
-// a thread has one or two rows, and each row it does not have would still cost
-// its loads' and multiply-adds' issue slots. The sum runs as S partial sums over
-// k mod S, added at the end, so that the thread has about 8 independent chains
-// (at least as many per row as G gates alone give: 4, 2, 1).
+// acc[i][g] += sum over k < K of src[b * ld + k] * (unit u's sum g at k in the
+// slice w), for this thread's rows b in the step, R of them at most (rows past R
+// stay as they are): a step's time is one chain of K / F multiply-adds,
+// latency-bound where a thread has one or two rows, and each row it does not
+// have would still cost its loads' and multiply-adds' issue slots. Lane f takes
+// the k = f (mod F) as S partial sums (k / F mod S), so that it has about 8
+// independent chains (at least as many per row as G gates alone give: 4, 2, 1);
+// the F lanes then add theirs. Every thread of the CTA calls this (the shuffles
+// need every lane of a warp); only lane 0's acc is complete.
 template <int G, int R, typename T, typename acc_t>
 __device__ __forceinline__ void accumulate_rows(acc_t (&acc)[kRows][G], const acc_t* src, int ld, int K,
                                                 const T* w, const Place& p, const Share& me, int active) {
   constexpr int S_gates = G >= 4 ? 1 : (G >= 2 ? 2 : 4);
   constexpr int S = 8 / (R * G) > S_gates ? 8 / (R * G) : S_gates;
+  const int F = p.lanes, block = G * p.units * F;
+  const T* w_lane = w + me.u * F + me.f;  // k = m * F + f at w_lane[m * block + g * units * F]
   acc_t part[S][R][G] = {};
-  const auto add = [&](int k, acc_t (&sum)[R][G]) {
+  const auto add = [&](int m, acc_t (&sum)[R][G]) {
     acc_t wk[G];
 #pragma unroll
-    for (int g = 0; g < G; ++g) wk[g] = load<acc_t>(w[(k * G + g) * p.units + me.u]);
+    for (int g = 0; g < G; ++g) wk[g] = load<acc_t>(w_lane[m * block + g * p.units * F]);
+    const int k = m * F + me.f;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int b = me.row(i);
@@ -377,12 +428,13 @@ __device__ __forceinline__ void accumulate_rows(acc_t (&acc)[kRows][G], const ac
       }
     }
   };
-  int k = 0;
-  for (; k + S <= K; k += S) {
+  const int M = (K - me.f + F - 1) / F;  // this lane's k
+  int m = 0;
+  for (; m + S <= M; m += S) {
 #pragma unroll
-    for (int s = 0; s < S; ++s) add(k + s, part[s]);
+    for (int s = 0; s < S; ++s) add(m + s, part[s]);
   }
-  for (; k < K; ++k) add(k, part[0]);
+  for (; m < M; ++m) add(m, part[0]);
 #pragma unroll
   for (int i = 0; i < R; ++i) {
 #pragma unroll
@@ -390,6 +442,7 @@ __device__ __forceinline__ void accumulate_rows(acc_t (&acc)[kRows][G], const ac
       acc_t sum = part[0][i][g];
 #pragma unroll
       for (int s = 1; s < S; ++s) sum += part[s][i][g];
+      for (int lane = F / 2; lane > 0; lane /= 2) sum += lane_xor(sum, lane);
       acc[i][g] += sum;
     }
   }
@@ -467,8 +520,8 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
     }
     const Step next(p, q, s + 1, run);  // no rows past the last step
     ahead.load(me, next, [&](int b, acc_t (&v)[G]) { init(me, next, b, v); });
+    accumulate<G>(acc, h, ldh, H, m.w, p, me, st.active);
     if (me.works) {
-      accumulate<G>(acc, h, ldh, H, m.w, p, me, st.active);
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
         const int b = me.row(i);
@@ -528,8 +581,8 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
       }
     }
     cluster_sync(p.size);
+    accumulate<1>(acc, da, ldg, G * H, m.w, p, me, st.active);
     if (me.works) {
-      accumulate<1>(acc, da, ldg, G * H, m.w, p, me, st.active);
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
         const int b = me.row(i);

@@ -113,11 +113,10 @@ __host__ __device__ inline size_t slice_values(int G, int H, int width, int F) {
   return width == H ? static_cast<size_t>(G) * padded_k(H, F) : static_cast<size_t>(padded_k(width, F));
 }
 
-// Shared memory: W's slice (G * H values of each unit, H rounded up to the
-// lanes' blocks) in the storage type T (the weights
-// as given: half types take half the room of float, and no rounding), then,
-// 16-byte aligned, in acc_t: two buffers of the tile's rows of `width` values
-// (h or dA), and `extra` [tile][units] buffers.
+// Shared memory: W's slice (slice_values per unit) in the storage type T (the
+// weights as given: half types take half the room of float, and no rounding),
+// then, 16-byte aligned, in acc_t: two buffers of the tile's rows of `width`
+// values (h or dA), and `extra` [tile][units] buffers.
 __host__ __device__ inline size_t aligned16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
 template <typename T, typename acc_t>
@@ -359,8 +358,8 @@ struct Step {
   }
 };
 
-// Where the slice of W keeps the value that unit u's sum C takes at k: in
-// blocks of F values of k, so that the F lanes sharing a unit read adjacent
+// Where the slice of W keeps the value that sum c (of C) of unit u takes at k:
+// in blocks of F values of k, so that the F lanes sharing a unit read adjacent
 // words (k = f mod F): w[((k / F) * C + c) * units * F + u * F + k % F].
 __host__ __device__ inline int slice_index(int k, int c, int u, int C, int units, int F) {
   return ((k / F) * C + c) * units * F + u * F + k % F;

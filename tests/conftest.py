@@ -66,6 +66,7 @@ def tolerance(tensor, dtype):
     """TOL[dtype], widened for float32 on CUDA."""
     return CUDA_FLOAT32_TOL if tensor.is_cuda and dtype == torch.float32 else TOL[dtype]
 
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 
 # Property-based tests: reproducible (derandomized), no deadline on a busy machine.

@@ -211,9 +211,8 @@ def test_a_layers_directions_run_at_once(monkeypatch, cell, persistent):
     (672, torch.float32, "cluster"), (673, torch.float32, None), (1024, torch.float32, None)],
     ids=lambda v: str(v).replace("torch.", ""))
 def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
-    """A layer runs in csrc/cuda/persistent.cuh's kernels where
-    its W_hh fits one CTA's shared memory, or slices of it a cluster's CTAs (sm_90), else with
-    a GEMM per step; forward and backward alike, matching torch.nn.RNN in float64. bfloat16's
+    """A layer runs in csrc/cuda/persistent.cuh's kernels where its W_hh fits one CTA's shared
+    memory, or slices of it a cluster's CTAs (sm_90), else with a GEMM per step; forward and backward alike, matching torch.nn.RNN in float64. bfloat16's
     W_hh takes half float32's room: hidden 700 fits a cluster in it, not in float32. 672 and
     673 are float32's limit as persistent::plan counts shared memory on an H100: the device's
     own answer (the occupancy check) must agree. bfloat16's error (its gates and W_hh are
@@ -254,10 +253,10 @@ def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
                          ids=["H37-one-CTA", "H128-cluster", "H160-cluster"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_persistent_cells_match_torch(monkeypatch, cell, hidden, cluster, packed):
-    """The LSTM's and GRU's persistent kernels (csrc/cuda/persistent.cuh, the default) against torch.nn in float64: two layers both ways, 300 rows,
-    uneven lengths, a random initial state. W_hh fits one CTA at hidden 37; at 128 and 160 it
-    is split over a cluster (sm_90; elsewhere the per-step path runs). Asserts which kernels
-    ran."""
+    """The LSTM's and GRU's persistent kernels (csrc/cuda/persistent.cuh, the default) against
+    torch.nn in float64: two layers both ways, 300 rows, uneven lengths, a random initial state.
+    W_hh fits one CTA at hidden 37; at 128 and 160 it is split over a cluster (sm_90; elsewhere
+    the per-step path runs). Asserts which kernels ran."""
     monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
     persistent = not cluster or torch.cuda.get_device_capability()[0] >= 9
     ref, fast = rnn_pair(5, hidden, 2, cell=cell, bidirectional=True)

@@ -212,11 +212,12 @@ def test_a_layers_directions_run_at_once(monkeypatch, cell, persistent):
     ids=lambda v: str(v).replace("torch.", ""))
 def test_persistent_path_by_hidden_size(monkeypatch, hidden, dtype, path):
     """A layer runs in csrc/cuda/persistent.cuh's kernels where its W_hh fits one CTA's shared
-    memory, or slices of it a cluster's CTAs (sm_90), else with a GEMM per step; forward and backward alike, matching torch.nn.RNN in float64. bfloat16's
-    W_hh takes half float32's room: hidden 700 fits a cluster in it, not in float32. 672 and
-    673 are float32's limit as persistent::plan counts shared memory on an H100: the device's
-    own answer (the occupancy check) must agree. bfloat16's error (its gates and W_hh are
-    rounded at every step) is held to at most twice cuDNN's own bfloat16 error."""
+    memory, or slices of it a cluster's CTAs (sm_90), else with a GEMM per step; forward and
+    backward alike, matching torch.nn.RNN in float64. bfloat16's W_hh takes half float32's
+    room: hidden 700 fits a cluster in it, not in float32. 672 and 673 are float32's limit as
+    persistent::plan counts shared memory on an H100: the device's own answer (the occupancy
+    check) must agree. bfloat16's error (its gates and W_hh are rounded at every step) is held
+    to at most twice cuDNN's own bfloat16 error."""
     monkeypatch.setenv("FASTRNN_CUDA_PERSISTENT", "1")
     if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
         path = None

@@ -159,14 +159,13 @@ class LayerInput {
   scratch::Tensors* tmp_ = nullptr;
 };
 
-// The input projection of a layer's job: inside its recurrence where the
-// backend takes it (reading x where it lies), else P = x W_ih^T + bias into p
-// first.
+// The input projection of a layer's job, job.x set to x where it lies: inside
+// its recurrence where the backend takes it (inside: input_projection_inside),
+// else P = x W_ih^T + bias into p first.
 template <class Backend, class Job>
 void take_projection(Job& job, LayerInput& x, const Tensor& w_ih,
-                     const std::optional<Tensor>& bias, const Tensor& p) {
-  job.x = x.lying();
-  if (input_projection_inside<Backend>(job)) {
+                     const std::optional<Tensor>& bias, const Tensor& p, bool inside) {
+  if (inside) {
     job.w_ih = as_contiguous(w_ih);
     if (bias) job.bias = as_contiguous(*bias);
   } else {
@@ -198,24 +197,29 @@ inline Tensor top_columns(const Tensor& dY, int64_t N, int64_t H, int64_t d) {
   return view2d(dY, N, H, dY.stride(0), d * H);
 }
 
-// A cell job's gates and the [N, H] tensor after them (LSTM's c, GRU's hn):
-// where the forward keeps no reserve and the backend runs the projection
-// inside, no step reads them past the next, and a two-step ring holds them
-// (job.ring); else the layer's block of saved tensors.
+// A cell job's x (where it lies), gates and the [N, H] tensor after them
+// (LSTM's c, GRU's hn); returns whether the backend projects x inside. Where
+// the forward keeps no reserve and it does, no step reads the buffers past the
+// next, and a two-step ring holds them (job.ring); else the layer's block of
+// saved tensors.
 template <class Backend, class Job>
-void take_cell_buffers(const StackViews& s, int64_t l, int64_t d, LayerInput& x, Job& job,
+bool take_cell_buffers(const StackViews& s, int64_t l, int64_t d, LayerInput& x, Job& job,
                        Tensor& after) {
+  const auto saved = [&] {
+    job.gates = s.gates(l, d);
+    after = s.after_gates(l, d, 0);
+  };
+  job.x = x.lying();
   if constexpr (requires { Backend::input_projection_inside(job); }) {
     if (s.workspace) {
       std::tie(job.gates, after) = s.cell_ring(d);
-      job.x = x.lying();  // as take_projection sets it next
       job.ring = Backend::input_projection_inside(job);
+      if (!job.ring) saved();  // buffers of the same dtype and shape: the answer stands
+      return job.ring;
     }
   }
-  if (!job.ring) {
-    job.gates = s.gates(l, d);
-    after = s.after_gates(l, d, 0);
-  }
+  saved();
+  return input_projection_inside<Backend>(job);
 }
 
 // What a layer's forward hands to the backend, per cell kind.
@@ -239,7 +243,9 @@ void forward_layer(const StackViews& s, int64_t l, LayerInput& x, const Tensor& 
         ForwardJob job{&c.layout, d == 1, &order[d], out_d, StackViews::state(h0, cell),
                        StackViews::state(h_n, cell), w_hh};
         const std::optional<Tensor> bias = bias_sum(s.b_ih(cell), s.b_hh(cell));
-        take_projection<Backend>(job, x, s.w_ih(cell), bias, out_d);
+        job.x = x.lying();
+        const bool inside = input_projection_inside<Backend>(job);
+        take_projection<Backend>(job, x, s.w_ih(cell), bias, out_d, inside);
         jobs.elman.push_back(job);
         break;
       }
@@ -250,8 +256,8 @@ void forward_layer(const StackViews& s, int64_t l, LayerInput& x, const Tensor& 
                            StackViews::state(h0, cell), StackViews::state(c0, cell),
                            StackViews::state(h_n, cell), StackViews::state(c_n, cell), w_hh,
                            s.w_hr(cell)};
-        take_cell_buffers<Backend>(s, l, d, x, job, job.c);
-        take_projection<Backend>(job, x, s.w_ih(cell), bias, job.gates);
+        const bool inside = take_cell_buffers<Backend>(s, l, d, x, job, job.c);
+        take_projection<Backend>(job, x, s.w_ih(cell), bias, job.gates, inside);
         jobs.lstm.push_back(job);
         break;
       }
@@ -260,8 +266,8 @@ void forward_layer(const StackViews& s, int64_t l, LayerInput& x, const Tensor& 
         GruForwardJob job{&c.layout, d == 1, &order[d], Tensor(), Tensor(), out_d,
                           StackViews::state(h0, cell), StackViews::state(h_n, cell), w_hh,
                           b_hh ? *b_hh : Tensor()};
-        take_cell_buffers<Backend>(s, l, d, x, job, job.hn);
-        take_projection<Backend>(job, x, s.w_ih(cell), s.b_ih(cell), job.gates);
+        const bool inside = take_cell_buffers<Backend>(s, l, d, x, job, job.hn);
+        take_projection<Backend>(job, x, s.w_ih(cell), s.b_ih(cell), job.gates, inside);
         jobs.gru.push_back(job);
         break;
       }

@@ -223,7 +223,8 @@ def check_op_property(c):
     assert len(got) == len(want)
     for i, (a, e) in enumerate(zip(got, want)):
         assert a.shape == e.shape and a.dtype == e.dtype, (i, a.shape, e.shape)
-        torch.testing.assert_close(a, e, **tolerance(a, case.dtype), msg=lambda m: f"tensor {i}: {m}")
+        torch.testing.assert_close(a, e, **tolerance(a, case.dtype),
+                                   msg=lambda m: f"tensor {i}: {m}")
 
 
 _OP_BASE = dict(case=Case(steps=3, batch=2, input_size=3, hidden_size=4, h0=True),
@@ -734,7 +735,6 @@ def test_autocast_raw_op(dtype):
             assert args.call()[0].dtype == torch.float32
 
 
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_half_type_call_keeps_a_float32_reserve_on_cpu(cell, dtype):
@@ -760,6 +760,7 @@ def test_half_type_call_keeps_a_float32_reserve_on_cpu(cell, dtype):
         backward(reserve.double())
     # the fake kernel gives the reserve's float32 too (torch.compile, torch.export)
     torch.library.opcheck(args.op.default, args.raw(), test_utils=("test_faketensor",))
+
 
 # ---------------------------------------------------------------------------------------
 # Hostile arguments to the raw ops, in a child process (tests/hostile_ops_child.py)

@@ -18,7 +18,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define __grid_constant__
 #define FASTRNN_PERSISTENT_ON_HOST
 
@@ -116,69 +116,72 @@ T* as(void* p) {
   return static_cast<T*>(p);
 }
 
-template <typename T>
+template <typename T, typename acc_t>
 void elman_forward_as(void* out, void* hx, void* w, const int64_t* bs, int64_t steps, int64_t batch, int H,
                       int units, int tile, int size, bool reverse, int act) {
   const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, forward_smem<T, double>(H, units, tile), [&] {
-    (act ? forward_kernel<T, double, Activation::Relu> : forward_kernel<T, double, Activation::Tanh>)(
+  launch(batch, tile, size, forward_smem<T, acc_t>(H, units, tile), [&] {
+    (act ? forward_kernel<T, acc_t, Activation::Relu> : forward_kernel<T, acc_t, Activation::Tanh>)(
         as<T>(out), H, as<T>(hx), H, as<T>(w), runs, steps, batch, H, units, tile, size, reverse);
   });
 }
 
-template <typename T>
+template <typename T, typename acc_t>
 void elman_backward_as(void* dA, void* out, void* grad_hx, void* w, const int64_t* bs, int64_t steps,
                        int64_t batch, int H, int units, int tile, int size, bool reverse, int act) {
   const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, backward_smem<T, double>(H, units, tile), [&] {
-    (act ? backward_kernel<T, double, Activation::Relu> : backward_kernel<T, double, Activation::Tanh>)(
+  launch(batch, tile, size, backward_smem<T, acc_t>(H, units, tile), [&] {
+    (act ? backward_kernel<T, acc_t, Activation::Relu> : backward_kernel<T, acc_t, Activation::Tanh>)(
         as<T>(dA), H, as<T>(out), H, as<T>(grad_hx), H, as<T>(w), runs, steps, batch, H, units, tile, size,
         reverse);
   });
 }
 
-template <typename T>
+template <typename T, typename acc_t>
 void lstm_forward_as(void* gates, void* c, void* out, void* h0, void* c0, void* w, const int64_t* bs,
                      int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse) {
   const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, lstm_forward_smem<T, double>(H, units, tile), [&] {
-    lstm_forward_kernel<T, double>(as<T>(gates), 4 * H, as<T>(c), H, as<T>(out), H, as<T>(h0), H, as<T>(c0), H,
+  launch(batch, tile, size, lstm_forward_smem<T, acc_t>(H, units, tile), [&] {
+    lstm_forward_kernel<T, acc_t>(as<T>(gates), 4 * H, as<T>(c), H, as<T>(out), H, as<T>(h0), H, as<T>(c0), H,
                                    as<T>(w), runs, steps, batch, H, units, tile, size, reverse);
   });
 }
 
-template <typename T>
+template <typename T, typename acc_t>
 void lstm_backward_as(void* dh, void* gates, void* c, void* c0, void* dc_n, void* grad_hx, void* grad_cx,
                       void* w, const int64_t* bs, int64_t steps, int64_t batch, int H, int units, int tile,
                       int size, bool reverse) {
   const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, lstm_backward_smem<T, double>(H, units, tile), [&] {
-    lstm_backward_kernel<T, double>(as<T>(dh), H, as<T>(gates), 4 * H, as<T>(c), H, as<T>(c0), H, as<T>(dc_n), H,
+  launch(batch, tile, size, lstm_backward_smem<T, acc_t>(H, units, tile), [&] {
+    lstm_backward_kernel<T, acc_t>(as<T>(dh), H, as<T>(gates), 4 * H, as<T>(c), H, as<T>(c0), H, as<T>(dc_n), H,
                                     as<T>(grad_hx), H, as<T>(grad_cx), H, as<T>(w), runs, steps, batch, H, units,
                                     tile, size, reverse);
   });
 }
 
-template <typename T>
+template <typename T, typename acc_t>
 void gru_forward_as(void* gates, void* hn, void* out, void* h0, void* w, void* b_hh, const int64_t* bs,
                     int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse) {
   const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, gru_forward_smem<T, double>(H, units, tile), [&] {
-    gru_forward_kernel<T, double>(as<T>(gates), 3 * H, as<T>(hn), H, as<T>(out), H, as<T>(h0), H, as<T>(w),
+  launch(batch, tile, size, gru_forward_smem<T, acc_t>(H, units, tile), [&] {
+    gru_forward_kernel<T, acc_t>(as<T>(gates), 3 * H, as<T>(hn), H, as<T>(out), H, as<T>(h0), H, as<T>(w),
                                   as<T>(b_hh), runs, steps, batch, H, units, tile, size, reverse);
   });
 }
 
-template <typename T>
+template <typename T, typename acc_t>
 void gru_backward_as(void* dh, void* gates, void* hn, void* out, void* h0, void* grad_hx, void* w,
                      const int64_t* bs, int64_t steps, int64_t batch, int H, int units, int tile, int size,
                      bool reverse) {
   const Runs runs = runs_of(bs, steps);
-  launch(batch, tile, size, gru_backward_smem<T, double>(H, units, tile), [&] {
-    gru_backward_kernel<T, double>(as<T>(dh), H, as<T>(gates), 3 * H, as<T>(hn), H, as<T>(out), H, as<T>(h0), H,
+  launch(batch, tile, size, gru_backward_smem<T, acc_t>(H, units, tile), [&] {
+    gru_backward_kernel<T, acc_t>(as<T>(dh), H, as<T>(gates), 3 * H, as<T>(hn), H, as<T>(out), H, as<T>(h0), H,
                                    as<T>(grad_hx), H, as<T>(w), runs, steps, batch, H, units, tile, size, reverse);
   });
 }
+
+// f<T, acc_t> for a mode (below).
+#define by_mode(f, mode) ((mode) == 2 ? f<float, float> : (mode) == 1 ? f<float, double> : f<double, double>)
 
 }  // namespace
 
@@ -214,42 +217,41 @@ void plan_layer(int cell, bool backward, int storage, int64_t batch, int64_t H, 
   out[3] = p.clusters;
 }
 
-// The kernels on float (f32) or double buffers; the arguments as *_as above.
+// The kernels by mode: 0 double; 1 float storage, double arithmetic (a storage
+// type narrower than the arithmetic's, as the half types' on a GPU); 2 float
+// (float32's own: 4 k per vector load, where double takes 2). The arguments as
+// *_as above.
 void elman_forward(void* out, void* hx, void* w, const int64_t* bs, int64_t steps, int64_t batch, int H,
-                   int units, int tile, int size, bool reverse, int f32, int act) {
-  (f32 ? elman_forward_as<float> : elman_forward_as<double>)(out, hx, w, bs, steps, batch, H, units, tile, size,
-                                                             reverse, act);
+                   int units, int tile, int size, bool reverse, int mode, int act) {
+  by_mode(elman_forward_as, mode)(out, hx, w, bs, steps, batch, H, units, tile, size, reverse, act);
 }
 
 void elman_backward(void* dA, void* out, void* grad_hx, void* w, const int64_t* bs, int64_t steps, int64_t batch,
-                    int H, int units, int tile, int size, bool reverse, int f32, int act) {
-  (f32 ? elman_backward_as<float> : elman_backward_as<double>)(dA, out, grad_hx, w, bs, steps, batch, H, units,
-                                                               tile, size, reverse, act);
+                    int H, int units, int tile, int size, bool reverse, int mode, int act) {
+  by_mode(elman_backward_as, mode)(dA, out, grad_hx, w, bs, steps, batch, H, units, tile, size, reverse, act);
 }
 
 void lstm_forward(void* gates, void* c, void* out, void* h0, void* c0, void* w, const int64_t* bs, int64_t steps,
-                  int64_t batch, int H, int units, int tile, int size, bool reverse, int f32) {
-  (f32 ? lstm_forward_as<float> : lstm_forward_as<double>)(gates, c, out, h0, c0, w, bs, steps, batch, H, units,
-                                                           tile, size, reverse);
+                  int64_t batch, int H, int units, int tile, int size, bool reverse, int mode) {
+  by_mode(lstm_forward_as, mode)(gates, c, out, h0, c0, w, bs, steps, batch, H, units, tile, size, reverse);
 }
 
 void lstm_backward(void* dh, void* gates, void* c, void* c0, void* dc_n, void* grad_hx, void* grad_cx, void* w,
                    const int64_t* bs, int64_t steps, int64_t batch, int H, int units, int tile, int size,
-                   bool reverse, int f32) {
-  (f32 ? lstm_backward_as<float> : lstm_backward_as<double>)(dh, gates, c, c0, dc_n, grad_hx, grad_cx, w, bs,
-                                                             steps, batch, H, units, tile, size, reverse);
+                   bool reverse, int mode) {
+  by_mode(lstm_backward_as, mode)(dh, gates, c, c0, dc_n, grad_hx, grad_cx, w, bs, steps, batch, H, units, tile,
+                                  size, reverse);
 }
 
 void gru_forward(void* gates, void* hn, void* out, void* h0, void* w, void* b_hh, const int64_t* bs,
-                 int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse, int f32) {
-  (f32 ? gru_forward_as<float> : gru_forward_as<double>)(gates, hn, out, h0, w, b_hh, bs, steps, batch, H, units,
-                                                         tile, size, reverse);
+                 int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse, int mode) {
+  by_mode(gru_forward_as, mode)(gates, hn, out, h0, w, b_hh, bs, steps, batch, H, units, tile, size, reverse);
 }
 
 void gru_backward(void* dh, void* gates, void* hn, void* out, void* h0, void* grad_hx, void* w, const int64_t* bs,
-                  int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse, int f32) {
-  (f32 ? gru_backward_as<float> : gru_backward_as<double>)(dh, gates, hn, out, h0, grad_hx, w, bs, steps, batch,
-                                                           H, units, tile, size, reverse);
+                  int64_t steps, int64_t batch, int H, int units, int tile, int size, bool reverse, int mode) {
+  by_mode(gru_backward_as, mode)(dh, gates, hn, out, h0, grad_hx, w, bs, steps, batch, H, units, tile, size,
+                                 reverse);
 }
 
 }  // extern "C"

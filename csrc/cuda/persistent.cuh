@@ -43,6 +43,8 @@ namespace fastrnn {
 
 namespace persistent {
 
+// A kernel's CTAs have kThreads threads, one CTA per SM (__launch_bounds__(kThreads, 1):
+// W's slice takes the SM's shared memory), so a thread may have up to 255 registers.
 constexpr int kThreads = 256;
 constexpr int kRows = 4;  // batch rows per thread at most
 constexpr int kMaxLanes = 8;  // lanes of a warp that share one unit's sum at most
@@ -89,12 +91,8 @@ __device__ __forceinline__ int clamp_rows(int64_t rows, int64_t b0, int tile) {
   return n <= 0 ? 0 : (n >= tile ? tile : static_cast<int>(n));
 }
 
-// A row stride for rows of `width` values: width + 1, so that a warp's threads
-// on different rows read different banks.
-__host__ __device__ inline int padded(int width) { return width + 1; }
-
 // Lanes per sum: where a CTA's units x tile rows leave threads idle, F adjacent
-// lanes of a warp share each unit and row, lane f summing the k = f (mod F), and
+// lanes of a warp share each unit and row, each summing its own range of k, and
 // add their sums with F - 1 shuffles: a step's chain of multiply-adds is F times
 // shorter. F is a power of two up to kMaxLanes with units * tile * F <= kThreads.
 __host__ __device__ inline int lanes(int units, int tile) {
@@ -103,26 +101,56 @@ __host__ __device__ inline int lanes(int units, int tile) {
   return F;
 }
 
-// k < K rounded up to whole blocks of F (the slice of W is laid out in them).
-__host__ __device__ inline int padded_k(int K, int F) { return (K + F - 1) / F * F; }
+// k per vector load: 16 bytes of the arithmetic's type (a row of h or dA in
+// shared memory), V values of W in the storage type beside them.
+template <typename acc_t>
+constexpr int kVec = 16 / static_cast<int>(sizeof(acc_t));
 
-// Values of W in a unit's slice: a product over rows of `width` values is the
-// forward's (width H: G sums over k < H) or the backward's (width G * H: one sum
-// over k < G * H), each k rounded up to the lanes' blocks.
-__host__ __device__ inline size_t slice_values(int G, int H, int width, int F) {
-  return width == H ? static_cast<size_t>(G) * padded_k(H, F) : static_cast<size_t>(padded_k(width, F));
+// A product of the rows of a buffer (h or dA, K values each) with W's slice:
+// C sums per unit (the forward's G gates over k < H; the backward's one sum
+// over k < G * H). Lane f of a unit's F takes k in [f * blocks * V, (f + 1) *
+// blocks * V), in blocks of V; K is padded with zeros up to F * blocks * V. W's
+// slice is one run of `stride` blocks per thread (unit u, lane f: run u * F + f),
+// block b * C + c holding sum c's V values of W at the lane's block b, so that a
+// thread reads its W at fixed offsets, with vector loads. Bank conflicts: the
+// threads of a load's phase read runs `stride` blocks apart, so stride is odd;
+// the F lanes read a row `blocks` blocks apart, so blocks is odd where F > 1;
+// rows are an odd number of blocks apart too (ld: F * blocks * V, or V more).
+struct Slice {
+  int C, K, F, V;
+  int blocks;  // per lane
+  int stride;  // blocks of W per thread
+  int ld;      // values per row of the buffers
+  __host__ __device__ Slice(int C_, int K_, int F_, int V_) : C(C_), K(K_), F(F_), V(V_) {
+    blocks = ((K + V - 1) / V + F - 1) / F;
+    if (F > 1 && blocks % 2 == 0) ++blocks;
+    stride = blocks * C;
+    if (stride % 2 == 0) ++stride;
+    ld = ((F * blocks) | 1) * V;
+  }
+  // W's slice for `units` units, in values.
+  __host__ __device__ size_t values(int units) const { return static_cast<size_t>(units) * F * stride * V; }
+};
+
+// The forward's product (C = G sums over k < H) or the backward's (one sum over
+// k < width = G * H), for a CTA's units and tile.
+template <typename acc_t>
+__host__ __device__ inline Slice slice_of(int G, int H, int width, int units, int tile) {
+  const int F = lanes(units, tile);
+  return width == H ? Slice(G, H, F, kVec<acc_t>) : Slice(1, width, F, kVec<acc_t>);
 }
 
-// Shared memory: W's slice (slice_values per unit) in the storage type T (the
-// weights as given: half types take half the room of float, and no rounding),
-// then, 16-byte aligned, in acc_t: two buffers of the tile's rows of `width`
-// values (h or dA), and `extra` [tile][units] buffers.
+// Shared memory: W's slice in the storage type T (the weights as given: half
+// types take half the room of float, and no rounding), then, 16-byte aligned,
+// in acc_t: two buffers of the tile's rows of the product's input (h or dA,
+// Slice::ld values each), and `extra` [tile][units] buffers.
 __host__ __device__ inline size_t aligned16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
 template <typename T, typename acc_t>
 __host__ __device__ inline size_t smem_bytes(int G, int H, int units, int tile, int width, int extra) {
-  return aligned16(slice_values(G, H, width, lanes(units, tile)) * units * sizeof(T)) +
-         (2 * static_cast<size_t>(tile) * padded(width) + static_cast<size_t>(extra) * tile * units) * sizeof(acc_t);
+  const Slice s = slice_of<acc_t>(G, H, width, units, tile);
+  return aligned16(s.values(units) * sizeof(T)) +
+         (2 * static_cast<size_t>(tile) * s.ld + static_cast<size_t>(extra) * tile * units) * sizeof(acc_t);
 }
 
 template <typename T, typename acc_t>
@@ -277,21 +305,22 @@ struct Place {
   }
 };
 
-// A CTA's shared memory as smem_bytes counts it: W's slice w (in T, slice_index's layout),
-// the two buffers of the tile's rows of `width` values (buffer(0), buffer(1):
-// h or dA, padded rows), and the [tile][units] buffers extra(0), extra(1), ...
+// A CTA's shared memory as smem_bytes counts it: W's slice w (in T, laid out
+// as `s` says), the two buffers of the tile's rows that the product reads
+// (buffer(0), buffer(1): h or dA, s.ld values per row), and the [tile][units]
+// buffers extra(0), extra(1), ...
 template <typename T, typename acc_t>
 struct Smem {
   T* w;
   acc_t* buffers;
-  int tile, units, width;
-  __device__ Smem(const Place& p, int G, int H, int width_)
-      : tile(p.tile), units(p.units), width(width_) {
+  Slice s;
+  int tile, units;
+  __device__ Smem(const Place& p, int G, int H, int width)
+      : s(slice_of<acc_t>(G, H, width, p.units, p.tile)), tile(p.tile), units(p.units) {
     w = reinterpret_cast<T*>(shared_memory());
-    const size_t w_bytes = slice_values(G, H, width_, p.lanes) * units * sizeof(T);
-    buffers = reinterpret_cast<acc_t*>(shared_memory() + aligned16(w_bytes));
+    buffers = reinterpret_cast<acc_t*>(shared_memory() + aligned16(s.values(units) * sizeof(T)));
   }
-  __device__ acc_t* buffer(int i) const { return buffers + i * tile * padded(width); }
+  __device__ acc_t* buffer(int i) const { return buffers + i * tile * s.ld; }
   __device__ acc_t* extra(int i) const { return buffer(2) + i * tile * units; }
 };
 
@@ -358,107 +387,126 @@ struct Step {
   }
 };
 
-// Where the slice of W keeps the value that sum c (of C) of unit u takes at k:
-// in blocks of F values of k, so that the F lanes sharing a unit read adjacent
-// words (k = f mod F): w[((k / F) * C + c) * units * F + u * F + k % F].
-__host__ __device__ inline int slice_index(int k, int c, int u, int C, int units, int F) {
-  return ((k / F) * C + c) * units * F + u * F + k % F;
-}
-
-// The forward's slice of W: sum g of unit u takes W[g * H + j0 + u][k] at k < H.
-template <int G, typename T>
-__device__ void load_unit_rows(T* w, const T* w_hh, int H, const Place& p) {
-  for (int i = threadIdx.x; i < G * H * p.units; i += kThreads) {
-    const int k = i / (G * p.units), g = (i / p.units) % G, u = i % p.units;
-    w[slice_index(k, g, u, G, p.units, p.lanes)] =
-        u < p.nu ? w_hh[(static_cast<int64_t>(g) * H + p.j0 + u) * H + k] : store<T>(0.0f);
+// W's slice in s's layout, every value of it: at(c, k, j), sum c's weight at k
+// for hidden unit j, where unit and k are real; 0 in the padding.
+template <typename T, typename At>
+__device__ void load_slice(T* w, const Slice& s, const Place& p, const At& at) {
+  const int n = static_cast<int>(s.values(p.units));
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const int q = i / s.V, block = q % s.stride, run = q / s.stride;
+    const int f = run % s.F, u = run / s.F, c = block % s.C;
+    const int k = (f * s.blocks + block / s.C) * s.V + i % s.V;
+    w[i] = block < s.blocks * s.C && u < p.nu && k < s.K ? at(c, k, p.j0 + u) : store<T>(0.0f);
   }
 }
 
-// The backward's slice of W: unit u's one sum takes W[r][j0 + u] at r < G * H.
-template <int G, typename T>
-__device__ void load_unit_columns(T* w, const T* w_hh, int H, const Place& p) {
-  for (int i = threadIdx.x; i < G * H * p.units; i += kThreads) {
-    const int r = i / p.units, u = i - r * p.units;
-    w[slice_index(r, 0, u, 1, p.units, p.lanes)] =
-        u < p.nu ? w_hh[static_cast<int64_t>(r) * H + p.j0 + u] : store<T>(0.0f);
-  }
+// The forward's slice of W: sum g of unit j takes W[g * H + j][k] at k < H.
+template <typename T>
+__device__ void load_unit_rows(T* w, const Slice& s, const T* w_hh, int H, const Place& p) {
+  load_slice(w, s, p, [&](int g, int k, int j) { return w_hh[(static_cast<int64_t>(g) * H + j) * H + k]; });
 }
 
-// dst[b * ld + k] = src[(b0 + b) * ld_src + k0 + k], k < width, for the tile's rows.
+// The backward's slice of W: unit j's one sum takes W[r][j] at r < G * H.
+template <typename T>
+__device__ void load_unit_columns(T* w, const Slice& s, const T* w_hh, int H, const Place& p) {
+  load_slice(w, s, p, [&](int, int r, int j) { return w_hh[static_cast<int64_t>(r) * H + j]; });
+}
+
+// dst[b * ld + k] = src[(b0 + b) * ld_src + k0 + k] for the tile's rows b and k
+// < width; 0 in the rest of dst's tile x ld values (rows past the batch,
+// padding the product reads).
 template <typename T, typename acc_t>
 __device__ void load_tile(acc_t* dst, int ld, const T* src, int64_t ld_src, int k0, int width,
                           const Place& p) {
-  for (int i = threadIdx.x; i < p.rows * width; i += kThreads) {
-    const int b = i / width, k = i - b * width;
-    dst[b * ld + k] = load<acc_t>(src[(p.b0 + b) * ld_src + k0 + k]);
+  for (int i = threadIdx.x; i < p.tile * ld; i += kThreads) {
+    const int b = i / ld, k = i - b * ld;
+    dst[i] = b < p.rows && k < width ? load<acc_t>(src[(p.b0 + b) * ld_src + k0 + k]) : acc_t(0);
   }
 }
 
-// acc[i][g] += sum over k < K of src[b * ld + k] * (unit u's sum g at k in the
-// slice w), for this thread's rows b in the step, R of them at most (rows past R
-// stay as they are): a step's time is one chain of K / F multiply-adds,
-// latency-bound where a thread has one or two rows, and each row it does not
-// have would still cost its loads' and multiply-adds' issue slots. Lane f takes
-// the k = f (mod F) as S partial sums (k / F mod S), so that it has about 8
-// independent chains (at least as many per row as G gates alone give: 4, 2, 1);
-// the F lanes then add theirs. Every thread of the CTA calls this (the shuffles
-// need every lane of a warp); only lane 0's acc is complete.
-template <int G, int R, typename T, typename acc_t>
-__device__ __forceinline__ void accumulate_rows(acc_t (&acc)[kRows][G], const acc_t* src, int ld, int K,
-                                                const T* w, const Place& p, const Share& me, int active) {
-  constexpr int S_gates = G >= 4 ? 1 : (G >= 2 ? 2 : 4);
-  constexpr int S = 8 / (R * G) > S_gates ? 8 / (R * G) : S_gates;
-  const int F = p.lanes, block = G * p.units * F;
-  const T* w_lane = w + me.u * F + me.f;  // k = m * F + f at w_lane[m * block + g * units * F]
-  acc_t part[S][R][G] = {};
-  const auto add = [&](int m, acc_t (&sum)[R][G]) {
-    acc_t wk[G];
+template <typename acc_t>
+__device__ void clear(acc_t* dst, int n) {
+  for (int i = threadIdx.x; i < n; i += kThreads) dst[i] = acc_t(0);
+}
+
+// N values from a pointer aligned to all N of them: one vector load.
+template <typename U, int N>
+struct alignas(sizeof(U) * N) Block {
+  U v[N];
+};
+template <int N, typename U>
+__device__ __forceinline__ Block<U, N> load_block(const U* p) {
+  return *reinterpret_cast<const Block<U, N>*>(p);
+}
+
+// acc[i][c] += sum over k < K of src[b * ld + k] * (unit u's sum c at k in the
+// slice w), for this thread's rows b = me.row(i), i < R (rows past R stay as
+// they are). A step's time is this loop's, latency- and issue-bound where a
+// thread has one or two rows: so a thread's loop is compiled for the rows it
+// has, reads V k at a time with one vector load of W per sum and one of src per
+// row at fixed offsets, and keeps R * C * V independent sums; lane f takes its
+// own range of k (Slice), and the F lanes then add theirs. Rows past the
+// step's are summed too (their sums go unused: a uniform loop costs less than
+// a predicated one), from row 0 where past the tile. Every thread of the CTA
+// calls this (the shuffles need every lane of a warp); only lane 0's acc is
+// complete.
+template <int C, int R, typename T, typename acc_t>
+__device__ __forceinline__ void accumulate_rows(acc_t (&acc)[kRows][C], const acc_t* src, const T* w,
+                                                const Slice& s, const Place& p, const Share& me) {
+  constexpr int V = kVec<acc_t>;
+  const T* w_run = w + static_cast<size_t>(me.u * s.F + me.f) * s.stride * V;
+  const acc_t* rows[R];
 #pragma unroll
-    for (int g = 0; g < G; ++g) wk[g] = load<acc_t>(w_lane[m * block + g * p.units * F]);
-    const int k = m * F + me.f;
+  for (int i = 0; i < R; ++i) {
+    const int b = me.row(i) < p.tile ? me.row(i) : 0;
+    rows[i] = src + b * s.ld + me.f * s.blocks * V;
+  }
+  acc_t part[R][C][V] = {};
+  constexpr int kUnroll = R * C * V * sizeof(acc_t) > 128 ? 2 : 4;  // the widest (LSTM, 4 rows) in registers
+#pragma unroll kUnroll
+  for (int m = 0; m < s.blocks; ++m) {
+    acc_t wk[C][V];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const Block<T, V> wb = load_block<V>(w_run + (m * C + c) * V);
+#pragma unroll
+      for (int v = 0; v < V; ++v) wk[c][v] = load<acc_t>(wb.v[v]);
+    }
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      const int b = me.row(i);
-      if (b < active) {
-        const acc_t x = src[b * ld + k];
+      const Block<acc_t, V> x = load_block<V>(rows[i] + m * V);
 #pragma unroll
-        for (int g = 0; g < G; ++g) sum[i][g] += x * wk[g];
+      for (int c = 0; c < C; ++c) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) part[i][c][v] += x.v[v] * wk[c][v];
       }
     }
-  };
-  const int M = (K - me.f + F - 1) / F;  // this lane's k
-  int m = 0;
-  for (; m + S <= M; m += S) {
-#pragma unroll
-    for (int s = 0; s < S; ++s) add(m + s, part[s]);
   }
-  for (; m < M; ++m) add(m, part[0]);
 #pragma unroll
   for (int i = 0; i < R; ++i) {
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      acc_t sum = part[0][i][g];
+    for (int c = 0; c < C; ++c) {
+      acc_t sum = part[i][c][0];
 #pragma unroll
-      for (int s = 1; s < S; ++s) sum += part[s][i][g];
-      for (int lane = F / 2; lane > 0; lane /= 2) sum += lane_xor(sum, lane);
-      acc[i][g] += sum;
+      for (int v = 1; v < V; ++v) sum += part[i][c][v];
+      for (int lane = s.F / 2; lane > 0; lane /= 2) sum += lane_xor(sum, lane);
+      acc[i][c] += sum;
     }
   }
 }
 
 // accumulate_rows for as many rows as the CTA's threads have: ceil(tile / groups),
 // the same in every thread, so the branch does not diverge.
-template <int G, typename T, typename acc_t>
-__device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][G], const acc_t* src, int ld, int K,
-                                           const T* w, const Place& p, const Share& me, int active) {
+template <int C, typename T, typename acc_t>
+__device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][C], const acc_t* src, const Smem<T, acc_t>& m,
+                                           const Place& p, const Share& me) {
   const int rows = (p.tile + me.groups - 1) / me.groups;
   if (rows == 1) {
-    accumulate_rows<G, 1>(acc, src, ld, K, w, p, me, active);
+    accumulate_rows<C, 1>(acc, src, m.w, m.s, p, me);
   } else if (rows == 2) {
-    accumulate_rows<G, 2>(acc, src, ld, K, w, p, me, active);
+    accumulate_rows<C, 2>(acc, src, m.w, m.s, p, me);
   } else {
-    accumulate_rows<G, kRows>(acc, src, ld, K, w, p, me, active);
+    accumulate_rows<C, kRows>(acc, src, m.w, m.s, p, me);
   }
 }
 
@@ -503,7 +551,7 @@ struct Ahead {
 template <int G, typename T, typename acc_t, typename Init, typename Finish>
 __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q, const Smem<T, acc_t>& m,
                                               int H, const Init& init, const Finish& finish) {
-  const int ldh = padded(H);
+  const int ldh = m.s.ld;
   const Share me(p);
   int cur = 0, run = 0;
   Step st(p, q, 0, run);
@@ -519,7 +567,7 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
     }
     const Step next(p, q, s + 1, run);  // no rows past the last step
     ahead.load(me, next, [&](int b, acc_t (&v)[G]) { init(me, next, b, v); });
-    accumulate<G>(acc, h, ldh, H, m.w, p, me, st.active);
+    accumulate<G>(acc, h, m, p, me);
     if (me.works) {
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
@@ -547,12 +595,12 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
 // direct for this unit: kept in dh [tile][units] for the rows the previous
 // step carries (0 elsewhere: their h was final, and dh_n is already in dY),
 // written to grad_hx for those that began at hx. m's buffers hold dA_t
-// ([tile][padded(G * H)]); dh zero on entry.
+// ([tile][m.s.ld]); dh zero on entry.
 template <int G, int L, typename T, typename acc_t, typename Load, typename Cell>
 __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q, const Smem<T, acc_t>& m,
                                                acc_t* dh, T* grad_hx, int64_t ld_ghx, int H,
                                                const Load& load, const Cell& cell) {
-  const int ldg = padded(G * H);
+  const int ldg = m.s.ld;
   const Share me(p);
   int cur = 0, run = q.runs->count - 1;
   Step st(p, q, q.steps - 1, run);
@@ -580,7 +628,7 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
       }
     }
     cluster_sync(p.size);
-    accumulate<1>(acc, da, ldg, G * H, m.w, p, me, st.active);
+    accumulate<1>(acc, da, m, p, me);
     if (me.works) {
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
@@ -602,14 +650,15 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
 //   dA   [N, H]  backward: dY (+ dh_n on final rows) on entry, dA on exit
 
 template <typename T, typename acc_t, Activation A>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 forward_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ hx, int64_t ld_hx,
                const T* __restrict__ w_hh, const __grid_constant__ Runs runs, int64_t steps, int64_t batch, int H, int units,
                int tile, int cluster_size, bool reverse) {
   const Place p(batch, H, units, tile, cluster_size);
   const Smem<T, acc_t> m(p, 1, H, H);  // buffers: h_{t-1}, h_t
-  load_unit_rows<1>(m.w, w_hh, H, p);
-  load_tile(m.buffer(0), padded(H), hx, ld_hx, 0, H, p);
+  load_unit_rows(m.w, m.s, w_hh, H, p);
+  load_tile(m.buffer(0), m.s.ld, hx, ld_hx, 0, H, p);
+  clear(m.buffer(1), p.tile * m.s.ld);
   // Every CTA of the cluster runs (its shared memory may be written) and has its state.
   cluster_sync(p.size);
   forward_steps<1>(
@@ -625,7 +674,7 @@ forward_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ hx, in
 }
 
 template <typename T, typename acc_t, Activation A>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, int64_t ld_out,
                 T* __restrict__ grad_hx, int64_t ld_ghx, const T* __restrict__ w_hh,
                 const __grid_constant__ Runs runs,
@@ -634,7 +683,8 @@ backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, in
   const Place p(batch, H, units, tile, cluster_size);
   const Smem<T, acc_t> m(p, 1, H, H);  // buffers: dA_t; extra(0): dh_t through W_hh
   acc_t* dh = m.extra(0);
-  load_unit_columns<1>(m.w, w_hh, H, p);
+  load_unit_columns(m.w, m.s, w_hh, H, p);
+  clear(m.buffer(0), 2 * p.tile * m.s.ld);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dh[i] = acc_t(0);
   cluster_sync(p.size);
   // dA_t = (dY_t + dh_t) * act'(h_t).
@@ -674,7 +724,7 @@ __device__ __forceinline__ void load_gates_and_dy(acc_t (&in)[L], const T* gates
 //   dc_n   [B, H]
 
 template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int64_t ld_c,
                     T* __restrict__ out, int64_t ld_out, const T* __restrict__ h0, int64_t ld_h0,
                     const T* __restrict__ c0, int64_t ld_c0, const T* __restrict__ w_hh,
@@ -685,8 +735,9 @@ lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int6
   const Place p(batch, H, units, tile, cluster_size);
   const Smem<T, acc_t> m(p, G, H, H);  // buffers: h_{t-1}, h_t
   acc_t* cell = m.extra(0);         // each row's latest c, c0 until it starts
-  load_unit_rows<G>(m.w, w_hh, H, p);
-  load_tile(m.buffer(0), padded(H), h0, ld_h0, 0, H, p);
+  load_unit_rows(m.w, m.s, w_hh, H, p);
+  load_tile(m.buffer(0), m.s.ld, h0, ld_h0, 0, H, p);
+  clear(m.buffer(1), p.tile * m.s.ld);
   load_tile(cell, units, c0, ld_c0, p.j0, p.nu, p);
   cluster_sync(p.size);
   forward_steps<G>(
@@ -710,7 +761,7 @@ lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int6
 }
 
 template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, int64_t ld_g,
                      const T* __restrict__ c, int64_t ld_c, const T* __restrict__ c0, int64_t ld_c0,
                      const T* __restrict__ dc_n, int64_t ld_dcn, T* __restrict__ grad_hx,
@@ -722,7 +773,8 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
   const Smem<T, acc_t> m(p, G, H, G * H);  // buffers: dA_t, all gates
   acc_t* dhr = m.extra(0);              // dh_t through W_hh
   acc_t* dcr = m.extra(1);              // the gradient reaching c_t
-  load_unit_columns<G>(m.w, w_hh, H, p);
+  load_unit_columns(m.w, m.s, w_hh, H, p);
+  clear(m.buffer(0), 2 * p.tile * m.s.ld);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
   // Every row's last step comes first: its c_t gets dc_n (dh_n is already in dh).
   load_tile(dcr, units, dc_n, ld_dcn, p.j0, p.nu, p);
@@ -768,7 +820,7 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
 //   b_hh   [3H] or null
 
 template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int64_t ld_hn,
                    T* __restrict__ out, int64_t ld_out, const T* __restrict__ h0, int64_t ld_h0,
                    const T* __restrict__ w_hh, const T* __restrict__ b_hh,
@@ -778,8 +830,9 @@ gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int6
   constexpr int G = kGruGates;
   const Place p(batch, H, units, tile, cluster_size);
   const Smem<T, acc_t> m(p, G, H, H);  // buffers: h_{t-1}, h_t
-  load_unit_rows<G>(m.w, w_hh, H, p);
-  load_tile(m.buffer(0), padded(H), h0, ld_h0, 0, H, p);
+  load_unit_rows(m.w, m.s, w_hh, H, p);
+  load_tile(m.buffer(0), m.s.ld, h0, ld_h0, 0, H, p);
+  clear(m.buffer(1), p.tile * m.s.ld);
   cluster_sync(p.size);
   // The sums are h_{t-1} W_hh^T + b_hh; the input side (gates) joins in the cell.
   forward_steps<G>(
@@ -803,7 +856,7 @@ gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int6
 }
 
 template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, int64_t ld_g,
                     T* __restrict__ hn, int64_t ld_hn, const T* __restrict__ out, int64_t ld_out,
                     const T* __restrict__ h0, int64_t ld_h0, T* __restrict__ grad_hx, int64_t ld_ghx,
@@ -813,7 +866,8 @@ gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, in
   const Place p(batch, H, units, tile, cluster_size);
   const Smem<T, acc_t> m(p, G, H, G * H);  // buffers: [dA_r, dA_z, dA_hn]
   acc_t* dhr = m.extra(0);              // dh_t from the later step
-  load_unit_columns<G>(m.w, w_hh, H, p);
+  load_unit_columns(m.w, m.s, w_hh, H, p);
+  clear(m.buffer(0), 2 * p.tile * m.s.ld);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
   cluster_sync(p.size);
   // in: r z n, dY_t (+ dh_n), h_{t-1}, hn_t.

@@ -1,12 +1,14 @@
 // csrc/cuda/persistent.cuh's kernels, compiled for the CPU: one std::thread per
 // CUDA thread, a std::barrier per cluster for its barrier, a buffer per CTA for
 // its shared memory (in_rank maps an address between them), a barrier and a
-// slot per lane for each warp's shuffles. The kernels' own code runs, cluster
+// slot per lane for each warp's shuffles and votes, an atomic word for each
+// mbarrier. The kernels' own code runs, cluster
 // by cluster; only these five primitives and the launch are the host's. tests/test_persistent_on_host.py builds this file and checks the
 // kernels against autograd, float64, with a layer's worth of arguments:
 // contiguous [rows, width] buffers, launch shape (units, tile, cluster size) given;
 // and asks persistent::plan where layers run on a given device.
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
@@ -61,6 +63,52 @@ U lane_xor(U v, int mask) {
   std::memcpy(&other, this_warp->slot[lane ^ static_cast<unsigned>(mask)], sizeof(U));
   this_warp->barrier.arrive_and_wait();
   return other;
+}
+
+bool warp_any(bool v) {
+  const unsigned lane = threadIdx.x % 32;
+  this_warp->slot[lane][0] = v;
+  this_warp->barrier.arrive_and_wait();
+  bool any = false;
+  for (auto& slot : this_warp->slot) any = any || slot[0];
+  this_warp->barrier.arrive_and_wait();
+  return any;
+}
+inline void warp_sync() { this_warp->barrier.arrive_and_wait(); }
+
+// An mbarrier as the kernels use it (one arrival per phase, and bytes): its
+// phase, pending arrivals and transaction count in one 64-bit word, updated
+// atomically. add(bar, bytes, arrivals) counts bytes and arrivals in; the phase
+// completes when both are in (the count may run ahead of the announcement).
+constexpr uint64_t kPhaseBit = uint64_t{1} << 48;
+void add(uint64_t* bar, int64_t bytes, unsigned arrivals) {
+  std::atomic_ref<uint64_t> word(*bar);
+  uint64_t seen = word.load(std::memory_order_acquire), next;
+  do {
+    int32_t tx = static_cast<int32_t>(static_cast<uint32_t>(seen));
+    unsigned pending = static_cast<unsigned>(seen >> 32) & 0xffff;
+    uint64_t phase = seen & kPhaseBit;
+    tx += static_cast<int32_t>(bytes);
+    pending -= arrivals;
+    if (pending == 0 && tx == 0) {
+      phase ^= kPhaseBit;
+      pending = 1;
+    }
+    next = static_cast<uint32_t>(tx) | (static_cast<uint64_t>(pending) << 32) | phase;
+  } while (!word.compare_exchange_weak(seen, next, std::memory_order_acq_rel, std::memory_order_acquire));
+}
+inline void mbarrier_init(uint64_t* bar) { std::atomic_ref<uint64_t>(*bar).store(uint64_t{1} << 32); }
+inline void arrive_expect(uint64_t* bar, uint32_t bytes) { add(bar, bytes, 1); }
+template <typename U>
+void store_counted(U* dst, U v, uint64_t* bar, unsigned rank) {
+  *in_rank(dst, rank, 0) = v;
+  add(in_rank(bar, rank, 0), -static_cast<int64_t>(sizeof(U)), 0);
+}
+inline void wait_phase(uint64_t* bar, unsigned parity) {
+  const uint64_t incomplete = parity ? kPhaseBit : 0;
+  while ((std::atomic_ref<uint64_t>(*bar).load(std::memory_order_acquire) & kPhaseBit) == incomplete) {
+    std::this_thread::yield();
+  }
 }
 
 #include "cuda/persistent.cuh"

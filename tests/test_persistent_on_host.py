@@ -343,6 +343,6 @@ def test_plan_fits(kernels, device, cell):
         blocks += lanes > 1 and blocks % 2 == 0
         stride = blocks * sums + (blocks * sums % 2 == 0)
         ld = ((lanes * blocks) | 1) * vec
-        bytes_ = (math.ceil(p["units"] * lanes * stride * vec * w_bytes / 16) * 16
+        bytes_ = (16 + math.ceil(p["units"] * lanes * stride * vec * w_bytes / 16) * 16  # mbarriers, W
                   + acc_bytes * (2 * p["tile"] * ld + extra * p["tile"] * p["units"]))
         assert bytes_ <= device["max_smem"]

@@ -5,9 +5,10 @@
 // owns hidden units [r * units, (r + 1) * units) and keeps W_hh's slice for
 // them (every gate's) in shared memory. Each step every CTA computes its units
 // for the tile's rows and writes what the next step needs from them into
-// every CTA of the cluster (distributed shared memory): the forward's h_t,
-// the backward's dA_t. One cluster barrier per step; nothing goes through
-// global memory between steps.
+// every CTA of the cluster (distributed shared memory, by st.async): the
+// forward's h_t, the backward's dA_t; each CTA waits on its own mbarrier for
+// them (Handover). Nothing goes through global memory between steps, and no
+// cluster barrier runs inside the loop.
 //
 // Shapes (N rows of the flattened sequence, B batch, H hidden, T steps, G
 // gates: 1 Elman, 4 LSTM (i f g o), 3 GRU (r z n); every [rows, width]
@@ -36,6 +37,7 @@
 
 #if !defined(FASTRNN_PERSISTENT_ON_HOST)
 #include <cooperative_groups.h>
+#include <cuda/ptx>
 #include <cuda_runtime.h>
 #endif
 
@@ -140,16 +142,18 @@ __host__ __device__ inline Slice slice_of(int G, int H, int width, int units, in
   return width == H ? Slice(G, H, F, kVec<acc_t>) : Slice(1, width, F, kVec<acc_t>);
 }
 
-// Shared memory: W's slice in the storage type T (the weights as given: half
-// types take half the room of float, and no rounding), then, 16-byte aligned,
-// in acc_t: two buffers of the tile's rows of the product's input (h or dA,
-// Slice::ld values each), and `extra` [tile][units] buffers.
+// Shared memory: two mbarriers (Handover, below); W's slice in the storage
+// type T (the weights as given: half types take half the room of float, and no
+// rounding); then, 16-byte aligned, in acc_t: two buffers of the tile's rows of
+// the product's input (h or dA, Slice::ld values each), and `extra` [tile][units]
+// buffers.
 __host__ __device__ inline size_t aligned16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+constexpr size_t kBarrierBytes = 2 * sizeof(uint64_t);
 
 template <typename T, typename acc_t>
 __host__ __device__ inline size_t smem_bytes(int G, int H, int units, int tile, int width, int extra) {
   const Slice s = slice_of<acc_t>(G, H, width, units, tile);
-  return aligned16(s.values(units) * sizeof(T)) +
+  return kBarrierBytes + aligned16(s.values(units) * sizeof(T)) +
          (2 * static_cast<size_t>(tile) * s.ld + static_cast<size_t>(extra) * tile * units) * sizeof(acc_t);
 }
 
@@ -239,10 +243,11 @@ inline Plan plan(int64_t batch, int64_t H, int G, const Device& d, SmemBytes sme
 // The cluster's barrier (with release / acquire: shared-memory writes to other
 // CTAs before it are seen by them after it), this CTA's rank in the cluster,
 // p's address in CTA `rank`'s shared memory, and the CTA's dynamic shared
-// memory; lane_xor, a warp's shuffle. A "cluster" of one CTA (size 1) is a
-// plain launch on any device; larger ones need sm_90, and the host plans them
-// only there. (Tests run the kernels on the CPU with their own definitions of
-// these five: tests/persistent_on_host.cpp.)
+// memory; lane_xor, a warp's shuffle; warp_any and warp_sync; and the mbarrier
+// operations of a step's hand-over (Handover, below). A "cluster" of one CTA
+// (size 1) is a plain launch on any device; larger ones need sm_90, and the
+// host plans them only there. (Tests run the kernels on the CPU with their own
+// definitions of these: tests/persistent_on_host.cpp.)
 __device__ __forceinline__ void cluster_sync(int size) {
   if (size == 1) {
     __syncthreads();
@@ -284,6 +289,50 @@ template <typename U>
 __device__ __forceinline__ U lane_xor(U v, int mask) {
   return __shfl_xor_sync(0xffffffffu, v, mask);
 }
+
+__device__ __forceinline__ bool warp_any(bool v) { return __any_sync(0xffffffffu, v); }
+__device__ __forceinline__ void warp_sync() { __syncwarp(); }
+
+// An mbarrier that completes a phase when one arrival (arrive_expect's) and
+// the bytes it announces have come.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cuda::ptx::mbarrier_init(bar, 1);
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void arrive_expect(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cuda::ptx::mbarrier_arrive_expect_tx(cuda::ptx::sem_release, cuda::ptx::scope_cta, cuda::ptx::space_shared, bar,
+                                       bytes);
+#else
+  __trap();
+#endif
+}
+
+// *dst = v in CTA `rank`'s shared memory (dst and bar: their addresses in this
+// CTA's), counted there by bar's mbarrier in that CTA.
+template <typename U>
+__device__ __forceinline__ void store_counted(U* dst, U v, uint64_t* bar, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const auto cluster = cooperative_groups::this_cluster();
+  cuda::ptx::st_async(cluster.map_shared_rank(dst, rank), v, cluster.map_shared_rank(bar, rank));
+#else
+  __trap();
+#endif
+}
+
+// Until bar's phase of the given parity has completed; what was counted in it is then seen.
+__device__ __forceinline__ void wait_phase(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  while (!cuda::ptx::mbarrier_try_wait_parity(cuda::ptx::sem_acquire, cuda::ptx::scope_cluster, bar, parity)) {
+  }
+#else
+  __trap();
+#endif
+}
 #endif
 
 // Where a CTA works: its cluster's tile of batch rows and its own units.
@@ -305,20 +354,32 @@ struct Place {
   }
 };
 
-// A CTA's shared memory as smem_bytes counts it: W's slice w (in T, laid out
-// as `s` says), the two buffers of the tile's rows that the product reads
-// (buffer(0), buffer(1): h or dA, s.ld values per row), and the [tile][units]
-// buffers extra(0), extra(1), ...
+// A CTA's shared memory as smem_bytes counts it: the buffers' mbarriers full[2],
+// W's slice w (in T, laid out as `s` says), the two buffers of the tile's rows
+// that the product reads (buffer(0), buffer(1): h or dA, s.ld values per row),
+// and the [tile][units] buffers extra(0), extra(1), ...
 template <typename T, typename acc_t>
 struct Smem {
+  uint64_t* full;
   T* w;
   acc_t* buffers;
   Slice s;
   int tile, units;
   __device__ Smem(const Place& p, int G, int H, int width)
       : s(slice_of<acc_t>(G, H, width, p.units, p.tile)), tile(p.tile), units(p.units) {
-    w = reinterpret_cast<T*>(shared_memory());
-    buffers = reinterpret_cast<acc_t*>(shared_memory() + aligned16(s.values(units) * sizeof(T)));
+    full = reinterpret_cast<uint64_t*>(shared_memory());
+    w = reinterpret_cast<T*>(shared_memory() + kBarrierBytes);
+    buffers = reinterpret_cast<acc_t*>(shared_memory() + kBarrierBytes + aligned16(s.values(units) * sizeof(T)));
+  }
+  // After every thread has put its part of the initial state in place: the
+  // mbarriers ready (a cluster's), and every CTA of the cluster running, with
+  // its state (so its shared memory may be written).
+  __device__ void begin(const Place& p) const {
+    if (p.size > 1 && threadIdx.x == 0) {
+      mbarrier_init(full);
+      mbarrier_init(full + 1);
+    }
+    cluster_sync(p.size);
   }
   __device__ acc_t* buffer(int i) const { return buffers + i * tile * s.ld; }
   __device__ acc_t* extra(int i) const { return buffer(2) + i * tile * units; }
@@ -510,16 +571,52 @@ __device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][C], const acc_t* 
   }
 }
 
-// v[g] into buf[b * ld + j + g * H] of every CTA of the cluster.
-template <int G, typename acc_t>
-__device__ __forceinline__ void to_every_cta(acc_t* buf, int ld, int b, int j, int H, const acc_t (&v)[G],
-                                             const Place& p) {
-  for (int r = 0; r < p.size; ++r) {
-    acc_t* dst = in_rank(buf, r, p.size) + b * ld + j;
-#pragma unroll
-    for (int g = 0; g < G; ++g) dst[g * H] = v[g];
+// A step's hand-over of its values (the forward's h_t, the backward's dA_t)
+// to every CTA of the cluster, and the wait until all of them are there. One
+// CTA: plain stores, then __syncthreads. A cluster: each value goes into every
+// CTA's buffer by st.async, whose bytes the buffer's mbarrier in that CTA
+// counts; a CTA waits on its own mbarrier only. (A cluster barrier per step
+// would cost a round trip to L2: its release waits for every global store and
+// load before it.) A buffer is written again two steps later, by CTAs that
+// have received this CTA's values of the step between, which its threads send
+// after they have read the buffer (their warps synchronised, warps that read
+// nothing skipping the reads): no CTA writes a buffer that another still reads.
+template <typename acc_t>
+struct Handover {
+  uint64_t* full;       // this CTA's mbarriers, one per buffer
+  int size;             // CTAs in the cluster
+  uint32_t bytes;       // what a step puts into each CTA's buffer, the whole cluster's
+  bool reads;           // this thread's warp reads the buffers (one of its threads works)
+  unsigned parity = 0;  // bit b: the parity of buffer b's phase to wait for next
+
+  // Thread 0 announces a step's bytes for buffer b: the phase's one arrival.
+  __device__ void expect(int b) const {
+    if (size > 1 && threadIdx.x == 0) arrive_expect(full + b, bytes);
   }
-}
+  // v[g] into buffer b's (buf's) row r at j + g * H, in every CTA.
+  template <int G>
+  __device__ __forceinline__ void put(acc_t* buf, int b, int ld, int r, int j, int H, const acc_t (&v)[G]) const {
+    acc_t* dst = buf + r * ld + j;
+    if (size == 1) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) dst[g * H] = v[g];
+      return;
+    }
+    for (unsigned rank = 0; rank < static_cast<unsigned>(size); ++rank) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) store_counted(dst + g * H, v[g], full + b, rank);
+    }
+  }
+  // Until buffer b holds the step's values from every CTA.
+  __device__ void wait(int b) {
+    if (size == 1) {
+      cluster_sync(1);  // __syncthreads
+      return;
+    }
+    if (reads) wait_phase(full + b, (parity >> b) & 1u);
+    parity ^= 1u << b;
+  }
+};
 
 // A thread's values for its rows of a step, from global memory: load(b, v)
 // fills v[N] for row b (0 for rows outside the step). The steps load them a
@@ -553,11 +650,13 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
                                               int H, const Init& init, const Finish& finish) {
   const int ldh = m.s.ld;
   const Share me(p);
+  Handover<acc_t> x{m.full, p.size, static_cast<uint32_t>(p.rows * H * sizeof(acc_t)), warp_any(me.works)};
   int cur = 0, run = 0;
   Step st(p, q, 0, run);
   Ahead<G, acc_t> ahead;
   ahead.load(me, st, [&](int b, acc_t (&v)[G]) { init(me, st, b, v); });
   for (int64_t s = 0; s < q.steps; ++s) {
+    x.expect(cur ^ 1);
     const acc_t* h = m.buffer(cur);
     acc_t acc[kRows][G];
 #pragma unroll
@@ -567,7 +666,10 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
     }
     const Step next(p, q, s + 1, run);  // no rows past the last step
     ahead.load(me, next, [&](int b, acc_t (&v)[G]) { init(me, next, b, v); });
-    accumulate<G>(acc, h, m, p, me);
+    if (x.reads) {
+      accumulate<G>(acc, h, m, p, me);
+      warp_sync();
+    }
     if (me.works) {
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
@@ -575,16 +677,15 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
         if (b >= p.rows) break;
         acc_t v[1] = {h[b * ldh + me.j]};
         if (b < st.active) v[0] = finish(me, st, b, acc[i], v[0]);
-        to_every_cta<1>(m.buffer(cur ^ 1), ldh, b, me.j, H, v, p);
+        x.put(m.buffer(cur ^ 1), cur ^ 1, ldh, b, me.j, H, v);
       }
     }
-    // Every CTA's share of h_t written everywhere, and h_{t-1} read by all. The
-    // next step writes the other buffer: no CTA gets there before every CTA
-    // has read this one.
-    cluster_sync(p.size);
+    x.wait(cur ^ 1);  // h_t from every CTA
     cur ^= 1;
     st = next;
   }
+  // No CTA leaves while another may still write into its shared memory.
+  if (p.size > 1) cluster_sync(p.size);
 }
 
 // The backward's steps, in the opposite order. Per step, for this thread's unit
@@ -602,11 +703,13 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
                                                const Load& load, const Cell& cell) {
   const int ldg = m.s.ld;
   const Share me(p);
+  Handover<acc_t> x{m.full, p.size, static_cast<uint32_t>(p.rows * G * H * sizeof(acc_t)), warp_any(me.works)};
   int cur = 0, run = q.runs->count - 1;
   Step st(p, q, q.steps - 1, run);
   Ahead<L, acc_t> ahead;
   ahead.load(me, st, [&](int b, acc_t (&in)[L]) { load(me, st, b, in); });
   for (int64_t s = q.steps - 1; s >= 0; --s) {
+    x.expect(cur);
     acc_t* da = m.buffer(cur);
     acc_t in[kRows][L];
 #pragma unroll
@@ -624,11 +727,14 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
         if (b >= p.rows) break;
         acc_t ga[G] = {};
         if (b < st.active) cell(me, st, b, in[i], dh[b * p.units + me.u], ga, acc[i][0]);
-        to_every_cta<G>(da, ldg, b, me.j, H, ga, p);
+        x.put(da, cur, ldg, b, me.j, H, ga);
       }
     }
-    cluster_sync(p.size);
-    accumulate<1>(acc, da, m, p, me);
+    x.wait(cur);  // dA_t from every CTA
+    if (x.reads) {
+      accumulate<1>(acc, da, m, p, me);
+      warp_sync();
+    }
     if (me.works) {
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
@@ -641,8 +747,8 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
     cur ^= 1;
     st = next;
   }
-  // No CTA leaves while another may still write into its shared memory: the
-  // last writes came before the last barrier.
+  // No CTA leaves while another may still write into its shared memory.
+  if (p.size > 1) cluster_sync(p.size);
 }
 
 // ---------------------------------------------------------------- Elman
@@ -660,7 +766,7 @@ forward_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ hx, in
   load_tile(m.buffer(0), m.s.ld, hx, ld_hx, 0, H, p);
   clear(m.buffer(1), p.tile * m.s.ld);
   // Every CTA of the cluster runs (its shared memory may be written) and has its state.
-  cluster_sync(p.size);
+  m.begin(p);
   forward_steps<1>(
       p, {&runs, steps, batch, reverse}, m, H,
       [&](const Share& me, const Step& st, int b, acc_t (&init)[1]) {
@@ -686,7 +792,7 @@ backward_kernel(T* __restrict__ dA, int64_t ld_dA, const T* __restrict__ out, in
   load_unit_columns(m.w, m.s, w_hh, H, p);
   clear(m.buffer(0), 2 * p.tile * m.s.ld);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dh[i] = acc_t(0);
-  cluster_sync(p.size);
+  m.begin(p);
   // dA_t = (dY_t + dh_t) * act'(h_t).
   // in: dY_t (+ dh_n), h_t.
   backward_steps<1, 2>(
@@ -739,7 +845,7 @@ lstm_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ c, int6
   load_tile(m.buffer(0), m.s.ld, h0, ld_h0, 0, H, p);
   clear(m.buffer(1), p.tile * m.s.ld);
   load_tile(cell, units, c0, ld_c0, p.j0, p.nu, p);
-  cluster_sync(p.size);
+  m.begin(p);
   forward_steps<G>(
       p, {&runs, steps, batch, reverse}, m, H,
       [&](const Share& me, const Step& st, int b, acc_t (&init)[G]) {
@@ -778,7 +884,7 @@ lstm_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, i
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
   // Every row's last step comes first: its c_t gets dc_n (dh_n is already in dh).
   load_tile(dcr, units, dc_n, ld_dcn, p.j0, p.nu, p);
-  cluster_sync(p.size);
+  m.begin(p);
   // in: the four gates, dY_t (+ dh_n), c_t, c_{t-1}.
   backward_steps<G, G + 3>(
       p, {&runs, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,
@@ -833,7 +939,7 @@ gru_forward_kernel(T* __restrict__ gates, int64_t ld_g, T* __restrict__ hn, int6
   load_unit_rows(m.w, m.s, w_hh, H, p);
   load_tile(m.buffer(0), m.s.ld, h0, ld_h0, 0, H, p);
   clear(m.buffer(1), p.tile * m.s.ld);
-  cluster_sync(p.size);
+  m.begin(p);
   // The sums are h_{t-1} W_hh^T + b_hh; the input side (gates) joins in the cell.
   forward_steps<G>(
       p, {&runs, steps, batch, reverse}, m, H,
@@ -869,7 +975,7 @@ gru_backward_kernel(T* __restrict__ dh, int64_t ld_dh, T* __restrict__ gates, in
   load_unit_columns(m.w, m.s, w_hh, H, p);
   clear(m.buffer(0), 2 * p.tile * m.s.ld);
   for (int i = threadIdx.x; i < tile * units; i += kThreads) dhr[i] = acc_t(0);
-  cluster_sync(p.size);
+  m.begin(p);
   // in: r z n, dY_t (+ dh_n), h_{t-1}, hn_t.
   backward_steps<G, G + 3>(
       p, {&runs, steps, batch, reverse}, m, dhr, grad_hx, ld_ghx, H,

@@ -75,6 +75,12 @@ bool warp_any(bool v) {
   return any;
 }
 inline void warp_sync() { this_warp->barrier.arrive_and_wait(); }
+inline void copy_async(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+template <typename T>
+void copy_value(T* dst, const T* src) {
+  *dst = *src;
+}
+inline void copy_async_wait() {}
 
 // An mbarrier as the kernels use it (one arrival per phase, and bytes): its
 // phase, pending arrivals and transaction count in one 64-bit word, updated

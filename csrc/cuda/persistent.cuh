@@ -38,6 +38,7 @@
 #if !defined(FASTRNN_PERSISTENT_ON_HOST)
 #include <cooperative_groups.h>
 #include <cuda/ptx>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -107,6 +108,16 @@ __host__ __device__ inline int lanes(int units, int tile) {
 // shared memory), V values of W in the storage type beside them.
 template <typename acc_t>
 constexpr int kVec = 16 / static_cast<int>(sizeof(acc_t));
+
+// N values from a pointer aligned to all N of them: one vector load.
+template <typename U, int N>
+struct alignas(sizeof(U) * N) Block {
+  U v[N];
+};
+template <int N, typename U>
+__device__ __forceinline__ Block<U, N> load_block(const U* p) {
+  return *reinterpret_cast<const Block<U, N>*>(p);
+}
 
 // A product of the rows of a buffer (h or dA, K values each) with W's slice:
 // C sums per unit (the forward's G gates over k < H; the backward's one sum
@@ -290,6 +301,25 @@ __device__ __forceinline__ U lane_xor(U v, int mask) {
   return __shfl_xor_sync(0xffffffffu, v, mask);
 }
 
+// *dst = *src (shared from global), bytes 4, 8 or 16, aligned to them, in
+// flight until copy_async_wait (cp.async, sm_80); copy_value: one value of T
+// so, or by a load and a store where T is narrower than 4 bytes.
+__device__ __forceinline__ void copy_async(void* dst, const void* src, size_t bytes) {
+  __pipeline_memcpy_async(dst, src, bytes);
+}
+template <typename T>
+__device__ __forceinline__ void copy_value(T* dst, const T* src) {
+  if constexpr (sizeof(T) >= 4) {
+    __pipeline_memcpy_async(dst, src, sizeof(T));
+  } else {
+    *dst = *src;
+  }
+}
+__device__ __forceinline__ void copy_async_wait() {
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+}
+
 __device__ __forceinline__ bool warp_any(bool v) { return __any_sync(0xffffffffu, v); }
 __device__ __forceinline__ void warp_sync() { __syncwarp(); }
 
@@ -448,29 +478,58 @@ struct Step {
   }
 };
 
-// W's slice in s's layout, every value of it: at(c, k, j), sum c's weight at k
-// for hidden unit j, where unit and k are real; 0 in the padding.
-template <typename T, typename At>
-__device__ void load_slice(T* w, const Slice& s, const Place& p, const At& at) {
-  const int n = static_cast<int>(s.values(p.units));
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    const int q = i / s.V, block = q % s.stride, run = q / s.stride;
-    const int f = run % s.F, u = run / s.F, c = block % s.C;
-    const int k = (f * s.blocks + block / s.C) * s.V + i % s.V;
-    w[i] = block < s.blocks * s.C && u < p.nu && k < s.K ? at(c, k, p.j0 + u) : store<T>(0.0f);
+// W's slice in s's layout: zeros first (the padding), then W's values, copied
+// asynchronously (cp.async, no register in between), so that the copies of the
+// whole slice are in flight at once rather than one load's latency per value
+// or few: the slice is up to the SM's whole shared memory, loaded at every
+// launch. The caller's next barrier makes the slice seen by every thread.
+template <typename T>
+__device__ void clear_slice(T* w, const Slice& s, const Place& p) {
+  const int n = static_cast<int>(s.values(p.units) * sizeof(T) / 16);  // whole 16-byte chunks (V * sizeof(T) is 8 or 16)
+  for (int i = threadIdx.x; i < n; i += kThreads) reinterpret_cast<Block<uint32_t, 4>*>(w)[i] = {};
+  for (int i = n * 16 / static_cast<int>(sizeof(T)) + threadIdx.x; i < static_cast<int>(s.values(p.units)); i += kThreads) {
+    w[i] = store<T>(0.0f);
   }
+  cluster_sync(1);  // __syncthreads: the zeros before the copies
 }
 
-// The forward's slice of W: sum g of unit j takes W[g * H + j][k] at k < H.
+// The forward's slice: sum c of unit j (= j0 + u) takes W[c * H + j][k] at k < H.
+// A thread copies a block of V values of k at a time, contiguous in W and in
+// the slice (where W's rows are aligned to it; else value by value).
 template <typename T>
 __device__ void load_unit_rows(T* w, const Slice& s, const T* w_hh, int H, const Place& p) {
-  load_slice(w, s, p, [&](int g, int k, int j) { return w_hh[(static_cast<int64_t>(g) * H + j) * H + k]; });
+  clear_slice(w, s, p);
+  const int V = s.V, blocks = s.blocks;
+  const bool whole = H % V == 0 && reinterpret_cast<uintptr_t>(w_hh) % (V * sizeof(T)) == 0;
+  const int n = s.C * p.nu * s.F * blocks;  // (c, u, f, block), block fastest
+  for (int q = threadIdx.x; q < n; q += kThreads) {
+    const int mb = q % blocks, run_f = q / blocks, f = run_f % s.F, t = run_f / s.F, u = t % p.nu, c = t / p.nu;
+    const int k0 = (f * blocks + mb) * V;
+    if (k0 >= H) continue;
+    T* dst = w + (static_cast<size_t>(u * s.F + f) * s.stride + mb * s.C + c) * V;
+    const T* src = w_hh + (static_cast<int64_t>(c) * H + p.j0 + u) * H + k0;
+    if (whole) {
+      copy_async(dst, src, V * sizeof(T));
+    } else {
+      for (int v = 0; v < V && k0 + v < H; ++v) copy_value(dst + v, src + v);
+    }
+  }
+  copy_async_wait();
 }
 
-// The backward's slice of W: unit j's one sum takes W[r][j] at r < G * H.
+// The backward's slice: unit j's one sum takes W[r][j] at r < G * H: copied
+// value by value, consecutive threads on consecutive units (W's rows).
 template <typename T>
 __device__ void load_unit_columns(T* w, const Slice& s, const T* w_hh, int H, const Place& p) {
-  load_slice(w, s, p, [&](int, int r, int j) { return w_hh[static_cast<int64_t>(r) * H + j]; });
+  clear_slice(w, s, p);
+  const int V = s.V, span = s.blocks * V;
+  const int n = s.K * p.nu;  // (r, u), u fastest
+  for (int q = threadIdx.x; q < n; q += kThreads) {
+    const int u = q % p.nu, r = q / p.nu, f = r / span, rl = r - f * span;
+    T* dst = w + (static_cast<size_t>(u * s.F + f) * s.stride + rl / V) * V + rl % V;
+    copy_value(dst, w_hh + static_cast<int64_t>(r) * H + p.j0 + u);
+  }
+  copy_async_wait();
 }
 
 // dst[b * ld + k] = src[(b0 + b) * ld_src + k0 + k] for the tile's rows b and k
@@ -488,16 +547,6 @@ __device__ void load_tile(acc_t* dst, int ld, const T* src, int64_t ld_src, int 
 template <typename acc_t>
 __device__ void clear(acc_t* dst, int n) {
   for (int i = threadIdx.x; i < n; i += kThreads) dst[i] = acc_t(0);
-}
-
-// N values from a pointer aligned to all N of them: one vector load.
-template <typename U, int N>
-struct alignas(sizeof(U) * N) Block {
-  U v[N];
-};
-template <int N, typename U>
-__device__ __forceinline__ Block<U, N> load_block(const U* p) {
-  return *reinterpret_cast<const Block<U, N>*>(p);
 }
 
 // acc[i][c] += sum over k < K of src[b * ld + k] * (unit u's sum c at k in the

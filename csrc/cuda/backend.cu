@@ -19,6 +19,9 @@
 #include <bit>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace fastrnn {
 namespace {
@@ -60,12 +63,14 @@ bool persistent_enabled() {
 
 // persistent::plan for this device, for one of `concurrent` layers that run at
 // once (a layer's directions, concurrently()): each is planned on its share of the SMs.
+// sms: the SMs to plan on, where not the device's share (SMs / concurrent).
 bool plan_cluster(const SequenceLayout& L, int64_t H, int G, int device, int concurrent,
-                  persistent::SmemBytes smem, persistent::Plan& plan) {
+                  persistent::SmemBytes smem, persistent::Plan& plan, int64_t sms = 0) {
   const persistent::Device d{
       device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9,
       device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-      std::max(1, device_attribute(cudaDevAttrMultiProcessorCount, device) / std::max(1, concurrent))};
+      sms > 0 ? sms
+              : std::max(1, device_attribute(cudaDevAttrMultiProcessorCount, device) / std::max(1, concurrent))};
   plan = persistent::plan(L.batch, H, G, d, smem);
   return plan.size > 0;
 }
@@ -73,15 +78,10 @@ bool plan_cluster(const SequenceLayout& L, int64_t H, int G, int device, int con
 // Per-device caches below cover devices [0, kMaxDevices).
 constexpr int kMaxDevices = 64;
 
-// bound = max(bound, v), or min where lower (0 standing for none yet).
+// bound = max(bound, v).
 void raise_to(std::atomic<size_t>& bound, size_t v) {
   size_t seen = bound.load(std::memory_order_relaxed);
   while (seen < v && !bound.compare_exchange_weak(seen, v)) {
-  }
-}
-void lower_to(std::atomic<size_t>& bound, size_t v) {
-  size_t seen = bound.load(std::memory_order_relaxed);
-  while ((seen == 0 || seen > v) && !bound.compare_exchange_weak(seen, v)) {
   }
 }
 
@@ -119,7 +119,7 @@ T* ptr(const Tensor& t) {
 struct CudaBackend;
 
 // A persistent.cuh kernel's launch by plan, once the device is known to hold
-// one such cluster (fits()).
+// one such cluster (capacity()).
 template <auto kernel>
 class ClusterLaunch {
  public:
@@ -139,30 +139,29 @@ class ClusterLaunch {
   }
   ClusterLaunch(const ClusterLaunch&) = delete;  // config_ points into it
 
-  // The occupancy query's answers are kept per kernel, device and cluster size
-  // as what is known: up to fits_up_to bytes of shared memory fit, from
-  // fails_from on they do not (the answer only turns false as it grows). A
-  // race asks twice, harmlessly.
-  bool fits() const {
-    static std::atomic<size_t> fits_up_to[kMaxDevices][4] = {}, fails_from[kMaxDevices][4] = {};
-    const size_t smem = config_.dynamicSmemBytes;
-    const bool cached = device_ >= 0 && device_ < kMaxDevices && size_index_ < 4;
-    if (cached) {
-      if (smem <= fits_up_to[device_][size_index_].load(std::memory_order_relaxed)) return true;
-      const size_t fails = fails_from[device_][size_index_].load(std::memory_order_relaxed);
-      if (fails != 0 && smem >= fails) return false;
-    }
+  // How many such clusters the device holds at once (0: none), from the
+  // occupancy query, asked once per kernel, device, cluster size and shared
+  // memory. Clusters of 2 or more CTAs hold fewer than SMs / size where the
+  // SMs of a GPC do not divide by it.
+  int capacity() const {
+    static std::mutex mutex;  // per kernel: one per instantiation
+    static std::map<std::tuple<int, int, size_t>, int> known;
+    const auto key = std::make_tuple(device_, size_index_, config_.dynamicSmemBytes);
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (const auto it = known.find(key); it != known.end()) return it->second;
     int fit = 0;
     const cudaError_t err =
         config_.numAttrs ? cudaOccupancyMaxActiveClusters(&fit, kernel, &config_)
-                         : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, persistent::kThreads, smem);
+                         : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, persistent::kThreads,
+                                                                        config_.dynamicSmemBytes);
     if (err != cudaSuccess) {
       (void)cudaGetLastError();  // not a launch error: the caller steps with GEMMs instead
-      return false;
+      fit = 0;
+    } else if (!config_.numAttrs) {
+      fit *= device_attribute(cudaDevAttrMultiProcessorCount, device_);
     }
-    if (cached && fit > 0) raise_to(fits_up_to[device_][size_index_], smem);
-    if (cached && fit == 0) lower_to(fails_from[device_][size_index_], smem);
-    return fit > 0;
+    known.emplace(key, fit);
+    return fit;
   }
 
   template <typename... Args>
@@ -188,10 +187,20 @@ bool run_cluster(const SequenceLayout& L, int64_t H, int G, const Tensor& like, 
   persistent::Runs runs{};
   if (L.packed && !persistent::make_runs(L.batch_sizes.data(), L.steps, runs)) return false;
   const int device = like.get_device_index();
+  const cudaStream_t stream = current_stream(like);
   persistent::Plan plan;
   if (!plan_cluster(L, H, G, device, concurrent, smem, plan)) return false;
-  const ClusterLaunch<kernel> launch(plan, device, current_stream(like));
-  if (!launch.fits()) return false;
+  // The plan counts on every SM of the layer's share holding a CTA. Where the
+  // device holds fewer of its clusters at once, it plans again on as many SMs
+  // as they fill: fewer, larger tiles rather than a second wave of clusters.
+  const int held = ClusterLaunch<kernel>(plan, device, stream).capacity() / std::max(1, concurrent);
+  persistent::Plan again;
+  if (held > 0 && plan.clusters > held &&
+      plan_cluster(L, H, G, device, concurrent, smem, again, static_cast<int64_t>(held) * plan.size)) {
+    plan = again;
+  }
+  const ClusterLaunch<kernel> launch(plan, device, stream);
+  if (launch.capacity() == 0) return false;
   before();
   run(launch, plan, runs);
   return true;

@@ -52,7 +52,7 @@ case "$STAGE" in
     --markdown "$OUT/cuda_shapes.md" --json "$OUT/cuda_shapes.json" 2>&1 | tee -a "$OUT/summary.txt" \
     || status=1
   note "Nsight Compute: where the persistent kernels' steps spend their time"
-  timeout 120 ncu --kernel-name-base demangled --kernel-name regex:persistent --launch-count 4 \
+  timeout 120 ncu --kernel-name-base demangled --kernel-name regex:persistent --launch-count 6 \
     --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
     --section SourceCounters \
     $PY .ci/gpu/profile_case.py > "$OUT/ncu.txt" 2>&1 || { status=1; echo "ncu FAILED" | tee -a "$OUT/summary.txt"; }

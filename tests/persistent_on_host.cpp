@@ -1,12 +1,13 @@
 // csrc/cuda/persistent.cuh's kernels, compiled for the CPU: one std::thread per
-// CUDA thread, a std::barrier per cluster for its barrier, a buffer per CTA for
-// its shared memory (in_rank maps an address between them), a barrier and a
-// slot per lane for each warp's shuffles and votes, an atomic word for each
-// mbarrier. The kernels' own code runs, cluster
-// by cluster; only these five primitives and the launch are the host's. tests/test_persistent_on_host.py builds this file and checks the
-// kernels against autograd, float64, with a layer's worth of arguments:
-// contiguous [rows, width] buffers, launch shape (units, tile, cluster size) given;
-// and asks persistent::plan where layers run on a given device.
+// CUDA thread; per cluster, a std::barrier for its barrier and a buffer per CTA
+// for its shared memory (in_rank maps an address between them); per CTA a
+// barrier; per warp a barrier and a slot per lane for its shuffles and votes;
+// an atomic word for each mbarrier. The kernels' own code runs, cluster by
+// cluster; only the primitives below and the launch are the host's.
+// tests/test_persistent_on_host.py builds this file and checks the kernels
+// against autograd, with a layer's worth of arguments: contiguous [rows, width]
+// buffers, launch shape (units, tile, cluster size) given; and asks
+// persistent::plan where layers run on a given device.
 #include <algorithm>
 #include <atomic>
 #include <barrier>
@@ -33,6 +34,7 @@ struct dim3 {
 struct Cluster {
   std::barrier<>* barrier;
   std::vector<unsigned char*> smem;
+  std::vector<std::unique_ptr<std::barrier<>>> cta;  // each CTA's own barrier
 };
 struct Warp {
   std::barrier<> barrier{32};
@@ -44,6 +46,7 @@ thread_local unsigned this_rank = 0;
 thread_local Warp* this_warp = nullptr;
 
 inline void cluster_sync(int) { this_cluster->barrier->arrive_and_wait(); }
+inline void cta_sync() { this_cluster->cta[this_rank]->arrive_and_wait(); }
 inline unsigned cluster_rank(int) { return this_rank; }
 template <typename U>
 U* in_rank(U* p, unsigned rank, int) {
@@ -133,8 +136,11 @@ void launch(int64_t batch, int tile, int size, size_t smem_bytes, const Kernel& 
   for (int64_t c = 0; c < clusters; ++c) {
     std::barrier<> barrier(size * kThreads);
     std::vector<std::vector<unsigned char>> memory(size, std::vector<unsigned char>(smem_bytes, 0xCD));
-    Cluster cluster{&barrier, {}};
-    for (auto& m : memory) cluster.smem.push_back(m.data());
+    Cluster cluster{&barrier, {}, {}};
+    for (auto& m : memory) {
+      cluster.smem.push_back(m.data());
+      cluster.cta.push_back(std::make_unique<std::barrier<>>(kThreads));
+    }
     std::vector<std::unique_ptr<Warp>> warps;
     for (int w = 0; w < size * kThreads / 32; ++w) warps.push_back(std::make_unique<Warp>());
     std::vector<std::thread> threads;

@@ -254,8 +254,9 @@ inline Plan plan(int64_t batch, int64_t H, int G, const Device& d, SmemBytes sme
 // The cluster's barrier (with release / acquire: shared-memory writes to other
 // CTAs before it are seen by them after it), this CTA's rank in the cluster,
 // p's address in CTA `rank`'s shared memory, and the CTA's dynamic shared
-// memory; lane_xor, a warp's shuffle; warp_any and warp_sync; and the mbarrier
-// operations of a step's hand-over (Handover, below). A "cluster" of one CTA
+// memory; cta_sync, the CTA's barrier; lane_xor, a warp's shuffle; warp_any
+// and warp_sync; copy_async; and the mbarrier operations of a step's hand-over
+// (Handover, below). A "cluster" of one CTA
 // (size 1) is a plain launch on any device; larger ones need sm_90, and the
 // host plans them only there. (Tests run the kernels on the CPU with their own
 // definitions of these: tests/persistent_on_host.cpp.)
@@ -320,6 +321,7 @@ __device__ __forceinline__ void copy_async_wait() {
   __pipeline_wait_prior(0);
 }
 
+__device__ __forceinline__ void cta_sync() { __syncthreads(); }
 __device__ __forceinline__ bool warp_any(bool v) { return __any_sync(0xffffffffu, v); }
 __device__ __forceinline__ void warp_sync() { __syncwarp(); }
 
@@ -490,7 +492,7 @@ __device__ void clear_slice(T* w, const Slice& s, const Place& p) {
   for (int i = n * 16 / static_cast<int>(sizeof(T)) + threadIdx.x; i < static_cast<int>(s.values(p.units)); i += kThreads) {
     w[i] = store<T>(0.0f);
   }
-  cluster_sync(1);  // __syncthreads: the zeros before the copies
+  cta_sync();  // the zeros before the copies
 }
 
 // The forward's slice: sum c of unit j (= j0 + u) takes W[c * H + j][k] at k < H.
@@ -622,11 +624,12 @@ __device__ __forceinline__ void accumulate(acc_t (&acc)[kRows][C], const acc_t* 
 
 // A step's hand-over of its values (the forward's h_t, the backward's dA_t)
 // to every CTA of the cluster, and the wait until all of them are there. One
-// CTA: plain stores, then __syncthreads. A cluster: each value goes into every
-// CTA's buffer by st.async, whose bytes the buffer's mbarrier in that CTA
-// counts; a CTA waits on its own mbarrier only. (A cluster barrier per step
-// would cost a round trip to L2: its release waits for every global store and
-// load before it.) A buffer is written again two steps later, by CTAs that
+// CTA: plain stores, then __syncthreads. A cluster: a CTA's own values go into
+// its buffer by plain stores, seen by its threads after a __syncthreads; into
+// the other CTAs' buffers by st.async, whose bytes the buffer's mbarrier there
+// counts, and a CTA waits on its own mbarrier for them. (A cluster barrier per
+// step would cost a round trip to L2: its release waits for every global store
+// and load before it.) A buffer is written again two steps later, by CTAs that
 // have received this CTA's values of the step between, which its threads send
 // after they have read the buffer (their warps synchronised, warps that read
 // nothing skipping the reads): no CTA writes a buffer that another still reads.
@@ -634,9 +637,16 @@ template <typename acc_t>
 struct Handover {
   uint64_t* full;       // this CTA's mbarriers, one per buffer
   int size;             // CTAs in the cluster
-  uint32_t bytes;       // what a step puts into each CTA's buffer, the whole cluster's
+  unsigned rank;        // this CTA's
+  uint32_t bytes;       // what a step puts into each of this CTA's buffers from the other CTAs
   bool reads;           // this thread's warp reads the buffers (one of its threads works)
   unsigned parity = 0;  // bit b: the parity of buffer b's phase to wait for next
+
+  // values: what a CTA puts into every buffer per step for each of its H units' worth.
+  __device__ Handover(uint64_t* full_, const Place& p, int H, int values, bool reads_)
+      : full(full_), size(p.size), rank(cluster_rank(p.size)),
+        bytes(static_cast<uint32_t>(static_cast<size_t>(values) * (H - p.nu) * sizeof(acc_t))),
+        reads(reads_) {}
 
   // Thread 0 announces a step's bytes for buffer b: the phase's one arrival.
   __device__ void expect(int b) const {
@@ -646,22 +656,18 @@ struct Handover {
   template <int G>
   __device__ __forceinline__ void put(acc_t* buf, int b, int ld, int r, int j, int H, const acc_t (&v)[G]) const {
     acc_t* dst = buf + r * ld + j;
-    if (size == 1) {
 #pragma unroll
-      for (int g = 0; g < G; ++g) dst[g * H] = v[g];
-      return;
-    }
-    for (unsigned rank = 0; rank < static_cast<unsigned>(size); ++rank) {
+    for (int g = 0; g < G; ++g) dst[g * H] = v[g];
+    for (unsigned other = 0; other < static_cast<unsigned>(size); ++other) {
+      if (other == rank) continue;
 #pragma unroll
-      for (int g = 0; g < G; ++g) store_counted(dst + g * H, v[g], full + b, rank);
+      for (int g = 0; g < G; ++g) store_counted(dst + g * H, v[g], full + b, other);
     }
   }
   // Until buffer b holds the step's values from every CTA.
   __device__ void wait(int b) {
-    if (size == 1) {
-      cluster_sync(1);  // __syncthreads
-      return;
-    }
+    cta_sync();  // this CTA's own values
+    if (size == 1) return;
     if (reads) wait_phase(full + b, (parity >> b) & 1u);
     parity ^= 1u << b;
   }
@@ -699,7 +705,7 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
                                               int H, const Init& init, const Finish& finish) {
   const int ldh = m.s.ld;
   const Share me(p);
-  Handover<acc_t> x{m.full, p.size, static_cast<uint32_t>(p.rows * H * sizeof(acc_t)), warp_any(me.works)};
+  Handover<acc_t> x(m.full, p, H, p.rows, warp_any(me.works));
   int cur = 0, run = 0;
   Step st(p, q, 0, run);
   Ahead<G, acc_t> ahead;
@@ -752,7 +758,7 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
                                                const Load& load, const Cell& cell) {
   const int ldg = m.s.ld;
   const Share me(p);
-  Handover<acc_t> x{m.full, p.size, static_cast<uint32_t>(p.rows * G * H * sizeof(acc_t)), warp_any(me.works)};
+  Handover<acc_t> x(m.full, p, H, p.rows * G, warp_any(me.works));
   int cur = 0, run = q.runs->count - 1;
   Step st(p, q, q.steps - 1, run);
   Ahead<L, acc_t> ahead;

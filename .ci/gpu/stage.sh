@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, one stage per call, on the GPU machine, from the repository
 # root, with dist/ (built here by .ci/gpu/wheel.sh) carried along:
-#   bash .ci/gpu/stage.sh 0    a first look at all three in about 5 minutes (7 at
+#   bash .ci/gpu/stage.sh 0    a first look at all three in about 5 minutes (10 at
 #                              most), for a session with little device time:
 #                              tests/test_cuda.py, memcheck on the persistent
 #                              kernels, the seed shapes, an Nsight Compute profile
-#                              of the persistent kernels
+#                              of the persistent kernels, where a call's time goes
+#                              (kernels against wall time)
 #   bash .ci/gpu/stage.sh 1    the test suite's CUDA tests, on the persistent kernels and
 #                              on the per-step path
 #   bash .ci/gpu/stage.sh 2    compute-sanitizer memcheck and racecheck on every CUDA kernel
@@ -57,6 +58,9 @@ case "$STAGE" in
     --section SourceCounters \
     $PY .ci/gpu/profile_case.py > "$OUT/ncu.txt" 2>&1 || { status=1; echo "ncu FAILED" | tee -a "$OUT/summary.txt"; }
   grep -E "persistent|Duration|Warp Cycles Per Issued|Stall" "$OUT/ncu.txt" | head -20 | tee -a "$OUT/summary.txt"
+  note "where a call's time goes: kernels against wall time, fastrnn and cuDNN"
+  timeout 90 $PY .ci/gpu/where_time_goes.py > "$OUT/where.txt" 2>&1 || { status=1; echo "where_time_goes FAILED" | tee -a "$OUT/summary.txt"; }
+  grep "^## " "$OUT/where.txt" | tee -a "$OUT/summary.txt"
   ;;
 1)
   # Twice: as installed (persistent kernels where W_hh fits on chip), then every layer on

@@ -1,0 +1,78 @@
+"""Where a module call's time goes on the GPU, fastrnn and torch.nn (cuDNN) side by side, float32:
+a call's wall time (CUDA events) against the sum of its kernels' times and its host time
+(torch.profiler), for a persistent-kernel shape (the MNIST 2x256 model, T=28, B=64) and a
+per-step one (hidden 1024, where W_hh fits no cluster; and hidden 256 on the per-step path too).
+A call whose kernels add up to much less than its wall time waits on the host (launches, op
+dispatch); one whose kernels fill it is bound by them. Forward and forward+backward.
+(.ci/gpu/stage.sh 0 writes this to $OUT/where.txt.)"""
+
+import os
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fastrnn
+
+CASES = [  # (name, T, B, hidden, layers, FASTRNN_CUDA_PERSISTENT)
+    ("tanh-2x256 b64", 28, 64, 256, 2, "1"),
+    ("tanh-2x256 b64, per-step path", 28, 64, 256, 2, "0"),
+    ("tanh-1x1024 b64", 28, 64, 1024, 1, "1"),
+]
+
+
+def wall_ms(run, repeats=20):
+    for _ in range(3):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def kernels_and_host_ms(run, calls=5):
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = sum(e.self_device_time_total for e in events) / 1000 / calls
+    return kernels, prof
+
+
+def main():
+    torch.manual_seed(0)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    for name, steps, batch, hidden, layers, persistent in CASES:
+        os.environ["FASTRNN_CUDA_PERSISTENT"] = persistent
+        ref = torch.nn.RNN(28, hidden, layers).cuda()
+        fast = fastrnn.RNN(28, hidden, layers).cuda()
+        fast.load_state_dict(ref.state_dict())
+        x = torch.randn(steps, batch, 28, device="cuda", requires_grad=True)
+        for label, module in (("torch.nn", ref), ("fastrnn", fast)):
+            def forward():
+                with torch.no_grad():
+                    module(x)
+
+            def both():
+                out, h = module(x)
+                torch.autograd.backward([out, h], [torch.ones_like(out), torch.ones_like(h)])
+
+            for pass_, run in (("forward", forward), ("fwd+bwd", both)):
+                wall = wall_ms(run)
+                kernels, prof = kernels_and_host_ms(run)
+                print(f"\n## {name}, {label}, {pass_}: wall {wall:.3f} ms a call, kernels {kernels:.3f} ms "
+                      f"({kernels / wall:.0%} of it), {wall / steps / layers * 1000:.2f} us a step and layer")
+                print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

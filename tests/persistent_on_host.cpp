@@ -240,6 +240,58 @@ void gru_backward_as(void* dh, void* gates, void* hn, void* out, void* h0, void*
   });
 }
 
+// The most distinct addresses that one bank takes in one phase of a warp's
+// vector load, over a step's product (accumulate_rows' loads, through the
+// kernels' own run_offset and row_offset): out[0] for W's slice, out[1] for
+// the rows of h or dA; 1 means free of bank conflicts. A phase: the threads
+// whose loads one pass of the 32 banks serves (8 for 16 bytes each, 16 for 8).
+template <typename T, typename acc_t>
+void bank_ways(int G, bool backward, int H, int units, int tile, int size, int* out) {
+  const Slice s = slice_of<acc_t>(G, H, backward ? G * H : H, units, tile);
+  blockIdx.x = 0;
+  this_rank = 0;
+  const Place p(tile, H, units, tile, size);
+  std::vector<Share> shares;
+  for (unsigned t = 0; t < kThreads; ++t) {
+    threadIdx.x = t;
+    shares.emplace_back(p);
+  }
+  const int R = std::min(kRows, (p.tile + shares[0].groups - 1) / shares[0].groups);
+  // ways(bytes per load, address of thread t's load)
+  const auto ways = [&](int bytes, const auto& address) {
+    int worst = 1;
+    const int phase = 128 / bytes;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      bool reads = false;
+      for (int l = 0; l < 32; ++l) reads = reads || shares[w * 32 + l].works;
+      if (!reads) continue;  // such warps skip the product
+      for (int first = w * 32; first < w * 32 + 32; first += phase) {
+        std::vector<std::vector<size_t>> bank(phase);
+        for (int t = first; t < first + phase; ++t) {
+          const size_t a = address(shares[t]);
+          auto& seen = bank[(a / bytes) % phase];
+          if (std::find(seen.begin(), seen.end(), a) == seen.end()) seen.push_back(a);
+        }
+        for (auto& seen : bank) worst = std::max(worst, static_cast<int>(seen.size()));
+      }
+    }
+    return worst;
+  };
+  out[0] = out[1] = 1;
+  for (int m : {0, 1, s.blocks - 1}) {
+    for (int c = 0; c < s.C; ++c) {
+      out[0] = std::max(out[0], ways(s.V * sizeof(T), [&](const Share& me) {
+        return (run_offset(s, me) + static_cast<size_t>(m * s.C + c) * s.V) * sizeof(T);
+      }));
+    }
+    for (int i = 0; i < R; ++i) {
+      out[1] = std::max(out[1], ways(16, [&](const Share& me) {
+        return static_cast<size_t>(row_offset(s, p, me, i) + m * s.V) * sizeof(acc_t);
+      }));
+    }
+  }
+}
+
 // f<T, acc_t> for a mode (below).
 #define by_mode(f, mode) ((mode) == 2 ? f<float, float> : (mode) == 1 ? f<float, double> : f<double, double>)
 
@@ -275,6 +327,21 @@ void plan_layer(int cell, bool backward, int storage, int64_t batch, int64_t H, 
   out[1] = p.units;
   out[2] = p.tile;
   out[3] = p.clusters;
+}
+
+// bank_ways for a layer's forward or backward product: cell 0 Elman, 1 LSTM,
+// 2 GRU; storage 0 float, 1 double, 2 a half type; a CTA of a cluster of
+// `size` with `units` units and `tile` rows.
+void bank_conflicts(int cell, bool backward, int storage, int H, int units, int tile, int size, int* out) {
+  static const int kGates[3] = {1, kLstmGates, kGruGates};
+  const int G = kGates[cell];
+  if (storage == 1) {
+    bank_ways<double, double>(G, backward, H, units, tile, size, out);
+  } else if (storage == 2) {
+    bank_ways<std::uint16_t, float>(G, backward, H, units, tile, size, out);
+  } else {
+    bank_ways<float, float>(G, backward, H, units, tile, size, out);
+  }
 }
 
 // The kernels by mode: 0 double; 1 float storage, double arithmetic (a storage

@@ -346,3 +346,28 @@ def test_plan_fits(kernels, device, cell):
         bytes_ = (16 + math.ceil(p["units"] * lanes * stride * vec * w_bytes / 16) * 16  # mbarriers, W
                   + acc_bytes * (2 * p["tile"] * ld + extra * p["tile"] * p["units"]))
         assert bytes_ <= device["max_smem"]
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_products_load_without_bank_conflicts(kernels, cell):
+    """A step's vector loads from shared memory (W's slice, in blocks of 16 or 8 bytes; the rows
+    of h or dA, 16) give each bank one address per phase of the warp's load, as the kernels'
+    own offsets place them, for the plans of an H100. The exceptions are two-way, in the phases
+    that straddle two groups of threads: where units x lanes is not a multiple of the phase's
+    threads (8 for 16-byte loads, 16 for 8-byte ones), for W; between rows, for h."""
+    for dtype, hidden, batch, backward in itertools.product(
+            ["float32", "half", "float64"], [37, 100, 120, 128, 200, 256, 300, 512, 600], [1, 7, 34, 64, 128, 300],
+            [False, True]):
+        p = plan(kernels, cell, hidden, batch=batch, backward=backward, dtype=dtype)
+        if p["size"] == 0:
+            continue
+        ways = (ctypes.c_int * 2)()
+        kernels.bank_conflicts(CELLS[cell], ctypes.c_bool(backward), STORAGE[dtype], hidden, p["units"], p["tile"],
+                               p["size"], ways)
+        lanes = 1
+        while lanes < 8 and p["units"] * p["tile"] * lanes * 2 <= THREADS:
+            lanes *= 2
+        phase = 16 if dtype == "half" else 8
+        where = (dtype, hidden, batch, backward, p)
+        assert ways[0] == 1 or (ways[0] == 2 and p["units"] * lanes % phase), where
+        assert ways[1] <= 2, where

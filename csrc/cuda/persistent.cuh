@@ -129,6 +129,8 @@ __device__ __forceinline__ Block<U, N> load_block(const U* p) {
 // threads of a load's phase read runs `stride` blocks apart, so stride is odd;
 // the F lanes read a row `blocks` blocks apart, so blocks is odd where F > 1;
 // rows are an odd number of blocks apart too (ld: F * blocks * V, or V more).
+// What is left is two-way, in phases that straddle two groups of threads
+// (tests/test_persistent_on_host.py counts them).
 struct Slice {
   int C, K, F, V;
   int blocks;  // per lane
@@ -551,6 +553,17 @@ __device__ void clear(acc_t* dst, int n) {
   for (int i = threadIdx.x; i < n; i += kThreads) dst[i] = acc_t(0);
 }
 
+// Where a thread's product reads, in values: its run of W's slice (block m,
+// sum c at + (m * C + c) * V), and its lane's range of its i-th row of the
+// buffer (block m at + m * V; rows past the tile read row 0's).
+__device__ inline size_t run_offset(const Slice& s, const Share& me) {
+  return static_cast<size_t>(me.u * s.F + me.f) * s.stride * s.V;
+}
+__device__ inline int row_offset(const Slice& s, const Place& p, const Share& me, int i) {
+  const int b = me.row(i) < p.tile ? me.row(i) : 0;
+  return b * s.ld + me.f * s.blocks * s.V;
+}
+
 // acc[i][c] += sum over k < K of src[b * ld + k] * (unit u's sum c at k in the
 // slice w), for this thread's rows b = me.row(i), i < R (rows past R stay as
 // they are). A step's time is this loop's, latency- and issue-bound where a
@@ -566,13 +579,10 @@ template <int C, int R, typename T, typename acc_t>
 __device__ __forceinline__ void accumulate_rows(acc_t (&acc)[kRows][C], const acc_t* src, const T* w,
                                                 const Slice& s, const Place& p, const Share& me) {
   constexpr int V = kVec<acc_t>;
-  const T* w_run = w + static_cast<size_t>(me.u * s.F + me.f) * s.stride * V;
+  const T* w_run = w + run_offset(s, me);
   const acc_t* rows[R];
 #pragma unroll
-  for (int i = 0; i < R; ++i) {
-    const int b = me.row(i) < p.tile ? me.row(i) : 0;
-    rows[i] = src + b * s.ld + me.f * s.blocks * V;
-  }
+  for (int i = 0; i < R; ++i) rows[i] = src + row_offset(s, p, me, i);
   acc_t part[R][C][V] = {};
   constexpr int kUnroll = R * C * V * sizeof(acc_t) > 128 ? 2 : 4;  // the widest (LSTM, 4 rows) in registers
 #pragma unroll kUnroll

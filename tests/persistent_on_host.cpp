@@ -308,7 +308,7 @@ int count_runs(const int64_t* bs, int64_t steps) {
 // persistent::plan for a layer: cell 0 Elman, 1 LSTM, 2 GRU; its forward or
 // backward kernel; storage 0 float, 1 double, 2 a half type (a 2-byte T,
 // float arithmetic). out: size, units, tile, clusters.
-void plan_layer(int cell, bool backward, int storage, int64_t batch, int64_t H, bool clusters, int64_t max_smem,
+void plan_layer(int cell, bool backward, int storage, int64_t batch, int64_t H, int max_cluster, int64_t max_smem,
                 int64_t sms, int* out) {
   using Half = std::uint16_t;  // the half types' size: all the planner needs of them
   static const SmemBytes kSmem[3][3][2] = {
@@ -322,7 +322,7 @@ void plan_layer(int cell, bool backward, int storage, int64_t batch, int64_t H, 
        {lstm_forward_smem<Half, float>, lstm_backward_smem<Half, float>},
        {gru_forward_smem<Half, float>, gru_backward_smem<Half, float>}}};
   static const int kGates[3] = {1, kLstmGates, kGruGates};
-  const Plan p = plan(batch, H, kGates[cell], Device{clusters, max_smem, sms}, kSmem[storage][cell][backward]);
+  const Plan p = plan(batch, H, kGates[cell], Device{max_cluster, max_smem, sms}, kSmem[storage][cell][backward]);
   out[0] = p.size;
   out[1] = p.units;
   out[2] = p.tile;

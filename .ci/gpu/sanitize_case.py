@@ -1,7 +1,8 @@
 """A small forward+backward through every CUDA kernel fastrnn has, for
 compute-sanitizer (.ci/gpu/stage.sh 0 and 2): each dtype, tanh and relu, padded and
 packed, reverse directions, two layers with dropout, hidden sizes on both sides of
-the persistent kernels' limits (one CTA, a cluster, neither), RNN, LSTM and GRU.
+the persistent kernels' limits (one CTA, a cluster, one of 16 CTAs in float32, neither),
+RNN, LSTM and GRU.
 With --quick (racecheck, which tracks every shared-memory access and so runs the persistent
 kernels thousands of times slower): float32, one layer each way, a one-CTA and a cluster size
 of each cell; every persistent kernel still reached."""
@@ -14,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastrnn
 
 torch.manual_seed(0)
-CASES = [(fastrnn.RNN, hidden, kw) for hidden in (8, 100, 260, 700)
+CASES = [(fastrnn.RNN, hidden, kw) for hidden in (8, 100, 260, 700, 1400)
          for kw in (dict(num_layers=2, bidirectional=True, dropout=0.3), dict(nonlinearity="relu"))]
 CASES += [(cls, hidden, dict(num_layers=2, bidirectional=True, dropout=0.3))
           for cls in (fastrnn.LSTM, fastrnn.GRU) for hidden in (8, 100, 130)]

@@ -67,7 +67,7 @@ bool persistent_enabled() {
 bool plan_cluster(const SequenceLayout& L, int64_t H, int G, int device, int concurrent,
                   persistent::SmemBytes smem, persistent::Plan& plan, int64_t sms = 0) {
   const persistent::Device d{
-      device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9,
+      device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9 ? persistent::kMaxCluster : 1,
       device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
       sms > 0 ? sms
               : std::max(1, device_attribute(cudaDevAttrMultiProcessorCount, device) / std::max(1, concurrent))};
@@ -99,6 +99,19 @@ void prepare(size_t smem, int device) {
   if (cached) raise_to(allowed[device], smem);
 }
 
+// Lets `kernel` launch clusters of more than 8 CTAs (a non-portable size) on
+// `device`, once per kernel and device; false where the device refuses.
+template <auto kernel>
+bool allow_large_clusters(int device) {
+  static std::atomic<int> known[kMaxDevices] = {};  // per kernel: 0 not asked, 1 allowed, 2 refused
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && known[device].load(std::memory_order_relaxed) != 0) return known[device] == 1;
+  const bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+  if (!ok) (void)cudaGetLastError();  // not a launch error: smaller clusters or GEMMs instead
+  if (cached) known[device] = ok ? 1 : 2;
+  return ok;
+}
+
 // f.template operator()<T>() for the dtype's storage type.
 template <typename F>
 void with_dtype(ScalarType t, F&& f) {
@@ -126,6 +139,7 @@ class ClusterLaunch {
   ClusterLaunch(const persistent::Plan& plan, int device, cudaStream_t stream)
       : device_(device), size_index_(std::countr_zero(static_cast<unsigned>(plan.size))) {
     prepare<kernel>(plan.smem, device);
+    allowed_ = plan.size <= 8 || allow_large_clusters<kernel>(device);
     config_.gridDim = dim3(static_cast<unsigned>(plan.clusters * plan.size));
     config_.blockDim = dim3(persistent::kThreads);
     config_.dynamicSmemBytes = plan.smem;
@@ -147,6 +161,7 @@ class ClusterLaunch {
     static std::mutex mutex;  // per kernel: one per instantiation
     static std::map<std::tuple<int, int, size_t>, int> known;
     const auto key = std::make_tuple(device_, size_index_, config_.dynamicSmemBytes);
+    if (!allowed_) return 0;
     const std::lock_guard<std::mutex> lock(mutex);
     if (const auto it = known.find(key); it != known.end()) return it->second;
     int fit = 0;
@@ -172,6 +187,7 @@ class ClusterLaunch {
  private:
   int device_;
   int size_index_;  // log2 of the cluster size
+  bool allowed_;    // the device launches clusters of this size
   cudaLaunchConfig_t config_ = {};
   cudaLaunchAttribute attribute_ = {};
 };

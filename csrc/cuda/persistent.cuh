@@ -205,13 +205,15 @@ struct Plan {
   size_t smem = 0;
 };
 
-// What the plan needs of the device: whether it has clusters (sm_90), a CTA's
-// shared memory (the opt-in maximum), its SMs.
+// What the plan needs of the device: the largest cluster it launches (1: no
+// clusters; sm_90: 8, the portable size, or 16 with non-portable sizes
+// allowed), a CTA's shared memory (the opt-in maximum), its SMs.
 struct Device {
-  bool clusters;
+  int max_cluster;
   int64_t max_smem;
   int64_t sms;
 };
+constexpr int kMaxCluster = 16;
 
 // A kernel's shared memory in bytes for (H, units, tile): *_smem<T, acc_t> above.
 using SmemBytes = size_t (*)(int, int, int);
@@ -220,9 +222,10 @@ using SmemBytes = size_t (*)(int, int, int);
 // serial multiply-adds (G gates per unit, over its lanes), the lanes'
 // shuffles, a barrier, and waves where the
 // clusters outnumber what the SMs hold at once: 1 (one CTA, a plain launch,
-// any device) or 2, 4, 8 (the portable cluster sizes, sm_90). Each cluster
-// takes as few rows as lets every SM hold a CTA, fewer where shared memory
-// runs out. Plan::size 0 where no size fits.
+// any device) or 2, 4, 8 (the portable cluster sizes, sm_90), or 16 where
+// nothing smaller fits (a non-portable size: a GPC holds one such cluster at
+// most). Each cluster takes as few rows as lets every SM hold a CTA, fewer
+// where shared memory runs out. Plan::size 0 where no size fits.
 inline Plan plan(int64_t batch, int64_t H, int G, const Device& d, SmemBytes smem) {
   Plan best;
   if (H <= 0 || batch <= 0) return best;
@@ -230,9 +233,9 @@ inline Plan plan(int64_t batch, int64_t H, int G, const Device& d, SmemBytes sme
     return static_cast<int64_t>(smem(static_cast<int>(H), static_cast<int>(units), static_cast<int>(tile)));
   };
   double best_cost = 0;
-  for (int size : {1, 2, 4, 8}) {
+  for (int size : {1, 2, 4, 8, kMaxCluster}) {
     const int64_t units = (H + size - 1) / size;
-    if ((size > 1 && !d.clusters) || units > kThreads) continue;
+    if (size > d.max_cluster || units > kThreads || (size == kMaxCluster && best.size != 0)) continue;
     const int64_t groups = kThreads / units;
     int64_t tile = std::min<int64_t>(
         {groups * kRows, batch, std::max<int64_t>(1, (batch * size + d.sms - 1) / d.sms)});

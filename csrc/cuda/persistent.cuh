@@ -361,10 +361,15 @@ __device__ __forceinline__ void store_counted(U* dst, U v, uint64_t* bar, unsign
 #endif
 }
 
-// Until bar's phase of the given parity has completed; what was counted in it is then seen.
+// Until bar's phase of the given parity has completed; what was counted in it
+// is then seen. A cluster's CTAs run together, so a step's wait is as long as
+// the slowest CTA's step; one that lasts about 10 seconds of clock means a
+// CTA will never send (a fault), and the kernel traps rather than hang.
 __device__ __forceinline__ void wait_phase(uint64_t* bar, unsigned parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const long long start = clock64();
   while (!cuda::ptx::mbarrier_try_wait_parity(cuda::ptx::sem_acquire, cuda::ptx::scope_cluster, bar, parity)) {
+    if (clock64() - start > (1LL << 34)) __trap();
   }
 #else
   __trap();

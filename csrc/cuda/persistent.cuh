@@ -340,6 +340,16 @@ __device__ __forceinline__ void mbarrier_init(uint64_t* bar) {
 #endif
 }
 
+// This thread's mbarrier_inits seen by the cluster's other CTAs (with the
+// cluster barrier that follows).
+__device__ __forceinline__ void publish_mbarriers() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cuda::ptx::fence_mbarrier_init(cuda::ptx::sem_release, cuda::ptx::scope_cluster);
+#else
+  __trap();
+#endif
+}
+
 __device__ __forceinline__ void arrive_expect(uint64_t* bar, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cuda::ptx::mbarrier_arrive_expect_tx(cuda::ptx::sem_release, cuda::ptx::scope_cta, cuda::ptx::space_shared, bar,
@@ -420,6 +430,7 @@ struct Smem {
     if (p.size > 1 && threadIdx.x == 0) {
       mbarrier_init(full);
       mbarrier_init(full + 1);
+      publish_mbarriers();
     }
     cluster_sync(p.size);
   }
@@ -682,11 +693,13 @@ struct Handover {
       for (int g = 0; g < G; ++g) store_counted(dst + g * H, v[g], full + b, other);
     }
   }
-  // Until buffer b holds the step's values from every CTA.
+  // Until buffer b holds the step's values from every CTA. Warp 0 waits even
+  // where it reads nothing (a CTA with no units of its own), so that every
+  // value sent into this CTA has landed before it leaves.
   __device__ void wait(int b) {
     cta_sync();  // this CTA's own values
     if (size == 1) return;
-    if (reads) wait_phase(full + b, (parity >> b) & 1u);
+    if (reads || threadIdx.x < 32) wait_phase(full + b, (parity >> b) & 1u);
     parity ^= 1u << b;
   }
 };

@@ -124,7 +124,7 @@ __device__ __forceinline__ Block<U, N> load_block(const U* p) {
 // over k < G * H). Lane f of a unit's F takes k in [f * blocks * V, (f + 1) *
 // blocks * V), in blocks of V; K is padded with zeros up to F * blocks * V. W's
 // slice is one run of `stride` blocks per thread (unit u, lane f: run u * F + f),
-// block b * C + c holding sum c's V values of W at the lane's block b, so that a
+// block m * C + c holding sum c's V values of W at the lane's block m, so that a
 // thread reads its W at fixed offsets, with vector loads. Bank conflicts: the
 // threads of a load's phase read runs `stride` blocks apart, so stride is odd;
 // the F lanes read a row `blocks` blocks apart, so blocks is odd where F > 1;
@@ -259,12 +259,12 @@ inline Plan plan(int64_t batch, int64_t H, int G, const Device& d, SmemBytes sme
 // The cluster's barrier (with release / acquire: shared-memory writes to other
 // CTAs before it are seen by them after it), this CTA's rank in the cluster,
 // p's address in CTA `rank`'s shared memory, and the CTA's dynamic shared
-// memory; cta_sync, the CTA's barrier; lane_xor, a warp's shuffle; warp_any
-// and warp_sync; copy_async; and the mbarrier operations of a step's hand-over
-// (Handover, below). A "cluster" of one CTA
-// (size 1) is a plain launch on any device; larger ones need sm_90, and the
-// host plans them only there. (Tests run the kernels on the CPU with their own
-// definitions of these: tests/persistent_on_host.cpp.)
+// memory; cta_sync, the CTA's barrier; lane_xor, a warp's shuffle; warp_any and
+// warp_sync; copy_async; and the mbarrier operations of a step's hand-over
+// (Handover, below). A "cluster" of one CTA (size 1) is a plain launch on any
+// device; larger ones need sm_90, and the host plans them only there. (Tests
+// run the kernels on the CPU with their own definitions of these:
+// tests/persistent_on_host.cpp.)
 __device__ __forceinline__ void cluster_sync(int size) {
   if (size == 1) {
     __syncthreads();

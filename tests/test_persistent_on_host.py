@@ -275,6 +275,14 @@ def plan(kernels, cell, hidden, batch=64, backward=False, dtype="float32", devic
     return dict(zip(("size", "units", "tile", "clusters"), out))
 
 
+def lanes_of(p):
+    """persistent.cuh's lanes(): the lanes that share a sum in a plan's CTAs."""
+    lanes = 1
+    while lanes < 8 and p["units"] * p["tile"] * lanes * 2 <= THREADS:
+        lanes *= 2
+    return lanes
+
+
 def path(kernels, cell, hidden, **kw):
     """Where a layer's forward and backward run: "one CTA", "cluster", or None (a GEMM per step)."""
     sizes = {plan(kernels, cell, hidden, backward=b, **kw)["size"] for b in (False, True)}
@@ -337,9 +345,7 @@ def test_plan_fits(kernels, device, cell):
         assert p["tile"] <= THREADS // p["units"] * ROWS_PER_THREAD
         G, width = smem[0], (hidden * (smem[0] if backward else 1))
         extra = smem[2] if backward else smem[1]
-        lanes = 1  # persistent.cuh's lanes() and Slice: W's layout and the rows it multiplies
-        while lanes < 8 and p["units"] * p["tile"] * lanes * 2 <= THREADS:
-            lanes *= 2
+        lanes = lanes_of(p)  # and persistent.cuh's Slice: W's layout and the rows it multiplies
         vec, sums = 16 // acc_bytes, (1 if backward else G)
         blocks = math.ceil(math.ceil(width / vec) / lanes)
         blocks += lanes > 1 and blocks % 2 == 0
@@ -366,9 +372,7 @@ def test_products_load_without_bank_conflicts(kernels, cell):
         ways = (ctypes.c_int * 2)()
         kernels.bank_conflicts(CELLS[cell], ctypes.c_bool(backward), STORAGE[dtype], hidden, p["units"], p["tile"],
                                p["size"], ways)
-        lanes = 1
-        while lanes < 8 and p["units"] * p["tile"] * lanes * 2 <= THREADS:
-            lanes *= 2
+        lanes = lanes_of(p)
         phase = 16 if dtype == "half" else 8
         where = (dtype, hidden, batch, backward, p)
         assert ways[0] == 1 or (ways[0] == 2 and p["units"] * lanes % phase), where

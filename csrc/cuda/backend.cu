@@ -21,6 +21,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <tuple>
 
 namespace fastrnn {
@@ -160,8 +161,8 @@ class ClusterLaunch {
   int capacity() const {
     static std::mutex mutex;  // per kernel: one per instantiation
     static std::map<std::tuple<int, int, size_t>, int> known;
-    const auto key = std::make_tuple(device_, size_index_, config_.dynamicSmemBytes);
     if (!allowed_) return 0;
+    const auto key = std::make_tuple(device_, size_index_, config_.dynamicSmemBytes);
     const std::lock_guard<std::mutex> lock(mutex);
     if (const auto it = known.find(key); it != known.end()) return it->second;
     int fit = 0;
@@ -209,16 +210,18 @@ bool run_cluster(const SequenceLayout& L, int64_t H, int G, const Tensor& like, 
   // The plan counts on every SM of the layer's share holding a CTA. Where the
   // device holds fewer of its clusters at once, it plans again on as many SMs
   // as they fill: fewer, larger tiles rather than a second wave of clusters.
-  const int held = ClusterLaunch<kernel>(plan, device, stream).capacity() / std::max(1, concurrent);
+  std::optional<ClusterLaunch<kernel>> launch;
+  launch.emplace(plan, device, stream);
+  const int held = launch->capacity() / std::max(1, concurrent);
   persistent::Plan again;
   if (held > 0 && plan.clusters > held &&
       plan_cluster(L, H, G, device, concurrent, smem, again, static_cast<int64_t>(held) * plan.size)) {
     plan = again;
+    launch.emplace(plan, device, stream);
   }
-  const ClusterLaunch<kernel> launch(plan, device, stream);
-  if (launch.capacity() == 0) return false;
+  if (launch->capacity() == 0) return false;
   before();
-  run(launch, plan, runs);
+  run(*launch, plan, runs);
   return true;
 }
 

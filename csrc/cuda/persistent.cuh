@@ -145,6 +145,10 @@ struct Slice {
   }
   // W's slice for `units` units, in values.
   __host__ __device__ size_t values(int units) const { return static_cast<size_t>(units) * F * stride * V; }
+  // Where unit u's lane f keeps sum c's block m, in values.
+  __host__ __device__ size_t offset(int u, int f, int m, int c) const {
+    return (static_cast<size_t>(u * F + f) * stride + m * C + c) * V;
+  }
 };
 
 // The forward's product (C = G sums over k < H) or the backward's (one sum over
@@ -258,8 +262,7 @@ inline Plan plan(int64_t batch, int64_t H, int G, const Device& d, SmemBytes sme
 #if !defined(FASTRNN_PERSISTENT_ON_HOST)
 // The cluster's barrier (with release / acquire: shared-memory writes to other
 // CTAs before it are seen by them after it), this CTA's rank in the cluster,
-// p's address in CTA `rank`'s shared memory, and the CTA's dynamic shared
-// memory; cta_sync, the CTA's barrier; lane_xor, a warp's shuffle; warp_any and
+// the CTA's dynamic shared memory; cta_sync, the CTA's barrier; lane_xor, a warp's shuffle; warp_any and
 // warp_sync; copy_async; and the mbarrier operations of a step's hand-over
 // (Handover, below). A "cluster" of one CTA (size 1) is a plain launch on any
 // device; larger ones need sm_90, and the host plans them only there. (Tests
@@ -282,17 +285,6 @@ __device__ __forceinline__ unsigned cluster_rank(int size) {
   if (size > 1) return cooperative_groups::this_cluster().block_rank();
 #endif
   return 0;
-}
-
-template <typename U>
-__device__ __forceinline__ U* in_rank(U* p, unsigned rank, int size) {
-  if (size == 1) return p;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
-#else
-  __trap();
-  return p;
-#endif
 }
 
 __device__ __forceinline__ unsigned char* shared_memory() {
@@ -389,19 +381,21 @@ __device__ __forceinline__ void wait_phase(uint64_t* bar, unsigned parity) {
 
 // Where a CTA works: its cluster's tile of batch rows and its own units.
 struct Place {
-  int size;     // CTAs in the cluster
-  int64_t b0;   // the tile's first batch row
-  int tile;     // rows per tile
-  int rows;     // this tile's rows (fewer in the batch's last tile)
-  int units;    // units per CTA
-  int j0;       // this CTA's first unit
-  int nu;       // this CTA's units (fewer in the cluster's last CTA)
-  int lanes;    // lanes per sum (lanes(), above)
+  int size;       // CTAs in the cluster
+  int64_t b0;     // the tile's first batch row
+  int tile;       // rows per tile
+  int rows;       // this tile's rows (fewer in the batch's last tile)
+  int units;      // units per CTA
+  unsigned rank;  // this CTA's in the cluster
+  int j0;         // this CTA's first unit
+  int nu;         // this CTA's units (fewer in the cluster's last CTA)
+  int lanes;      // lanes per sum (lanes(), above)
   __device__ Place(int64_t batch, int H, int units_, int tile_, int cluster_size)
       : size(cluster_size), tile(tile_), units(units_), lanes(persistent::lanes(units_, tile_)) {
     b0 = static_cast<int64_t>(blockIdx.x / cluster_size) * tile;
     rows = clamp_rows(batch, b0, tile);
-    j0 = static_cast<int>(cluster_rank(cluster_size)) * units;
+    rank = cluster_rank(cluster_size);
+    j0 = static_cast<int>(rank) * units;
     nu = max(0, min(units, H - j0));
   }
 };
@@ -508,11 +502,10 @@ struct Step {
 // launch. The caller's next barrier makes the slice seen by every thread.
 template <typename T>
 __device__ void clear_slice(T* w, const Slice& s, const Place& p) {
-  const int n = static_cast<int>(s.values(p.units) * sizeof(T) / 16);  // whole 16-byte chunks (V * sizeof(T) is 8 or 16)
-  for (int i = threadIdx.x; i < n; i += kThreads) reinterpret_cast<Block<uint32_t, 4>*>(w)[i] = {};
-  for (int i = n * 16 / static_cast<int>(sizeof(T)) + threadIdx.x; i < static_cast<int>(s.values(p.units)); i += kThreads) {
-    w[i] = store<T>(0.0f);
-  }
+  const int values = static_cast<int>(s.values(p.units));
+  const int chunks = values * static_cast<int>(sizeof(T)) / 16, tail = chunks * 16 / static_cast<int>(sizeof(T));
+  for (int i = threadIdx.x; i < chunks; i += kThreads) reinterpret_cast<Block<uint32_t, 4>*>(w)[i] = {};
+  for (int i = tail + threadIdx.x; i < values; i += kThreads) w[i] = store<T>(0.0f);
   cta_sync();  // the zeros before the copies
 }
 
@@ -529,7 +522,7 @@ __device__ void load_unit_rows(T* w, const Slice& s, const T* w_hh, int H, const
     const int mb = q % blocks, run_f = q / blocks, f = run_f % s.F, t = run_f / s.F, u = t % p.nu, c = t / p.nu;
     const int k0 = (f * blocks + mb) * V;
     if (k0 >= H) continue;
-    T* dst = w + (static_cast<size_t>(u * s.F + f) * s.stride + mb * s.C + c) * V;
+    T* dst = w + s.offset(u, f, mb, c);
     const T* src = w_hh + (static_cast<int64_t>(c) * H + p.j0 + u) * H + k0;
     if (whole) {
       copy_async(dst, src, V * sizeof(T));
@@ -549,7 +542,7 @@ __device__ void load_unit_columns(T* w, const Slice& s, const T* w_hh, int H, co
   const int n = s.K * p.nu;  // (r, u), u fastest
   for (int q = threadIdx.x; q < n; q += kThreads) {
     const int u = q % p.nu, r = q / p.nu, f = r / span, rl = r - f * span;
-    T* dst = w + (static_cast<size_t>(u * s.F + f) * s.stride + rl / V) * V + rl % V;
+    T* dst = w + s.offset(u, f, rl / V, 0) + rl % V;
     copy_value(dst, w_hh + static_cast<int64_t>(r) * H + p.j0 + u);
   }
   copy_async_wait();
@@ -575,9 +568,7 @@ __device__ void clear(acc_t* dst, int n) {
 // Where a thread's product reads, in values: its run of W's slice (block m,
 // sum c at + (m * C + c) * V), and its lane's range of its i-th row of the
 // buffer (block m at + m * V; rows past the tile read row 0's).
-__device__ inline size_t run_offset(const Slice& s, const Share& me) {
-  return static_cast<size_t>(me.u * s.F + me.f) * s.stride * s.V;
-}
+__device__ inline size_t run_offset(const Slice& s, const Share& me) { return s.offset(me.u, me.f, 0, 0); }
 __device__ inline int row_offset(const Slice& s, const Place& p, const Share& me, int i) {
   const int b = me.row(i) < p.tile ? me.row(i) : 0;
   return b * s.ld + me.f * s.blocks * s.V;
@@ -672,10 +663,10 @@ struct Handover {
   unsigned parity = 0;  // bit b: the parity of buffer b's phase to wait for next
 
   // values: what a CTA puts into every buffer per step for each of its H units' worth.
-  __device__ Handover(uint64_t* full_, const Place& p, int H, int values, bool reads_)
-      : full(full_), size(p.size), rank(cluster_rank(p.size)),
+  __device__ Handover(uint64_t* full_, const Place& p, const Share& me, int H, int values)
+      : full(full_), size(p.size), rank(p.rank),
         bytes(static_cast<uint32_t>(static_cast<size_t>(values) * (H - p.nu) * sizeof(acc_t))),
-        reads(reads_) {}
+        reads(warp_any(me.works)) {}
 
   // Thread 0 announces a step's bytes for buffer b: the phase's one arrival.
   __device__ void expect(int b) const {
@@ -736,7 +727,7 @@ __device__ __forceinline__ void forward_steps(const Place& p, const Sequence& q,
                                               int H, const Init& init, const Finish& finish) {
   const int ldh = m.s.ld;
   const Share me(p);
-  Handover<acc_t> x(m.full, p, H, p.rows, warp_any(me.works));
+  Handover<acc_t> x(m.full, p, me, H, p.rows);
   int cur = 0, run = 0;
   Step st(p, q, 0, run);
   Ahead<G, acc_t> ahead;
@@ -789,7 +780,7 @@ __device__ __forceinline__ void backward_steps(const Place& p, const Sequence& q
                                                const Load& load, const Cell& cell) {
   const int ldg = m.s.ld;
   const Share me(p);
-  Handover<acc_t> x(m.full, p, H, p.rows * G, warp_any(me.works));
+  Handover<acc_t> x(m.full, p, me, H, p.rows * G);
   int cur = 0, run = q.runs->count - 1;
   Step st(p, q, q.steps - 1, run);
   Ahead<L, acc_t> ahead;

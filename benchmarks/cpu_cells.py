@@ -5,7 +5,10 @@ in float32 torch runs oneDNN's fused LSTM, forward and backward), fastrnn with i
 path (one BLAS GEMM per step and the cell's pointwise pass, FASTRNN_CPU_FUSED=0) and fastrnn
 with the fused recurrence kernels (csrc/cpu/recurrence.h). Runs are interleaved (A B C,
 C B A, ...) after a warm-up; --stat min on a loaded machine. --autocast runs all three
-under torch.autocast("cpu", dtype) (the RNN's cells, tanh and relu, can be added with --cells).
+under torch.autocast("cpu", dtype) (the RNN's cells, tanh and relu, can be added with --cells);
+under bfloat16 a fourth contender is the fused kernels with float32 products
+(FASTRNN_CPU_BF16_PRODUCTS=0: what the default, bfloat16 products on CPUs with AVX512-BF16,
+is compared with).
 
     python benchmarks/cpu_cells.py [--threads N] [--repeats N] [--stat median|min]
                                    [--cells lstm gru tanh relu] [--shapes NAME ...]
@@ -16,7 +19,7 @@ import argparse
 
 import torch
 
-from harness import cpu_model, emit, make_step, time_interleaved, twin_rnns, with_fused
+from harness import cpu_model, emit, make_step, time_interleaved, twin_rnns, with_env, with_fused
 
 INPUT = 28
 # (name, layers, hidden, batch, steps, bidirectional, packed): the notebook's model first
@@ -71,6 +74,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    contenders = list(CONTENDERS)
+    pairs = args.autocast == "bfloat16"
+    if pairs:
+        contenders.append("fastrnn fused, float32 products")
     rows = []
     for cell in args.cells:
         for name, layers, hidden, batch, steps, bi, packed in SHAPES:
@@ -84,6 +91,9 @@ def main():
                 fast_step = make_step(fast, inputs, backward)
                 steps_ = [make_step(ref, inputs, backward), with_fused(fast_step, False),
                           with_fused(fast_step, True)]
+                if pairs:
+                    steps_.append(with_env(with_fused(fast_step, True),
+                                           "FASTRNN_CPU_BF16_PRODUCTS", "0"))
                 times = time_interleaved([under_autocast(f, args.autocast) for f in steps_],
                                          repeats=args.repeats)
                 rows.append((cell, name, kind, [t[args.stat] for t in times]))
@@ -97,13 +107,14 @@ def main():
         f"{'autocast ' + args.autocast if args.autocast else 'float32'}, "
         f"{args.stat} of {args.repeats} interleaved runs; ms",
         "",
-        "| cell | shape | pass | " + " | ".join(CONTENDERS) + " | fused vs torch | fused vs per-step |",
-        "|---|---|---|" + "---|" * len(CONTENDERS) + "---|---|",
+        "| cell | shape | pass | " + " | ".join(contenders) + " | fused vs torch | fused vs per-step |"
+        + (" bfloat16 vs float32 products |" if pairs else ""),
+        "|---|---|---|" + "---|" * len(contenders) + "---|---|" + ("---|" if pairs else ""),
     ]
     for cell, name, kind, ts in rows:
         cells = " | ".join(f"{t * 1e3:.2f}" for t in ts)
         lines.append(f"| {cell} | {name} | {kind} | {cells} | {ts[0] / ts[2]:.2f}x | "
-                     f"{ts[1] / ts[2]:.2f}x |")
+                     f"{ts[1] / ts[2]:.2f}x |" + (f" {ts[3] / ts[2]:.2f}x |" if pairs else ""))
     emit(lines, args.markdown)
 
 

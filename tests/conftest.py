@@ -35,6 +35,9 @@ input shape and layout, dtype, device, sizes. From it:
 import copy
 import dataclasses
 import itertools
+import os
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional
@@ -536,3 +539,25 @@ class OpCalls(TorchDispatchMode):
 
     def names(self):
         return [name for name, _, _ in self.calls]
+
+
+@pytest.fixture
+def threads(request):
+    """torch.set_num_threads(request.param) for the test (parametrize it indirectly)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
+def child_pytest(test_file, env, *args):
+    """`pytest test_file *args` in a child process with `env` added to the environment and
+    this fastrnn importable (for switches read once per process, e.g. FASTRNN_CPU_ISA);
+    returns the CompletedProcess."""
+    child_env = dict(os.environ, **env)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(fastrnn.__file__)))
+    child_env["PYTHONPATH"] = os.pathsep.join([pkg_root, child_env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file, *args],
+        env=child_env, capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(os.path.abspath(test_file)))

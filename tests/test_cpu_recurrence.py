@@ -14,24 +14,15 @@ FASTRNN_CPU_SPLIT / FASTRNN_CPU_LINEAR set."""
 import contextlib
 import itertools
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import fastrnn
-from conftest import assert_close_all, flat, grads, lengths_for, pack, rnn_pair, weighted_sum
+from conftest import (assert_close_all, flat, grads, lengths_for, pack, child_pytest, rnn_pair,
+                      weighted_sum)
 
 CHILD = os.environ.get("FASTRNN_CPU_RECURRENCE_CHILD") == "1"
-
-
-@pytest.fixture
-def threads(request):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(saved)
 
 
 # (hidden, batch, steps): H = 1; H below the vector width (16 floats, 8 doubles); H off the
@@ -452,8 +443,9 @@ def test_lstm_projection_cost_rule(dtype, same_products):
     assert not same_bits(runs["auto"], runs["outside"])
 
 
-def test_cell_half_types_keep_the_per_step_path():
-    # bfloat16 is not the kernels' (cell_supports): the per-step path runs it, close to float32.
+def test_cell_half_types_close_to_float32():
+    # A bfloat16 call runs the float32 kernels (or, with AVX512-BF16, bfloat16 products):
+    # close to the float32 call.
     ref, fast = rnn_pair(7, 24, cell="lstm", num_layers=2)
     x = torch.randn(5, 3, 7)
     expected, _ = fast(x)
@@ -477,14 +469,8 @@ def test_other_kernels_and_splits(env):
     """This file again, with the kernel capped at another ISA or the grid forced to split
     rows or columns (where the shape allows). A cap above what the CPU runs changes nothing,
     so this is correct, if redundant, on any machine."""
-    child_env = dict(os.environ, FASTRNN_CPU_RECURRENCE_CHILD="1", **env)
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(fastrnn.__file__)))
-    child_env["PYTHONPATH"] = os.pathsep.join([pkg_root, child_env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-         "-k", "not wide_hidden and not nonfinite"],
-        env=child_env, capture_output=True, text=True, timeout=600,
-        cwd=os.path.dirname(os.path.abspath(__file__)))
+    result = child_pytest(__file__, dict(FASTRNN_CPU_RECURRENCE_CHILD="1", **env),
+                          "-k", "not wide_hidden and not nonfinite")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 

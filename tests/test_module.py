@@ -1392,12 +1392,14 @@ def test_autocast_under_compile():
                                           ("lstm", dict(proj_size=5))],
                          ids=["rnn", "lstm", "gru", "lstm-proj"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_half_types_on_cpu_run_in_float32(dtype, cell, kwargs, packed):
+def test_half_types_on_cpu_run_in_float32(dtype, cell, kwargs, packed, monkeypatch):
     """On the CPU a bfloat16 / float16 call runs the float32 kernels on its values (float32
     holds them exactly) and rounds what it returns: its forward gives the very bits of the
     float32 call on the same values, rounded; its gradients, in the half type, are the
     float32 call's within the half type's rounding (the output, which backward reads too, is
-    rounded to it in between; the reserve stays float32)."""
+    rounded to it in between; the reserve stays float32). (A bfloat16 call's products on
+    bfloat16 pairs, on CPUs with AVX512-BF16, are tests/test_cpu_bf16_products.py's.)"""
+    monkeypatch.setenv("FASTRNN_CPU_BF16_PRODUCTS", "0")
     _, fast = rnn_pair(8, 16, 2, cell=cell, bidirectional=True, **kwargs)
     half = copy.deepcopy(fast).to(dtype)
     single = copy.deepcopy(half).float()

@@ -23,6 +23,10 @@ struct CellKernels {
   void (*forward[2])(const StepTask<T>&);
   void (*backward[2])(const StepTask<T>&);
   void (*grad_rows[2])(const CellStep<T>&);
+  // forward and backward on bfloat16 pairs (bf16_pairs.h): float32 on CPUs
+  // with AVX512-BF16, else null.
+  void (*forward_pairs[2])(const StepTask<T>&) = {nullptr, nullptr};
+  void (*backward_pairs[2])(const StepTask<T>&) = {nullptr, nullptr};
 };
 
 // Tile shapes, (lanes, vectors per panel row, rows per tile) per ISA, sized
@@ -80,10 +84,36 @@ FASTRNN_CELL_KERNELS(avx2, FASTRNN_TARGET_AVX2, 32, 3, 4, 6)
 FASTRNN_CELL_KERNELS(avx512, FASTRNN_TARGET_AVX512, 64, 6, 8, 8)
 #endif
 
+#if FASTRNN_BF16_DISPATCH
+FASTRNN_TARGET_AVX512_BF16 void lstm_forward_pairs(const StepTask<float>& t) {
+  Lstm_avx512<float>::step<Epilogue::LstmForward, true>(t);
+}
+FASTRNN_TARGET_AVX512_BF16 void gru_forward_pairs(const StepTask<float>& t) {
+  Gru_avx512<float>::step<Epilogue::GruForward, true>(t);
+}
+FASTRNN_TARGET_AVX512_BF16 void lstm_backward_pairs(const StepTask<float>& t) {
+  Bwd_avx512<float>::step<Epilogue::LstmBackward, true>(t);
+}
+FASTRNN_TARGET_AVX512_BF16 void gru_backward_pairs(const StepTask<float>& t) {
+  Bwd_avx512<float>::step<Epilogue::GruBackward, true>(t);
+}
+#endif
+
 template <typename T>
 CellKernels<T> cell_kernels(simd::Isa isa) {
 #if FASTRNN_X86_DISPATCH
-  if (isa == simd::Isa::Avx512) return kernels_avx512<T>();
+  if (isa == simd::Isa::Avx512) {
+    CellKernels<T> ks = kernels_avx512<T>();
+#if FASTRNN_BF16_DISPATCH
+    if constexpr (std::is_same_v<T, float>) {
+      if (simd::has_bf16_dot()) {
+        ks.forward_pairs[0] = lstm_forward_pairs, ks.forward_pairs[1] = gru_forward_pairs;
+        ks.backward_pairs[0] = lstm_backward_pairs, ks.backward_pairs[1] = gru_backward_pairs;
+      }
+    }
+#endif
+    return ks;
+  }
   if (isa == simd::Isa::Avx2) return kernels_avx2<T>();
 #else
   (void)isa;
@@ -114,6 +144,12 @@ void run_forward(std::span<const Job> jobs) {
     shapes.push_back({j.steps, detail::inside_input(j) + j.hidden, G * j.hidden,
                       (j.hidden + ks.lanes - 1) / ks.lanes, G * ks.lanes, G, ks.mr_fwd[Cell]});
   }
+  const auto forward = ks.forward_pairs[Cell] && bf16_products() ? ks.forward_pairs[Cell] : ks.forward[Cell];
+  if (forward != ks.forward[Cell]) {
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      shapes[i].row_elems = pairs::row_words(detail::inside_input(jobs[i]), jobs[i].hidden);
+    }
+  }
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
   detail::run_slots<T>(
       jobs, std::span<const detail::JobShape>(shapes), plan, 0,
@@ -122,6 +158,12 @@ void run_forward(std::span<const Job> jobs) {
         if (I) pack_gate_panels(j.w_ih, j.hidden, I, G, ks.lanes, s.panel_begin, s.panel_end, dst, 0, I + j.hidden);
         pack_gate_panels(j.w_hh, j.hidden, j.hidden, G, ks.lanes, s.panel_begin, s.panel_end, dst,
                          I, I + j.hidden);
+        if constexpr (std::is_same_v<T, float>) {
+          if (forward != ks.forward[Cell]) {
+            panels_to_pairs(dst, s.panel_end - s.panel_begin, (I + j.hidden) * G * ks.lanes, I,
+                            j.hidden, [&](int64_t) { return G * ks.lanes; });
+          }
+        }
       },
       [&](const detail::Slot& s, const Job& j, const T* panels, int64_t p) {
         const StepRows& st = j.steps[p];
@@ -154,7 +196,7 @@ void run_forward(std::span<const Job> jobs) {
         detail::take_slot(t, s, st.count, panels);
         t.K = t.H = j.hidden;
         t.cell = &cs;
-        ks.forward[Cell](t);
+        forward(t);
       });
 }
 
@@ -175,6 +217,10 @@ void run_backward(std::span<const Job> jobs) {
     if (Cell == 0) dc_elems += batch * j.hidden;
   }
   scratch::Buffer<T> dc_buffer(dc_elems);
+  const auto backward = ks.backward_pairs[Cell] && bf16_products() ? ks.backward_pairs[Cell] : ks.backward[Cell];
+  if (backward != ks.backward[Cell]) {
+    for (size_t i = 0; i < jobs.size(); ++i) shapes[i].row_elems = pairs::row_words(0, G * jobs[i].hidden);
+  }
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
 
   // Step i's cell gradient: rows < dc_split take the gradient reaching c from
@@ -222,6 +268,12 @@ void run_backward(std::span<const Job> jobs) {
       [&](const detail::Slot& s, const Job& j, T* dst) {
         pack_panels(j.w_hh, j.hidden, j.hidden, G * j.hidden, ks.nr, ks.lanes, false,
                     s.panel_begin, s.panel_end, dst);
+        if constexpr (std::is_same_v<T, float>) {
+          if (backward != ks.backward[Cell]) {
+            panels_to_pairs(dst, s.panel_end - s.panel_begin, G * j.hidden * ks.nr, 0, G * j.hidden,
+                            [&](int64_t i) { return panel_width(j.hidden, ks.nr, ks.lanes, s.panel_begin + i); });
+          }
+        }
       },
       [&](const detail::Slot& s, const Job& j, const T* panels, int64_t p) {
         const size_t n = j.steps.size();
@@ -246,7 +298,7 @@ void run_backward(std::span<const Job> jobs) {
         t.K = G * j.hidden;
         t.H = j.hidden;
         t.cell = &cs;
-        ks.backward[Cell](t);
+        backward(t);
         if (i > 0) grad_rows(s, j, dc, i - 1, st.carried);
       });
 }

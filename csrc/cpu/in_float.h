@@ -14,9 +14,14 @@
 // float32, as the kernels wrote it and will read it. Narrowing an LSTM's
 // saved gates and cell states to the half type and widening them again took
 // a tenth of a bfloat16 training step.
+//
+// On a CPU with AVX512-BF16 a bfloat16 call's forward products run on
+// bfloat16 operands instead, h_{t-1} rounded where they read it, as
+// torch.nn's bfloat16 modules' do (bf16_pairs.h; Bf16CallScope tells them).
 #pragma once
 
 #include "../checks.h"
+#include "bf16_pairs.h"
 
 #include <optional>
 #include <tuple>
@@ -105,6 +110,7 @@ struct InFloat<Op, ReserveArg> {
     (dtypes.add(args, static_cast<int>(I) == ReserveArg), ...);
     const std::optional<ScalarType> half = dtypes.half();
     if (!half) return Op(std::move(args)...);
+    const Bf16CallScope scope(*half == ScalarType::BFloat16);
     return in_float::cast(Op(in_float::cast(std::move(args), *half, ScalarType::Float)...),
                           ScalarType::Float, *half, ReserveArg < 0,
                           std::make_index_sequence<std::tuple_size_v<R>>{});

@@ -32,8 +32,9 @@
 // last bits.
 //
 // Types: float and double (tanh: activation.h's tanh_rational_inplace and
-// tanh_exp_inplace, on vectors). Not taken (supports() is false; the caller
-// keeps its per-step BLAS path): bfloat16 and half.
+// tanh_exp_inplace, on vectors). bfloat16 and half calls come as float32
+// (in_float.h); a bfloat16 call's forward products run on bfloat16 pairs where
+// the CPU has AVX512-BF16 (bf16_pairs.h).
 #pragma once
 
 #include "../activation.h"
@@ -155,6 +156,7 @@ struct Slot {
   int64_t row_begin = 0, row_end = 0;
   int64_t panel_begin = 0, panel_end = 0;
   int64_t pack_offset = 0;  // elements into the panel buffer
+  int64_t rows_at = 0;      // elements from its panels to its rows' room (JobShape::row_elems)
 };
 
 // Points t at what slot s computes of a step of `rows` rows: its rows, and
@@ -164,6 +166,8 @@ void take_slot(StepTask<T>& t, const Slot& s, int64_t rows, const T* panels) {
   t.row_begin = s.row_begin;
   t.row_end = std::min(s.row_end, rows);
   t.panels = panels;
+  // Its own rows' room (make_plan), written by this slot only.
+  t.a_pairs = reinterpret_cast<uint32_t*>(const_cast<T*>(panels) + s.rows_at);
   t.panel_begin = s.panel_begin;
   t.panel_end = s.panel_end;
 }
@@ -184,6 +188,7 @@ struct JobShape {
   int64_t panel_width;  // elements per k of one panel (nr)
   int vectors;          // vectors per panel row (W)
   int mr;               // rows per tile at most
+  int64_t row_elems = 0;  // room per row of the slot beside its panels (StepTask::a_pairs)
 };
 
 // The cost model, in units of one vector FMA (half a cycle). A tile of m rows
@@ -268,9 +273,10 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int64_t e
         s.panel_begin = split(panels, best_cs, c);
         s.panel_end = split(panels, best_cs, c + 1);
         s.pack_offset = plan.pack_elems;
-        // Each slot's panels start on their own cache line.
+        // Each slot's panels, and its rows' room, start on their own cache line.
         const int64_t line = 64 / elem_bytes;
-        plan.pack_elems += ((s.panel_end - s.panel_begin) * K * job.panel_width + line - 1) / line * line;
+        s.rows_at = ((s.panel_end - s.panel_begin) * K * job.panel_width + line - 1) / line * line;
+        plan.pack_elems += s.rows_at + ((s.row_end - s.row_begin) * job.row_elems + line - 1) / line * line;
         plan.slots.push_back(s);
       }
     }
@@ -366,9 +372,10 @@ std::vector<JobShape> shapes_of(std::span<const Job> jobs, const KernelSet<T>& k
 
 // Packs the panels of an Elman job: forward W_hh^T (below W_ih^T's rows with
 // the input projection inside), backward W_hh.
+// pairs: then turned into pairs of bfloat16 (forward_pairs' panels).
 template <typename T>
-auto elman_packer(const KernelSet<T>& ks, bool transposed) {
-  return [&ks, transposed](const Slot& s, const auto& j, T* dst) {
+auto elman_packer(const KernelSet<T>& ks, bool transposed, bool pairs = false) {
+  return [&ks, transposed, pairs](const Slot& s, const auto& j, T* dst) {
     const int64_t I = inside_input(j), depth = I + j.hidden;
     if constexpr (requires { j.w_ih; }) {
       if (I) {
@@ -378,6 +385,13 @@ auto elman_packer(const KernelSet<T>& ks, bool transposed) {
     }
     pack_panels(j.w_hh, j.hidden, j.hidden, j.hidden, ks.nr, ks.lanes, transposed, s.panel_begin,
                 s.panel_end, dst, I, depth);
+    if constexpr (std::is_same_v<T, float>) {
+      if (pairs) {
+        panels_to_pairs(dst, s.panel_end - s.panel_begin, depth * ks.nr, I, j.hidden, [&](int64_t i) {
+          return panel_width(j.hidden, ks.nr, ks.lanes, s.panel_begin + i);
+        });
+      }
+    }
   };
 }
 
@@ -392,10 +406,16 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
   }
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
-    const std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
+    const bool pairs = ks.forward_pairs && bf16_products();
+    std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
+    if (pairs) {
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        shapes[i].row_elems = pairs::row_words(detail::inside_input(jobs[i]), jobs[i].hidden);
+      }
+    }
     const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
     detail::run_slots<T>(jobs, std::span<const detail::JobShape>(shapes), plan, 0,
-                         detail::elman_packer(ks, true), [&](const detail::Slot& s, const ForwardRecurrence<T>& j,
+                         detail::elman_packer(ks, true, pairs), [&](const detail::Slot& s, const ForwardRecurrence<T>& j,
                              const T* panels, int64_t p) {
       const StepRows& st = j.steps[p];
       StepTask<T> t;
@@ -412,7 +432,7 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
       detail::take_slot(t, s, st.count, panels);
       t.K = t.H = j.hidden;
       t.act = j.act;
-      ks.forward(t);
+      (pairs ? ks.forward_pairs : ks.forward)(t);
     });
   }
   return true;
@@ -432,7 +452,11 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
   }
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
-    const std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
+    const bool pairs = ks.backward_pairs && bf16_products();
+    std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
+    if (pairs) {
+      for (size_t i = 0; i < jobs.size(); ++i) shapes[i].row_elems = pairs::row_words(0, jobs[i].hidden);
+    }
     const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
     // Phase 0 finishes the last step's dA; phase q >= 1 runs step n - q's
     // GEMM, whose epilogue finishes the earlier step's carried rows, and
@@ -453,7 +477,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
       if (c.row_begin < c.row_end) ks.scale(c);
     };
     detail::run_slots<T>(jobs, std::span<const detail::JobShape>(shapes), plan, 1,
-                         detail::elman_packer(ks, false), [&](const detail::Slot& s, const BackwardRecurrence<T>& j,
+                         detail::elman_packer(ks, false, pairs), [&](const detail::Slot& s, const BackwardRecurrence<T>& j,
                              const T* panels, int64_t p) {
       const int64_t n = static_cast<int64_t>(j.steps.size());
       if (n == 0) return;
@@ -474,7 +498,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
       detail::take_slot(t, s, st.count, panels);
       t.K = t.H = j.hidden;
       t.act = j.act;
-      ks.backward(t);
+      (pairs ? ks.backward_pairs : ks.backward)(t);
       if (i > 0) scale_rows(s, j, j.steps[i - 1], st.carried);
     });
   }

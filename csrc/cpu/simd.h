@@ -36,6 +36,19 @@
 #define FASTRNN_X86_DISPATCH 0
 #endif
 
+// AVX512-BF16 (vdpbf16ps: two bfloat16 products per float32 lane) for the
+// kernels whose products run on bfloat16 pairs (tile_kernels.h). The
+// instruction itself is inline assembly, not an intrinsic: the templates that
+// issue it carry no target attribute (above), and an intrinsic cannot be
+// inlined into them; the target attribute on the entry points is what lets
+// the compiler give the asm its 64-byte registers.
+#if FASTRNN_X86_DISPATCH && (defined(__clang__) ? __clang_major__ >= 11 : __GNUC__ >= 10)
+#define FASTRNN_BF16_DISPATCH 1
+#define FASTRNN_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bf16,avx2,fma")))
+#else
+#define FASTRNN_BF16_DISPATCH 0
+#endif
+
 #define FASTRNN_INLINE inline __attribute__((always_inline))
 
 namespace fastrnn::cpu::simd {
@@ -87,6 +100,16 @@ inline Isa detect_isa() {
 inline Isa runtime_isa() {
   static const Isa isa = detect_isa();
   return isa;
+}
+
+// Whether the AVX-512 kernels may multiply bfloat16 pairs (AVX512-BF16).
+inline bool has_bf16_dot() {
+#if FASTRNN_BF16_DISPATCH
+  static const bool yes = runtime_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
+#endif
 }
 
 }  // namespace fastrnn::cpu::simd

@@ -25,6 +25,7 @@
 
 #include "../activation.h"
 #include "../cells.h"
+#include "bf16_pairs.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -128,6 +129,11 @@ struct StepTask {
   int64_t K_x = 0;
   int64_t row_begin = 0, row_end = 0;
   const T* panels = nullptr;  // [panel_end - panel_begin][K_x + K][NR], 64-byte aligned
+  // Bf16 kernels: room for the rows [row_begin, row_end) of x and A as pairs of
+  // bfloat16, pairs::row_words(K_x, K) words a row (x's pairs, then A's at
+  // pairs::words(K_x)), filled at each step's start: rounded once a step,
+  // not once per panel.
+  uint32_t* a_pairs = nullptr;
   int64_t panel_begin = 0, panel_end = 0;
   int64_t K = 0;  // reduction length (H; the input size for a Linear product; G*H for a cell's backward)
   int64_t H = 0;  // output columns (the cells' forward: units, G columns each)
@@ -516,8 +522,51 @@ struct TileKernel {
     }
   }
 
-  // Rows [i0, i0 + M) by one panel of W vectors ([K][W * N]).
+  // acc += a's rows times the panel's rows [0, K). prefetch: the epilogue's
+  // rows are asked for before the last kPrefetchAhead k.
   template <int M, int W, Epilogue E>
+  static FASTRNN_INLINE void product(const StepTask<T>& t, int64_t i0, int64_t c0, V (&acc)[M][W],
+                                     const T* const (&a)[M], const T* panel, int64_t K,
+                                     bool prefetch) {
+    const int64_t head = prefetch ? std::max<int64_t>(0, K - kPrefetchAhead) : K;
+    multiply_add<M, W>(acc, a, panel, head);
+    if (head < K) {
+      prefetch_epilogue<M, W, E>(t, i0, c0);
+      const T* rest[M];
+      for (int r = 0; r < M; ++r) rest[r] = a[r] + head;
+      multiply_add<M, W>(acc, rest, panel + head * W * N, K - head);
+    }
+  }
+
+#if FASTRNN_BF16_DISPATCH
+  // The same on bfloat16 pairs (the Bf16 kernels; bf16_pairs.h): a's rows and
+  // the panel's hold (K + 1) / 2 pairs.
+  template <int M, int W, Epilogue E>
+  static FASTRNN_INLINE void product(const StepTask<T>& t, int64_t i0, int64_t c0, V (&acc)[M][W],
+                                     const uint32_t* const (&a)[M], const T* panel, int64_t K,
+                                     bool prefetch) {
+    static_assert(std::is_same_v<T, float> && N == 16);
+    const uint32_t* p = reinterpret_cast<const uint32_t*>(panel);
+    const int64_t pairs = (K + 1) / 2;
+    const int64_t fetch_at = prefetch ? std::max<int64_t>(0, pairs - kPrefetchAhead / 2) : -1;
+    for (int64_t q = 0; q < pairs; ++q) {
+      if (q == fetch_at) prefetch_epilogue<M, W, E>(t, i0, c0);
+      // Unrolled by hand: GCC's own estimate of the asm kept these loops.
+      pairs::U16 b[W];
+#pragma GCC unroll 8
+      for (int v = 0; v < W; ++v) std::memcpy(&b[v], p + (q * W + v) * N, sizeof(b[v]));
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) {
+        const pairs::U16 x = pairs::U16{} + a[r][q];
+#pragma GCC unroll 8
+        for (int v = 0; v < W; ++v) pairs::dot(acc[r][v], x, b[v]);
+      }
+    }
+  }
+#endif
+
+  // Rows [i0, i0 + M) by one panel of W vectors ([K][W * N], or pairs of it).
+  template <int M, int W, Epilogue E, bool Bf16 = false>
   static FASTRNN_INLINE void tile(const StepTask<T>& t, int64_t i0, const T* panel, int64_t c0,
                                   int nc) {
     V acc[M][W];
@@ -540,10 +589,16 @@ struct TileKernel {
     } else {
       if constexpr (E == Epilogue::Forward || E == Epilogue::LstmForward || E == Epilogue::GruForward) {
         if (t.K_x > 0) {
-          const T* x[M];
-          for (int r = 0; r < M; ++r) x[r] = t.x.row(i0 + r);
-          multiply_add<M, W>(acc, x, panel, t.K_x);
-          panel += t.K_x * W * N;
+          std::conditional_t<Bf16, const uint32_t*, const T*> x[M];
+          for (int r = 0; r < M; ++r) {
+            if constexpr (Bf16) {
+              x[r] = t.a_pairs + (i0 + r - t.row_begin) * pairs::row_words(t.K_x, K);
+            } else {
+              x[r] = t.x.row(i0 + r);
+            }
+          }
+          product<M, W, E>(t, i0, c0, acc, x, panel, t.K_x, false);
+          panel += (Bf16 ? (t.K_x + 1) / 2 : t.K_x) * W * N;
           if constexpr (E == Epilogue::Forward || E == Epilogue::GruForward) {
             // P = x_t W_ih^T + bias where the epilogue reads it, as the projection
             // outside writes it: the same bits either way (an Elman step sums P and
@@ -561,34 +616,32 @@ struct TileKernel {
           }
         }
       }
-      const T* a[M];
+      std::conditional_t<Bf16, const uint32_t*, const T*> a[M];
       for (int r = 0; r < M; ++r) {
         const int64_t i = i0 + r;
-        a[r] = i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i);
+        if constexpr (Bf16) {
+          a[r] = t.a_pairs + (i - t.row_begin) * pairs::row_words(t.K_x, K) + pairs::words(t.K_x);
+        } else {
+          a[r] = i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i);
+        }
       }
-      const int64_t head = E == Epilogue::Linear ? K : std::max<int64_t>(0, K - kPrefetchAhead);
-      multiply_add<M, W>(acc, a, panel, head);
-      if (head < K) {
-        prefetch_epilogue<M, W, E>(t, i0, c0);
-        for (int r = 0; r < M; ++r) a[r] += head;
-        multiply_add<M, W>(acc, a, panel + head * W * N, K - head);
-      }
+      product<M, W, E>(t, i0, c0, acc, a, panel, K, E != Epilogue::Linear);
     }
     for (int r = 0; r < M; ++r) finish_row<W, E>(t, i0 + r, c0, nc, acc[r]);
   }
 
   // A tile of m rows, 1 <= m <= MR: one unrolled kernel per row count.
-  template <int W, Epilogue E, int M = MR>
+  template <int W, Epilogue E, bool Bf16, int M = MR>
   static FASTRNN_INLINE void tile_rows(int m, const StepTask<T>& t, int64_t i0, const T* panel,
                                        int64_t c0, int nc) {
     if (m == M) {
-      tile<M, W, E>(t, i0, panel, c0, nc);
+      tile<M, W, E, Bf16>(t, i0, panel, c0, nc);
     } else if constexpr (M > 1) {
-      tile_rows<W, E, M - 1>(m, t, i0, panel, c0, nc);
+      tile_rows<W, E, Bf16, M - 1>(m, t, i0, panel, c0, nc);
     }
   }
 
-  template <int W, Epilogue E>
+  template <int W, Epilogue E, bool Bf16>
   static FASTRNN_INLINE void panel_rows(const StepTask<T>& t, const T* panel, int64_t c0, int nc) {
     // Row tiles as even as possible (50 rows: 8 + 6 * 7, not 6 * 8 + 2).
     const int64_t n = t.row_end - t.row_begin;
@@ -597,20 +650,29 @@ struct TileKernel {
     int64_t i = t.row_begin;
     for (int64_t b = 0; b < tiles; ++b) {
       const int m = static_cast<int>(base + (b < extra));
-      tile_rows<W, E>(m, t, i, panel, c0, nc);
+      tile_rows<W, E, Bf16>(m, t, i, panel, c0, nc);
       i += m;
     }
   }
 
-  template <Epilogue E>
+  // Bf16: the panels hold pairs of bfloat16 (bf16_pairs.h; float32 on AVX512-BF16 only).
+  template <Epilogue E, bool Bf16 = false>
   static FASTRNN_INLINE void step(const StepTask<T>& t) {
     if (t.row_end <= t.row_begin) return;
+    if constexpr (Bf16) {
+      const int64_t ld = pairs::row_words(t.K_x, t.K);
+      for (int64_t i = t.row_begin; i < t.row_end; ++i) {
+        uint32_t* row = t.a_pairs + (i - t.row_begin) * ld;
+        if (t.K_x > 0) pairs::round_row(t.x.row(i), t.K_x, row);
+        pairs::round_row(i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i), t.K, row + pairs::words(t.K_x));
+      }
+    }
     if constexpr (E == Epilogue::LstmForward || E == Epilogue::GruForward) {
       // Panel p: units [p*N, p*N + N), all NV (= G) gates of each.
       for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
         const T* panel = t.panels + (p - t.panel_begin) * (t.K_x + t.K) * kNR;
         const int64_t u0 = p * N;
-        panel_rows<NV, E>(t, panel, u0, static_cast<int>(std::min<int64_t>(N, t.H - u0)));
+        panel_rows<NV, E, Bf16>(t, panel, u0, static_cast<int>(std::min<int64_t>(N, t.H - u0)));
       }
       return;
     }
@@ -620,9 +682,9 @@ struct TileKernel {
       const int nc = static_cast<int>(std::min<int64_t>(kNR, t.H - c0));
       // The last panel is one vector wide where its columns fit in one.
       if (NV > 1 && nc <= N) {
-        panel_rows<1, E>(t, panel, c0, nc);
+        panel_rows<1, E, Bf16>(t, panel, c0, nc);
       } else {
-        panel_rows<NV, E>(t, panel, c0, nc);
+        panel_rows<NV, E, Bf16>(t, panel, c0, nc);
       }
     }
   }
@@ -771,6 +833,22 @@ void pack_gate_panels(const T* w, int64_t H, int64_t K, int G, int lanes, int64_
   }
 }
 
+// Turns packed panels into pairs of bfloat16 in place (the Bf16 kernels):
+// panel i of n at dst + i * stride, width(i) columns wide; its rows [0, K_x)
+// (W_ih's, with the input projection inside) and [K_x, K_x + K) are paired
+// apart, the second part's pairs right after the first's ((K_x + 1) / 2
+// rows), where TileKernel::tile reads them.
+template <typename WidthFn>
+void panels_to_pairs(float* dst, int64_t n, int64_t stride, int64_t K_x, int64_t K, WidthFn width) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* panel = dst + i * stride;
+    const int64_t w = width(i);
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(panel);
+    if (K_x > 0) to_pairs(panel, K_x, w, pairs);
+    to_pairs(panel + K_x * w, K, w, pairs + (K_x + 1) / 2 * w);
+  }
+}
+
 // The kernels of one ISA for one dtype, and their panel width.
 template <typename T>
 struct KernelSet {
@@ -779,6 +857,10 @@ struct KernelSet {
   int lanes;  // columns per vector (the width of a narrow last panel)
   void (*forward)(const StepTask<T>&);
   void (*backward)(const StepTask<T>&);
+  // forward and backward on bfloat16 pairs (bf16_pairs.h): float32 on CPUs
+  // with AVX512-BF16, else null.
+  void (*forward_pairs)(const StepTask<T>&);
+  void (*backward_pairs)(const StepTask<T>&);
   // Linear / LinearAT (linear.h): AVX-512 only, the one ISA that uses them
   // by default (null elsewhere: the caller keeps BLAS).
   void (*linear)(const StepTask<T>&);
@@ -826,6 +908,10 @@ FASTRNN_TARGET_AVX512 inline void linear_avx512_f64(const StepTask<double>& t) {
 FASTRNN_TARGET_AVX512 inline void linear_at_avx512_f64(const StepTask<double>& t) { Avx512<double>::step<Epilogue::LinearAT>(t); }
 FASTRNN_TARGET_AVX512 inline void scale_avx512_f64(const ScaleTask<double>& s) { Avx512<double>::scale(s); }
 #endif
+#if FASTRNN_BF16_DISPATCH
+FASTRNN_TARGET_AVX512_BF16 inline void forward_avx512_pairs(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Forward, true>(t); }
+FASTRNN_TARGET_AVX512_BF16 inline void backward_avx512_pairs(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Backward, true>(t); }
+#endif
 
 }  // namespace kernels
 
@@ -836,25 +922,32 @@ KernelSet<T> kernel_set(simd::Isa isa) {
 #if FASTRNN_X86_DISPATCH
   if (isa == simd::Isa::Avx512) {
     if constexpr (f32) {
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, linear_avx512_f32, linear_at_avx512_f32, scale_avx512_f32};
+#if FASTRNN_BF16_DISPATCH
+      const bool pairs = simd::has_bf16_dot();
+      const auto forward_pairs = pairs ? forward_avx512_pairs : nullptr;
+      const auto backward_pairs = pairs ? backward_avx512_pairs : nullptr;
+#else
+      const decltype(&forward_avx512_f32) forward_pairs = nullptr, backward_pairs = nullptr;
+#endif
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, forward_pairs, backward_pairs, linear_avx512_f32, linear_at_avx512_f32, scale_avx512_f32};
     } else {
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, linear_avx512_f64, linear_at_avx512_f64, scale_avx512_f64};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, nullptr, nullptr, linear_avx512_f64, linear_at_avx512_f64, scale_avx512_f64};
     }
   }
   if (isa == simd::Isa::Avx2) {
     if constexpr (f32) {
-      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f32, backward_avx2_f32, nullptr, nullptr, scale_avx2_f32};
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f32, backward_avx2_f32, nullptr, nullptr, nullptr, nullptr, scale_avx2_f32};
     } else {
-      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f64, backward_avx2_f64, nullptr, nullptr, scale_avx2_f64};
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f64, backward_avx2_f64, nullptr, nullptr, nullptr, nullptr, scale_avx2_f64};
     }
   }
 #else
   (void)isa;
 #endif
   if constexpr (f32) {
-    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f32, backward_baseline_f32, nullptr, nullptr, scale_baseline_f32};
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f32, backward_baseline_f32, nullptr, nullptr, nullptr, nullptr, scale_baseline_f32};
   } else {
-    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f64, backward_baseline_f64, nullptr, nullptr, scale_baseline_f64};
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f64, backward_baseline_f64, nullptr, nullptr, nullptr, nullptr, scale_baseline_f64};
   }
 }
 

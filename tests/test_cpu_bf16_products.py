@@ -1,0 +1,285 @@
+"""A bfloat16 call's products on bfloat16 pairs (csrc/cpu/bf16_pairs.h): on a CPU with
+AVX512-BF16, the fused RNN, LSTM and GRU multiply x_t, h_{t-1} rounded to bfloat16 and W by
+pairs into float32 sums, forward and (dA rounded) backward.
+
+Each case is checked against an emulation in float64 of exactly those roundings: h_{t-1}
+rounded where the product reads it, dA rounded where dh_{t-1} = dA W_hh is formed, and what
+the backward reads of the layer's output (act', dW_hh, the GRU's dz) as the bfloat16 output
+holds it. Sums in float32 against float64 move a result across a bfloat16 rounding boundary
+now and then (most in the biases' gradients, sums over every row), so the check is that
+almost every element is the emulation's, rounded, and the others one bfloat16 step from it;
+the same call with float32 products (FASTRNN_CPU_BF16_PRODUCTS=0) is not (as few as 40-60%
+of some results' elements are)."""
+
+import os
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pad_packed_sequence
+
+import fastrnn
+from conftest import flat, lengths_for, pack, child_pytest
+
+BF = torch.bfloat16
+MATCH = 0.95  # the share of elements that must be the emulation's, rounded
+
+
+def _bf16_dot():
+    """Whether a bfloat16 call's products run on pairs here: AVX512-BF16, and the kernels
+    not capped below AVX-512 (FASTRNN_CPU_ISA)."""
+    if os.environ.get("FASTRNN_CPU_ISA") in ("avx2", "baseline"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512f" in flags and " avx512_bf16" in flags
+
+
+needs_bf16_dot = pytest.mark.skipif(
+    not _bf16_dot(), reason="no AVX512-BF16 here: bfloat16 calls run float32 products "
+    "(test_pairs_only_where_the_cpu_has_them checks that)")
+
+
+def _rb(t):
+    return t.to(BF).double()
+
+
+class _Product(torch.autograd.Function):
+    """h W^T as the kernels take it: h rounded; backward dh = bf16(dG) W, dW = dG^T bf16(h)."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        hb = _rb(h)
+        ctx.save_for_backward(hb, w)
+        return hb @ w.T
+
+    @staticmethod
+    def backward(ctx, g):
+        hb, w = ctx.saved_tensors
+        return _rb(g) @ w, g.T @ hb
+
+
+class _Act(torch.autograd.Function):
+    """tanh / relu whose backward reads the output as the bfloat16 output holds it."""
+
+    @staticmethod
+    def forward(ctx, pre, relu):
+        y = torch.relu(pre) if relu else torch.tanh(pre)
+        ctx.save_for_backward(_rb(y))
+        ctx.relu = relu
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return (g * (y > 0) if ctx.relu else g * (1 - y * y)), None
+
+
+class _Blend(torch.autograd.Function):
+    """The GRU's (1 - z) n + z h, whose backward reads h as the bfloat16 output holds it."""
+
+    @staticmethod
+    def forward(ctx, z, n, h):
+        ctx.save_for_backward(z, n, _rb(h))
+        return (1 - z) * n + z * h
+
+    @staticmethod
+    def backward(ctx, g):
+        z, n, hb = ctx.saved_tensors
+        return g * (hb - n), g * (1 - z), g * z
+
+
+def _step(cell, p, x, h, c, relu):
+    w_ih, w_hh, b_ih, b_hh = p
+    if cell == "rnn":
+        return _Act.apply(x @ w_ih.T + b_ih + b_hh + _Product.apply(h, w_hh), relu), None
+    if cell == "lstm":
+        i, f, g, o = (x @ w_ih.T + b_ih + b_hh + _Product.apply(h, w_hh)).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    xr, xz, xn = (x @ w_ih.T + b_ih).chunk(3, 1)
+    hr, hz, hn = (_Product.apply(h, w_hh) + b_hh).chunk(3, 1)
+    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+    return _Blend.apply(z, torch.tanh(xn + r * hn), h), None
+
+
+def _emulate(cell, params, x, h0, c0, lengths, relu):
+    """One layer (both directions where params has two sets) in float64, each sequence on
+    its own over its length: output [T, B, D*H] (zero past each length), h_n, c_n."""
+    T, B = x.shape[:2]
+    D = len(params)
+    H = h0.shape[-1]
+    out = x.new_zeros(T, B, D * H)
+    hn, cn = [], []
+    for d, p in enumerate(params):
+        for b in range(B):
+            L = int(lengths[b])
+            order = range(L - 1, -1, -1) if d else range(L)
+            h, c = h0[d, b:b + 1], (c0[d, b:b + 1] if c0 is not None else None)
+            for t in order:
+                h, c = _step(cell, p, x[t, b:b + 1], h, c, relu)
+                out = out.index_put((torch.tensor([t]), torch.tensor([b]),
+                                     torch.arange(d * H, (d + 1) * H)), h[0])
+            hn.append(h)
+            cn.append(c)
+    stack = lambda hs: torch.cat(hs).view(D, B, H)  # noqa: E731
+    return out, stack(hn), (stack(cn) if c0 is not None else None)
+
+
+def _case(cell, hidden, batch, steps, input_size, bidirectional, packed, seed=0):
+    """A bfloat16 module and inputs: (run, emulate, mask), where run() and emulate() give
+    fastrnn's results and the emulation's, each [output, h_n, (c_n), grad x, grad h0,
+    (grad c0), grad of every parameter], and mask marks the output's steps."""
+    kind, _, nonlinearity = cell.partition("-")
+    torch.manual_seed(seed)
+    kwargs = dict(bidirectional=bidirectional)
+    if kind == "rnn":
+        kwargs["nonlinearity"] = nonlinearity or "tanh"
+    module = {"rnn": fastrnn.RNN, "lstm": fastrnn.LSTM, "gru": fastrnn.GRU}[kind](
+        input_size, hidden, **kwargs).to(BF)
+    D = 2 if bidirectional else 1
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, batch, input_size, generator=g).to(BF)
+    h0 = torch.randn(D, batch, hidden, generator=g).to(BF)
+    c0 = torch.randn(D, batch, hidden, generator=g).to(BF) if kind == "lstm" else None
+    lengths = lengths_for(batch, steps, seed=batch) if packed else torch.full((batch,), steps)
+    mask = (torch.arange(steps)[:, None] < lengths[None, :])[..., None]
+    upstream = [torch.randn(steps, batch, D * hidden, generator=g).to(BF) * mask,
+                torch.randn(D, batch, hidden, generator=g).to(BF)]
+    if kind == "lstm":
+        upstream.append(torch.randn(D, batch, hidden, generator=g).to(BF))
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, h0, c0) if t is not None]
+        state = tuple(leaves[1:]) if kind == "lstm" else leaves[1]
+        out, hn = module(pack(leaves[0], lengths, False) if packed else leaves[0], state)
+        if packed:
+            out = pad_packed_sequence(out, total_length=steps)[0]
+        results = [out, *flat(hn)]
+        gs = torch.autograd.grad(results, leaves + list(module.parameters()), upstream)
+        return [r.detach() for r in results] + list(gs)
+
+    def emulate():
+        leaves = [t.double().requires_grad_() for t in (x, h0, c0) if t is not None]
+        leaves += [p.detach().double().requires_grad_() for p in module.parameters()]
+        n_state = len(leaves) - 4 * D
+        params = [leaves[n_state + 4 * d:n_state + 4 * d + 4] for d in range(D)]
+        out, hn, cn = _emulate(kind, params, leaves[0], leaves[1],
+                               leaves[2] if kind == "lstm" else None, lengths,
+                               nonlinearity == "relu")
+        results = [out, hn] + ([cn] if kind == "lstm" else [])
+        gs = torch.autograd.grad(results, leaves, [u.double() for u in upstream])
+        return [r.detach() for r in results] + list(gs)
+
+    return run, emulate, mask
+
+
+def _matches(got, emulated, mask):
+    """The share of each result's elements that are the emulation's, rounded (the output
+    only where a sequence has a step)."""
+    shares = []
+    for i, (a, e) in enumerate(zip(got, emulated)):
+        same = a == e.to(BF)
+        shares.append(float(same[mask.expand_as(same)].float().mean()) if i == 0
+                      else float(same.float().mean()))
+    return shares
+
+
+def _assert_like_emulation(got, emulated, mask):
+    shares = _matches(got, emulated, mask)
+    assert min(shares) >= MATCH, shares
+    for a, e in zip(got, emulated):
+        # one bfloat16 step (at most 2**-7 of the value) from the emulation's rounding, or
+        # a rounding of one term the other way (dA_0 in grad h0 = bf16(dA_0) W_hh) where a
+        # sum cancels to near 0
+        bound = 1.5 * 2.0**-7 * e.abs() + 2.0**-12 * e.abs().max()
+        assert bool(((a.double() - e).abs() <= bound).all())
+
+
+# (cell, hidden, batch, steps, input, bidirectional, packed): odd and tiny I and H (a pair
+# padded with zero), I = 1, H past the vector and panel widths, K = I + H past the
+# prefetch's 128, B = 1 (projection outside by the cost rule), I > 2H, packed uneven lengths
+# in both directions.
+CASES = [
+    ("rnn-tanh", 33, 9, 6, 7, False, False),
+    ("rnn-relu", 200, 12, 5, 28, True, True),
+    ("rnn-tanh", 16, 1, 5, 3, False, True),
+    ("lstm", 33, 9, 6, 7, True, True),
+    ("lstm", 200, 12, 4, 28, False, False),
+    ("lstm", 5, 3, 4, 1, False, False),
+    ("gru", 33, 9, 6, 7, True, True),
+    ("gru", 100, 19, 4, 300, False, False),
+    ("gru", 1, 4, 3, 2, True, False),
+]
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("inside", ["1", "0"], ids=["inside", "outside"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "{}-H{}-B{}-T{}-I{}-{}-{}".format(
+    *c[:5], "bi" if c[5] else "uni", "packed" if c[6] else "padded"))
+def test_pairs_match_their_emulation(case, inside, threads, monkeypatch):
+    """Outputs, final states and every gradient, with the input projection inside each
+    step's product and outside it (both read x's bfloat16 values, exactly)."""
+    monkeypatch.setenv("FASTRNN_CPU_PROJECT_INSIDE", inside)
+    run, emulate, mask = _case(*case)
+    _assert_like_emulation(run(), emulate(), mask)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("cell", ["rnn-relu", "lstm", "gru"])
+def test_pairs_same_bits_for_any_thread_count_and_split(cell, monkeypatch):
+    """As in float32: each element is one accumulator over k in order, so 1 or 2 threads
+    and row or column splits give the same bits."""
+    run, _, _ = _case(cell, 100, 37, 5, 28, True, True)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for n, split in ((1, None), (2, "rows"), (2, "cols")):
+            torch.set_num_threads(n)
+            if split:
+                monkeypatch.setenv("FASTRNN_CPU_SPLIT", split)
+            results.append(run())
+    finally:
+        torch.set_num_threads(saved)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("cell", ["rnn-tanh", "lstm", "gru"])
+def test_pairs_only_where_the_cpu_has_them(cell, monkeypatch):
+    """With AVX512-BF16 a bfloat16 call differs from its run with float32 products
+    (FASTRNN_CPU_BF16_PRODUCTS=0), which the emulation does not match; without it (another
+    CPU, or FASTRNN_CPU_ISA=avx2 in the child run below) the two are the same bits. Under
+    autocast too."""
+    run, emulate, mask = _case(cell, 64, 16, 5, 28, False, False)
+    default = run()
+    monkeypatch.setenv("FASTRNN_CPU_BF16_PRODUCTS", "0")
+    float32 = run()
+    same = all(torch.equal(a, b) for a, b in zip(default, float32))
+    if _bf16_dot():
+        assert not same
+        _assert_like_emulation(default, emulate(), mask)
+        assert min(_matches(float32, emulate(), mask)) < 0.8
+    else:
+        assert same
+    monkeypatch.delenv("FASTRNN_CPU_BF16_PRODUCTS")
+    module = {"rnn-tanh": fastrnn.RNN, "lstm": fastrnn.LSTM, "gru": fastrnn.GRU}[cell](28, 64)
+    x = torch.randn(5, 16, 28)
+    with torch.autocast("cpu", dtype=BF):
+        pairs = flat(module(x))
+        monkeypatch.setenv("FASTRNN_CPU_BF16_PRODUCTS", "0")
+        float32 = flat(module(x))
+    assert all(t.dtype == BF for t in pairs)
+    assert all(torch.equal(a, b) for a, b in zip(pairs, float32)) != _bf16_dot()
+
+
+@pytest.mark.skipif(os.environ.get("FASTRNN_CPU_ISA") is not None, reason="the child run")
+def test_pairs_not_taken_below_avx512():
+    """FASTRNN_CPU_ISA=avx2 (read once per process): the bfloat16 calls run float32
+    products whatever the CPU."""
+    result = child_pytest(__file__, dict(FASTRNN_CPU_ISA="avx2"), "-k", "only_where")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "3 passed" in result.stdout, result.stdout[-2000:]

@@ -89,10 +89,16 @@ void small_gemm(const Tensor& c, const Tensor* bias, const Tensor& a, const Tens
   T* C = static_cast<T*>(c.data_ptr());
   const int64_t as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
   const int64_t cs0 = c.stride(0), cs1 = c.stride(1), biass = bias ? bias->stride(0) : 0;
+  // A bfloat16 call's operands in bfloat16, as its other products take them (bf16_pairs.h).
+  const bool round = std::is_same_v<T, float> && cpu::bf16_products();
+  auto operand = [round](T v) {
+    if constexpr (std::is_same_v<T, float>) return round ? cpu::round_to_bf16(v) : v;
+    return v;
+  };
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t j = 0; j < N; ++j) {
       T acc = accumulate ? C[i * cs0 + j * cs1] : (bias_p ? bias_p[j * biass] : T(0));
-      for (int64_t k = 0; k < K; ++k) acc += A[i * as0 + k * as1] * Bm[k * bs0 + j * bs1];
+      for (int64_t k = 0; k < K; ++k) acc += operand(A[i * as0 + k * as1]) * operand(Bm[k * bs0 + j * bs1]);
       C[i * cs0 + j * cs1] = acc;
     }
   }

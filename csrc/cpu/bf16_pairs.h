@@ -12,7 +12,10 @@
 //     it, as torch.nn's bfloat16 modules hold their state between steps.
 // Everything else stays float32: the sums, the bias, the activations, the
 // LSTM's c, and h_t as the layer's output (rounded to bfloat16 only at the
-// call's end). The backward is float32 throughout, as before.
+// call's end). The backward's dh_{t-1} = dA_t W_hh the same way, dA_t
+// rounded where the product reads it. fastrnn's own products around the
+// recurrence (linear.h, and the small ones of backend.cpp) round both of
+// their operands: the input projection, dX = dA W_ih, dW = dA^T X.
 //
 // A pair is one 32-bit word: bfloat16(k even) in its low half, bfloat16(k + 1)
 // in its high half (zero past the end of k).
@@ -52,6 +55,14 @@ inline uint16_t to_bf16(float x) {
   std::memcpy(&u, &x, 4);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u | 0x00400000u) >> 16);
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// x rounded to bfloat16, as a float.
+inline float round_to_bf16(float x) {
+  const uint32_t u = uint32_t(to_bf16(x)) << 16;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
 }
 
 namespace pairs {
@@ -100,31 +111,35 @@ FASTRNN_INLINE void round_row(const float* a, int64_t n, uint32_t* out) {
 
 }  // namespace pairs
 
-// Rows [0, K) of a panel ([K][width] floats at src) as [(K + 1) / 2][width]
-// pairs at dst: word q * width + c holds rows 2q and 2q + 1 of column c. dst
-// may be src, or below it (rows of the same buffer: an earlier part's pairs
-// end there): pair row q only overwrites columns it has read, or rows before
-// row 2q. (Only ever called where the kernels run on pairs, so compiled for
-// their ISA: in baseline vectors it took a third of the kernel's time.)
+// Rows [0, K) of a matrix (row k, columns [0, width), at src + k * ld_src)
+// as [(K + 1) / 2][width] pairs at dst (row q at dst + q * ld_dst): word
+// (q, c) holds rows 2q and 2q + 1 of column c. In place too (a packed panel:
+// ld_src = ld_dst = width), where dst is src or below it (rows of the same
+// buffer: an earlier part's pairs end there): pair row q only overwrites
+// columns it has read, or rows before row 2q. (Only ever called where the
+// kernels run on pairs, so compiled for their ISA: in baseline vectors it
+// took a third of the kernel's time.)
 #if FASTRNN_BF16_DISPATCH
 FASTRNN_TARGET_AVX512_BF16
 #endif
-inline void to_pairs(const float* src, int64_t K, int64_t width, uint32_t* dst) {
+inline void to_pairs(const float* src, int64_t ld_src, int64_t K, int64_t width, uint32_t* dst,
+                     int64_t ld_dst) {
   using pairs::U16;
   for (int64_t q = 0; 2 * q < K; ++q) {
-    const float* lo = src + 2 * q * width;
-    const float* hi = 2 * q + 1 < K ? lo + width : nullptr;
+    const float* lo = src + 2 * q * ld_src;
+    const float* hi = 2 * q + 1 < K ? lo + ld_src : nullptr;
+    uint32_t* out = dst + q * ld_dst;
     int64_t c = 0;
     for (; c + 16 <= width; c += 16) {
       U16 a, b = U16{};
       std::memcpy(&a, lo + c, sizeof(a));
       if (hi) std::memcpy(&b, hi + c, sizeof(b));
       const U16 word = (pairs::rounded(a) >> 16) | (pairs::rounded(b) & 0xFFFF0000u);
-      std::memcpy(dst + q * width + c, &word, sizeof(word));
+      std::memcpy(out + c, &word, sizeof(word));
     }
     for (; c < width; ++c) {
       const uint32_t word = to_bf16(lo[c]) | (hi ? uint32_t(to_bf16(hi[c])) << 16 : 0u);
-      std::memcpy(dst + q * width + c, &word, 4);
+      std::memcpy(out + c, &word, 4);
     }
   }
 }

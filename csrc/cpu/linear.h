@@ -9,6 +9,9 @@
 // (FASTRNN_CPU_LINEAR=1/0 forces it on/off, read per call). Elsewhere BLAS
 // runs at its peak and stays.
 //
+// A bfloat16 call's products run on bfloat16 pairs where the CPU has
+// AVX512-BF16 (bf16_pairs.h): both operands rounded, float32 sums.
+//
 // Threads split C's rows or its panels (no barrier): panels where B is big
 // (dW_hh: B = H_prev, [T*B, H]) so that each thread packs only its own, rows
 // otherwise (each thread packs all of a small B, e.g. W_ih). Each output
@@ -103,12 +106,21 @@ bool linear(const LinearProduct<T>& p) {
     const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
     const int64_t max_panels = by_panels ? (panels + slots - 1) / slots : panels;
     const int64_t chunk = std::min(p.depth, kDepthChunk);
-    const int64_t per_slot = (max_panels * chunk * ks.nr + line - 1) / line * line;
+    // A bfloat16 call's products on pairs (bf16_pairs.h): each slot also
+    // keeps its rows of A as pairs, one chunk at a time (StepTask::a_pairs).
+    const bool pairs = ks.linear_pairs && bf16_products();
+    const int64_t max_rows = by_panels ? p.rows : (p.rows + slots - 1) / slots + 1;
+    const int64_t pair_elems = !pairs ? 0
+                               : p.a_transposed ? (chunk + 1) / 2 * max_rows
+                                                : max_rows * pairs::row_words(0, chunk);
+    const int64_t panel_elems = (max_panels * chunk * ks.nr + line - 1) / line * line;
+    const int64_t per_slot = panel_elems + (pair_elems + line - 1) / line * line;
     scratch::Buffer<T> pack(slots * per_slot);
     torch::stable::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
         T* panels_s = pack.data + s * per_slot;
         StepTask<T> t;
+        t.a_pairs = reinterpret_cast<uint32_t*>(panels_s + panel_elems);
         t.d_lo = {p.c, p.ldc};
         t.a_split = t.d_split = p.rows;
         t.row_begin = by_panels ? 0 : detail::split(p.rows, slots, s);
@@ -124,6 +136,14 @@ bool linear(const LinearProduct<T>& p) {
           t.bias = k0 == 0 ? p.bias : nullptr;
           t.accumulate = p.accumulate || k0 > 0;
           pack_depth(p, k0, t.K, ks, t.panel_begin, t.panel_end, panels_s);
+          if constexpr (std::is_same_v<T, float>) {
+            if (pairs) {
+              panels_to_pairs(panels_s, t.panel_end - t.panel_begin, t.K * ks.nr, 0, t.K,
+                              [&](int64_t i) { return panel_width(p.cols, ks.nr, ks.lanes, t.panel_begin + i); });
+              (p.a_transposed ? ks.linear_at_pairs : ks.linear_pairs)(t);
+              continue;
+            }
+          }
           (p.a_transposed ? ks.linear_at : ks.linear)(t);
         }
       }

@@ -132,7 +132,8 @@ struct StepTask {
   // Bf16 kernels: room for the rows [row_begin, row_end) of x and A as pairs of
   // bfloat16, pairs::row_words(K_x, K) words a row (x's pairs, then A's at
   // pairs::words(K_x)), filled at each step's start: rounded once a step,
-  // not once per panel.
+  // not once per panel. LinearAT: [(K + 1) / 2][row_end - row_begin] (pair
+  // q of the rows side by side, as A lies).
   uint32_t* a_pairs = nullptr;
   int64_t panel_begin = 0, panel_end = 0;
   int64_t K = 0;  // reduction length (H; the input size for a Linear product; G*H for a cell's backward)
@@ -574,7 +575,24 @@ struct TileKernel {
       for (int v = 0; v < W; ++v) acc[r][v] = V{};
     }
     const int64_t K = t.K;
-    if constexpr (E == Epilogue::LinearAT) {
+    if constexpr (E == Epilogue::LinearAT && Bf16) {
+#if FASTRNN_BF16_DISPATCH
+      const int64_t ld = t.row_end - t.row_begin;
+      const uint32_t* a = t.a_pairs + (i0 - t.row_begin);
+      const uint32_t* p = reinterpret_cast<const uint32_t*>(panel);
+      for (int64_t q = 0; q < (K + 1) / 2; ++q) {
+        pairs::U16 b[W];
+#pragma GCC unroll 8
+        for (int v = 0; v < W; ++v) std::memcpy(&b[v], p + (q * W + v) * N, sizeof(b[v]));
+#pragma GCC unroll 8
+        for (int r = 0; r < M; ++r) {
+          const pairs::U16 x = pairs::U16{} + a[q * ld + r];
+#pragma GCC unroll 8
+          for (int v = 0; v < W; ++v) pairs::dot(acc[r][v], x, b[v]);
+        }
+      }
+#endif
+    } else if constexpr (E == Epilogue::LinearAT) {
       // The tile's M values of A at each k are adjacent (one cache line).
       const T* a = t.a_lo.base + i0;
       const int64_t lda = t.a_lo.ld;
@@ -659,7 +677,10 @@ struct TileKernel {
   template <Epilogue E, bool Bf16 = false>
   static FASTRNN_INLINE void step(const StepTask<T>& t) {
     if (t.row_end <= t.row_begin) return;
-    if constexpr (Bf16) {
+    if constexpr (E == Epilogue::LinearAT && Bf16) {
+      const int64_t n = t.row_end - t.row_begin;
+      to_pairs(t.a_lo.base + t.row_begin, t.a_lo.ld, t.K, n, t.a_pairs, n);
+    } else if constexpr (Bf16) {
       const int64_t ld = pairs::row_words(t.K_x, t.K);
       for (int64_t i = t.row_begin; i < t.row_end; ++i) {
         uint32_t* row = t.a_pairs + (i - t.row_begin) * ld;
@@ -844,8 +865,8 @@ void panels_to_pairs(float* dst, int64_t n, int64_t stride, int64_t K_x, int64_t
     float* panel = dst + i * stride;
     const int64_t w = width(i);
     uint32_t* pairs = reinterpret_cast<uint32_t*>(panel);
-    if (K_x > 0) to_pairs(panel, K_x, w, pairs);
-    to_pairs(panel + K_x * w, K, w, pairs + (K_x + 1) / 2 * w);
+    if (K_x > 0) to_pairs(panel, w, K_x, w, pairs, w);
+    to_pairs(panel + K_x * w, w, K, w, pairs + (K_x + 1) / 2 * w, w);
   }
 }
 
@@ -865,6 +886,9 @@ struct KernelSet {
   // by default (null elsewhere: the caller keeps BLAS).
   void (*linear)(const StepTask<T>&);
   void (*linear_at)(const StepTask<T>&);
+  // Linear / LinearAT on bfloat16 pairs (as forward_pairs).
+  void (*linear_pairs)(const StepTask<T>&);
+  void (*linear_at_pairs)(const StepTask<T>&);
   void (*scale)(const ScaleTask<T>&);
 };
 
@@ -911,6 +935,8 @@ FASTRNN_TARGET_AVX512 inline void scale_avx512_f64(const ScaleTask<double>& s) {
 #if FASTRNN_BF16_DISPATCH
 FASTRNN_TARGET_AVX512_BF16 inline void forward_avx512_pairs(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Forward, true>(t); }
 FASTRNN_TARGET_AVX512_BF16 inline void backward_avx512_pairs(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Backward, true>(t); }
+FASTRNN_TARGET_AVX512_BF16 inline void linear_avx512_pairs(const StepTask<float>& t) { Avx512<float>::step<Epilogue::Linear, true>(t); }
+FASTRNN_TARGET_AVX512_BF16 inline void linear_at_avx512_pairs(const StepTask<float>& t) { Avx512<float>::step<Epilogue::LinearAT, true>(t); }
 #endif
 
 }  // namespace kernels
@@ -926,28 +952,31 @@ KernelSet<T> kernel_set(simd::Isa isa) {
       const bool pairs = simd::has_bf16_dot();
       const auto forward_pairs = pairs ? forward_avx512_pairs : nullptr;
       const auto backward_pairs = pairs ? backward_avx512_pairs : nullptr;
+      const auto linear_pairs = pairs ? linear_avx512_pairs : nullptr;
+      const auto linear_at_pairs = pairs ? linear_at_avx512_pairs : nullptr;
 #else
-      const decltype(&forward_avx512_f32) forward_pairs = nullptr, backward_pairs = nullptr;
+      const decltype(&forward_avx512_f32) forward_pairs = nullptr, backward_pairs = nullptr,
+                                          linear_pairs = nullptr, linear_at_pairs = nullptr;
 #endif
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, forward_pairs, backward_pairs, linear_avx512_f32, linear_at_avx512_f32, scale_avx512_f32};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, forward_pairs, backward_pairs, linear_avx512_f32, linear_at_avx512_f32, linear_pairs, linear_at_pairs, scale_avx512_f32};
     } else {
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, nullptr, nullptr, linear_avx512_f64, linear_at_avx512_f64, scale_avx512_f64};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, nullptr, nullptr, linear_avx512_f64, linear_at_avx512_f64, nullptr, nullptr, scale_avx512_f64};
     }
   }
   if (isa == simd::Isa::Avx2) {
     if constexpr (f32) {
-      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f32, backward_avx2_f32, nullptr, nullptr, nullptr, nullptr, scale_avx2_f32};
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f32, backward_avx2_f32, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, scale_avx2_f32};
     } else {
-      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f64, backward_avx2_f64, nullptr, nullptr, nullptr, nullptr, scale_avx2_f64};
+      return {Avx2<T>::kNR, Avx2<T>::kMR, Avx2<T>::kLanes, forward_avx2_f64, backward_avx2_f64, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, scale_avx2_f64};
     }
   }
 #else
   (void)isa;
 #endif
   if constexpr (f32) {
-    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f32, backward_baseline_f32, nullptr, nullptr, nullptr, nullptr, scale_baseline_f32};
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f32, backward_baseline_f32, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, scale_baseline_f32};
   } else {
-    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f64, backward_baseline_f64, nullptr, nullptr, nullptr, nullptr, scale_baseline_f64};
+    return {Baseline<T>::kNR, Baseline<T>::kMR, Baseline<T>::kLanes, forward_baseline_f64, backward_baseline_f64, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, scale_baseline_f64};
   }
 }
 

@@ -47,6 +47,10 @@ struct LinearProduct {
 // T*B = 8192 ran slower than BLAS: the operands came from L3 per panel.)
 constexpr int64_t kDepthChunk = 1024;
 
+// Rows of A a slot rounds to bfloat16 pairs at a time (a bfloat16 call's
+// products; 512 KB of pairs at most).
+constexpr int64_t kPairRows = 256;
+
 inline bool prefer_linear() {
   if (const char* v = std::getenv("FASTRNN_CPU_LINEAR"); v && (v[0] == '0' || v[0] == '1') && !v[1]) {
     return v[0] == '1';
@@ -107,12 +111,12 @@ bool linear(const LinearProduct<T>& p) {
     const int64_t max_panels = by_panels ? (panels + slots - 1) / slots : panels;
     const int64_t chunk = std::min(p.depth, kDepthChunk);
     // A bfloat16 call's products on pairs (bf16_pairs.h): each slot also
-    // keeps its rows of A as pairs, one chunk at a time (StepTask::a_pairs).
+    // keeps rows of A as pairs (StepTask::a_pairs), one chunk of k and at
+    // most kPairRows rows at a time (a slot's rows can be all T * B).
     const bool pairs = ks.linear_pairs && bf16_products();
-    const int64_t max_rows = by_panels ? p.rows : (p.rows + slots - 1) / slots + 1;
     const int64_t pair_elems = !pairs ? 0
-                               : p.a_transposed ? (chunk + 1) / 2 * max_rows
-                                                : max_rows * pairs::row_words(0, chunk);
+                               : p.a_transposed ? (chunk + 1) / 2 * kPairRows
+                                                : kPairRows * pairs::row_words(0, chunk);
     const int64_t panel_elems = (max_panels * chunk * ks.nr + line - 1) / line * line;
     const int64_t per_slot = panel_elems + (pair_elems + line - 1) / line * line;
     scratch::Buffer<T> pack(slots * per_slot);
@@ -140,7 +144,12 @@ bool linear(const LinearProduct<T>& p) {
             if (pairs) {
               panels_to_pairs(panels_s, t.panel_end - t.panel_begin, t.K * ks.nr, 0, t.K,
                               [&](int64_t i) { return panel_width(p.cols, ks.nr, ks.lanes, t.panel_begin + i); });
-              (p.a_transposed ? ks.linear_at_pairs : ks.linear_pairs)(t);
+              StepTask<T> block = t;
+              for (int64_t i = t.row_begin; i < t.row_end; i += kPairRows) {
+                block.row_begin = i;
+                block.row_end = std::min(t.row_end, i + kPairRows);
+                (p.a_transposed ? ks.linear_at_pairs : ks.linear_pairs)(block);
+              }
               continue;
             }
           }

@@ -540,28 +540,37 @@ struct TileKernel {
   }
 
 #if FASTRNN_BF16_DISPATCH
-  // The same on bfloat16 pairs (the Bf16 kernels; bf16_pairs.h): a's rows and
-  // the panel's hold (K + 1) / 2 pairs.
+  // acc[r] += the pair a[r] times one pair row of a panel ([W * N] pairs).
+  template <int M, int W>
+  static FASTRNN_INLINE void multiply_add_pair(V (&acc)[M][W], const uint32_t (&a)[M],
+                                               const uint32_t* panel_row) {
+    static_assert(std::is_same_v<T, float> && N == 16);
+    // Unrolled by hand: GCC's own estimate of the asm kept these loops.
+    pairs::U16 b[W];
+#pragma GCC unroll 8
+    for (int v = 0; v < W; ++v) std::memcpy(&b[v], panel_row + v * N, sizeof(b[v]));
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const pairs::U16 x = pairs::U16{} + a[r];
+#pragma GCC unroll 8
+      for (int v = 0; v < W; ++v) pairs::dot(acc[r][v], x, b[v]);
+    }
+  }
+
+  // product() on bfloat16 pairs (the Bf16 kernels; bf16_pairs.h): a's rows
+  // and the panel's hold (K + 1) / 2 pairs.
   template <int M, int W, Epilogue E>
   static FASTRNN_INLINE void product(const StepTask<T>& t, int64_t i0, int64_t c0, V (&acc)[M][W],
                                      const uint32_t* const (&a)[M], const T* panel, int64_t K,
                                      bool prefetch) {
-    static_assert(std::is_same_v<T, float> && N == 16);
     const uint32_t* p = reinterpret_cast<const uint32_t*>(panel);
     const int64_t pairs = (K + 1) / 2;
     const int64_t fetch_at = prefetch ? std::max<int64_t>(0, pairs - kPrefetchAhead / 2) : -1;
     for (int64_t q = 0; q < pairs; ++q) {
       if (q == fetch_at) prefetch_epilogue<M, W, E>(t, i0, c0);
-      // Unrolled by hand: GCC's own estimate of the asm kept these loops.
-      pairs::U16 b[W];
-#pragma GCC unroll 8
-      for (int v = 0; v < W; ++v) std::memcpy(&b[v], p + (q * W + v) * N, sizeof(b[v]));
-#pragma GCC unroll 8
-      for (int r = 0; r < M; ++r) {
-        const pairs::U16 x = pairs::U16{} + a[r][q];
-#pragma GCC unroll 8
-        for (int v = 0; v < W; ++v) pairs::dot(acc[r][v], x, b[v]);
-      }
+      uint32_t x[M];
+      for (int r = 0; r < M; ++r) x[r] = a[r][q];
+      multiply_add_pair<M, W>(acc, x, p + q * W * N);
     }
   }
 #endif
@@ -577,19 +586,14 @@ struct TileKernel {
     const int64_t K = t.K;
     if constexpr (E == Epilogue::LinearAT && Bf16) {
 #if FASTRNN_BF16_DISPATCH
+      // The tile's M pairs at each q are adjacent (a_pairs' LinearAT layout).
       const int64_t ld = t.row_end - t.row_begin;
       const uint32_t* a = t.a_pairs + (i0 - t.row_begin);
       const uint32_t* p = reinterpret_cast<const uint32_t*>(panel);
       for (int64_t q = 0; q < (K + 1) / 2; ++q) {
-        pairs::U16 b[W];
-#pragma GCC unroll 8
-        for (int v = 0; v < W; ++v) std::memcpy(&b[v], p + (q * W + v) * N, sizeof(b[v]));
-#pragma GCC unroll 8
-        for (int r = 0; r < M; ++r) {
-          const pairs::U16 x = pairs::U16{} + a[q * ld + r];
-#pragma GCC unroll 8
-          for (int v = 0; v < W; ++v) pairs::dot(acc[r][v], x, b[v]);
-        }
+        uint32_t x[M];
+        for (int r = 0; r < M; ++r) x[r] = a[q * ld + r];
+        multiply_add_pair<M, W>(acc, x, p + q * W * N);
       }
 #endif
     } else if constexpr (E == Epilogue::LinearAT) {

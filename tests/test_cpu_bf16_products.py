@@ -291,3 +291,27 @@ def test_pairs_not_taken_below_avx512():
     result = child_pytest(__file__, dict(FASTRNN_CPU_ISA="avx2"), "-k", "only_where")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "3 passed" in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("inside", ["1", "0"], ids=["inside", "outside"])
+@pytest.mark.parametrize("cell", ["rnn-relu", "lstm", "gru"])
+def test_pairs_propagate_nonfinite_values_like_float32_products(cell, inside, monkeypatch):
+    """A NaN or an infinity in x reaches the same outputs, as NaN or infinity alike, with
+    bfloat16 pairs as with float32 products (rounding keeps a NaN a NaN and an infinity
+    infinite)."""
+    monkeypatch.setenv("FASTRNN_CPU_PROJECT_INSIDE", inside)
+    kind, _, nonlinearity = cell.partition("-")
+    torch.manual_seed(0)
+    kwargs = dict(nonlinearity=nonlinearity) if kind == "rnn" else {}
+    module = {"rnn": fastrnn.RNN, "lstm": fastrnn.LSTM, "gru": fastrnn.GRU}[kind](
+        3, 20, **kwargs).to(BF)
+    x = torch.randn(4, 9, 3).to(BF)
+    x[1, 2, 0] = float("nan")
+    x[2, 0, 1] = float("inf")
+    results = []
+    for products in ("1", "0"):
+        monkeypatch.setenv("FASTRNN_CPU_BF16_PRODUCTS", products)
+        results.append(flat(module(x)))
+    for a, b in zip(*results):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        assert a.isnan().any()

@@ -18,7 +18,9 @@
 // their operands: the input projection, dX = dA W_ih, dW = dA^T X.
 //
 // A pair is one 32-bit word: bfloat16(k even) in its low half, bfloat16(k + 1)
-// in its high half (zero past the end of k).
+// in its high half (zero past the end of k). vdpbf16ps takes denormal
+// operands and products as zero, whatever MXCSR says: values below 1e-38 fall
+// out of a sum that float32 products would keep.
 #pragma once
 
 #include "simd.h"

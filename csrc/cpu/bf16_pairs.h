@@ -25,9 +25,14 @@
 
 #include "simd.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+
+#if FASTRNN_BF16_DISPATCH
+#include <immintrin.h>
+#endif
 
 namespace fastrnn::cpu {
 
@@ -69,47 +74,39 @@ inline float round_to_bf16(float x) {
 
 namespace pairs {
 
-// Words that a row of n values takes as pairs, in whole blocks of 8.
-inline int64_t words(int64_t n) { return (n + 15) / 16 * 8; }
+// Words that a row of n values takes as pairs, in whole blocks of 16 (what
+// round_row writes).
+inline int64_t words(int64_t n) { return (n + 31) / 32 * 16; }
 
 // Words per row of a step's rows of A as pairs (x_t's K_x values, then
 // h_{t-1}'s K), in whole cache lines.
 inline int64_t row_words(int64_t K_x, int64_t K) { return (words(K_x) + words(K) + 15) / 16 * 16; }
 
 using U16 = simd::Vec<uint32_t, 16>::type;
-using Q8 = simd::Vec<uint64_t, 8>::type;
-using U8 = simd::Vec<uint32_t, 8>::type;
+using F16 = simd::Vec<float, 16>::type;
 
-// 16 floats (as bits) rounded as to_bf16: each lane's bfloat16 in its upper half.
-FASTRNN_INLINE U16 rounded(const U16& x) {
-  const U16 nan = (x & 0x7FFFFFFFu) > 0x7F800000u;
-  const U16 r = x + 0x7FFFu + ((x >> 16) & 1u);
-  return nan ? (x | 0x00400000u) : r;
-}
-
-// 16 floats (as bits) to 8 pairs at out.
-FASTRNN_INLINE void round_16(const U16& x, uint32_t* out) {
-  const Q8 q = (Q8)rounded(x);
-  const Q8 w = ((q >> 16) & 0xFFFFu) | ((q >> 32) & 0xFFFF0000u);
-  const U8 o = __builtin_convertvector(w, U8);
-  std::memcpy(out, &o, sizeof(o));
-}
-
-// a[0, n) as (n + 1) / 2 pairs at out (a zero past n), in whole blocks of 8
-// words: out has room for words(n).
+#if FASTRNN_BF16_DISPATCH
+// a[0, n) as (n + 1) / 2 pairs at out (a zero past n), words(n) words in all,
+// rounded by vcvtne2ps2bf16 (as to_bf16, but for denormals, which it takes as
+// zero as vdpbf16ps does). Only ever inlined into a FASTRNN_TARGET_AVX512_BF16
+// function (asm for the reason dot's is).
 FASTRNN_INLINE void round_row(const float* a, int64_t n, uint32_t* out) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    U16 x;
-    std::memcpy(&x, a + j, sizeof(x));
-    round_16(x, out + j / 2);
-  }
-  if (j < n) {
-    U16 x = U16{};
-    std::memcpy(&x, a + j, (n - j) * sizeof(float));
-    round_16(x, out + j / 2);
+  for (int64_t j = 0; j < n; j += 32) {
+    F16 lo = F16{}, hi = F16{};
+    if (j + 32 <= n) {
+      std::memcpy(&lo, a + j, sizeof(lo));
+      std::memcpy(&hi, a + j + 16, sizeof(hi));
+    } else {
+      const int64_t m = n - j;
+      std::memcpy(&lo, a + j, std::min<int64_t>(m, 16) * sizeof(float));
+      if (m > 16) std::memcpy(&hi, a + j + 16, (m - 16) * sizeof(float));
+    }
+    U16 words;
+    asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(words) : "v"(hi), "v"(lo));
+    std::memcpy(out + j / 2, &words, sizeof(words));
   }
 }
+#endif
 
 }  // namespace pairs
 
@@ -118,27 +115,33 @@ FASTRNN_INLINE void round_row(const float* a, int64_t n, uint32_t* out) {
 // (q, c) holds rows 2q and 2q + 1 of column c. In place too (a packed panel:
 // ld_src = ld_dst = width), where dst is src or below it (rows of the same
 // buffer: an earlier part's pairs end there): pair row q only overwrites
-// columns it has read, or rows before row 2q. (Only ever called where the
-// kernels run on pairs, so compiled for their ISA: in baseline vectors it
-// took a third of the kernel's time.)
+// columns it has read, or rows before row 2q. Only ever called where the
+// kernels run on pairs, so compiled for their ISA (in baseline vectors it
+// took a third of the kernel's time); rounded as pairs::round_row.
 #if FASTRNN_BF16_DISPATCH
 FASTRNN_TARGET_AVX512_BF16
 #endif
 inline void to_pairs(const float* src, int64_t ld_src, int64_t K, int64_t width, uint32_t* dst,
                      int64_t ld_dst) {
-  using pairs::U16;
+#if FASTRNN_BF16_DISPATCH
+  // Word c of a pair row is 16-bit lanes (c, 16 + c) of vcvtne2ps2bf16's result.
+  alignas(64) static constexpr uint16_t kInterleave[32] = {
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+#endif
   for (int64_t q = 0; 2 * q < K; ++q) {
     const float* lo = src + 2 * q * ld_src;
     const float* hi = 2 * q + 1 < K ? lo + ld_src : nullptr;
     uint32_t* out = dst + q * ld_dst;
     int64_t c = 0;
+#if FASTRNN_BF16_DISPATCH
     for (; c + 16 <= width; c += 16) {
-      U16 a, b = U16{};
-      std::memcpy(&a, lo + c, sizeof(a));
-      if (hi) std::memcpy(&b, hi + c, sizeof(b));
-      const U16 word = (pairs::rounded(a) >> 16) | (pairs::rounded(b) & 0xFFFF0000u);
-      std::memcpy(out + c, &word, sizeof(word));
+      const __m512 a = _mm512_loadu_ps(lo + c), b = hi ? _mm512_loadu_ps(hi + c) : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+      _mm512_storeu_si512(out + c, _mm512_permutexvar_epi16(interleave, both));
     }
+#endif
     for (; c < width; ++c) {
       const uint32_t word = to_bf16(lo[c]) | (hi ? uint32_t(to_bf16(hi[c])) << 16 : 0u);
       std::memcpy(out + c, &word, 4);

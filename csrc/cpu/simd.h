@@ -44,7 +44,7 @@
 // the compiler give the asm its 64-byte registers.
 #if FASTRNN_X86_DISPATCH && (defined(__clang__) ? __clang_major__ >= 11 : __GNUC__ >= 10)
 #define FASTRNN_BF16_DISPATCH 1
-#define FASTRNN_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bf16,avx2,fma")))
+#define FASTRNN_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,fma")))
 #else
 #define FASTRNN_BF16_DISPATCH 0
 #endif
@@ -105,7 +105,8 @@ inline Isa runtime_isa() {
 // Whether the AVX-512 kernels may multiply bfloat16 pairs (AVX512-BF16).
 inline bool has_bf16_dot() {
 #if FASTRNN_BF16_DISPATCH
-  static const bool yes = runtime_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512bf16");
+  static const bool yes = runtime_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
   return yes;
 #else
   return false;

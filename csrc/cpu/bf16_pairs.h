@@ -1,21 +1,23 @@
-// fastrnn CPU: a bfloat16 call's recurrent products on bfloat16 operands.
+// fastrnn CPU: a bfloat16 call's products on bfloat16 operands.
 //
 // A bfloat16 call runs the float32 kernels (in_float.h). Where the CPU has
-// AVX512-BF16, its forward's per-step products multiply bfloat16 pairs into
-// float32 sums (vdpbf16ps: two products per lane and instruction, twice the
-// float32 FMA's rate per instruction), as torch.nn's bfloat16 modules do
-// through oneDNN. Their operands:
+// AVX512-BF16, its products multiply bfloat16 pairs into float32 sums
+// (vdpbf16ps: two products per lane and instruction, twice the float32 FMA's
+// rate per instruction), as torch.nn's bfloat16 modules do through oneDNN.
+// Their operands:
 //   - W (W_hh, and W_ih with the input projection inside): bfloat16 values
 //     already, packed once per call as pairs of k (to_pairs);
 //   - x_t: bfloat16 values already;
-//   - h_{t-1}: rounded to bfloat16 (to nearest even) where the product reads
-//     it, as torch.nn's bfloat16 modules hold their state between steps.
+//   - h_{t-1} in the forward's steps and dA_t in the backward's
+//     (dh_{t-1} = dA_t W_hh): rounded to bfloat16 (to nearest even) where the
+//     product reads them, as torch.nn's bfloat16 modules hold them;
+//   - in fastrnn's own products around the recurrence (linear.h, and the
+//     small ones of backend.cpp: the input projection, dX = dA W_ih,
+//     dW = dA^T X): both operands rounded. Where BLAS runs those (not AMD),
+//     they stay float32.
 // Everything else stays float32: the sums, the bias, the activations, the
-// LSTM's c, and h_t as the layer's output (rounded to bfloat16 only at the
-// call's end). The backward's dh_{t-1} = dA_t W_hh the same way, dA_t
-// rounded where the product reads it. fastrnn's own products around the
-// recurrence (linear.h, and the small ones of backend.cpp) round both of
-// their operands: the input projection, dX = dA W_ih, dW = dA^T X.
+// LSTM's c, what backward keeps, and h_t as the layer's output (rounded to
+// bfloat16 only at the call's end).
 //
 // A pair is one 32-bit word: bfloat16(k even) in its low half, bfloat16(k + 1)
 // in its high half (zero past the end of k). vdpbf16ps takes denormal
@@ -47,7 +49,7 @@ struct Bf16CallScope {
   Bf16CallScope& operator=(const Bf16CallScope&) = delete;
 };
 
-// Whether this thread's call runs its forward products on bfloat16 pairs.
+// Whether this thread's call runs its products on bfloat16 pairs.
 // FASTRNN_CPU_BF16_PRODUCTS=0 keeps them float32 (read per call: the tests
 // and benchmarks compare the two in one process).
 inline bool bf16_products() {

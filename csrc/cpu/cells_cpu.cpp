@@ -145,11 +145,7 @@ void run_forward(std::span<const Job> jobs) {
                       (j.hidden + ks.lanes - 1) / ks.lanes, G * ks.lanes, G, ks.mr_fwd[Cell]});
   }
   const auto forward = ks.forward_pairs[Cell] && bf16_products() ? ks.forward_pairs[Cell] : ks.forward[Cell];
-  if (forward != ks.forward[Cell]) {
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      shapes[i].row_elems = pairs::row_words(detail::inside_input(jobs[i]), jobs[i].hidden);
-    }
-  }
+  if (forward != ks.forward[Cell]) detail::room_for_pairs(shapes, jobs);
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
   detail::run_slots<T>(
       jobs, std::span<const detail::JobShape>(shapes), plan, 0,
@@ -218,9 +214,7 @@ void run_backward(std::span<const Job> jobs) {
   }
   scratch::Buffer<T> dc_buffer(dc_elems);
   const auto backward = ks.backward_pairs[Cell] && bf16_products() ? ks.backward_pairs[Cell] : ks.backward[Cell];
-  if (backward != ks.backward[Cell]) {
-    for (size_t i = 0; i < jobs.size(); ++i) shapes[i].row_elems = pairs::row_words(0, G * jobs[i].hidden);
-  }
+  if (backward != ks.backward[Cell]) detail::room_for_pairs(shapes, jobs);
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
 
   // Step i's cell gradient: rows < dc_split take the gradient reaching c from

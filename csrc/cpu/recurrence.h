@@ -33,8 +33,8 @@
 //
 // Types: float and double (tanh: activation.h's tanh_rational_inplace and
 // tanh_exp_inplace, on vectors). bfloat16 and half calls come as float32
-// (in_float.h); a bfloat16 call's forward products run on bfloat16 pairs where
-// the CPU has AVX512-BF16 (bf16_pairs.h).
+// (in_float.h); a bfloat16 call's products run on bfloat16 pairs where the CPU
+// has AVX512-BF16 (bf16_pairs.h).
 #pragma once
 
 #include "../activation.h"
@@ -358,6 +358,16 @@ int64_t inside_input(const Job& j) {
   }
 }
 
+// The room per row a kernel on bfloat16 pairs needs beside each slot's
+// panels (StepTask::a_pairs): x_t's and A's values of its rows, as pairs.
+template <typename Job>
+void room_for_pairs(std::vector<JobShape>& shapes, std::span<const Job> jobs) {
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const int64_t I = inside_input(jobs[i]);
+    shapes[i].row_elems = pairs::row_words(I, shapes[i].depth - I);
+  }
+}
+
 // Elman's: the product's columns are the H units in panels of nr; its depth
 // H, or I + H with the input projection inside.
 template <typename Job, typename T>
@@ -408,11 +418,7 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
     const bool pairs = ks.forward_pairs && bf16_products();
     std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
-    if (pairs) {
-      for (size_t i = 0; i < jobs.size(); ++i) {
-        shapes[i].row_elems = pairs::row_words(detail::inside_input(jobs[i]), jobs[i].hidden);
-      }
-    }
+    if (pairs) detail::room_for_pairs(shapes, jobs);
     const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
     detail::run_slots<T>(jobs, std::span<const detail::JobShape>(shapes), plan, 0,
                          detail::elman_packer(ks, true, pairs), [&](const detail::Slot& s, const ForwardRecurrence<T>& j,
@@ -454,9 +460,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
     const bool pairs = ks.backward_pairs && bf16_products();
     std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
-    if (pairs) {
-      for (size_t i = 0; i < jobs.size(); ++i) shapes[i].row_elems = pairs::row_words(0, jobs[i].hidden);
-    }
+    if (pairs) detail::room_for_pairs(shapes, jobs);
     const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
     // Phase 0 finishes the last step's dA; phase q >= 1 runs step n - q's
     // GEMM, whose epilogue finishes the earlier step's carried rows, and

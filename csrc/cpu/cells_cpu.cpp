@@ -151,15 +151,13 @@ void run_forward(std::span<const Job> jobs) {
       jobs, std::span<const detail::JobShape>(shapes), plan, 0,
       [&](const detail::Slot& s, const Job& j, T* dst) {
         const int64_t I = detail::inside_input(j);
-        if (I) pack_gate_panels(j.w_ih, j.hidden, I, G, ks.lanes, s.panel_begin, s.panel_end, dst, 0, I + j.hidden);
-        pack_gate_panels(j.w_hh, j.hidden, j.hidden, G, ks.lanes, s.panel_begin, s.panel_end, dst,
-                         I, I + j.hidden);
-        if constexpr (std::is_same_v<T, float>) {
-          if (forward != ks.forward[Cell]) {
-            panels_to_pairs(dst, s.panel_end - s.panel_begin, (I + j.hidden) * G * ks.lanes, I,
-                            j.hidden, [&](int64_t) { return G * ks.lanes; });
-          }
+        const bool pairs = forward != ks.forward[Cell];
+        if (I) {
+          pack_gate_panels(j.w_ih, j.hidden, I, G, ks.lanes, s.panel_begin, s.panel_end, dst, 0,
+                           I + j.hidden, pairs);
         }
+        pack_gate_panels(j.w_hh, j.hidden, j.hidden, G, ks.lanes, s.panel_begin, s.panel_end, dst,
+                         I, I + j.hidden, pairs);
       },
       [&](const detail::Slot& s, const Job& j, const T* panels, int64_t p) {
         const StepRows& st = j.steps[p];
@@ -261,13 +259,7 @@ void run_backward(std::span<const Job> jobs) {
       jobs, std::span<const detail::JobShape>(shapes), plan, 1,
       [&](const detail::Slot& s, const Job& j, T* dst) {
         pack_panels(j.w_hh, j.hidden, j.hidden, G * j.hidden, ks.nr, ks.lanes, false,
-                    s.panel_begin, s.panel_end, dst);
-        if constexpr (std::is_same_v<T, float>) {
-          if (backward != ks.backward[Cell]) {
-            panels_to_pairs(dst, s.panel_end - s.panel_begin, G * j.hidden * ks.nr, 0, G * j.hidden,
-                            [&](int64_t i) { return panel_width(j.hidden, ks.nr, ks.lanes, s.panel_begin + i); });
-          }
-        }
+                    s.panel_begin, s.panel_end, dst, 0, -1, backward != ks.backward[Cell]);
       },
       [&](const detail::Slot& s, const Job& j, const T* panels, int64_t p) {
         const size_t n = j.steps.size();

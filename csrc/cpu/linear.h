@@ -142,7 +142,7 @@ bool linear(const LinearProduct<T>& p) {
           pack_depth(p, k0, t.K, ks, t.panel_begin, t.panel_end, panels_s);
           if constexpr (std::is_same_v<T, float>) {
             if (pairs) {
-              panels_to_pairs(panels_s, t.panel_end - t.panel_begin, t.K * ks.nr, 0, t.K,
+              panels_to_pairs(panels_s, t.panel_end - t.panel_begin, t.K * ks.nr, t.K,
                               [&](int64_t i) { return panel_width(p.cols, ks.nr, ks.lanes, t.panel_begin + i); });
               StepTask<T> block = t;
               for (int64_t i = t.row_begin; i < t.row_end; i += kPairRows) {

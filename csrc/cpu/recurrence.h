@@ -382,7 +382,7 @@ std::vector<JobShape> shapes_of(std::span<const Job> jobs, const KernelSet<T>& k
 
 // Packs the panels of an Elman job: forward W_hh^T (below W_ih^T's rows with
 // the input projection inside), backward W_hh.
-// pairs: then turned into pairs of bfloat16 (forward_pairs' panels).
+// pairs: as the kernels on bfloat16 pairs read them.
 template <typename T>
 auto elman_packer(const KernelSet<T>& ks, bool transposed, bool pairs = false) {
   return [&ks, transposed, pairs](const Slot& s, const auto& j, T* dst) {
@@ -390,18 +390,11 @@ auto elman_packer(const KernelSet<T>& ks, bool transposed, bool pairs = false) {
     if constexpr (requires { j.w_ih; }) {
       if (I) {
         pack_panels(j.w_ih, I, j.hidden, I, ks.nr, ks.lanes, true, s.panel_begin, s.panel_end,
-                    dst, 0, depth);
+                    dst, 0, depth, pairs);
       }
     }
     pack_panels(j.w_hh, j.hidden, j.hidden, j.hidden, ks.nr, ks.lanes, transposed, s.panel_begin,
-                s.panel_end, dst, I, depth);
-    if constexpr (std::is_same_v<T, float>) {
-      if (pairs) {
-        panels_to_pairs(dst, s.panel_end - s.panel_begin, depth * ks.nr, I, j.hidden, [&](int64_t i) {
-          return panel_width(j.hidden, ks.nr, ks.lanes, s.panel_begin + i);
-        });
-      }
-    }
+                s.panel_end, dst, I, depth, pairs);
   };
 }
 

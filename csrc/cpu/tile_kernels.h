@@ -793,6 +793,33 @@ void transpose(const T* src, int64_t ld_src, int64_t C, int64_t K, T* dst, int64
   }
 }
 
+#if FASTRNN_BF16_DISPATCH
+// Columns [0, block) of a panel's rows as pairs of bfloat16 (the Bf16
+// kernels' panels), straight from float W: [(K + 1) / 2] pair rows at
+// dst + q * ld_dst, column c from W's row c (transposed: K values at
+// w + c * ldw) or W's column c (w + k * ldw + c), zero in [nc, block). A row
+// of W rounds to its pairs in order (pairs::round_row); 16 rows' blocks of 16
+// pairs then go into the panel as pack_panels' floats do (transpose).
+FASTRNN_TARGET_AVX512_BF16 inline void pack_pairs(const float* w, int64_t ldw, bool transposed,
+                                                  int64_t nc, int64_t K, uint32_t* dst,
+                                                  int64_t ld_dst, int64_t block) {
+  const int64_t Q = (K + 1) / 2;
+  if (transposed) {
+    alignas(64) uint32_t rows[16][16];
+    for (int64_t c0 = 0; c0 < nc; c0 += 16) {
+      const int64_t n = std::min<int64_t>(16, nc - c0);
+      for (int64_t k0 = 0; k0 < K; k0 += 32) {
+        for (int64_t r = 0; r < n; ++r) pairs::round_row(w + (c0 + r) * ldw + k0, std::min<int64_t>(32, K - k0), rows[r]);
+        transpose(&rows[0][0], 16, n, std::min<int64_t>(16, Q - k0 / 2), dst + k0 / 2 * ld_dst + c0, ld_dst);
+      }
+    }
+  } else {
+    to_pairs(w, ldw, K, nc, dst, ld_dst);
+  }
+  for (int64_t q = 0; q < Q; ++q) std::fill(dst + q * ld_dst + nc, dst + q * ld_dst + block, 0u);
+}
+#endif
+
 // Packs the panels [panel_begin, panel_end) of a product's right operand B
 // ([K][cols]) from a row-major W with row stride ldw: transposed, B = W^T
 // (W is [cols][K]: panel[k][c] = W[p*nr + c][k]; the forward's W_hh^T, an
@@ -800,17 +827,30 @@ void transpose(const T* src, int64_t ld_src, int64_t C, int64_t K, T* dst, int64
 // W[k][p*nr + c]; the backward's W_hh). Zero beyond cols; panel p starts at
 // (p - panel_begin) * depth * nr (depth = K unless given), its rows from
 // k_offset on (an Elman forward with the input projection inside packs W_ih^T
-// into rows [0, I) and W_hh^T into [I, I + H) of each panel).
+// into rows [0, I) and W_hh^T into [I, I + H) of each panel). pairs (float
+// only, AVX512-BF16): the panels as the Bf16 kernels read them, the rows from
+// k_offset on as pairs from pair row (k_offset + 1) / 2 on (x's pairs, then
+// A's, as TileKernel::tile reads them).
 template <typename T>
 void pack_panels(const T* w, int64_t ldw, int64_t cols, int64_t K, int nr, int lanes,
                  bool transposed, int64_t panel_begin, int64_t panel_end, T* dst,
-                 int64_t k_offset = 0, int64_t depth = -1) {
+                 int64_t k_offset = 0, int64_t depth = -1, bool pairs = false) {
   if (depth < 0) depth = K;
   for (int64_t p = panel_begin; p < panel_end; ++p) {
     const int64_t c0 = p * nr;
     const int nc = static_cast<int>(std::min<int64_t>(nr, cols - c0));
     const int width = panel_width(cols, nr, lanes, p);
     T* panel = dst + (p - panel_begin) * depth * nr + k_offset * width;
+#if FASTRNN_BF16_DISPATCH
+    if constexpr (std::is_same_v<T, float>) {
+      if (pairs) {
+        uint32_t* out = reinterpret_cast<uint32_t*>(dst + (p - panel_begin) * depth * nr) +
+                        (k_offset + 1) / 2 * width;
+        pack_pairs(w + (transposed ? c0 * ldw : c0), ldw, transposed, nc, K, out, width, width);
+        continue;
+      }
+    }
+#endif
     if (transposed) {
       // In blocks of 16 k: the block's rows of W are read a cache line at a
       // time and its panel rows stay in L1 while they fill.
@@ -835,16 +875,29 @@ void pack_panels(const T* w, int64_t ldw, int64_t cols, int64_t K, int nr, int l
 // with panel[k_offset + k][g*lanes + l] = w[(g*H + p*lanes + l) * K + k],
 // zero for units past H; panel p starts at (p - panel_begin) * depth * G *
 // lanes. (W_ih and W_hh go into one panel's rows [0, I) and [I, I + H) when
-// the input projection is inside.)
+// the input projection is inside.) pairs: as pack_panels'.
 template <typename T>
 void pack_gate_panels(const T* w, int64_t H, int64_t K, int G, int lanes, int64_t panel_begin,
-                      int64_t panel_end, T* dst, int64_t k_offset = 0, int64_t depth = -1) {
+                      int64_t panel_end, T* dst, int64_t k_offset = 0, int64_t depth = -1,
+                      bool pairs = false) {
   const int width = G * lanes;
   if (depth < 0) depth = K;
   for (int64_t p = panel_begin; p < panel_end; ++p) {
     T* panel = dst + (p - panel_begin) * depth * width + k_offset * width;
     const int64_t u0 = p * lanes;
     const int64_t nu = std::clamp<int64_t>(H - u0, 0, lanes);  // units of the panel in W
+#if FASTRNN_BF16_DISPATCH
+    if constexpr (std::is_same_v<T, float>) {
+      if (pairs) {
+        uint32_t* out = reinterpret_cast<uint32_t*>(dst + (p - panel_begin) * depth * width) +
+                        (k_offset + 1) / 2 * width;
+        for (int g = 0; g < G; ++g) {
+          pack_pairs(w + (g * H + u0) * K, K, true, nu, K, out + g * lanes, width, lanes);
+        }
+        continue;
+      }
+    }
+#endif
     constexpr int64_t kb = 16;  // as pack_panels: W's rows a line at a time, the panel rows in L1
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
       const int64_t k1 = std::min(K, k0 + kb);
@@ -858,19 +911,14 @@ void pack_gate_panels(const T* w, int64_t H, int64_t K, int G, int lanes, int64_
   }
 }
 
-// Turns packed panels into pairs of bfloat16 in place (the Bf16 kernels):
-// panel i of n at dst + i * stride, width(i) columns wide; its rows [0, K_x)
-// (W_ih's, with the input projection inside) and [K_x, K_x + K) are paired
-// apart, the second part's pairs right after the first's ((K_x + 1) / 2
-// rows), where TileKernel::tile reads them.
+// Turns packed float panels into pairs of bfloat16 in place (the Bf16
+// kernels; linear.h, whose panels pack_depth may fill a step's rows at a
+// time): panel i of n at dst + i * stride, its K rows width(i) columns wide.
 template <typename WidthFn>
-void panels_to_pairs(float* dst, int64_t n, int64_t stride, int64_t K_x, int64_t K, WidthFn width) {
+void panels_to_pairs(float* dst, int64_t n, int64_t stride, int64_t K, WidthFn width) {
   for (int64_t i = 0; i < n; ++i) {
-    float* panel = dst + i * stride;
     const int64_t w = width(i);
-    uint32_t* pairs = reinterpret_cast<uint32_t*>(panel);
-    if (K_x > 0) to_pairs(panel, w, K_x, w, pairs, w);
-    to_pairs(panel + K_x * w, w, K, w, pairs + (K_x + 1) / 2 * w, w);
+    to_pairs(dst + i * stride, w, K, w, reinterpret_cast<uint32_t*>(dst + i * stride), w);
   }
 }
 

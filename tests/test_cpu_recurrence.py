@@ -14,6 +14,8 @@ FASTRNN_CPU_SPLIT / FASTRNN_CPU_LINEAR set."""
 import contextlib
 import itertools
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -472,6 +474,40 @@ def test_other_kernels_and_splits(env):
     result = child_pytest(__file__, dict(FASTRNN_CPU_RECURRENCE_CHILD="1", **env),
                           "-k", "not wide_hidden and not nonfinite")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+# The portable kernels (aarch64, macOS, compilers without AVX512-BF16) with every x86 path
+# compiled out, as such a build sees tile_kernels.h: a name used only on x86 outside its
+# #if fails there and nowhere here.
+PORTABLE_KERNELS = """
+#include "cpu/tile_kernels.h"
+namespace k = fastrnn::cpu;
+using E = k::Epilogue;
+#define STEPS(T)                                                                          \
+  template void k::kernels::Baseline<T>::step<E::Forward>(const k::StepTask<T>&);         \
+  template void k::kernels::Baseline<T>::step<E::Backward>(const k::StepTask<T>&);        \
+  template void k::kernels::Baseline<T>::step<E::Linear>(const k::StepTask<T>&);          \
+  template void k::kernels::Baseline<T>::step<E::LinearAT>(const k::StepTask<T>&);        \
+  template void k::kernels::Baseline<T>::step<E::LstmForward>(const k::StepTask<T>&);     \
+  template void k::kernels::Baseline<T>::step<E::GruBackward>(const k::StepTask<T>&);     \
+  template k::KernelSet<T> k::kernel_set<T>(k::simd::Isa);
+STEPS(float)
+STEPS(double)
+"""
+
+
+@pytest.mark.skipif(CHILD, reason="runs in the parent only")
+def test_portable_kernels_compile_without_x86_dispatch(tmp_path):
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    source = tmp_path / "portable.cpp"
+    source.write_text(PORTABLE_KERNELS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", "-DFASTRNN_X86_DISPATCH=0",
+                             f"-I{os.path.join(root, 'csrc')}", str(source)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -108,6 +108,18 @@ FASTRNN_INLINE void round_row(const float* a, int64_t n, uint32_t* out) {
     std::memcpy(out + j / 2, &words, sizeof(words));
   }
 }
+
+// acc += the pairwise products of x's and b's bfloat16 pairs (vdpbf16ps).
+// Only ever inlined into a FASTRNN_TARGET_AVX512_BF16 function.
+// (The asm takes a copy: an accumulator array whose elements an asm names
+// itself stays in memory.)
+template <typename V>
+FASTRNN_INLINE void dot(V& acc, const U16& x, const U16& b) {
+  static_assert(sizeof(V) == 64);
+  V a = acc;
+  asm("vdpbf16ps %2, %1, %0" : "+v"(a) : "v"(x), "v"(b));
+  acc = a;
+}
 #endif
 
 }  // namespace pairs
@@ -115,11 +127,10 @@ FASTRNN_INLINE void round_row(const float* a, int64_t n, uint32_t* out) {
 // Rows [0, K) of a matrix (row k, columns [0, width), at src + k * ld_src)
 // as [(K + 1) / 2][width] pairs at dst (row q at dst + q * ld_dst): word
 // (q, c) holds rows 2q and 2q + 1 of column c. In place too (a packed panel:
-// ld_src = ld_dst = width), where dst is src or below it (rows of the same
-// buffer: an earlier part's pairs end there): pair row q only overwrites
-// columns it has read, or rows before row 2q. Only ever called where the
-// kernels run on pairs, so compiled for their ISA (in baseline vectors it
-// took a third of the kernel's time); rounded as pairs::round_row.
+// dst = src, ld_src = ld_dst = width): pair row q only overwrites columns it
+// has read, or rows before row 2q. Only ever called where the kernels run on
+// pairs, so compiled for their ISA (in baseline vectors it took a third of the
+// kernel's time); rounded as pairs::round_row.
 #if FASTRNN_BF16_DISPATCH
 FASTRNN_TARGET_AVX512_BF16
 #endif
@@ -151,21 +162,4 @@ inline void to_pairs(const float* src, int64_t ld_src, int64_t K, int64_t width,
   }
 }
 
-namespace pairs {
-
-#if FASTRNN_BF16_DISPATCH
-// acc += the pairwise products of x's and b's bfloat16 pairs (vdpbf16ps).
-// Only ever inlined into a FASTRNN_TARGET_AVX512_BF16 function.
-// (The asm takes a copy: an accumulator array whose elements an asm names
-// itself stays in memory.)
-template <typename V>
-FASTRNN_INLINE void dot(V& acc, const U16& x, const U16& b) {
-  static_assert(sizeof(V) == 64);
-  V a = acc;
-  asm("vdpbf16ps %2, %1, %0" : "+v"(a) : "v"(x), "v"(b));
-  acc = a;
-}
-#endif
-
-}  // namespace pairs
 }  // namespace fastrnn::cpu

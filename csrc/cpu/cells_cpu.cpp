@@ -144,14 +144,14 @@ void run_forward(std::span<const Job> jobs) {
     shapes.push_back({j.steps, detail::inside_input(j) + j.hidden, G * j.hidden,
                       (j.hidden + ks.lanes - 1) / ks.lanes, G * ks.lanes, G, ks.mr_fwd[Cell]});
   }
-  const auto forward = ks.forward_pairs[Cell] && bf16_products() ? ks.forward_pairs[Cell] : ks.forward[Cell];
-  if (forward != ks.forward[Cell]) detail::room_for_pairs(shapes, jobs);
+  const bool pairs = ks.forward_pairs[Cell] && bf16_products();
+  const auto forward = pairs ? ks.forward_pairs[Cell] : ks.forward[Cell];
+  if (pairs) detail::room_for_pairs(shapes, jobs);
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
   detail::run_slots<T>(
       jobs, std::span<const detail::JobShape>(shapes), plan, 0,
       [&](const detail::Slot& s, const Job& j, T* dst) {
         const int64_t I = detail::inside_input(j);
-        const bool pairs = forward != ks.forward[Cell];
         if (I) {
           pack_gate_panels(j.w_ih, j.hidden, I, G, ks.lanes, s.panel_begin, s.panel_end, dst, 0,
                            I + j.hidden, pairs);
@@ -211,8 +211,9 @@ void run_backward(std::span<const Job> jobs) {
     if (Cell == 0) dc_elems += batch * j.hidden;
   }
   scratch::Buffer<T> dc_buffer(dc_elems);
-  const auto backward = ks.backward_pairs[Cell] && bf16_products() ? ks.backward_pairs[Cell] : ks.backward[Cell];
-  if (backward != ks.backward[Cell]) detail::room_for_pairs(shapes, jobs);
+  const bool pairs = ks.backward_pairs[Cell] && bf16_products();
+  const auto backward = pairs ? ks.backward_pairs[Cell] : ks.backward[Cell];
+  if (pairs) detail::room_for_pairs(shapes, jobs);
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
 
   // Step i's cell gradient: rows < dc_split take the gradient reaching c from
@@ -259,7 +260,7 @@ void run_backward(std::span<const Job> jobs) {
       jobs, std::span<const detail::JobShape>(shapes), plan, 1,
       [&](const detail::Slot& s, const Job& j, T* dst) {
         pack_panels(j.w_hh, j.hidden, j.hidden, G * j.hidden, ks.nr, ks.lanes, false,
-                    s.panel_begin, s.panel_end, dst, 0, -1, backward != ks.backward[Cell]);
+                    s.panel_begin, s.panel_end, dst, 0, -1, pairs);
       },
       [&](const detail::Slot& s, const Job& j, const T* panels, int64_t p) {
         const size_t n = j.steps.size();

@@ -28,12 +28,18 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
+// -DFASTRNN_X86_DISPATCH=0 builds the portable kernels alone, as on aarch64
+// (the tests compile them so on x86 too).
+#ifndef FASTRNN_X86_DISPATCH
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTRNN_X86_DISPATCH 1
-#define FASTRNN_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
-#define FASTRNN_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
 #define FASTRNN_X86_DISPATCH 0
+#endif
+#endif
+#if FASTRNN_X86_DISPATCH
+#define FASTRNN_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define FASTRNN_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
 // AVX512-BF16 (vdpbf16ps: two bfloat16 products per float32 lane) for the

@@ -681,6 +681,7 @@ struct TileKernel {
   template <Epilogue E, bool Bf16 = false>
   static FASTRNN_INLINE void step(const StepTask<T>& t) {
     if (t.row_end <= t.row_begin) return;
+#if FASTRNN_BF16_DISPATCH
     if constexpr (E == Epilogue::LinearAT && Bf16) {
       const int64_t n = t.row_end - t.row_begin;
       to_pairs(t.a_lo.base + t.row_begin, t.a_lo.ld, t.K, n, t.a_pairs, n);
@@ -692,6 +693,7 @@ struct TileKernel {
         pairs::round_row(i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i), t.K, row + pairs::words(t.K_x));
       }
     }
+#endif
     if constexpr (E == Epilogue::LstmForward || E == Epilogue::GruForward) {
       // Panel p: units [p*N, p*N + N), all NV (= G) gates of each.
       for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {

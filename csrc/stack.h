@@ -457,7 +457,8 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
             torch::stable::copy_(dst, column_sum(g.dA));
           }
         } else {
-          grad_weights[first + 2] = torch::stable::clone(grad_weights[first + 3]);
+          grad_weights[first + 2] = empty(input, {GH});
+          copy_into<Backend>(grad_weights[first + 2], grad_weights[first + 3]);
         }
       }
       if (c.proj) {  // dW_hr = dh^T m
@@ -492,11 +493,12 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
   }
 }
 
-// Outputs that are not needed are distinct empty tensors (outputs of an op
-// must not alias each other).
-inline std::vector<Tensor> no_grads(const Tensor& like, size_t n) {
-  std::vector<Tensor> grads;
-  for (size_t i = 0; i < n; ++i) grads.push_back(empty(like, {0}));
+// Outputs that were not computed become distinct empty tensors (outputs of an
+// op must not alias each other).
+inline std::vector<Tensor> or_no_grads(std::vector<Tensor> grads, const Tensor& like) {
+  for (Tensor& g : grads) {
+    if (!g.defined()) g = empty(like, {0});
+  }
   return grads;
 }
 
@@ -555,11 +557,11 @@ RnnBackwardResult one_state_backward(const char* op, CellKind kind, Tensor input
   Tensor grad_hx = empty(hx, {c.cells(), c.layout.batch, c.hidden});
   if (c.layout.steps == 0) torch::stable::copy_(grad_hx, dh_n);
   Tensor grad_input = empty(input, {0});
-  std::vector<Tensor> grad_weights = no_grads(input, weights.size());
+  std::vector<Tensor> grad_weights(weights.size());
   stack_backward<Backend>(s, input, as_contiguous(hx), Tensor(), output, grad_output, dh_n,
                           Tensor(), grad_hx, Tensor(), need_input_grad, need_weight_grad,
                           grad_input, grad_weights);
-  return {grad_input, grad_hx, grad_weights};
+  return {grad_input, grad_hx, or_no_grads(std::move(grad_weights), input)};
 }
 
 }  // namespace detail
@@ -651,11 +653,11 @@ LstmBackwardResult lstm_backward(Tensor input, Tensor hx, Tensor cx, std::vector
     torch::stable::copy_(grad_cx, dc_n);
   }
   Tensor grad_input = empty(input, {0});
-  std::vector<Tensor> grad_weights = detail::no_grads(input, weights.size());
+  std::vector<Tensor> grad_weights(weights.size());
   detail::stack_backward<Backend>(s, input, as_contiguous(hx), as_contiguous(cx), output,
                                   grad_output, dh_n, dc_n, grad_hx, grad_cx, need_input_grad,
                                   need_weight_grad, grad_input, grad_weights);
-  return {grad_input, grad_hx, grad_cx, grad_weights};
+  return {grad_input, grad_hx, grad_cx, detail::or_no_grads(std::move(grad_weights), input)};
 }
 
 }  // namespace fastrnn

@@ -61,6 +61,19 @@ struct CopyRows {
   }
 };
 
+// dst = src over [T, B, W] (rows r = t * B + b) with unit column strides and
+// each side's step and batch strides: a padded layout's steps, or rows (B = 1).
+template <typename T>
+struct CopySteps {
+  T* dst;
+  const T* src;
+  int64_t batch, dst_t, dst_b, src_t, src_b;
+  FASTRNN_HD void operator()(int64_t r, int64_t j) const {
+    const int64_t t = batch == 1 ? r : r / batch, b = batch == 1 ? 0 : r % batch;
+    dst[t * dst_t + b * dst_b + j] = src[t * src_t + b * src_b + j];
+  }
+};
+
 // Each sequence's last row of seq, into state [B, *].
 template <class Backend>
 void copy_final_rows(const std::vector<StepRows>& steps, const Tensor& seq, const Tensor& state) {
@@ -108,18 +121,19 @@ void forward(const ForwardJob& job, Activation act) {
 
 // dst = src where the job gives src apart from the buffer the loops below
 // work on in place (BackwardJob::dY, the cells' saved gates and hn).
-inline void take(const Tensor& dst, const Tensor& src) {
+template <class Backend>
+void take(const Tensor& dst, const Tensor& src) {
   if (!src.defined()) return;
   // A padded layout's [T, B, H] steps into [N, H] rows (row t * B + b).
-  Tensor d = src.dim() == 3 ? reinterpret(dst, {src.size(0), src.size(1), dst.size(1)},
-                                          {src.size(1) * dst.stride(0), dst.stride(0), 1})
-                            : dst;
-  torch::stable::copy_(d, src);
+  const Tensor d = src.dim() == 3 ? reinterpret(dst, {src.size(0), src.size(1), dst.size(1)},
+                                                {src.size(1) * dst.stride(0), dst.stride(0), 1})
+                                  : dst;
+  copy_into<Backend>(d, src);
 }
 
 template <class Backend>
 void backward(const BackwardJob& job, Activation act) {
-  take(job.dA, job.dY);
+  take<Backend>(job.dA, job.dY);
   const int64_t H = job.w_hh.size(0);
   add_final_rows<Backend>(*job.steps, job.dA, job.dh_n);
   Backend::with_dtype(job.dA.scalar_type(), [&]<typename T>() {
@@ -167,7 +181,7 @@ void forward(const LstmForwardJob& job) {
 
 template <class Backend>
 void backward(const LstmBackwardJob& job) {
-  take(job.gates, job.saved_gates);
+  take<Backend>(job.gates, job.saved_gates);
   const int64_t H = job.c.size(1), B = job.grad_cx.size(0);
   const bool proj = job.w_hr.defined();
   add_final_rows<Backend>(*job.steps, job.dh, job.dh_n);
@@ -229,8 +243,8 @@ void forward(const GruForwardJob& job) {
 
 template <class Backend>
 void backward(const GruBackwardJob& job) {
-  take(job.gates, job.saved_gates);
-  take(job.hn, job.saved_hn);
+  take<Backend>(job.gates, job.saved_gates);
+  take<Backend>(job.hn, job.saved_hn);
   const int64_t H = job.hn.size(1);
   add_final_rows<Backend>(*job.steps, job.dh, job.dh_n);
   Backend::with_dtype(job.dh.scalar_type(), [&]<typename T>() {

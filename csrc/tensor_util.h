@@ -10,6 +10,7 @@
 #include <torch/csrc/stable/c/shim.h>
 #include <torch/headeronly/version.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <string>
@@ -60,6 +61,18 @@ inline bool as_steps(const Tensor& t, int64_t W, Tensor& steps) {
   return true;
 }
 
+// dst = src (same dtype and shape), by the backend's own copy where it has
+// one (Backend::copy: on a GPU one pointwise launch, where torch's copy_ costs
+// several times its host time), else by torch's.
+template <class Backend>
+void copy_into(const Tensor& dst, const Tensor& src) {
+  if constexpr (requires { Backend::copy(dst, src); }) {
+    if (Backend::copy(dst, src)) return;
+  }
+  Tensor out = dst;
+  torch::stable::copy_(out, src);
+}
+
 // The transpose of a 2-D view.
 inline Tensor transposed(const Tensor& t) {
   return reinterpret(t, {t.size(1), t.size(0)}, {t.stride(1), t.stride(0)});
@@ -70,8 +83,24 @@ inline Tensor as_contiguous(const Tensor& t) {
   return t.is_contiguous() ? t : torch::stable::contiguous(t);
 }
 
+// A new contiguous tensor of like's dtype and device: one dispatcher call
+// (new_empty makes two, and a backward makes dozens of these).
 inline Tensor empty(const Tensor& like, std::initializer_list<int64_t> shape) {
-  return torch::stable::new_empty(like, std::vector<int64_t>(shape));
+  std::array<int64_t, 4> strides{};
+  FASTRNN_CHECK(shape.size() <= strides.size(), "fastrnn: empty() of ", shape.size(), " dimensions");
+  int64_t stride = 1;
+  for (size_t d = shape.size(); d-- > 0;) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(shape.begin()[d], 1);
+  }
+  int32_t dtype = 0, device_type = 0, device_index = 0;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(like.get(), &dtype));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
+  AtenTensorHandle out = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(shape.size()), shape.begin(),
+                                                  strides.data(), dtype, device_type, device_index, &out));
+  return Tensor(out);
 }
 
 namespace detail {

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, one stage per call, on the GPU machine, from the repository
 # root, with dist/ (built here by .ci/gpu/wheel.sh) carried along:
-#   bash .ci/gpu/stage.sh 0    a first look at all three in about 5 minutes (10 at
+#   bash .ci/gpu/stage.sh 0    a first look at all three in about 6 minutes (9 at
 #                              most), for a session with little device time:
-#                              tests/test_cuda.py, memcheck on the persistent
-#                              kernels, the seed shapes, an Nsight Compute profile
-#                              of the persistent kernels, where a call's time goes
-#                              (kernels against wall time)
+#                              the CUDA tests, the grid against cuDNN in fp32
+#                              and bf16, memcheck on the persistent kernels, an
+#                              Nsight Compute profile of the persistent kernels,
+#                              where a call's time goes (kernels against wall time)
 #   bash .ci/gpu/stage.sh 1    the test suite's CUDA tests, on the persistent kernels and
 #                              on the per-step path
 #   bash .ci/gpu/stage.sh 2    compute-sanitizer memcheck and racecheck on every CUDA kernel
@@ -38,28 +38,29 @@ $PY -c "import torch, fastrnn; print('torch', torch.__version__, 'cuda', torch.v
 
 case "$STAGE" in
 0)
-  note "tests/test_cuda.py (torch.compile's are stage 1's)"
-  timeout 200 $PY -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider -m "not slow" \
-    -k "not compile" --junitxml "$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+  # Every CUDA test but torch.compile's (stage 1's), over 8 processes where pytest-xdist is there.
+  note "the CUDA tests but torch.compile's"
+  timeout 170 $PY -m pytest tests -q -rs -p no:cacheprovider -m "not slow" -k "cuda and not compile" \
+    $($PY -c "import xdist" 2>/dev/null && echo "-n 8") \
+    --junitxml "$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
   tail -15 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+  note "fastrnn against cuDNN, the grid, fp32 and bf16"
+  timeout 150 $PY benchmarks/cuda_shapes.py --repeats 10 --precisions fp32 bf16 \
+    --markdown "$OUT/cuda_shapes.md" --json "$OUT/cuda_shapes.json" 2>&1 | tee -a "$OUT/summary.txt" \
+    || status=1
   note "compute-sanitizer memcheck, persistent kernels"
-  FASTRNN_CUDA_PERSISTENT=1 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  FASTRNN_CUDA_PERSISTENT=1 timeout 80 compute-sanitizer --tool memcheck --error-exitcode 9 \
     $PY .ci/gpu/sanitize_case.py > "$OUT/sanitizer.log" 2>&1 \
     || { status=1; echo "memcheck (persistent) FAILED" | tee -a "$OUT/summary.txt"; }
   tail -2 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
-  note "fastrnn against cuDNN, the seed shapes"
-  timeout 120 $PY benchmarks/cuda_shapes.py --repeats 10 --precisions fp32 fp16 bf16 \
-    --shapes "relu-1x100 b128" "tanh-2x256 b64" "tanh-2x128 b100" "lstm-2x128 b64" \
-    --markdown "$OUT/cuda_shapes.md" --json "$OUT/cuda_shapes.json" 2>&1 | tee -a "$OUT/summary.txt" \
-    || status=1
   note "Nsight Compute: where the persistent kernels' steps spend their time"
-  timeout 120 ncu --kernel-name-base demangled --kernel-name regex:persistent --launch-count 6 \
+  timeout 90 ncu --kernel-name-base demangled --kernel-name regex:persistent --launch-count 6 \
     --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
     --section SourceCounters \
     $PY .ci/gpu/profile_case.py > "$OUT/ncu.txt" 2>&1 || { status=1; echo "ncu FAILED" | tee -a "$OUT/summary.txt"; }
   grep -E "persistent|Duration|Warp Cycles Per Issued|Stall" "$OUT/ncu.txt" | head -20 | tee -a "$OUT/summary.txt"
   note "where a call's time goes: kernels against wall time, fastrnn and cuDNN"
-  timeout 90 $PY .ci/gpu/where_time_goes.py > "$OUT/where.txt" 2>&1 || { status=1; echo "where_time_goes FAILED" | tee -a "$OUT/summary.txt"; }
+  timeout 60 $PY .ci/gpu/where_time_goes.py > "$OUT/where.txt" 2>&1 || { status=1; echo "where_time_goes FAILED" | tee -a "$OUT/summary.txt"; }
   grep "^## " "$OUT/where.txt" | tee -a "$OUT/summary.txt"
   ;;
 1)

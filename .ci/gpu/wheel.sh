@@ -8,5 +8,7 @@ cd "$(dirname "$0")/../.."
 rm -rf dist
 FASTRNN_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"} \
   python -m pip wheel -q --no-deps --no-build-isolation -w dist .
-unzip -l dist/fastrnn-*.whl | grep -q "_C_cuda" || { echo "the wheel has no CUDA kernels" >&2; exit 1; }
+# (the listing taken whole first: grep -q would close the pipe on unzip, and pipefail fail the check)
+listing=$(unzip -l dist/fastrnn-*.whl)
+[[ $listing == *_C_cuda* ]] || { echo "the wheel has no CUDA kernels" >&2; exit 1; }
 ls -l dist

@@ -3,8 +3,14 @@ a call's wall time (CUDA events) against the sum of its kernels' times and its h
 (torch.profiler), for a persistent-kernel shape (the MNIST 2x256 model, T=28, B=64) and a
 per-step one (hidden 1024, where W_hh fits no cluster; and hidden 256 on the per-step path too).
 A call whose kernels add up to much less than its wall time waits on the host (launches, op
-dispatch); one whose kernels fill it is bound by them. Forward and forward+backward.
+dispatch); one whose kernels fill it is bound by them. Forward and forward+backward. For fastrnn,
+also the host's time to enqueue a call (no synchronization inside it) and the host-side ops and
+CUDA runtime calls by their own CPU time; --trace DIR writes Chrome traces of two forward+backward
+calls of the first case.
 (.ci/gpu/stage.sh 0 writes this to $OUT/where.txt.)"""
+
+import argparse
+import time
 
 import os
 
@@ -34,6 +40,18 @@ def wall_ms(run, repeats=20):
     return sorted(times)[len(times) // 2]
 
 
+def enqueue_ms(run, repeats=20):
+    """The host's time to return from a call, the GPU idle at its start."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
 def kernels_and_host_ms(run, calls=5):
     run()
     torch.cuda.synchronize()
@@ -47,6 +65,9 @@ def kernels_and_host_ms(run, calls=5):
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trace", help="write Chrome traces of the first case's forward+backward here")
+    args = parser.parse_args()
     torch.manual_seed(0)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -72,6 +93,17 @@ def main():
                 print(f"\n## {name}, {label}, {pass_}: wall {wall:.3f} ms a call, kernels {kernels:.3f} ms "
                       f"({kernels / wall:.0%} of it), {wall / steps / layers * 1000:.2f} us a step and layer")
                 print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=60))
+                if label == "fastrnn":
+                    print(f"host: {enqueue_ms(run):.3f} ms to enqueue a call; by own CPU time:")
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
+                                                    max_name_column_width=60))
+                if args.trace and (name, pass_) == (CASES[0][0], "fwd+bwd"):
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+                        for _ in range(2):
+                            run()
+                        torch.cuda.synchronize()
+                    slug = "".join(ch if ch.isalnum() else "-" for ch in f"{name}-{label}-{pass_}")
+                    trace.export_chrome_trace(os.path.join(args.trace, f"trace-{slug}.json"))
 
 
 if __name__ == "__main__":

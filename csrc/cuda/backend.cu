@@ -246,7 +246,7 @@ bool launch_backward(const BackwardJob& job, int concurrent) {
   return run_cluster<persistent::backward_kernel<T, acc_t, A>>(
       L, H, 1, job.out, concurrent, persistent::backward_smem<T, acc_t>,
       [&] {
-        stepwise::take(job.dA, job.dY);
+        stepwise::take<CudaBackend>(job.dA, job.dY);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dA, job.dh_n);
       },
       [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
@@ -282,7 +282,7 @@ bool launch_cell(const LstmBackwardJob& job, int concurrent) {
   return run_cluster<persistent::lstm_backward_kernel<T, acc_t>>(
       L, H, persistent::kLstmGates, job.c, concurrent, persistent::lstm_backward_smem<T, acc_t>,
       [&] {
-        stepwise::take(job.gates, job.saved_gates);
+        stepwise::take<CudaBackend>(job.gates, job.saved_gates);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
       },
       [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
@@ -316,8 +316,8 @@ bool launch_cell(const GruBackwardJob& job, int concurrent) {
   return run_cluster<persistent::gru_backward_kernel<T, acc_t>>(
       L, H, persistent::kGruGates, job.hn, concurrent, persistent::gru_backward_smem<T, acc_t>,
       [&] {
-        stepwise::take(job.gates, job.saved_gates);
-        stepwise::take(job.hn, job.saved_hn);
+        stepwise::take<CudaBackend>(job.gates, job.saved_gates);
+        stepwise::take<CudaBackend>(job.hn, job.saved_hn);
         stepwise::add_final_rows<CudaBackend>(*job.steps, job.dh, job.dh_n);
       },
       [&](const auto& launch, const persistent::Plan& plan, const persistent::Runs& runs) {
@@ -432,6 +432,29 @@ struct CudaBackend {
     if (n == 0) return;
     for_each_kernel<<<pointwise_blocks(n), 256, 0, current_stream(like)>>>(f, rows, cols);
     check_launch("for_each_kernel");
+  }
+
+  // dst = src (copy_into) in one pointwise launch, for 1-D to 3-D tensors of
+  // one dtype and shape with unit column strides; false for any other (torch's
+  // copy_ then).
+  static bool copy(const Tensor& dst, const Tensor& src) {
+    const int64_t dims = dst.dim();
+    if (dims < 1 || dims > 3 || src.dim() != dims || src.scalar_type() != dst.scalar_type()) return false;
+    int64_t size[3] = {1, 1, 1}, d_stride[3] = {0, 0, 1}, s_stride[3] = {0, 0, 1};
+    for (int64_t i = 0; i < dims; ++i) {
+      const int64_t k = 3 - dims + i;
+      if (src.size(i) != dst.size(i)) return false;
+      size[k] = dst.size(i);
+      d_stride[k] = dst.stride(i);
+      s_stride[k] = src.stride(i);
+    }
+    if (size[2] > 1 && (d_stride[2] != 1 || s_stride[2] != 1)) return false;
+    with_dtype(dst.scalar_type(), [&]<typename T>() {
+      for_each(dst, size[0] * size[1], size[2],
+               stepwise::CopySteps<T>{ptr<T>(dst), ptr<const T>(src), size[1], d_stride[0], d_stride[1],
+                                      s_stride[0], s_stride[1]});
+    });
+    return true;
   }
 
   // A layer's directions run at once (concurrently()), each in a persistent

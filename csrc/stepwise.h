@@ -61,19 +61,6 @@ struct CopyRows {
   }
 };
 
-// dst = src over [T, B, W] (rows r = t * B + b) with unit column strides and
-// each side's step and batch strides: a padded layout's steps, or rows (B = 1).
-template <typename T>
-struct CopySteps {
-  T* dst;
-  const T* src;
-  int64_t batch, dst_t, dst_b, src_t, src_b;
-  FASTRNN_HD void operator()(int64_t r, int64_t j) const {
-    const int64_t t = batch == 1 ? r : r / batch, b = batch == 1 ? 0 : r % batch;
-    dst[t * dst_t + b * dst_b + j] = src[t * src_t + b * src_b + j];
-  }
-};
-
 // Each sequence's last row of seq, into state [B, *].
 template <class Backend>
 void copy_final_rows(const std::vector<StepRows>& steps, const Tensor& seq, const Tensor& state) {

@@ -300,6 +300,15 @@ void bank_ways(int G, bool backward, int H, int units, int tile, int size, int* 
 
 extern "C" {
 
+// cells.h's CopySteps over [rows, cols] (the copy of CUDA's Backend::copy), in float64.
+void copy_steps(double* dst, const double* src, int64_t rows, int64_t cols, int64_t batch, int64_t dst_t,
+                int64_t dst_b, int64_t src_t, int64_t src_b) {
+  const CopySteps<double> copy{dst, src, batch, dst_t, dst_b, src_t, src_b};
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) copy(r, j);
+  }
+}
+
 // persistent::make_runs: the runs of bs [steps], -1 where they do not fit the kernels.
 int count_runs(const int64_t* bs, int64_t steps) {
   Runs r{};

@@ -165,6 +165,38 @@ def test_batch_sizes_as_runs(kernels):
     assert runs(kernels, [9] * 300 + list(range(MAX_RUNS - 1, 0, -1))) == MAX_RUNS
 
 
+@pytest.mark.parametrize("source", ["steps of a batch_first tensor", "strided rows", "a vector"])
+def test_copy_steps(kernels, source):
+    """cells.h's CopySteps, the copy of CUDA's Backend::copy (a backward's top gradient, the
+    cells' saved gates, b_ih's gradient): every element in place, from a [T, B, W] source in any
+    step and batch strides into [N, W] rows, and between 2-D and 1-D views."""
+    T, B, W = 5, 3, 7
+    g = torch.Generator().manual_seed(0)
+    if source == "steps of a batch_first tensor":
+        src = torch.randn(B, T, W + 2, dtype=torch.float64, generator=g).transpose(0, 1)[..., 1:W + 1]
+        expected = src.reshape(T * B, W)
+        dst = torch.full((T * B, W + 4), math.nan, dtype=torch.float64)[:, 2:W + 2]
+        shape = (T * B, W, B, B * dst.stride(0), dst.stride(0), src.stride(0), src.stride(1))
+    elif source == "strided rows":
+        src = torch.randn(T, W + 3, dtype=torch.float64, generator=g)[:, :W]
+        expected = src
+        dst = torch.full((T, W + 1), math.nan, dtype=torch.float64)[:, 1:]
+        shape = (T, W, 1, dst.stride(0), 0, src.stride(0), 0)
+    else:
+        src = torch.randn(W, dtype=torch.float64, generator=g)
+        expected = src
+        dst = torch.full((W,), math.nan, dtype=torch.float64)
+        shape = (1, W, 1, 0, 0, 0, 0)
+    kernels.copy_steps(ctypes.c_void_p(dst.data_ptr()), ctypes.c_void_p(src.data_ptr()),
+                       *(ctypes.c_int64(v) for v in shape))
+    assert torch.equal(dst.reshape(expected.shape), expected)
+    # Nothing outside dst's own elements was written.
+    storage = dst.as_strided((dst.untyped_storage().nbytes() // 8,), (1,), 0)
+    outside = torch.ones_like(storage, dtype=torch.bool)
+    outside.as_strided(dst.shape, dst.stride(), dst.storage_offset()).fill_(False)
+    assert storage[outside].isnan().all()
+
+
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_elman_kernels(kernels, case, act):

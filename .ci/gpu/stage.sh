@@ -61,7 +61,7 @@ case "$STAGE" in
   grep -E "persistent|Duration|Warp Cycles Per Issued|Stall" "$OUT/ncu.txt" | head -20 | tee -a "$OUT/summary.txt"
   note "where a call's time goes: kernels against wall time, fastrnn and cuDNN"
   timeout 60 $PY .ci/gpu/where_time_goes.py > "$OUT/where.txt" 2>&1 || { status=1; echo "where_time_goes FAILED" | tee -a "$OUT/summary.txt"; }
-  grep "^## " "$OUT/where.txt" | tee -a "$OUT/summary.txt"
+  grep -E "^## |^host|^cublas" "$OUT/where.txt" | tee -a "$OUT/summary.txt"
   ;;
 1)
   # Twice: as installed (persistent kernels where W_hh fits on chip), then every layer on

@@ -6,7 +6,7 @@ A call whose kernels add up to much less than its wall time waits on the host (l
 dispatch); one whose kernels fill it is bound by them. Forward and forward+backward. For fastrnn,
 also the host's time to enqueue a call (no synchronization inside it) and the host-side ops and
 CUDA runtime calls by their own CPU time; --trace DIR writes Chrome traces of two forward+backward
-calls of the first case.
+calls of the first case. First, the host time of the single operations a backward is made of.
 (.ci/gpu/stage.sh 0 writes this to $OUT/where.txt.)"""
 
 import argparse
@@ -64,6 +64,46 @@ def kernels_and_host_ms(run, calls=5):
     return kernels, prof
 
 
+def host_us(op, calls=200):
+    """The host's time per call of op, enqueued back to back (median of 5 rounds)."""
+    for _ in range(20):
+        op()
+    torch.cuda.synchronize()
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            op()
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return sorted(rounds)[2]
+
+
+def backward_pieces():
+    """The host's time of the single operations a fastrnn backward makes through torch (its
+    GEMMs at the tanh-2x256 B=64 layer's shapes, a column sum, a copy), under each BLAS
+    library torch can prefer: what a backward's host time is made of, and whether cuBLASLt's
+    or cuBLAS's host path is the cheaper for these products."""
+    N, H, B = 28 * 64, 256, 64
+    dA = torch.randn(N, H, device="cuda")
+    x, w = torch.randn(N, H, device="cuda"), torch.randn(H, H, device="cuda")
+    out = torch.empty(H, H, device="cuda")
+    pieces = {
+        "dW = dA^T x (256 x 1792 x 256)": lambda: torch.mm(dA.t(), x, out=out),
+        "dW += dA_0^T h0 (256 x 64 x 256)": lambda: torch.addmm(out, dA[:B].t(), x[:B], out=out),
+        "dX = dA W (1792 x 256 x 256)": lambda: torch.mm(dA, w),
+        "db = dA.sum(0)": lambda: dA.sum(0),
+        "copy_ of [1792, 256]": lambda: x.copy_(dA),
+        "empty [256, 256]": lambda: torch.empty(H, H, device="cuda"),
+    }
+    original = torch.backends.cuda.preferred_blas_library()
+    print("\n## host time of a backward's pieces, us a call (float32, no TF32)")
+    for library in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(library)
+        print(f"{library}: " + "; ".join(f"{name} {host_us(op):.1f}" for name, op in pieces.items()))
+    torch.backends.cuda.preferred_blas_library(original)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--trace", help="write Chrome traces of the first case's forward+backward here")
@@ -72,6 +112,7 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    backward_pieces()
     for name, steps, batch, hidden, layers, persistent in CASES:
         os.environ["FASTRNN_CUDA_PERSISTENT"] = persistent
         ref = torch.nn.RNN(28, hidden, layers).cuda()

@@ -327,7 +327,7 @@ void recurrent_weight_grad(const SequenceLayout& L, bool reverse, const Tensor& 
     Tensor hprev = tmp.empty(out, {L.rows, R});
     for (const PrevRows& b : blocks) {
       Tensor dst = view2d(hprev, b.count, R, R, b.dst * R);
-      torch::stable::copy_(dst, source(b));
+      copy_into<Backend>(dst, source(b));
     }
     Backend::gemm(grad_w, transposed(dA), hprev, false);
   } else {
@@ -454,7 +454,7 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
           grad_weights[first + 2] = empty(input, {GH});
           for (const InputGrad& g : input_grads[d]) {
             Tensor dst = reinterpret(grad_weights[first + 2], {g.dA.size(1)}, {1}, g.col);
-            torch::stable::copy_(dst, column_sum(g.dA));
+            copy_into<Backend>(dst, column_sum(g.dA));
           }
         } else {
           grad_weights[first + 2] = empty(input, {GH});

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, one stage per call, on the GPU machine, from the repository
 # root, with dist/ (built here by .ci/gpu/wheel.sh) carried along:
-#   bash .ci/gpu/stage.sh 0    a first look at all three in about 6 minutes (9 at
+#   bash .ci/gpu/stage.sh 0    a first look at all three in about 2 minutes (9 at
 #                              most), for a session with little device time:
 #                              the CUDA tests, the grid against cuDNN in fp32
 #                              and bf16, memcheck on the persistent kernels, an

@@ -10,9 +10,8 @@ calls of the first case. First, the host time of the single operations a backwar
 (.ci/gpu/stage.sh 0 writes this to $OUT/where.txt.)"""
 
 import argparse
-import time
-
 import os
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -40,18 +39,6 @@ def wall_ms(run, repeats=20):
     return sorted(times)[len(times) // 2]
 
 
-def enqueue_ms(run, repeats=20):
-    """The host's time to return from a call, the GPU idle at its start."""
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
-    torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2]
-
-
 def kernels_and_host_ms(run, calls=5):
     run()
     torch.cuda.synchronize()
@@ -64,19 +51,20 @@ def kernels_and_host_ms(run, calls=5):
     return kernels, prof
 
 
-def host_us(op, calls=200):
-    """The host's time per call of op, enqueued back to back (median of 5 rounds)."""
-    for _ in range(20):
+def host_us(op, calls=1, rounds=20, warmup=0):
+    """The host's time per call of op: median over rounds of `calls` calls enqueued back to
+    back, the GPU idle at each round's start."""
+    for _ in range(warmup):
         op()
-    torch.cuda.synchronize()
-    rounds = []
-    for _ in range(5):
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(calls):
             op()
-        rounds.append((time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return sorted(rounds)[2]
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
 
 
 def backward_pieces():
@@ -100,7 +88,8 @@ def backward_pieces():
     print("\n## host time of a backward's pieces, us a call (float32, no TF32)")
     for library in ("cublas", "cublaslt"):
         torch.backends.cuda.preferred_blas_library(library)
-        print(f"{library}: " + "; ".join(f"{name} {host_us(op):.1f}" for name, op in pieces.items()))
+        times = (f"{name} {host_us(op, calls=200, rounds=5, warmup=20):.1f}" for name, op in pieces.items())
+        print(f"{library}: " + "; ".join(times))
     torch.backends.cuda.preferred_blas_library(original)
 
 
@@ -135,7 +124,7 @@ def main():
                       f"({kernels / wall:.0%} of it), {wall / steps / layers * 1000:.2f} us a step and layer")
                 print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=60))
                 if label == "fastrnn":
-                    print(f"host: {enqueue_ms(run):.3f} ms to enqueue a call; by own CPU time:")
+                    print(f"host: {host_us(run) / 1000:.3f} ms to enqueue a call; by own CPU time:")
                     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
                                                     max_name_column_width=60))
                 if args.trace and (name, pass_) == (CASES[0][0], "fwd+bwd"):

@@ -451,8 +451,8 @@ struct CudaBackend {
     if (size[2] > 1 && (d_stride[2] != 1 || s_stride[2] != 1)) return false;
     with_dtype(dst.scalar_type(), [&]<typename T>() {
       for_each(dst, size[0] * size[1], size[2],
-               CopySteps<T>{ptr<T>(dst), ptr<const T>(src), size[1], d_stride[0], d_stride[1],
-                                      s_stride[0], s_stride[1]});
+               CopySteps<T>{ptr<T>(dst), ptr<const T>(src), size[1], d_stride[0], d_stride[1], s_stride[0],
+                            s_stride[1]});
     });
     return true;
   }

@@ -12,16 +12,31 @@ import torch
 import fastrnn
 
 
+# What tells one x86 generation from another where the model name does not
+# ("AMD EPYC" is Zen 4 and Zen 5 alike): family and model, and the vector
+# extensions the kernels choose by.
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
 def cpu_model():
-    """The CPU's model name from /proc/cpuinfo (every CPU benchmark states it)."""
+    """The CPU's model name from /proc/cpuinfo, with its family, model and vector
+    extensions (every CPU benchmark states it)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first CPU's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" not in fields:
+        return name
+    flags = set(fields.get("flags", "").split())
+    simd = ", ".join(f for f in _CPU_FLAGS if f in flags) or "no AVX2"
+    return f"{name} (family {fields['cpu family']} model {fields.get('model', '?')}; {simd})"
 
 
 def twin_rnns(input_size, hidden, layers, nonlinearity="tanh", bidirectional=False,

@@ -3,8 +3,10 @@
 // projection P = X W_ih^T + b, the input gradient dX = dA W_ih and the weight
 // gradients dW_ih = dA^T X, dW_hh = dA^T H_prev (A transposed).
 //
-// Why: torch's BLAS (MKL) runs AVX2 kernels on AMD CPUs, half the AVX-512
-// rate, so there these products cost more than the whole recurrence.
+// Why: torch's BLAS (MKL) runs AVX2 kernels on AMD CPUs: on Zen 5, half the
+// AVX-512 rate, so there these products cost more than the whole recurrence;
+// on Zen 4, whose AVX-512 runs at the AVX2 rate, the backward op still ran
+// 3-11% faster with these than with BLAS (tanh-1x512-T128, tanh-2x256).
 // prefer_linear() says where to use this instead of BLAS: AMD with AVX-512
 // (FASTRNN_CPU_LINEAR=1/0 forces it on/off, read per call). Elsewhere BLAS
 // runs at its peak and stays.

@@ -2,6 +2,10 @@
 
 import copy
 import re
+import shlex
+import subprocess
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -33,3 +37,16 @@ def test_use_section_snippets():
     reference.load_state_dict(copy.deepcopy(model.state_dict()))  # strict: same keys
     x = torch.randn(8, 28, 28)
     torch.testing.assert_close(model(x), reference(x))
+
+
+def test_torch_pin_matches_the_installed_torch():
+    # pip checks a constraint against the installed package's version; a CUDA wheel's
+    # torch.__version__ carries a local label (+cu130) that pip's does not.
+    for doc in (README, README.parent / "examples" / "README.md"):
+        lines = [l for l in doc.read_text().splitlines() if l.endswith("> torch-pin.txt")]
+        assert len(lines) == 1, doc
+        argv = shlex.split(lines[0].removesuffix("> torch-pin.txt"))
+        assert argv[:2] == ["python", "-c"], lines[0]
+        pin = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        assert pin == f"torch=={version('torch')}", (doc, pin)

@@ -842,6 +842,34 @@ def test_to_dtype_and_flatten_parameters():
     assert_close_all(fast(x), ref(x), torch.float64)
 
 
+@pytest.mark.parametrize("cell, kwargs", [("rnn", {}), ("lstm", {}), ("gru", {}),
+                                          ("lstm", dict(proj_size=3))],
+                         ids=["rnn", "lstm", "gru", "lstm-proj"])
+def test_meta_device_like_torch(cell, kwargs):
+    """A module built on the meta device (deferred initialisation, memory planning) runs
+    forward and backward there as torch.nn's does, also inside a CPU autocast region, and
+    after to_empty + load_state_dict runs for real."""
+    with torch.device("meta"):
+        ref = TORCH_MODULES[cell](3, 5, 2, batch_first=True, bidirectional=True, **kwargs)
+        fast = FAST_MODULES[cell](3, 5, 2, batch_first=True, bidirectional=True, **kwargs)
+        x = torch.randn(4, 6, 3)
+        for autocast in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                (o1, h1), (o2, h2) = ref(x), fast(x)
+            h1, h2 = (h1, h2) if cell == "lstm" else ((h1,), (h2,))
+            for a, b in zip((o1, *h1), (o2, *h2)):
+                assert (b.device.type, b.shape, b.dtype) == ("meta", a.shape, a.dtype)
+        o2.sum().backward()
+        for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+            assert (p.grad.device.type, p.grad.shape) == ("meta", q.shape), name
+    torch.manual_seed(0)
+    real = TORCH_MODULES[cell](3, 5, 2, batch_first=True, bidirectional=True, **kwargs)
+    fast = fast.to_empty(device="cpu")
+    fast.load_state_dict(real.state_dict())
+    x = torch.randn(4, 6, 3)
+    assert_close_all(fast(x), real(x), torch.float32)
+
+
 def test_functional_call_uses_the_given_parameters():
     ref, fast = rnn_pair(3, 4)
     new = {k: torch.randn_like(v) for k, v in fast.state_dict().items()}

@@ -366,11 +366,25 @@ def _call(name, input, states, weights, config, batch_sizes):
         raise RuntimeError(
             f"fastrnn: nested torch.func transforms (e.g. grad of grad, vmap of grad) are not "
             f"supported by fastrnn's {name} op; use torch.nn's module for them")
-    # Under autocast the op itself is called: its autocast kernel casts the inputs where
-    # autograd records the casts (inside _Eager.forward it would not).
+    recorded = _recorded()
+    device_type = input.device.type
+    if not recorded and device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        # Eager under autocast: the casts of the op's autocast kernel, here, where autograd
+        # records them, then the call as without autocast (_Eager where gradients follow).
+        # Through the op's own autocast kernel a call needing gradients went on through
+        # register_autograd's kernel (below): a small LSTM's forward+backward took 140 us
+        # more, a third of it.
+        dtype = _autocast_dtype(device_type)
+        input, states, weights = (_autocast_cast(v, dtype, device_type) for v in (input, states, weights))
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+            return _call_op(name, input, states, weights, config, batch_sizes, level, recorded)
+    return _call_op(name, input, states, weights, config, batch_sizes, level, recorded)
+
+
+def _call_op(name, input, states, weights, config, batch_sizes, level, recorded):
     need_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (input, *states, *weights))
-    if need_grad and not _recorded() and not torch.is_autocast_enabled(input.device.type):
+    if need_grad and not recorded:
         function = _Eager if level is None else _EagerTransformed
         return function.apply(name, config, batch_sizes, input, *states, *weights)
     # Without a gradient to come (inference) the op keeps no reserve. A trace
@@ -397,29 +411,39 @@ def _recorded():
 _autocast_lib = torch.library.Library("fastrnn", "IMPL")
 
 
-def _autocast_kernel(op, device_type):
-    def cast(value, dtype):
-        if isinstance(value, list):
-            return [cast(v, dtype) for v in value]
-        if (isinstance(value, Tensor) and value.is_floating_point()
-                and value.device.type == device_type and value.dtype != torch.float64):
-            return value.to(dtype)
-        return value
+_AUTOCAST_DEVICES = ("cpu", "cuda")  # the devices the ops have autocast kernels for
+_AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
 
+
+def _autocast_dtype(device_type):
+    if device_type == "cuda" and torch.backends.cudnn.enabled:
+        return torch.float16
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(value, dtype, device_type):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_autocast_cast(v, dtype, device_type) for v in value)
+    if (isinstance(value, Tensor) and value.is_floating_point()
+            and value.device.type == device_type and value.dtype != torch.float64):
+        return value.to(dtype)
+    return value
+
+
+def _autocast_kernel(op, device_type):
     def kernel(*args):
-        dtype = torch.get_autocast_dtype(device_type)
-        if device_type == "cuda" and torch.backends.cudnn.enabled:
-            dtype = torch.float16
-        with torch.autocast(device_type, enabled=False):
-            return op(*(cast(a, dtype) for a in args))
+        dtype = _autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+            return op(*(_autocast_cast(a, dtype, device_type) for a in args))
 
     return kernel
 
 
 def _register_autocast(name):
     op = getattr(_ops, name).default
-    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
-        _autocast_lib.impl(name, _autocast_kernel(op, device_type), key)
+    for device_type in _AUTOCAST_DEVICES:
+        _autocast_lib.impl(name, _autocast_kernel(op, device_type), f"Autocast{device_type.upper()}")
 
 
 for _name in _STATES:

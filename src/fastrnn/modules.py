@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import _AUTOCAST_DEVICES
+from .ops import _autocast_on
 from .ops import gru as _gru
 from .ops import lstm as _lstm
 from .ops import rnn as _rnn
@@ -45,8 +45,7 @@ def _autocast_reconciles(a: Tensor, b: Tensor) -> bool:
     eligible = (torch.float32, torch.float16, torch.bfloat16)
     return (
         a.device.type == b.device.type
-        and a.device.type in _AUTOCAST_DEVICES
-        and torch.is_autocast_enabled(a.device.type)
+        and _autocast_on(a.device.type)
         and a.dtype in eligible
         and b.dtype in eligible
     )

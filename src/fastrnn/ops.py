@@ -368,7 +368,7 @@ def _call(name, input, states, weights, config, batch_sizes):
             f"supported by fastrnn's {name} op; use torch.nn's module for them")
     recorded = _recorded()
     device_type = input.device.type
-    if not recorded and device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+    if not recorded and _autocast_on(device_type):
         # Eager under autocast: the casts of the op's autocast kernel, here, where autograd
         # records them, then the call as without autocast (_Eager where gradients follow).
         # Through the op's own autocast kernel a call needing gradients went on through
@@ -414,6 +414,12 @@ _autocast_lib = torch.library.Library("fastrnn", "IMPL")
 _AUTOCAST_DEVICES = ("cpu", "cuda")  # the devices the ops have autocast kernels for
 _AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
                   | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
+
+
+def _autocast_on(device_type):
+    """Whether autocast applies to the ops on this device (torch raises for a device it has
+    no autocast for, e.g. meta)."""
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
 
 
 def _autocast_dtype(device_type):

@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
@@ -913,6 +914,25 @@ def test_nested_torch_func_transforms_raise():
     params = dict(fast.named_parameters())
     with pytest.raises(RuntimeError, match="nested torch.func transforms"):
         torch.func.grad(lambda p: torch.func.grad(loss)(p)["weight_hh_l0"].sum())(params)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_forward_mode_ad_raises(cell, grad):
+    """Forward-mode AD has no formula in the ops: a dual input or parameter raises, with or
+    without grad mode (without it the op ran and dropped the tangent), while a plain call
+    inside a dual level still runs as torch.nn's."""
+    ref, fast = rnn_pair(3, 4, 2, cell=cell)
+    x = torch.randn(5, 2, 3)
+    with torch.set_grad_enabled(grad), fwAD.dual_level():
+        with pytest.raises(RuntimeError, match="forward-mode AD .* not supported by fastrnn's"):
+            fast(fwAD.make_dual(x, torch.randn_like(x)))
+        w = fast.weight_hh_l1.detach()
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            torch.func.functional_call(fast, {"weight_hh_l1": fwAD.make_dual(w, torch.ones_like(w))}, (x,))
+        assert_close_all(fast(x), ref(x), torch.float32)
+    with pytest.raises(RuntimeError, match="forward-mode AD"):
+        torch.func.jvp(lambda x: fast(x)[0], (x,), (torch.randn_like(x),))
 
 
 def test_parameters_replaced_after_construction_are_used():

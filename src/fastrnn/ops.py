@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _loader
 
@@ -366,6 +367,12 @@ def _call(name, input, states, weights, config, batch_sizes):
         raise RuntimeError(
             f"fastrnn: nested torch.func transforms (e.g. grad of grad, vmap of grad) are not "
             f"supported by fastrnn's {name} op; use torch.nn's module for them")
+    if _forward_ad._current_level >= 0 and any(
+            _forward_ad.unpack_dual(t).tangent is not None for t in (input, *states, *weights)):
+        # Without a grad mode the call would run with the tangents dropped: a wrong jvp.
+        raise RuntimeError(
+            f"fastrnn: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad's dual "
+            f"tensors) is not supported by fastrnn's {name} op; use torch.nn's module for it")
     recorded = _recorded()
     device_type = input.device.type
     if not recorded and _autocast_on(device_type):

@@ -189,6 +189,9 @@ struct JobShape {
   int vectors;          // vectors per panel row (W)
   int mr;               // rows per tile at most
   int64_t row_elems = 0;  // room per row of the slot beside its panels (StepTask::a_pairs)
+  // What streaming one panel vector per k costs a slot once per step, whatever its rows
+  // (make_plan's units); 0 where the panels stay in L1 between a step's row tiles.
+  double panel_cost = 0;
 };
 
 // The cost model, in units of one vector FMA (half a cycle). A tile of m rows
@@ -247,7 +250,10 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int64_t e
           double worst = 0;
           for (int64_t g = 0; g < rs; ++g) {
             const int64_t lo = split(batch, rs, g), hi = std::min(split(batch, rs, g + 1), st.count);
-            worst = std::max(worst, rows_cost(hi - lo, job.mr, job.vectors));
+            if (hi > lo) {
+              worst = std::max(worst, rows_cost(hi - lo, job.mr, job.vectors) +
+                                          job.panel_cost * job.vectors);
+            }
           }
           cost += cs > 1 ? worst * max_panels * K * kColumnSplitFactor + kBarrierCost
                          : worst * max_panels * K;

@@ -152,6 +152,22 @@ int main() {
   expect(cpu::projection_inside<float>(28, 100, 64) && !cpu::projection_inside<float>(28, 100, 7) &&
              !cpu::projection_inside<float>(201, 100, 64) && cpu::projection_inside<double>(200, 100, 8),
          "projection_inside's rule: batch >= 8, I <= 2H");
+  {
+    // The plan of a GRU forward's product at H = 256, batch 16, on 2 threads (16 panels of
+    // 3 vectors, K = 28 + 256, tiles of 8 rows): by rows where a panel costs nothing beyond
+    // its tiles' FMAs, by columns (one team of two slots) once streaming it costs
+    // (cells_cpu.cpp's kForwardPanelCost). A batch of 2 at H = 64 stays on rows either way.
+    const std::vector<StepRows> steps16(28, StepRows{0, 16, 0, 0, 0});
+    const std::vector<StepRows> steps2(28, StepRows{0, 2, 0, 2, 0});
+    auto teams = [](const std::vector<StepRows>& st, int64_t H, double panel_cost) {
+      cpu::detail::JobShape shape{st, 28 + H, 3 * H, H / 16, 48, 3, 8};
+      shape.panel_cost = panel_cost;
+      return cpu::detail::make_plan(std::span(&shape, 1), 2, sizeof(float)).team_size;
+    };
+    expect(teams(steps16, 256, 0) == std::vector<int64_t>{1, 1}, "no panel cost: rows");
+    expect(teams(steps16, 256, 5) == std::vector<int64_t>{2}, "a panel cost: columns");
+    expect(teams(steps2, 64, 5) == std::vector<int64_t>{1, 1}, "small H and batch: rows");
+  }
   std::printf("%s\n", g_failures ? "FAILED" : "ok");
   return g_failures ? 1 : 0;
 }

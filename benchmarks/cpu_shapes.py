@@ -4,7 +4,7 @@ Four contenders, in one process, on identical weights and inputs: torch.nn.RNN, 
 with its per-step BLAS recurrence (FASTRNN_CPU_FUSED=0), fastrnn with the fused
 recurrence kernel (csrc/cpu/recurrence.h), and the same fused kernels called as the raw ops
 (torch.ops.fastrnn.rnn and rnn_backward, no module and no autograd: what a module call
-adds is the difference). Runs are interleaved (A B C, C B A, ...) after a
+adds is the difference). Runs are interleaved (shuffled each round) after a
 warm-up, and medians are reported. FLOP rates are compared with this machine's sgemm rate
 measured in the same run (the best of repeated 2048^3 float32 GEMMs, re-measured between
 shapes, best kept): on a shared machine only ratios within one run mean anything.

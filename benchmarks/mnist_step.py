@@ -4,7 +4,7 @@ A step is what examples/mnist_rnn.py does per batch: the whole model's forward
 (RNN and readout), cross-entropy, backward, gradient clipping where the preset
 clips, and the optimizer's step. Both models start from identical weights
 (the preset's initialisation) and see the same random batch, so no data is
-needed; steps run interleaved (A B, B A, ...) after a warm-up, and medians are
+needed; steps run interleaved (A B, A B, ...) after a warm-up, and medians are
 reported. benchmarks/mnist_train.py times the same steps over whole training
 runs on MNIST.
 

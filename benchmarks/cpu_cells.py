@@ -4,9 +4,9 @@ Three contenders, in one process, on identical weights and inputs: torch's modul
 in float32 torch runs oneDNN's fused LSTM, forward and backward), fastrnn with its per-step
 path (one BLAS GEMM per step and the cell's pointwise pass, FASTRNN_CPU_FUSED=0) and fastrnn
 with the fused recurrence kernels (csrc/cpu/recurrence.h). Runs are interleaved (in a
-shuffled order each round) after a warm-up; --stat min on a loaded machine. --autocast runs all three
-under torch.autocast("cpu", dtype) (the RNN's cells, tanh and relu, can be added with --cells);
-under bfloat16 a fourth contender is the fused kernels with float32 products
+shuffled order each round) after a warm-up; --stat min on a loaded machine. --autocast runs
+all three under torch.autocast("cpu", dtype) (the RNN's cells, tanh and relu, can be added
+with --cells); under bfloat16 a fourth contender is the fused kernels with float32 products
 (FASTRNN_CPU_BF16_PRODUCTS=0: what the default, bfloat16 products on CPUs with AVX512-BF16,
 is compared with).
 

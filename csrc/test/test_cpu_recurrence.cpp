@@ -158,7 +158,7 @@ int main() {
     // its tiles' FMAs, by columns (one team of two slots) once streaming it costs
     // (cells_cpu.cpp's kForwardPanelCost). A batch of 2 at H = 64 stays on rows either way.
     const std::vector<StepRows> steps16(28, StepRows{0, 16, 0, 0, 0});
-    const std::vector<StepRows> steps2(28, StepRows{0, 2, 0, 2, 0});
+    const std::vector<StepRows> steps2(28, StepRows{0, 2, 0, 0, 0});
     auto teams = [](const std::vector<StepRows>& st, int64_t H, double panel_cost) {
       cpu::detail::JobShape shape{st, 28 + H, 3 * H, H / 16, 48, 3, 8};
       shape.panel_cost = panel_cost;

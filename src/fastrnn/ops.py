@@ -297,13 +297,15 @@ class _NoDoubleBackward(torch.autograd.Function):
         raise _double_backward_error(ctx.name)
 
 
-def _run(name, config, batch_sizes, input, tensors):
-    """The op on _Eager's flat arguments, below autograd: the Function records the call (the
-    op's own autograd kernel would only cost time here, and is no torch.func transform's)."""
+def _run(name, config, batch_sizes, input, tensors, need_reserve=True):
+    """The op on flat arguments (states, then weights), below autograd: where _Eager records
+    the call, or nothing is recorded (inference). The op's own autograd kernel would only
+    cost time here (in inference it finds grad mode off and redispatches: 20 us, a fifth
+    of a tiny module call), and is no torch.func transform's."""
     states = _STATES[name]
     with torch._C._AutoDispatchBelowAutograd():
         return getattr(_ops, name)(input, *tensors[:states], list(tensors[states:]), *config,
-                                   batch_sizes)
+                                   batch_sizes, need_reserve)
 
 
 def _setup(ctx, name, config, batch_sizes, input, tensors, output):
@@ -397,13 +399,10 @@ def _call_op(name, input, states, weights, config, batch_sizes, level, recorded)
     # Without a gradient to come (inference) the op keeps no reserve. A trace
     # (torch.jit.trace) keeps it: the traced graph may run where one is needed.
     need_reserve = need_grad or level is not None or torch.jit.is_tracing()
-    args = (input, *states, list(weights), *config, batch_sizes, need_reserve)
     if recorded or level is not None:
-        return getattr(_ops, name)(*args)
-    # Nothing to record: below autograd, where register_autograd's Python kernel would
-    # only find grad mode off and redispatch (20 us, a fifth of a tiny module call).
-    with torch._C._AutoDispatchBelowAutograd():
-        return getattr(_ops, name)(*args)
+        return getattr(_ops, name)(input, *states, list(weights), *config, batch_sizes,
+                                   need_reserve)
+    return _run(name, config, batch_sizes, input, (*states, *weights), need_reserve)
 
 
 def _recorded():

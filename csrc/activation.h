@@ -75,7 +75,7 @@ FASTRNN_HD float tanh_acc(float v) {
 // GEMM in float64); for a double or a GCC vector of doubles, in place, as
 // tanh_rational_inplace.
 template <typename V>
-inline void expm1_inplace(V& y) {
+FASTRNN_HOST_INLINE void expm1_inplace(V& y) {
   // The integer type as wide as V: what comparing two of them yields.
   using I = std::conditional_t<std::is_same_v<V, double>, int64_t, decltype(V{} < V{})>;
   const V shifter = V{} + 0x1.8p52;  // adding it rounds to an integer, kept in the low bits
@@ -104,7 +104,7 @@ inline void expm1_inplace(V& y) {
 // the sign put back (|v| capped at 20, where tanh rounds to 1; below 2^-27 tanh
 // rounds to v itself, zeros' signs included; NaN stays NaN).
 template <typename V>
-inline void tanh_exp_inplace(V& v) {
+FASTRNN_HOST_INLINE void tanh_exp_inplace(V& v) {
   const V a = v < 0.0 ? -v : v;
   V em = -2.0 * (a > 20.0 ? V{} + 20.0 : a);
   expm1_inplace(em);
@@ -115,7 +115,7 @@ inline void tanh_exp_inplace(V& v) {
 // 1 / (1 + exp(-v)) = 1 / (2 + expm1(-v)) for doubles (|v| capped at 708,
 // where it is 1 or below 1e-307; NaN stays NaN).
 template <typename V>
-inline void sigmoid_exp_inplace(V& v) {
+FASTRNN_HOST_INLINE void sigmoid_exp_inplace(V& v) {
   V em = -v;
   em = em > 708.0 ? V{} + 708.0 : (em < -708.0 ? V{} - 708.0 : em);
   expm1_inplace(em);

@@ -9,12 +9,19 @@
 
 #include <type_traits>
 
+// Always inlined, on the host too: the CPU kernels call these on vectors
+// from functions compiled for AVX2 or AVX-512 (target attributes), and a copy
+// GCC chose to keep out of line is compiled for the baseline ISA (tanh on 16
+// floats one lane at a time, without FMA): slower, and in the last bit other
+// than the inlined copies, so that results depended on which call sites GCC
+// inlined (e.g. on the tile height, and so on the thread count).
+#define FASTRNN_HOST_INLINE inline __attribute__((always_inline))
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define FASTRNN_HD __host__ __device__ __forceinline__
 #else
-#define FASTRNN_HD inline
+#define FASTRNN_HD FASTRNN_HOST_INLINE
 #endif
 
 namespace fastrnn {

@@ -96,20 +96,40 @@ def test_stacked_bidirectional_matches_torch(nonlinearity, threads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_same_bits_for_any_thread_count(packed, nonlinearity, dtype):
-    """Each output element is one accumulator over k in order, so 1 and 2 threads (and row or
-    column splits, in the child runs) give the same bits."""
+# A stack; and batch 5, which one thread runs as one tile of 5 rows and a row split as
+# tiles of 3 and 2 (each height its own compiled code: float64 tanh once differed there in
+# the last bit, where GCC had kept the activation out of line for some heights).
+@pytest.mark.parametrize("shape", [(100, 37, 6, 2, True), (40, 5, 3, 1, False)],
+                         ids=["H100-B37-2x-bi", "H40-B5"])
+def test_same_bits_for_any_thread_count(shape, packed, nonlinearity, dtype, monkeypatch):
+    """Each output element is one accumulator over k in order, so 1 thread and 2 threads
+    splitting rows or columns give the same bits."""
+    hidden, batch, steps, layers, bidirectional = shape
+    results = over_splits(monkeypatch, lambda: compare(
+        hidden, batch, steps, nonlinearity, dtype, bidirectional=bidirectional, layers=layers,
+        packed=packed))
+    for split, result in results.items():
+        for a, b in zip(results[SERIAL], result):
+            assert torch.equal(a, b), f"results differ between 1 thread and {split}"
+
+
+# One thread, and two splitting rows or columns.
+SERIAL = (1, "rows")
+SPLITS = (SERIAL, (2, "rows"), (2, "cols"))
+
+
+def over_splits(monkeypatch, run):
+    """run()'s result under each of SPLITS."""
     saved = torch.get_num_threads()
-    results = []
+    results = {}
     try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            results.append(compare(100, 37, 6, nonlinearity, dtype, bidirectional=True,
-                                   layers=2, packed=packed))
+        for threads, split in SPLITS:
+            torch.set_num_threads(threads)
+            monkeypatch.setenv("FASTRNN_CPU_SPLIT", split)
+            results[threads, split] = run()
     finally:
         torch.set_num_threads(saved)
-    for a, b in zip(*results):
-        assert torch.equal(a, b), "results differ between 1 and 2 threads"
+    return results
 
 
 # The Elman forward's input projection inside the fused recurrence (recurrence.h:
@@ -314,25 +334,23 @@ def test_lstm_proj_size_takes_the_per_step_path(dtype, same_products):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("shape", [(100, 37, 6, 2, True), (40, 5, 3, 1, False)],
+                         ids=["H100-B37-2x-bi", "H40-B5"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_cell_same_bits_for_any_thread_count(cell, packed, dtype):
+def test_cell_same_bits_for_any_thread_count(cell, shape, packed, dtype, monkeypatch):
     """Each element is one accumulator over k in order and each unit's cell math runs on the
-    thread that owns the unit, so 1 and 2 threads (and row or column splits, in the child
-    runs) give the same bits."""
-    saved = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            results.append(compare_cell(cell, 100, 37, 6, dtype, bidirectional=True,
-                                        layers=2, packed=packed))
-    finally:
-        torch.set_num_threads(saved)
-    for name in results[0]:
-        if name == "per-step":  # BLAS's, not the kernels'
-            continue
-        for a, b in zip(results[0][name], results[1][name]):
-            assert torch.equal(a, b), f"{name}: results differ between 1 and 2 threads"
+    thread that owns the unit, so 1 thread and 2 threads splitting rows or columns give the
+    same bits."""
+    hidden, batch, steps, layers, bidirectional = shape
+    results = over_splits(monkeypatch, lambda: compare_cell(
+        cell, hidden, batch, steps, dtype, bidirectional=bidirectional, layers=layers,
+        packed=packed))
+    for split, result in results.items():
+        for name in result:
+            if name == "per-step":  # BLAS's, not the kernels'
+                continue
+            for a, b in zip(results[SERIAL][name], result[name]):
+                assert torch.equal(a, b), f"{name}: results differ between 1 thread and {split}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -70,21 +70,22 @@ inline bool prefer_linear() {
 }
 
 // B's rows [k0, k0 + K) into panels [panel_begin, panel_end) (pack_panels),
-// a step's rows at a time where B's rows lie in steps.
+// a step's rows at a time where B's rows lie in steps. half_tail: as the
+// float kernels read a narrow last panel (not the kernels on pairs).
 template <typename T>
 void pack_depth(const LinearProduct<T>& p, int64_t k0, int64_t K, const KernelSet<T>& ks,
-                int64_t panel_begin, int64_t panel_end, T* panels) {
+                int64_t panel_begin, int64_t panel_end, T* panels, bool half_tail) {
   if (p.w_transposed || p.w_step_rows <= 0) {
     const T* w = p.w + (p.w_transposed ? k0 : k0 * p.ldw);
     pack_panels(w, p.ldw, p.cols, K, ks.nr, ks.lanes, p.w_transposed, panel_begin, panel_end,
-                panels);
+                panels, 0, -1, false, half_tail);
     return;
   }
   for (int64_t k = k0; k < k0 + K;) {
     const int64_t t = k / p.w_step_rows, b = k % p.w_step_rows;
     const int64_t n = std::min(p.w_step_rows - b, k0 + K - k);
     pack_panels(p.w + t * p.ldw_step + b * p.ldw, p.ldw, p.cols, n, ks.nr, ks.lanes, false,
-                panel_begin, panel_end, panels, k - k0, K);
+                panel_begin, panel_end, panels, k - k0, K, false, half_tail);
     k += n;
   }
 }
@@ -141,7 +142,7 @@ bool linear(const LinearProduct<T>& p) {
           t.a_lo = {p.a + (p.a_transposed ? k0 * p.lda : k0), p.lda};
           t.bias = k0 == 0 ? p.bias : nullptr;
           t.accumulate = p.accumulate || k0 > 0;
-          pack_depth(p, k0, t.K, ks, t.panel_begin, t.panel_end, panels_s);
+          pack_depth(p, k0, t.K, ks, t.panel_begin, t.panel_end, panels_s, ks.half_tail && !pairs);
           if constexpr (std::is_same_v<T, float>) {
             if (pairs) {
               panels_to_pairs(panels_s, t.panel_end - t.panel_begin, t.K * ks.nr, t.K,

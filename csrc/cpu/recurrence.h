@@ -396,11 +396,11 @@ auto elman_packer(const KernelSet<T>& ks, bool transposed, bool pairs = false) {
     if constexpr (requires { j.w_ih; }) {
       if (I) {
         pack_panels(j.w_ih, I, j.hidden, I, ks.nr, ks.lanes, true, s.panel_begin, s.panel_end,
-                    dst, 0, depth, pairs);
+                    dst, 0, depth, pairs, ks.half_tail);
       }
     }
     pack_panels(j.w_hh, j.hidden, j.hidden, j.hidden, ks.nr, ks.lanes, transposed, s.panel_begin,
-                s.panel_end, dst, I, depth, pairs);
+                s.panel_end, dst, I, depth, pairs, ks.half_tail);
   };
 }
 

@@ -161,6 +161,19 @@ struct TileKernel {
   static constexpr int kMR = MR;
   static constexpr int kLanes = N;
 
+  // Whether a last panel of at most N / 2 columns runs on half vectors: 256
+  // bits in the AVX-512 kernels (Elman's and the products', on float lanes).
+  // Zen 4 executes a 512-bit multiply-add as two 256-bit halves, so there a
+  // half vector costs half (hidden 100 = 3 panels of 32 and 4 columns: with
+  // the 4 in a full vector the forward op took 27% longer than at hidden
+  // 96); elsewhere it costs the same. Its panel is [K][N / 2] (pack_panels'
+  // half_tail, which the packer must be given alike: KernelSet::half_tail).
+  template <Epilogue E, bool Bf16>
+  static constexpr bool kHalfTail =
+      N * sizeof(T) == 64 && !Bf16 &&
+      (E == Epilogue::Forward || E == Epilogue::Backward || E == Epilogue::Linear ||
+       E == Epilogue::LinearAT);
+
   // n <= N lanes from p (the rest zero) / to p: one vector move when n == N.
   // Full: n == N is known at compile time. The cells' epilogues are compiled
   // apart for full vectors, where nothing of the lane-by-lane path is left to
@@ -720,8 +733,15 @@ struct TileKernel {
       const T* panel = t.panels + (p - t.panel_begin) * (t.K_x + t.K) * kNR;
       const int64_t c0 = p * kNR;
       const int nc = static_cast<int>(std::min<int64_t>(kNR, t.H - c0));
-      // The last panel is one vector wide where its columns fit in one.
+      // The last panel is one vector wide where its columns fit in one, and
+      // half a vector (kHalfTail) where they fit in that.
       if (NV > 1 && nc <= N) {
+        if constexpr (kHalfTail<E, Bf16>) {
+          if (nc <= N / 2) {
+            TileKernel<T, N / 2, NV, MR>::template panel_rows<1, E, Bf16>(t, panel, c0, nc);
+            continue;
+          }
+        }
         panel_rows<1, E, Bf16>(t, panel, c0, nc);
       } else {
         panel_rows<NV, E, Bf16>(t, panel, c0, nc);
@@ -754,8 +774,9 @@ struct TileKernel {
 
 // Width of panel p: nr columns, or one vector (`lanes`) for a last panel
 // whose columns fit in one (TileKernel::step).
-inline int panel_width(int64_t H, int nr, int lanes, int64_t p) {
+inline int panel_width(int64_t H, int nr, int lanes, int64_t p, bool half_tail = false) {
   const int64_t nc = std::min<int64_t>(nr, H - p * nr);
+  if (half_tail && nc <= lanes / 2) return lanes / 2;
   return nc <= lanes ? lanes : nr;
 }
 
@@ -849,12 +870,13 @@ FASTRNN_TARGET_AVX512_BF16 inline void pack_pairs(const float* w, int64_t ldw, b
 template <typename T>
 void pack_panels(const T* w, int64_t ldw, int64_t cols, int64_t K, int nr, int lanes,
                  bool transposed, int64_t panel_begin, int64_t panel_end, T* dst,
-                 int64_t k_offset = 0, int64_t depth = -1, bool pairs = false) {
+                 int64_t k_offset = 0, int64_t depth = -1, bool pairs = false,
+                 bool half_tail = false) {
   if (depth < 0) depth = K;
   for (int64_t p = panel_begin; p < panel_end; ++p) {
     const int64_t c0 = p * nr;
     const int nc = static_cast<int>(std::min<int64_t>(nr, cols - c0));
-    const int width = panel_width(cols, nr, lanes, p);
+    const int width = panel_width(cols, nr, lanes, p, half_tail && !pairs);
     T* panel = dst + (p - panel_begin) * depth * nr + k_offset * width;
 #if FASTRNN_BF16_DISPATCH
     if constexpr (std::is_same_v<T, float>) {
@@ -957,6 +979,9 @@ struct KernelSet {
   void (*linear_pairs)(const StepTask<T>&);
   void (*linear_at_pairs)(const StepTask<T>&);
   void (*scale)(const ScaleTask<T>&);
+  // The Elman and product kernels (not on pairs) run a last panel of at most
+  // lanes / 2 columns on half vectors (TileKernel::kHalfTail), packed so.
+  bool half_tail = false;
 };
 
 // The instantiations: (lanes, vectors per panel row, rows per tile) per ISA.
@@ -1025,9 +1050,9 @@ KernelSet<T> kernel_set(simd::Isa isa) {
       const decltype(&forward_avx512_f32) forward_pairs = nullptr, backward_pairs = nullptr,
                                           linear_pairs = nullptr, linear_at_pairs = nullptr;
 #endif
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, forward_pairs, backward_pairs, linear_avx512_f32, linear_at_avx512_f32, linear_pairs, linear_at_pairs, scale_avx512_f32};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, forward_pairs, backward_pairs, linear_avx512_f32, linear_at_avx512_f32, linear_pairs, linear_at_pairs, scale_avx512_f32, true};
     } else {
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, nullptr, nullptr, linear_avx512_f64, linear_at_avx512_f64, nullptr, nullptr, scale_avx512_f64};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, nullptr, nullptr, linear_avx512_f64, linear_at_avx512_f64, nullptr, nullptr, scale_avx512_f64, true};
     }
   }
   if (isa == simd::Isa::Avx2) {

@@ -165,8 +165,8 @@ struct TileKernel {
   // bits in the AVX-512 kernels (Elman's and the products', on float lanes).
   // Zen 4 executes a 512-bit multiply-add as two 256-bit halves, so there a
   // half vector costs half (hidden 100 = 3 panels of 32 and 4 columns: with
-  // the 4 in a full vector the forward op took 27% longer than at hidden
-  // 96); elsewhere it costs the same. Its panel is [K][N / 2] (pack_panels'
+  // the 4 in a full vector the forward op took 10-27% longer than at hidden
+  // 96, for 4% more multiply-adds); elsewhere it costs the same. Its panel is [K][N / 2] (pack_panels'
   // half_tail, which the packer must be given alike: KernelSet::half_tail).
   template <Epilogue E, bool Bf16>
   static constexpr bool kHalfTail =

@@ -93,14 +93,17 @@ def test_stacked_bidirectional_matches_torch(nonlinearity, threads):
     compare(40, 10, 6, nonlinearity, torch.float32, bidirectional=True, layers=3)
 
 
+# (hidden, batch, steps, layers, bidirectional): a stack; and batch 5, which one thread runs
+# as one tile of 5 rows and a row split as tiles of 3 and 2 (each height its own compiled
+# code: float64 tanh once differed there in the last bit, where GCC had kept the activation
+# out of line for some heights).
+SAME_BITS_SHAPES = [(100, 37, 6, 2, True), (40, 5, 3, 1, False)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-# A stack; and batch 5, which one thread runs as one tile of 5 rows and a row split as
-# tiles of 3 and 2 (each height its own compiled code: float64 tanh once differed there in
-# the last bit, where GCC had kept the activation out of line for some heights).
-@pytest.mark.parametrize("shape", [(100, 37, 6, 2, True), (40, 5, 3, 1, False)],
-                         ids=["H100-B37-2x-bi", "H40-B5"])
+@pytest.mark.parametrize("shape", SAME_BITS_SHAPES, ids=["H100-B37-2x-bi", "H40-B5"])
 def test_same_bits_for_any_thread_count(shape, packed, nonlinearity, dtype, monkeypatch):
     """Each output element is one accumulator over k in order, so 1 thread and 2 threads
     splitting rows or columns give the same bits."""
@@ -339,8 +342,7 @@ def test_lstm_proj_size_takes_the_per_step_path(dtype, same_products):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("shape", [(100, 37, 6, 2, True), (40, 5, 3, 1, False)],
-                         ids=["H100-B37-2x-bi", "H40-B5"])
+@pytest.mark.parametrize("shape", SAME_BITS_SHAPES, ids=["H100-B37-2x-bi", "H40-B5"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_cell_same_bits_for_any_thread_count(cell, shape, packed, dtype, monkeypatch):
     """Each element is one accumulator over k in order and each unit's cell math runs on the

@@ -166,8 +166,9 @@ struct TileKernel {
   // Zen 4 executes a 512-bit multiply-add as two 256-bit halves, so there a
   // half vector costs half (hidden 100 = 3 panels of 32 and 4 columns: with
   // the 4 in a full vector the forward op took 10-27% longer than at hidden
-  // 96, for 4% more multiply-adds); elsewhere it costs the same. Its panel is [K][N / 2] (pack_panels'
-  // half_tail, which the packer must be given alike: KernelSet::half_tail).
+  // 96, for 4% more multiply-adds); elsewhere it costs the same. Its panel
+  // is [K][N / 2] (pack_panels' half_tail, which the packer must be given
+  // alike: KernelSet::half_tail).
   template <Epilogue E, bool Bf16>
   static constexpr bool kHalfTail =
       N * sizeof(T) == 64 && !Bf16 &&
@@ -1050,9 +1051,9 @@ KernelSet<T> kernel_set(simd::Isa isa) {
       const decltype(&forward_avx512_f32) forward_pairs = nullptr, backward_pairs = nullptr,
                                           linear_pairs = nullptr, linear_at_pairs = nullptr;
 #endif
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, forward_pairs, backward_pairs, linear_avx512_f32, linear_at_avx512_f32, linear_pairs, linear_at_pairs, scale_avx512_f32, true};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, forward_pairs, backward_pairs, linear_avx512_f32, linear_at_avx512_f32, linear_pairs, linear_at_pairs, scale_avx512_f32, Avx512<T>::template kHalfTail<Epilogue::Forward, false>};
     } else {
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, nullptr, nullptr, linear_avx512_f64, linear_at_avx512_f64, nullptr, nullptr, scale_avx512_f64, true};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, nullptr, nullptr, linear_avx512_f64, linear_at_avx512_f64, nullptr, nullptr, scale_avx512_f64, Avx512<T>::template kHalfTail<Epilogue::Forward, false>};
     }
   }
   if (isa == simd::Isa::Avx2) {

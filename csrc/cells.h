@@ -50,6 +50,18 @@ struct CopySteps {
   }
 };
 
+// out = a + b over one row (b_ih + b_hh), in acc_type and rounded once, as
+// torch's add rounds.
+template <typename T>
+struct AddRow {
+  T* out;
+  const T* a;
+  const T* b;
+  FASTRNN_HD void operator()(int64_t, int64_t j) const {
+    out[j] = store<T>(load<acc_type<T>>(a[j]) + load<acc_type<T>>(b[j]));
+  }
+};
+
 // ---------------------------------------------------------------- Elman
 
 // h = act(h): the step's rows hold P + h_{t-1} W_hh^T on entry.

@@ -14,6 +14,7 @@
 //       directions of a layer)
 #pragma once
 
+#include "cells.h"
 #include "checks.h"
 #include "recurrence.h"
 #include "scratch.h"
@@ -99,10 +100,23 @@ inline Tensor layer_input(const StackViews& s, int64_t l) {
   return s.c.dropout_applied() ? multiply(prev, s.mask(l - 1)) : prev;
 }
 
-// b_ih + b_hh, or the one that is there.
-inline std::optional<Tensor> bias_sum(const std::optional<Tensor>& a, const std::optional<Tensor>& b) {
-  if (a && b) return torch::stable::subtract(*a, *b, -1.0);
-  return a ? a : b;
+// b_ih + b_hh, or the one that is there: by one pointwise launch of the
+// backend's own where both are vectors (a dispatcher call costs a GPU's
+// host several times that), else by torch's add.
+template <class Backend>
+std::optional<Tensor> bias_sum(const std::optional<Tensor>& a, const std::optional<Tensor>& b) {
+  if (!a || !b) return a ? a : b;
+  if (a->dim() != 1 || a->stride(0) != 1 || b->dim() != 1 || b->stride(0) != 1 ||
+      a->scalar_type() != b->scalar_type() || a->size(0) != b->size(0)) {
+    return torch::stable::subtract(*a, *b, -1.0);
+  }
+  Tensor sum = empty(*a, {a->size(0)});
+  Backend::with_dtype(sum.scalar_type(), [&]<typename T>() {
+    Backend::for_each(sum, 1, sum.size(0),
+                      AddRow<T>{static_cast<T*>(sum.data_ptr()), static_cast<const T*>(a->data_ptr()),
+                                static_cast<const T*>(b->data_ptr())});
+  });
+  return sum;
 }
 
 // out = x W^T (+ bias).
@@ -242,7 +256,7 @@ void forward_layer(const StackViews& s, int64_t l, LayerInput& x, const Tensor& 
       case CellKind::Elman: {
         ForwardJob job{&c.layout, d == 1, &order[d], out_d, StackViews::state(h0, cell),
                        StackViews::state(h_n, cell), w_hh};
-        const std::optional<Tensor> bias = bias_sum(s.b_ih(cell), s.b_hh(cell));
+        const std::optional<Tensor> bias = bias_sum<Backend>(s.b_ih(cell), s.b_hh(cell));
         job.x = x.lying();
         const bool inside = input_projection_inside<Backend>(job);
         take_projection<Backend>(job, x, s.w_ih(cell), bias, out_d, inside);
@@ -250,7 +264,7 @@ void forward_layer(const StackViews& s, int64_t l, LayerInput& x, const Tensor& 
         break;
       }
       case CellKind::Lstm: {
-        const std::optional<Tensor> bias = bias_sum(s.b_ih(cell), s.b_hh(cell));
+        const std::optional<Tensor> bias = bias_sum<Backend>(s.b_ih(cell), s.b_hh(cell));
         LstmForwardJob job{&c.layout, d == 1, &order[d], Tensor(), Tensor(),
                            c.proj ? s.after_gates(l, d, 1) : Tensor(), out_d,
                            StackViews::state(h0, cell), StackViews::state(c0, cell),
@@ -449,12 +463,11 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
       recurrent_weight_grad<Backend>(L, d == 1, grad_weights[first + 1], dA_h,
                                      StackViews::state(h0, cell), s.columns(out, d), tmp);
       if (c.has_biases) {
-        grad_weights[first + 3] = column_sum(dA_h);
+        grad_weights[first + 3] = column_sums<Backend>(dA_h);
         if (c.cell == CellKind::Gru) {
           grad_weights[first + 2] = empty(input, {GH});
           for (const InputGrad& g : input_grads[d]) {
-            Tensor dst = reinterpret(grad_weights[first + 2], {g.dA.size(1)}, {1}, g.col);
-            copy_into<Backend>(dst, column_sum(g.dA));
+            column_sums<Backend>(g.dA, reinterpret(grad_weights[first + 2], {g.dA.size(1)}, {1}, g.col));
           }
         } else {
           grad_weights[first + 2] = empty(input, {GH});

@@ -146,6 +146,21 @@ inline Tensor column_sum(const Tensor& t) {
   return torch::stable::sum(t, torch::headeronly::IntHeaderOnlyArrayRef(dim));
 }
 
+// The column sums of t [N, C]: written into `into` ([C], unit stride) where
+// given, else returned as a new tensor; by the backend's own reduction where it
+// has one (Backend::column_sums: on a GPU one or two launches, where torch's
+// sum and a copy cost several times their host time), else by torch's sum.
+template <class Backend>
+Tensor column_sums(const Tensor& t, std::optional<Tensor> into = std::nullopt) {
+  if constexpr (requires { Backend::column_sums(t, t); }) {
+    const Tensor out = into ? *into : empty(t, {t.size(1)});
+    if (Backend::column_sums(out, t)) return out;
+  }
+  if (!into) return column_sum(t);
+  copy_into<Backend>(*into, column_sum(t));
+  return *into;
+}
+
 inline std::string shape_str(const Tensor& t) {
   std::string s = "[";
   for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));

@@ -57,6 +57,29 @@ def test_deterministic_bits():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("steps, batch", [(1, 1), (5, 51), (8, 32), (257, 1), (11, 100)],
+                         ids=lambda v: str(v))
+def test_bias_gradients_over_row_chunks(cell, steps, batch):
+    """The bias gradients are column sums of the steps' rows, summed by chunks of 256 rows
+    on the GPU: 1, 255, 256, 257 and 1100 rows, in a bidirectional layer (each direction's
+    columns a strided view), against the CPU in float64, and the same bits twice."""
+    _, fast = rnn_pair(3, 9, 1, bidirectional=True, cell=cell)
+    fast = fast.double()
+    gpu = copy.deepcopy(fast).cuda()
+    x = torch.randn(steps, batch, 3, dtype=torch.float64)
+    results = []
+    for module, device in ((fast, "cpu"), (gpu, "cuda"), (gpu, "cuda")):
+        out, h = module(x.to(device))
+        named = dict(zip([n for n, _ in module.named_parameters()],
+                         grads(module, weighted_sum(out, h), [])))
+        results.append({n: g.cpu() for n, g in named.items() if n.startswith("bias")})
+    assert len(results[0]) == 4
+    for n, e in results[0].items():
+        torch.testing.assert_close(results[1][n], e, rtol=1e-9, atol=1e-10, msg=n)
+        assert torch.equal(results[2][n], results[1][n]), n
+
+
 def test_cuda_graph_capture_and_replay():
     _, fast = rnn_pair(8, 32, 2)
     fast = fast.cuda()

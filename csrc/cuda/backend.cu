@@ -36,6 +36,45 @@ __global__ void for_each_kernel(F f, int64_t rows, int64_t cols) {
   }
 }
 
+// Column sums of t [n, cols] (row stride ld), by chunks of kSumRows rows: block
+// (32, 8) of grid (x, y) sums columns [32x, 32x + 32) of chunk y, warp w its rows
+// w, w + 8, ..., and adds the warps' sums in order; into out where the chunk is
+// the only one, else into partial [chunks, cols]. The order depends on n alone:
+// the same bits on every run and every GPU.
+constexpr int kSumRows = 256;
+
+template <typename T, typename acc_t>
+__global__ void column_sum_kernel(const T* t, int64_t ld, int64_t n, int64_t cols, acc_t* partial, T* out) {
+  __shared__ acc_t sums[8][32];
+  const int64_t col = blockIdx.x * 32 + threadIdx.x;
+  const int64_t chunk_end = (blockIdx.y + 1) * static_cast<int64_t>(kSumRows), end = chunk_end < n ? chunk_end : n;
+  acc_t s = 0;
+  if (col < cols) {
+    for (int64_t r = blockIdx.y * static_cast<int64_t>(kSumRows) + threadIdx.y; r < end; r += 8) {
+      s += load<acc_t>(t[r * ld + col]);
+    }
+  }
+  sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y != 0 || col >= cols) return;
+  for (int w = 1; w < 8; ++w) s += sums[w][threadIdx.x];
+  if (out) {
+    out[col] = store<T>(s);
+  } else {
+    partial[blockIdx.y * cols + col] = s;
+  }
+}
+
+// out[c] = the sum of partial [chunks, cols]'s column c, in chunk order.
+template <typename T, typename acc_t>
+__global__ void column_sum_chunks_kernel(const acc_t* partial, int64_t chunks, int64_t cols, T* out) {
+  const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (col >= cols) return;
+  acc_t s = 0;
+  for (int64_t c = 0; c < chunks; ++c) s += partial[c * cols + col];
+  out[col] = store<T>(s);
+}
+
 cudaStream_t current_stream(const Tensor& t) {
   void* stream = nullptr;
   TORCH_ERROR_CODE_CHECK(
@@ -453,6 +492,37 @@ struct CudaBackend {
       for_each(dst, size[0] * size[1], size[2],
                CopySteps<T>{ptr<T>(dst), ptr<const T>(src), size[1], d_stride[0], d_stride[1], s_stride[0],
                             s_stride[1]});
+    });
+    return true;
+  }
+
+  // out [C] = the column sums of t [N, C] (column_sums), for a t with unit
+  // column stride and out of unit stride; false for any other (torch's sum then).
+  static bool column_sums(const Tensor& out, const Tensor& t) {
+    if (t.dim() != 2 || out.dim() != 1 || out.scalar_type() != t.scalar_type()) return false;
+    const int64_t n = t.size(0), cols = t.size(1), chunks = std::max<int64_t>(1, (n + kSumRows - 1) / kSumRows);
+    if ((cols > 1 && (t.stride(1) != 1 || out.stride(0) != 1)) || out.size(0) != cols || chunks > 65535) {
+      return false;
+    }
+    if (cols == 0) return true;
+    const cudaStream_t stream = current_stream(t);
+    const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>(chunks)), block(32, 8);
+    with_dtype(t.scalar_type(), [&]<typename T>() {
+      using acc_t = acc_type<T>;
+      if (chunks == 1) {
+        column_sum_kernel<T, acc_t><<<grid, block, 0, stream>>>(ptr<const T>(t), t.stride(0), n, cols, nullptr,
+                                                                ptr<T>(out));
+        check_launch("column_sum_kernel");
+        return;
+      }
+      // The chunks' sums in acc_t, in a buffer of t's dtype sized to hold them.
+      const Tensor partial = empty(t, {chunks * cols * static_cast<int64_t>(sizeof(acc_t) / sizeof(T))});
+      column_sum_kernel<T, acc_t><<<grid, block, 0, stream>>>(ptr<const T>(t), t.stride(0), n, cols,
+                                                              ptr<acc_t>(partial), nullptr);
+      check_launch("column_sum_kernel");
+      column_sum_chunks_kernel<T, acc_t><<<static_cast<unsigned>((cols + 255) / 256), 256, 0, stream>>>(
+          ptr<const acc_t>(partial), chunks, cols, ptr<T>(out));
+      check_launch("column_sum_chunks_kernel");
     });
     return true;
   }

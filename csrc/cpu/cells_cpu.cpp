@@ -23,6 +23,9 @@ struct CellKernels {
   void (*forward[2])(const StepTask<T>&);
   void (*backward[2])(const StepTask<T>&);
   void (*grad_rows[2])(const CellStep<T>&);
+  // A last panel of at most half a vector runs on half vectors, forward and
+  // backward, and is packed so (TileKernel::kHalfTail).
+  bool half_tail;
   // forward and backward on bfloat16 pairs (bf16_pairs.h): float32 on CPUs
   // with AVX512-BF16, else null.
   void (*forward_pairs[2])(const StepTask<T>&) = {nullptr, nullptr};
@@ -74,7 +77,8 @@ struct CellKernels {
             MR_BWD,                                                                            \
             {lstm_forward_##ISA<T>, gru_forward_##ISA<T>},                                     \
             {lstm_backward_##ISA<T>, gru_backward_##ISA<T>},                                   \
-            {lstm_grad_rows_##ISA<T>, gru_grad_rows_##ISA<T>}};                                \
+            {lstm_grad_rows_##ISA<T>, gru_grad_rows_##ISA<T>},                                 \
+            Lstm_##ISA<T>::template kHalfTail<false>};                                        \
   }
 
 #define FASTRNN_NO_TARGET
@@ -166,10 +170,10 @@ void run_forward(std::span<const Job> jobs) {
         const int64_t I = detail::inside_input(j);
         if (I) {
           pack_gate_panels(j.w_ih, j.hidden, I, G, ks.lanes, s.panel_begin, s.panel_end, dst, 0,
-                           I + j.hidden, pairs);
+                           I + j.hidden, pairs, ks.half_tail);
         }
         pack_gate_panels(j.w_hh, j.hidden, j.hidden, G, ks.lanes, s.panel_begin, s.panel_end, dst,
-                         I, I + j.hidden, pairs);
+                         I, I + j.hidden, pairs, ks.half_tail);
       },
       [&](const detail::Slot& s, const Job& j, const T* panels, int64_t p) {
         const StepRows& st = j.steps[p];
@@ -272,7 +276,7 @@ void run_backward(std::span<const Job> jobs) {
       jobs, std::span<const detail::JobShape>(shapes), plan, 1,
       [&](const detail::Slot& s, const Job& j, T* dst) {
         pack_panels(j.w_hh, j.hidden, j.hidden, G * j.hidden, ks.nr, ks.lanes, false,
-                    s.panel_begin, s.panel_end, dst, 0, -1, pairs);
+                    s.panel_begin, s.panel_end, dst, 0, -1, pairs, ks.half_tail);
       },
       [&](const detail::Slot& s, const Job& j, const T* panels, int64_t p) {
         const size_t n = j.steps.size();

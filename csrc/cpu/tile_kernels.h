@@ -161,19 +161,17 @@ struct TileKernel {
   static constexpr int kMR = MR;
   static constexpr int kLanes = N;
 
-  // Whether a last panel of at most N / 2 columns runs on half vectors: 256
-  // bits in the AVX-512 kernels (Elman's and the products', on float lanes).
-  // Zen 4 executes a 512-bit multiply-add as two 256-bit halves, so there a
-  // half vector costs half (hidden 100 = 3 panels of 32 and 4 columns: with
-  // the 4 in a full vector the forward op took 10-27% longer than at hidden
-  // 96, for 4% more multiply-adds); elsewhere it costs the same. Its panel
-  // is [K][N / 2] (pack_panels' half_tail, which the packer must be given
-  // alike: KernelSet::half_tail).
-  template <Epilogue E, bool Bf16>
-  static constexpr bool kHalfTail =
-      N * sizeof(T) == 64 && !Bf16 &&
-      (E == Epilogue::Forward || E == Epilogue::Backward || E == Epilogue::Linear ||
-       E == Epilogue::LinearAT);
+  // Whether a last panel of at most N / 2 columns (the cells' forward: units)
+  // runs on half vectors: 256 bits in the AVX-512 kernels, on float lanes
+  // (not the Bf16 ones). Zen 4 executes a 512-bit multiply-add as two 256-bit
+  // halves, so there a half vector costs half (hidden 100 = 3 panels of 32 and
+  // 4 columns: with the 4 in a full vector the Elman forward op took 10-27%
+  // longer than at hidden 96, for 4% more multiply-adds); elsewhere it costs
+  // the same. Its panel is [K][N / 2], or [K][NV * N / 2] for the cells'
+  // forward (pack_panels' and pack_gate_panels' half_tail, which the packer
+  // must be given alike: KernelSet::half_tail, CellKernels::half_tail).
+  template <bool Bf16>
+  static constexpr bool kHalfTail = N * sizeof(T) == 64 && !Bf16;
 
   // n <= N lanes from p (the rest zero) / to p: one vector move when n == N.
   // Full: n == N is known at compile time. The cells' epilogues are compiled
@@ -722,11 +720,19 @@ struct TileKernel {
     }
 #endif
     if constexpr (E == Epilogue::LstmForward || E == Epilogue::GruForward) {
-      // Panel p: units [p*N, p*N + N), all NV (= G) gates of each.
+      // Panel p: units [p*N, p*N + N), all NV (= G) gates of each; a last panel
+      // of at most N / 2 units on half vectors (kHalfTail).
       for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
         const T* panel = t.panels + (p - t.panel_begin) * (t.K_x + t.K) * kNR;
         const int64_t u0 = p * N;
-        panel_rows<NV, E, Bf16>(t, panel, u0, static_cast<int>(std::min<int64_t>(N, t.H - u0)));
+        const int nu = static_cast<int>(std::min<int64_t>(N, t.H - u0));
+        if constexpr (kHalfTail<Bf16>) {
+          if (nu <= N / 2) {
+            TileKernel<T, N / 2, NV, MR>::template panel_rows<NV, E, Bf16>(t, panel, u0, nu);
+            continue;
+          }
+        }
+        panel_rows<NV, E, Bf16>(t, panel, u0, nu);
       }
       return;
     }
@@ -737,7 +743,7 @@ struct TileKernel {
       // The last panel is one vector wide where its columns fit in one, and
       // half a vector (kHalfTail) where they fit in that.
       if (NV > 1 && nc <= N) {
-        if constexpr (kHalfTail<E, Bf16>) {
+        if constexpr (kHalfTail<Bf16>) {
           if (nc <= N / 2) {
             TileKernel<T, N / 2, NV, MR>::template panel_rows<1, E, Bf16>(t, panel, c0, nc);
             continue;
@@ -913,24 +919,28 @@ void pack_panels(const T* w, int64_t ldw, int64_t cols, int64_t K, int nr, int l
 // with panel[k_offset + k][g*lanes + l] = w[(g*H + p*lanes + l) * K + k],
 // zero for units past H; panel p starts at (p - panel_begin) * depth * G *
 // lanes. (W_ih and W_hh go into one panel's rows [0, I) and [I, I + H) when
-// the input projection is inside.) pairs: as pack_panels'.
+// the input projection is inside.) pairs: as pack_panels'. half_tail (not
+// with pairs): a last panel of at most lanes / 2 units is [depth][G * lanes / 2]
+// (TileKernel::kHalfTail).
 template <typename T>
 void pack_gate_panels(const T* w, int64_t H, int64_t K, int G, int lanes, int64_t panel_begin,
                       int64_t panel_end, T* dst, int64_t k_offset = 0, int64_t depth = -1,
-                      bool pairs = false) {
-  const int width = G * lanes;
+                      bool pairs = false, bool half_tail = false) {
   if (depth < 0) depth = K;
   for (int64_t p = panel_begin; p < panel_end; ++p) {
-    T* panel = dst + (p - panel_begin) * depth * width + k_offset * width;
     const int64_t u0 = p * lanes;
     const int64_t nu = std::clamp<int64_t>(H - u0, 0, lanes);  // units of the panel in W
+    const int64_t full = static_cast<int64_t>(G) * lanes;
+    const int lanes_p = half_tail && !pairs && nu <= lanes / 2 ? lanes / 2 : lanes;
+    const int width = G * lanes_p;
+    T* panel = dst + (p - panel_begin) * depth * full + k_offset * width;
 #if FASTRNN_BF16_DISPATCH
     if constexpr (std::is_same_v<T, float>) {
       if (pairs) {
-        uint32_t* out = reinterpret_cast<uint32_t*>(dst + (p - panel_begin) * depth * width) +
-                        (k_offset + 1) / 2 * width;
+        uint32_t* out = reinterpret_cast<uint32_t*>(dst + (p - panel_begin) * depth * full) +
+                        (k_offset + 1) / 2 * full;
         for (int g = 0; g < G; ++g) {
-          pack_pairs(w + (g * H + u0) * K, K, true, nu, K, out + g * lanes, width, lanes);
+          pack_pairs(w + (g * H + u0) * K, K, true, nu, K, out + g * lanes, full, lanes);
         }
         continue;
       }
@@ -940,9 +950,9 @@ void pack_gate_panels(const T* w, int64_t H, int64_t K, int G, int lanes, int64_
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
       const int64_t k1 = std::min(K, k0 + kb);
       for (int g = 0; g < G; ++g) {
-        transpose(w + (g * H + u0) * K + k0, K, nu, k1 - k0, panel + k0 * width + g * lanes, width);
+        transpose(w + (g * H + u0) * K + k0, K, nu, k1 - k0, panel + k0 * width + g * lanes_p, width);
         for (int64_t k = k0; k < k1; ++k) {
-          std::fill(panel + k * width + g * lanes + nu, panel + k * width + (g + 1) * lanes, T(0));
+          std::fill(panel + k * width + g * lanes_p + nu, panel + k * width + (g + 1) * lanes_p, T(0));
         }
       }
     }
@@ -1051,9 +1061,9 @@ KernelSet<T> kernel_set(simd::Isa isa) {
       const decltype(&forward_avx512_f32) forward_pairs = nullptr, backward_pairs = nullptr,
                                           linear_pairs = nullptr, linear_at_pairs = nullptr;
 #endif
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, forward_pairs, backward_pairs, linear_avx512_f32, linear_at_avx512_f32, linear_pairs, linear_at_pairs, scale_avx512_f32, Avx512<T>::template kHalfTail<Epilogue::Forward, false>};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f32, backward_avx512_f32, forward_pairs, backward_pairs, linear_avx512_f32, linear_at_avx512_f32, linear_pairs, linear_at_pairs, scale_avx512_f32, Avx512<T>::template kHalfTail<false>};
     } else {
-      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, nullptr, nullptr, linear_avx512_f64, linear_at_avx512_f64, nullptr, nullptr, scale_avx512_f64, Avx512<T>::template kHalfTail<Epilogue::Forward, false>};
+      return {Avx512<T>::kNR, Avx512<T>::kMR, Avx512<T>::kLanes, forward_avx512_f64, backward_avx512_f64, nullptr, nullptr, linear_avx512_f64, linear_at_avx512_f64, nullptr, nullptr, scale_avx512_f64, Avx512<T>::template kHalfTail<false>};
     }
   }
   if (isa == simd::Isa::Avx2) {

@@ -80,6 +80,29 @@ def test_bias_gradients_over_row_chunks(cell, steps, batch):
         assert torch.equal(results[2][n], results[1][n]), n
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_half_precision_bias_gradients_within_twice_torch(cell, dtype):
+    """The bias gradients of 1100 rows (five chunks, their sums kept in float32) in float16
+    and bfloat16: off the float64 result by at most twice torch.nn's error, or by one unit
+    of the dtype's precision at the gradients' scale."""
+    ref, fast = rnn_pair(3, 9, 1, bidirectional=True, cell=cell)
+    x = torch.randn(11, 100, 3)
+    exact_module = copy.deepcopy(ref).double()
+    exact = grads(exact_module, weighted_sum(*exact_module(x.double())), [])
+    names = [n for n, _ in ref.named_parameters()]
+    exact = [e for n, e in zip(names, exact) if n.startswith("bias")]
+    errors = []
+    for m in (ref, fast):
+        m = copy.deepcopy(m).to("cuda", dtype)
+        got = [g for n, g in zip(names, grads(m, weighted_sum(*m(x.to("cuda", dtype))), []))
+               if n.startswith("bias")]
+        assert all(g.dtype == dtype for g in got)
+        errors.append(max(float((g.double().cpu() - e).abs().max()) for g, e in zip(got, exact)))
+    scale = max(float(e.abs().max()) for e in exact)
+    assert errors[1] <= max(2 * errors[0], torch.finfo(dtype).eps * scale), (errors, scale)
+
+
 def test_cuda_graph_capture_and_replay():
     _, fast = rnn_pair(8, 32, 2)
     fast = fast.cuda()

@@ -931,7 +931,7 @@ void pack_gate_panels(const T* w, int64_t H, int64_t K, int G, int lanes, int64_
     const int64_t u0 = p * lanes;
     const int64_t nu = std::clamp<int64_t>(H - u0, 0, lanes);  // units of the panel in W
     const int64_t full = static_cast<int64_t>(G) * lanes;
-    const int lanes_p = half_tail && !pairs && nu <= lanes / 2 ? lanes / 2 : lanes;
+    const int lanes_p = panel_width(H, lanes, lanes, p, half_tail && !pairs);  // units the panel holds
     const int width = G * lanes_p;
     T* panel = dst + (p - panel_begin) * depth * full + k_offset * width;
 #if FASTRNN_BF16_DISPATCH

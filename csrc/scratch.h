@@ -1,18 +1,14 @@
-// fastrnn: CPU scratch memory that the thread keeps between op calls.
-//
-// Why: a training step frees and re-allocates the same megabytes of
-// temporaries on every call (packed weights, the contiguous copies of a
-// batch_first input and of the output's gradient, the gradient passed down
-// between layers), and glibc returns freed memory at the top of its heap to
-// the kernel, so each call faulted its temporaries in afresh: about 1 us per
-// 4 KB page, 10-20% of a small stack's forward+backward. Each thread keeps
-// the blocks its calls gave back, up to kKeepBytes, and its next call takes
-// them again, already mapped.
+// fastrnn: an op call's CPU temporaries (packed weights, the contiguous
+// copies of a batch_first input and of the output's gradient, the gradient
+// passed down between layers), in blocks the thread keeps between calls
+// (host_blocks.h says why). Each thread's next call takes them again,
+// already mapped.
 //
 // Only temporaries live here, never a tensor an op returns. CUDA tensors go
 // to torch's caching allocator, which already does this.
 #pragma once
 
+#include "host_blocks.h"
 #include "tensor_util.h"
 
 #include <algorithm>
@@ -23,57 +19,8 @@
 
 namespace fastrnn::scratch {
 
-// What a thread keeps between calls; a block that does not fit is freed.
-constexpr size_t kKeepBytes = size_t(64) << 20;
-constexpr std::align_val_t kAlign{64};
-
-struct Block {
-  void* data = nullptr;
-  size_t bytes = 0;
-};
-
-class Cache {
- public:
-  ~Cache() {
-    for (const Block& b : free_) ::operator delete(b.data, kAlign);
-  }
-
-  // A block of at least `bytes`: the smallest kept one that fits without
-  // wasting more than half of it, else a new one.
-  Block take(size_t bytes) {
-    bytes = std::max<size_t>(bytes, 64);
-    auto best = free_.end();
-    for (auto it = free_.begin(); it != free_.end(); ++it) {
-      if (it->bytes >= bytes && it->bytes / 2 <= bytes && (best == free_.end() || it->bytes < best->bytes)) {
-        best = it;
-      }
-    }
-    if (best == free_.end()) return {::operator new(bytes, kAlign), bytes};
-    const Block b = *best;
-    kept_ -= b.bytes;
-    *best = free_.back();
-    free_.pop_back();
-    return b;
-  }
-
-  void give(const Block& b) {
-    if (kept_ + b.bytes > kKeepBytes) {
-      ::operator delete(b.data, kAlign);
-      return;
-    }
-    kept_ += b.bytes;
-    free_.push_back(b);
-  }
-
- private:
-  std::vector<Block> free_;
-  size_t kept_ = 0;
-};
-
-inline Cache& cache() {
-  thread_local Cache c;
-  return c;
-}
+using blocks::Block;
+using blocks::cache;
 
 // n elements of T, 64-byte aligned, uninitialised, for the scope.
 template <typename T>

@@ -4,6 +4,7 @@
 // dispatcher, so results match torch's own kernels.
 #pragma once
 
+#include "host_blocks.h"
 #include "ops.h"
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -83,8 +84,52 @@ inline Tensor as_contiguous(const Tensor& t) {
   return t.is_contiguous() ? t : torch::stable::contiguous(t);
 }
 
+#if TORCH_FEATURE_VERSION < TORCH_VERSION_2_11_0 && defined(__GNUC__)
+// torch >= 2.11's from_blob with a deleter (torch/csrc/stable/c/shim.h), which
+// the stable ABI targeted here does not declare: weak, so null under a torch
+// without it.
+extern "C" __attribute__((weak)) AOTITorchError torch_from_blob(
+    void* data, int64_t ndim, const int64_t* sizes_ptr, const int64_t* strides_ptr,
+    int64_t storage_offset, int32_t dtype, int32_t device_type, int32_t device_index,
+    AtenTensorHandle* ret, int32_t layout, const uint8_t* opaque_metadata,
+    int64_t opaque_metadata_size, void (*deleter)(void* data, void* ctx), void* deleter_ctx);
+#endif
+
+namespace detail {
+// A CPU tensor of `bytes` in a block of blocks::returned() (host_blocks.h
+// says why), which its storage's deleter gives back; nullptr where the
+// running torch cannot make one (then torch allocates). Past kKeepBytes torch
+// allocates too: a block that big would be freed on its return anyway.
+inline AtenTensorHandle empty_kept(int64_t dims, const int64_t* shape, const int64_t* strides,
+                                   int32_t dtype, int32_t device_index, size_t bytes) {
+  constexpr size_t kMinBytes = size_t(64) << 10;  // smaller blocks stay in glibc's bins
+  if (bytes < kMinBytes || bytes > blocks::kKeepBytes) return nullptr;
+#if TORCH_FEATURE_VERSION >= TORCH_VERSION_2_11_0 || defined(__GNUC__)
+#if TORCH_FEATURE_VERSION < TORCH_VERSION_2_11_0
+  if (&torch_from_blob == nullptr) return nullptr;
+#endif
+  const blocks::Block b = blocks::returned().take(bytes);
+  auto give_back = [](void* data, void* ctx) {
+    blocks::returned().give({data, reinterpret_cast<size_t>(ctx)});
+  };
+  AtenTensorHandle out = nullptr;
+  const AOTITorchError err = torch_from_blob(
+      b.data, dims, shape, strides, 0, dtype, aoti_torch_device_type_cpu(), device_index, &out,
+      aoti_torch_layout_strided(), nullptr, 0, give_back, reinterpret_cast<void*>(b.bytes));
+  if (err != AOTI_TORCH_SUCCESS) {
+    blocks::returned().give(b);
+    return nullptr;
+  }
+  return out;
+#else
+  return nullptr;
+#endif
+}
+}  // namespace detail
+
 // A new contiguous tensor of like's dtype and device: one dispatcher call
-// (new_empty makes two, and a backward makes dozens of these).
+// (new_empty makes two, and a backward makes dozens of these), or on the CPU
+// none, in a kept block.
 inline Tensor empty(const Tensor& like, std::initializer_list<int64_t> shape) {
   std::array<int64_t, 4> strides{};
   FASTRNN_CHECK(shape.size() <= strides.size(), "fastrnn: empty() of ", shape.size(), " dimensions");
@@ -97,9 +142,18 @@ inline Tensor empty(const Tensor& like, std::initializer_list<int64_t> shape) {
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(like.get(), &dtype));
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
+  const auto dims = static_cast<int64_t>(shape.size());
+  if (device_type == aoti_torch_device_type_cpu()) {
+    int64_t numel = 1;
+    for (int64_t s : shape) numel *= s;
+    const size_t bytes = static_cast<size_t>(numel) * like.element_size();
+    if (AtenTensorHandle kept = detail::empty_kept(dims, shape.begin(), strides.data(), dtype, device_index, bytes)) {
+      return Tensor(kept);
+    }
+  }
   AtenTensorHandle out = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(shape.size()), shape.begin(),
-                                                  strides.data(), dtype, device_type, device_index, &out));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(dims, shape.begin(), strides.data(), dtype,
+                                                  device_type, device_index, &out));
   return Tensor(out);
 }
 

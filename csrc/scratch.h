@@ -70,7 +70,7 @@ class Tensors {
     std::vector<int64_t> shape(t.dim());
     for (int64_t d = 0; d < t.dim(); ++d) shape[d] = t.size(d);
     Tensor c = empty(t, shape);
-    if (!copy_rows(c, t)) torch::stable::copy_(c, t);
+    if (!fill_broadcast(c, t) && !copy_rows(c, t)) torch::stable::copy_(c, t);
     return c;
   }
 
@@ -78,6 +78,30 @@ class Tensors {
   Tensor contiguous(const Tensor& t) { return t.is_contiguous() ? t : copy(t); }
 
  private:
+  // dst = src for a CPU src that is one element broadcast (every stride 0:
+  // the modules' zero initial state, torch.zeros(()).expand(...)), without
+  // the dispatcher. False: not taken.
+  static bool fill_broadcast(const Tensor& dst, const Tensor& src) {
+    if (!src.is_cpu() || src.numel() == 0) return false;
+    for (int64_t d = 0; d < src.dim(); ++d) {
+      if (src.stride(d) != 0 && src.size(d) != 1) return false;
+    }
+    const size_t elem = src.element_size(), bytes = static_cast<size_t>(src.numel()) * elem;
+    const char* value = static_cast<const char*>(src.const_data_ptr());
+    char* to = static_cast<char*>(dst.data_ptr());
+    if (std::all_of(value, value + elem, [](char b) { return b == 0; })) {
+      std::memset(to, 0, bytes);
+      return true;
+    }
+    std::memcpy(to, value, elem);
+    for (size_t done = elem; done < bytes;) {  // doubling copies of what is filled
+      const size_t n = std::min(done, bytes - done);
+      std::memcpy(to + done, to, n);
+      done += n;
+    }
+    return true;
+  }
+
   // dst = src for a CPU src of at most 3 dims with unit stride in the last
   // (a batch_first input or its output's gradient, seen time-major): whole
   // rows by memcpy, rows split over threads. torch's copy_ runs these

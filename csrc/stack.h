@@ -546,7 +546,7 @@ RnnResult one_state_forward(const char* op, CellKind kind, Tensor input, Tensor 
                                               nonlinearity, batch_sizes);
   scratch::Tensors tmp;
   const StackViews s = forward_views(c, weights, input, need_reserve, tmp);
-  const Tensor h0 = as_contiguous(hx);
+  const Tensor h0 = tmp.contiguous(hx);
   Tensor h_n = empty(hx, {c.cells(), c.layout.batch, c.hidden});
   if (c.layout.steps == 0) torch::stable::copy_(h_n, h0);
   Tensor output = stack_forward<Backend>(s, input, h0, Tensor(), h_n, Tensor());
@@ -566,12 +566,13 @@ RnnBackwardResult one_state_backward(const char* op, CellKind kind, Tensor input
                                               nonlinearity, batch_sizes);
   check_backward_args(op, c, input, output, reserve, grad_output, grad_h_n);
   const StackViews s{c, weights, as_contiguous(reserve)};
-  const Tensor dh_n = as_contiguous(grad_h_n);
+  scratch::Tensors tmp;
+  const Tensor dh_n = tmp.contiguous(grad_h_n);
   Tensor grad_hx = empty(hx, {c.cells(), c.layout.batch, c.hidden});
   if (c.layout.steps == 0) torch::stable::copy_(grad_hx, dh_n);
   Tensor grad_input = empty(input, {0});
   std::vector<Tensor> grad_weights(weights.size());
-  stack_backward<Backend>(s, input, as_contiguous(hx), Tensor(), output, grad_output, dh_n,
+  stack_backward<Backend>(s, input, tmp.contiguous(hx), Tensor(), output, grad_output, dh_n,
                           Tensor(), grad_hx, Tensor(), need_input_grad, need_weight_grad,
                           grad_input, grad_weights);
   return {grad_input, grad_hx, or_no_grads(std::move(grad_weights), input)};
@@ -634,7 +635,7 @@ LstmResult lstm_forward(Tensor input, Tensor hx, Tensor cx, std::vector<Tensor> 
                                               bidirectional, "", batch_sizes);
   scratch::Tensors tmp;
   const detail::StackViews s = detail::forward_views(c, weights, input, need_reserve, tmp);
-  const Tensor h0 = as_contiguous(hx), c0 = as_contiguous(cx);
+  const Tensor h0 = tmp.contiguous(hx), c0 = tmp.contiguous(cx);
   Tensor h_n = empty(hx, {c.cells(), c.layout.batch, c.state_size()});
   Tensor c_n = empty(cx, {c.cells(), c.layout.batch, c.hidden});
   if (c.layout.steps == 0) {
@@ -658,7 +659,8 @@ LstmBackwardResult lstm_backward(Tensor input, Tensor hx, Tensor cx, std::vector
                                               "", batch_sizes);
   check_backward_args(op, c, input, output, reserve, grad_output, grad_h_n, &grad_c_n);
   const detail::StackViews s{c, weights, as_contiguous(reserve)};
-  const Tensor dh_n = as_contiguous(grad_h_n), dc_n = as_contiguous(grad_c_n);
+  scratch::Tensors tmp;
+  const Tensor dh_n = tmp.contiguous(grad_h_n), dc_n = tmp.contiguous(grad_c_n);
   Tensor grad_hx = empty(hx, {c.cells(), c.layout.batch, c.state_size()});
   Tensor grad_cx = empty(cx, {c.cells(), c.layout.batch, c.hidden});
   if (c.layout.steps == 0) {
@@ -667,7 +669,7 @@ LstmBackwardResult lstm_backward(Tensor input, Tensor hx, Tensor cx, std::vector
   }
   Tensor grad_input = empty(input, {0});
   std::vector<Tensor> grad_weights(weights.size());
-  detail::stack_backward<Backend>(s, input, as_contiguous(hx), as_contiguous(cx), output,
+  detail::stack_backward<Backend>(s, input, tmp.contiguous(hx), tmp.contiguous(cx), output,
                                   grad_output, dh_n, dc_n, grad_hx, grad_cx, need_input_grad,
                                   need_weight_grad, grad_input, grad_weights);
   return {grad_input, grad_hx, grad_cx, detail::or_no_grads(std::move(grad_weights), input)};

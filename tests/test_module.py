@@ -240,6 +240,30 @@ def test_backward_fills_no_zeros(cell):
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("used", ["output", "h_n", "last step"])
+def test_backward_of_part_of_the_outputs_like_torch(cell, used):
+    """A loss of some outputs only (the last step, as a classifier reads it; or h_n): the
+    gradients that do not come are zeros, which on the CPU reach the backward op as one zero
+    broadcast, not a zero tensor filled per call; the gradients are torch.nn's."""
+    case = Case(cell=cell, num_layers=2, steps=5, batch=3, batch_first=True)
+    ref, fast = twins(case)
+    x, _, _ = module_inputs(case)
+
+    def loss_of(module):
+        out, h_n = module(x)
+        h_n = h_n[0] if cell == "lstm" else h_n
+        return {"output": out.sum(), "h_n": h_n.sum(), "last step": out[:, -1].sum()}[used]
+
+    loss = loss_of(fast)
+    with OpCalls() as calls:
+        got = torch.autograd.grad(loss, [x, *fast.parameters()])
+    assert calls.names() == [f"{cell}_backward"]
+    assert not [name for name in calls.aten if "zeros" in name or "fill" in name], calls.aten
+    want = torch.autograd.grad(loss_of(ref), [x, *ref.parameters()])
+    assert_close_all(got, want, case.dtype, cell)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_results_untouched_by_later_calls(cell, dtype):
     """Every tensor a call returns (output, final states, every gradient) keeps its values
@@ -256,6 +280,62 @@ def test_results_untouched_by_later_calls(cell, dtype):
         run_module(fast, later, *module_inputs(later)[:2], None)
     assert all(torch.equal(a, b) for a, b in zip(flat(first), kept))
     assert_close_all(first, run_module(ref, case, x, h0, None), dtype, cell)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("value", [0.0, 0.5])
+@pytest.mark.parametrize("layout", ["scalar", "per-unit"])
+def test_broadcast_initial_state_like_torch(cell, value, layout):
+    """An initial state broadcast from fewer elements (stride 0 in some dimensions, as the
+    modules pass hx=None on the CPU) gives torch.nn's results and gradients, its own included
+    (summed over the broadcast, by autograd)."""
+    case = Case(cell=cell, num_layers=2, bidirectional=True, steps=5, batch=3, input_size=4,
+                hidden_size=6, proj_size=3 if cell == "lstm" else 0)
+    ref, fast = twins(case)
+    x = torch.randn(case.steps, case.batch, case.input_size, dtype=case.dtype)
+
+    def state(width):
+        base = (torch.full((), value, dtype=case.dtype) if layout == "scalar"
+                else torch.randn(1, 1, width, dtype=case.dtype))
+        return base.clone().requires_grad_()
+
+    def run(module, leaves):
+        states = [leaf.expand(4, case.batch, leaf_width) for leaf, leaf_width in leaves]
+        assert all(s.stride(1) == 0 for s in states)
+        out, h_n = module(x, tuple(states) if cell == "lstm" else states[0])
+        loss = weighted_sum(out, h_n)
+        return out, h_n, torch.autograd.grad(loss, [leaf for leaf, _ in leaves]
+                                             + list(module.parameters()))
+
+    widths = [case.proj_size or case.hidden_size] + ([case.hidden_size] if cell == "lstm" else [])
+    leaves = [(state(w), w) for w in widths]
+    assert_close_all(run(fast, leaves), run(ref, leaves), case.dtype, cell)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_zero_state_first_made_in_inference_mode(cell):
+    """The modules' cached zero state, first made under torch.inference_mode, still serves
+    a later call that autograd records (an inference tensor could not be saved for it)."""
+    case = Case(cell=cell, steps=4, batch=2, input_size=3, hidden_size=5)
+    ref, fast = twins(case)
+    x = torch.randn(case.steps, case.batch, case.input_size, dtype=case.dtype,
+                    requires_grad=True)
+    fastrnn.ops._ZEROS.clear()
+    with torch.inference_mode():
+        fast(x)
+    assert all(not z.is_inference() for z in fastrnn.ops._ZEROS.values())
+    got = run_module(fast, case, x, None, None)
+    assert_close_all(got, run_module(ref, case, x, None, None), case.dtype, cell)
+
+
+def test_zeros_are_broadcast_only_in_eager_cpu_calls():
+    """hx=None: one element broadcast in an eager CPU call (the ops copy it into memory of
+    their own); a dense torch.zeros where a graph is recorded, as torch.nn makes."""
+    x = torch.randn(4, 2, 3)
+    eager = fastrnn.ops._zeros((2, 2, 5), x)
+    assert eager.shape == (2, 2, 5) and eager.stride() == (0, 0, 0) and not eager.any()
+    traced = torch.jit.trace(lambda t: fastrnn.ops._zeros((2, 2, 5), t), (x,))
+    assert traced(x).is_contiguous() and traced(x).stride() != (0, 0, 0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import _autocast_on
+from .ops import _autocast_on, _zeros
 from .ops import gru as _gru
 from .ops import lstm as _lstm
 from .ops import rnn as _rnn
@@ -104,8 +104,11 @@ class _OneState(_Fused):
                 )
             max_batch_size = input.size(0) if self.batch_first else input.size(1)
         if hx is None:
-            hx = torch.zeros(self.num_layers * num_directions, max_batch_size, self.hidden_size,
-                             dtype=input.dtype, device=input.device)
+            shape = (self.num_layers * num_directions, max_batch_size, self.hidden_size)
+            if torch.jit.is_scripting():
+                hx = torch.zeros(shape, dtype=input.dtype, device=input.device)
+            else:
+                hx = _zeros(shape, input)
         else:
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_input(input, batch_sizes)
@@ -294,11 +297,13 @@ class LSTM(_Fused):
                         )
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         if hx is None:
-            h_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                  real_hidden_size, dtype=input.dtype, device=input.device)
-            c_zeros = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                  self.hidden_size, dtype=input.dtype, device=input.device)
-            hx = (h_zeros, c_zeros)
+            h_shape = (self.num_layers * num_directions, max_batch_size, real_hidden_size)
+            c_shape = (self.num_layers * num_directions, max_batch_size, self.hidden_size)
+            if torch.jit.is_scripting():
+                hx = (torch.zeros(h_shape, dtype=input.dtype, device=input.device),
+                      torch.zeros(c_shape, dtype=input.dtype, device=input.device))
+            else:
+                hx = (_zeros(h_shape, input), _zeros(c_shape, input))
         else:
             hx = self.permute_hidden(hx, sorted_indices)
         if not torch.jit.is_scripting() and torch.compiler.is_compiling() and batch_sizes is not None:

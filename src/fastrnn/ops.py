@@ -211,6 +211,26 @@ def _register_fakes(name):
         return (grad_input, *(s.new_empty(s.shape) for s in a.states), grad_weights)
 
 
+# dtype -> a CPU zero scalar: the zeros of eager CPU calls, broadcast.
+_ZEROS = {}
+
+
+def _zeros(shape, like: Tensor) -> Tensor:
+    """Zeros of `shape` in like's dtype and device, for an op argument: a zero initial state
+    (the modules' hx=None) or a gradient that did not reach an output. In an eager CPU call,
+    one cached zero broadcast: the ops copy a broadcast argument into memory they keep
+    (csrc/scratch.h), where torch.zeros costs an allocation, and often page faults, every
+    call. Graphs (compile, trace, export) and other devices get torch.zeros, as torch.nn's
+    modules make."""
+    if like.device.type != "cpu" or _recorded():
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    zero = _ZEROS.get(like.dtype)
+    if zero is None:
+        with torch.inference_mode(False):  # savable for backward, wherever it is first made
+            zero = _ZEROS.setdefault(like.dtype, torch.zeros((), dtype=like.dtype))
+    return zero.expand(shape)
+
+
 # Autograd: one backward-op call for the whole stack.
 def _backward(name, config, saved, grad_output, grad_states, need_input, need_states, need_weights):
     """The backward op's call from what forward saved: (grad_input, [grad_states],
@@ -220,8 +240,8 @@ def _backward(name, config, saved, grad_output, grad_states, need_input, need_st
     state_tensors, (batch_sizes, out, reserve), weights = (
         rest[:states], rest[states : states + 3], rest[states + 3 :])
     if grad_output is None:
-        grad_output = torch.zeros_like(out)
-    grad_states = [g if g is not None else torch.zeros_like(s)
+        grad_output = _zeros(out.shape, out)
+    grad_states = [g if g is not None else _zeros(s.shape, s)
                    for g, s in zip(grad_states, state_tensors)]
     args = (input, *state_tensors, weights, *config, batch_sizes, out, reserve, grad_output,
             *grad_states, need_input, any(need_weights))

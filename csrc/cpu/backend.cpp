@@ -16,6 +16,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <cstring>
 #include <string_view>
 
 namespace fastrnn {
@@ -128,8 +129,66 @@ bool own_linear(const Tensor& c, const Tensor* bias, const Tensor& a, const Tens
   }
 }
 
+// out[j] = sum over i of t[i * ld + j], j < cols. Columns go to threads in
+// blocks, and each column is summed in row order by one thread in double:
+// results do not depend on the thread count, and float sums over many rows
+// keep float's precision.
+template <typename T>
+void sum_columns(T* out, const T* t, int64_t rows, int64_t cols, int64_t ld) {
+  constexpr int64_t kCols = 64;
+  const int64_t blocks = (cols + kCols - 1) / kCols;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(rows * kCols, 1));
+  torch::stable::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t j0 = b * kCols, width = std::min(kCols, cols - j0);
+      double acc[kCols] = {};
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* row = t + i * ld + j0;
+#pragma GCC ivdep
+        for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<double>(row[j]);
+      }
+      for (int64_t j = 0; j < width; ++j) out[j0 + j] = static_cast<T>(acc[j]);
+    }
+  });
+}
+
 struct CpuBackend {
   static constexpr const char* device_name = "CPU";
+
+  // dst = src (copy_into) by memcpy for contiguous tensors of one dtype and
+  // size: a bias gradient's copy, where torch's copy_ is a dispatcher call
+  // after the kernels. False: torch's copy_.
+  static bool copy(const Tensor& dst, const Tensor& src) {
+    if (!dst.is_cpu() || !src.is_cpu() || dst.scalar_type() != src.scalar_type() ||
+        dst.dim() != src.dim() || !dst.is_contiguous() || !src.is_contiguous()) {
+      return false;
+    }
+    for (int64_t d = 0; d < dst.dim(); ++d) {
+      if (dst.size(d) != src.size(d)) return false;
+    }
+    std::memmove(dst.data_ptr(), src.const_data_ptr(), static_cast<size_t>(dst.numel()) * dst.element_size());
+    return true;
+  }
+
+  // out [C] = the column sums of t [N, C] (column_sums: the bias gradients),
+  // for float and double t with unit column stride and out of unit stride;
+  // false for any other (torch's sum then).
+  static bool column_sums(const Tensor& out, const Tensor& t) {
+    if (t.dim() != 2 || out.dim() != 1 || out.scalar_type() != t.scalar_type() ||
+        out.size(0) != t.size(1) || (t.size(1) > 1 && (t.stride(1) != 1 || out.stride(0) != 1))) {
+      return false;
+    }
+    switch (t.scalar_type()) {
+      case ScalarType::Float:
+        sum_columns(ptr<float>(out), ptr<const float>(t), t.size(0), t.size(1), t.stride(0));
+        return true;
+      case ScalarType::Double:
+        sum_columns(ptr<double>(out), ptr<const double>(t), t.size(0), t.size(1), t.stride(0));
+        return true;
+      default:
+        return false;
+    }
+  }
 
   static bool supports(ScalarType t) {
     // Half too: torch.nn.RNN runs in float16 on the CPU (e.g. under

@@ -322,8 +322,29 @@ Tensor stack_forward(const StackViews& s, const Tensor& input, const Tensor& h0,
   return output;
 }
 
+// Whether the backend tells that h ([B, H]) is all zero, and that t
+// ([rows, cols]) is finite, cheaply (the CPU's, on the host); false where not.
+template <class Backend>
+bool zero_state(const Tensor& h) {
+  if constexpr (requires { Backend::zero_state(h); }) {
+    return Backend::zero_state(h);
+  } else {
+    return false;
+  }
+}
+template <class Backend>
+bool finite(const Tensor& t) {
+  if constexpr (requires { Backend::finite(t); }) {
+    return Backend::finite(t);
+  } else {
+    return false;
+  }
+}
+
 // dW = dA^T Hprev, Hprev being each row's h_{t-1} (from h0 or the output):
 // one GEMM per contiguous block, or one GEMM over a gathered Hprev when there are many.
+// A block of a zero h0 adds nothing (the modules' default h0: a step's worth of
+// the product) unless its rows of dA hold an infinity or a NaN (0 * inf is NaN).
 template <class Backend>
 void recurrent_weight_grad(const SequenceLayout& L, bool reverse, const Tensor& grad_w,
                            const Tensor& dA, const Tensor& h0, const Tensor& out,
@@ -334,6 +355,12 @@ void recurrent_weight_grad(const SequenceLayout& L, bool reverse, const Tensor& 
     const Tensor& from = b.from_hx ? h0 : out;
     return view2d(from, b.count, R, from.stride(0), b.src * from.stride(0));
   };
+  auto dA_rows = [&](const PrevRows& b) {
+    return view2d(dA, b.count, dA.size(1), dA.stride(0), b.dst * dA.stride(0));
+  };
+  if (blocks.size() <= 2 && zero_state<Backend>(h0)) {
+    std::erase_if(blocks, [&](const PrevRows& b) { return b.from_hx && finite<Backend>(dA_rows(b)); });
+  }
   if (blocks.empty()) {
     Tensor g = grad_w;
     torch::stable::zero_(g);
@@ -346,8 +373,7 @@ void recurrent_weight_grad(const SequenceLayout& L, bool reverse, const Tensor& 
     Backend::gemm(grad_w, transposed(dA), hprev, false);
   } else {
     for (size_t i = 0; i < blocks.size(); ++i) {
-      const Tensor dA_rows = view2d(dA, blocks[i].count, dA.size(1), dA.stride(0), blocks[i].dst * dA.stride(0));
-      Backend::gemm(grad_w, transposed(dA_rows), source(blocks[i]), i > 0);
+      Backend::gemm(grad_w, transposed(dA_rows(blocks[i])), source(blocks[i]), i > 0);
     }
   }
 }

@@ -187,6 +187,70 @@ def test_nonfinite_values_propagate_like_torch():
 
 
 # ---------------------------------------------------------------------------------------
+# A zero initial state (the modules' default): its products are left out, in the fused
+# forwards (the steps' rows that start from h0, tile by tile, where the slot's rows of W_hh
+# are finite) and in dW_hh (its rows of h0, where their dA is finite); FASTRNN_CPU_SKIP_ZERO_H0=0
+# keeps them. Both ways give the same bits; an infinity in W_hh or in dA still spreads NaN
+# through 0 * inf as in torch.nn.
+# ---------------------------------------------------------------------------------------
+
+def zero_state_results(cell, hidden, batch, steps, dtype, packed, layers=2):
+    """(torch.nn's results, fastrnn's with the products of h0 left out, fastrnn's with them)
+    with h0 (and c0) zero leaves; bidirectional, so that a packed batch's reverse direction
+    starts rows from h0 at later steps, in tiles beside rows that carry on."""
+    ref, fast = rnn_pair(7, hidden, cell=cell if cell in ("lstm", "gru") else "rnn",
+                         num_layers=layers, bidirectional=True, seed=hidden + batch,
+                         **({} if cell in ("lstm", "gru") else {"nonlinearity": cell}))
+    ref, fast = ref.to(dtype), fast.to(dtype)
+    g = torch.Generator().manual_seed(steps)
+    x = torch.randn(steps, batch, 7, generator=g, dtype=dtype).requires_grad_()
+    hx = torch.zeros(2 * layers, batch, hidden, dtype=dtype, requires_grad=True)
+    if cell == "lstm":
+        hx = (hx, torch.randn(2 * layers, batch, hidden, generator=g, dtype=dtype).requires_grad_())
+    lengths = lengths_for(batch, steps, seed=batch) if packed else None
+    expected = run_cell(ref, x, hx, lengths)
+    with env_vars(FASTRNN_CPU_SKIP_ZERO_H0=None):
+        skipped = run_cell(fast, x, hx, lengths)
+    with env_vars(FASTRNN_CPU_SKIP_ZERO_H0="0"):
+        kept = run_cell(fast, x, hx, lengths)
+    return expected, skipped, kept
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell", ["tanh", "relu", "lstm", "gru"])
+def test_zero_initial_state_left_out_gives_the_same_bits(cell, packed, dtype, threads):
+    # B = 19: tiles of 8, 6 and 5 rows, so that h0's rows start mid-tile at some steps.
+    expected, skipped, kept = zero_state_results(cell, 40, 19, 6, dtype, packed)
+    assert_close_all(skipped, expected, dtype, f"{cell} zero h0")
+    for a, b in zip(skipped, kept):
+        assert torch.equal(a, b), f"{cell}: the products of a zero h0 changed the bits"
+
+
+@pytest.mark.parametrize("cell", ["tanh", "relu", "lstm", "gru"])
+def test_zero_initial_state_with_nonfinite_weights_or_gradients_like_torch(cell):
+    name = cell if cell in ("lstm", "gru") else "rnn"
+    kwargs = {} if cell in ("lstm", "gru") else {"nonlinearity": cell}
+    ref, fast = rnn_pair(3, 20, cell=name, seed=3, **kwargs)
+    x = torch.randn(5, 16, 3)
+    with torch.no_grad():  # an infinity in W_hh: 0 * inf is NaN at step 0 already
+        for m in (ref, fast):
+            m.weight_hh_l0[7, 2] = float("inf")
+    torch.testing.assert_close(fast(x)[0], ref(x)[0], equal_nan=True)
+
+    ref, fast = rnn_pair(3, 20, cell=name, seed=3, **kwargs)
+    results = []
+    for m in (ref, fast):  # an infinity reaching dA at step 0: dW_hh's h0 rows give NaN
+        out, _ = m(x)
+        grad = torch.ones_like(out)
+        grad[0, 4, 3] = float("inf")
+        results.append(torch.autograd.grad(out, m.weight_hh_l0, grad)[0])
+    assert results[0].isnan().any()
+    torch.testing.assert_close(results[1], results[0], equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------
 # LSTM and GRU (csrc/cpu/cell_recurrence.h): the forward's gate-interleaved tiles (one vector
 # of units per gate: 16 floats / 8 doubles on AVX-512; 6 rows per LSTM tile, 8 per GRU tile),
 # the backward's tiles (32 / 16 units, 8 rows) and its epilogue that runs the earlier step's

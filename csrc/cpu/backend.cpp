@@ -276,6 +276,34 @@ struct CpuBackend {
     r.bias = ptr<T>(bias);
   }
 
+  // Whether a [B, H] state is all zero (the modules' default h0): its
+  // products are then left out, in the fused forwards (recurrence.h, which
+  // also check W_hh) and in dW_hh (stack.h). FASTRNN_CPU_SKIP_ZERO_H0=0 keeps
+  // them (read per call: the tests compare the bits both ways).
+  template <typename T>
+  static bool zero_state(const Tensor& h) {
+    if (const char* v = std::getenv("FASTRNN_CPU_SKIP_ZERO_H0"); v && v[0] == '0' && !v[1]) return false;
+    return h.stride(1) == 1 && cpu::zero_rows(ptr<const T>(h), h.stride(0), h.size(0), h.size(1));
+  }
+  static bool zero_state(const Tensor& h) {
+    return float_or_double(h, [&]<typename T>() { return zero_state<T>(h); });
+  }
+  // Whether a [rows, cols] tensor holds no infinity and no NaN.
+  static bool finite(const Tensor& t) {
+    return float_or_double(t, [&]<typename T>() {
+      return t.stride(1) == 1 && cpu::finite(ptr<const T>(t), t.stride(0), t.size(0), t.size(1));
+    });
+  }
+  // f<T>() for a float or double tensor, else false.
+  template <typename F>
+  static bool float_or_double(const Tensor& t, F&& f) {
+    switch (t.scalar_type()) {
+      case ScalarType::Float: return f.template operator()<float>();
+      case ScalarType::Double: return f.template operator()<double>();
+      default: return false;
+    }
+  }
+
   // The input projection inside the fused forward (stack.h asks): where the
   // kernel takes the job (p: P's or the gates' buffer) and
   // cpu::projection_inside says so.
@@ -304,7 +332,7 @@ struct CpuBackend {
         std::vector<cpu::ForwardRecurrence<T>> rec;
         for (const ForwardJob& j : jobs) {
           rec.push_back({*j.steps, j.w_hh.size(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0),
-                         j.h0.stride(0), ptr<T>(j.w_hh), act});
+                         j.h0.stride(0), zero_state<T>(j.h0), ptr<T>(j.w_hh), act});
           set_input<T>(rec.back(), j.x, j.w_ih, j.bias);
         }
         fused = cpu::forward_recurrences<T>(rec);
@@ -382,6 +410,7 @@ struct CpuBackend {
                          ptr<T>(j.c0), j.c0.stride(0), ptr<T>(j.w_hh)});
           set_input<T>(rec.back(), j.x, j.w_ih, j.bias);
           rec.back().state_steps = rings[k];
+          rec.back().h0_zero = zero_state<T>(j.h0);
         }
         fused = cpu::forward_recurrences<T>(std::span<const cpu::LstmForwardRecurrence<T>>(rec));
       }
@@ -442,6 +471,7 @@ struct CpuBackend {
                          ptr<T>(j.w_hh), ptr<T>(b_hh.back())});
           set_input<T>(rec.back(), j.x, j.w_ih, j.bias);
           rec.back().state_steps = rings[k];
+          rec.back().h0_zero = zero_state<T>(j.h0);
         }
         fused = cpu::forward_recurrences<T>(std::span<const cpu::GruForwardRecurrence<T>>(rec));
       }

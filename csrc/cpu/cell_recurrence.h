@@ -73,6 +73,7 @@ struct LstmForwardRecurrence {
   // Where each step's rows of gates and c are (begin, prev_begin), where not
   // steps' own: a two-step ring (LstmForwardJob::ring); else empty.
   std::span<const StepRows> state_steps;
+  bool h0_zero = false;             // every row of h0 is zero: as ForwardRecurrence's
 };
 
 template <typename T>
@@ -123,6 +124,7 @@ struct GruForwardRecurrence {
   const T* w_ih = nullptr;          // [3H, I] contiguous
   const T* bias = nullptr;          // [3H] b_ih or null
   std::span<const StepRows> state_steps;  // as LstmForwardRecurrence's (gates and hn)
+  bool h0_zero = false;
 };
 
 template <typename T>

@@ -164,6 +164,7 @@ void run_forward(std::span<const Job> jobs) {
   const auto forward = pairs ? ks.forward_pairs[Cell] : ks.forward[Cell];
   if (pairs) detail::room_for_pairs(shapes, jobs);
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
+  std::vector<char> skip_zero_h0(plan.slots.size(), 0);  // as Elman's (recurrence.h)
   detail::run_slots<T>(
       jobs, std::span<const detail::JobShape>(shapes), plan, 0,
       [&](const detail::Slot& s, const Job& j, T* dst) {
@@ -174,6 +175,12 @@ void run_forward(std::span<const Job> jobs) {
         }
         pack_gate_panels(j.w_hh, j.hidden, j.hidden, G, ks.lanes, s.panel_begin, s.panel_end, dst,
                          I, I + j.hidden, pairs, ks.half_tail);
+        if (!j.h0_zero) return;
+        // The slot's units' rows of W_hh, gate by gate.
+        const int64_t u0 = s.panel_begin * ks.lanes, u1 = std::min(s.panel_end * ks.lanes, j.hidden);
+        bool ok = true;
+        for (int g = 0; g < G && ok && u1 > u0; ++g) ok = finite(j.w_hh + (g * j.hidden + u0) * j.hidden, j.hidden, u1 - u0, j.hidden);
+        skip_zero_h0[&s - plan.slots.data()] = ok;
       },
       [&](const detail::Slot& s, const Job& j, const T* panels, int64_t p) {
         const StepRows& st = j.steps[p];
@@ -203,6 +210,7 @@ void run_forward(std::span<const Job> jobs) {
         t.a_lo = {j.out + st.prev_begin * j.ld_out, j.ld_out};
         t.a_hi = {j.h0, j.ld_h0};
         t.a_split = st.carried;
+        t.a_hi_zero = skip_zero_h0[&s - plan.slots.data()];
         detail::take_slot(t, s, st.count, panels);
         t.K = t.H = j.hidden;
         t.cell = &cs;

@@ -48,6 +48,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <new>
@@ -70,6 +71,7 @@ struct ForwardRecurrence {
                                     //   of a bidirectional output)
   const T* h0 = nullptr;            // [B, ld_h0]: the initial state
   int64_t ld_h0 = 0;
+  bool h0_zero = false;             // every row of h0 is zero (zero_rows): see skip_zero_h0
   const T* w_hh = nullptr;          // [H, H] contiguous, row-major: w_hh[j * H + k] = W_hh[j][k]
   Activation act = Activation::Tanh;
   // The input projection inside the recurrence, where x is set (projection_inside):
@@ -144,6 +146,39 @@ bool projection_inside(int64_t input, int64_t hidden, int64_t batch) {
 template <typename T>
 Rows<const T> step_rows(const T* p, int64_t ld, int64_t step_stride, const StepRows& st) {
   return {p + (step_stride ? st.t * step_stride : st.begin * ld), ld};
+}
+
+// Whether rows [0, rows) x [0, cols) at p (row stride ld) are all zero, of
+// either sign.
+template <typename T>
+bool zero_rows(const T* p, int64_t ld, int64_t rows, int64_t cols) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  U bits = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      U b;
+      std::memcpy(&b, p + i * ld + j, sizeof b);
+      bits |= b << 1;  // the sign bit shifted out
+    }
+  }
+  return bits == 0;
+}
+
+// Whether rows [0, rows) x [0, cols) at p hold no infinity and no NaN.
+template <typename T>
+bool finite(const T* p, int64_t ld, int64_t rows, int64_t cols) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr U magnitude = ~U(0) >> 1;
+  constexpr U infinity = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+  U top = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      U b;
+      std::memcpy(&b, p + i * ld + j, sizeof b);
+      top = std::max<U>(top, b & magnitude);
+    }
+  }
+  return top < infinity;
 }
 
 namespace detail {
@@ -419,11 +454,24 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
     std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
     if (pairs) detail::room_for_pairs(shapes, jobs);
     const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
-    detail::run_slots<T>(jobs, std::span<const detail::JobShape>(shapes), plan, 0,
-                         detail::elman_packer(ks, true, pairs), [&](const detail::Slot& s, const ForwardRecurrence<T>& j,
+    // Rows that start from a zero h0 add nothing to their first product
+    // (h0 W_hh^T = 0), unless the slot's rows of W_hh hold an infinity or a
+    // NaN (0 * inf is NaN, as torch computes it): each slot checks its own
+    // columns' rows after packing them, while they are in its cache.
+    std::vector<char> skip_zero_h0(plan.slots.size(), 0);
+    auto pack = [&, packer = detail::elman_packer(ks, true, pairs)](
+                    const detail::Slot& s, const ForwardRecurrence<T>& j, T* dst) {
+      packer(s, j, dst);
+      if (!j.h0_zero) return;
+      const int64_t c0 = s.panel_begin * ks.nr, c1 = std::min(s.panel_end * ks.nr, j.hidden);
+      skip_zero_h0[&s - plan.slots.data()] = c1 <= c0 || finite(j.w_hh + c0 * j.hidden, j.hidden, c1 - c0, j.hidden);
+    };
+    detail::run_slots<T>(jobs, std::span<const detail::JobShape>(shapes), plan, 0, pack,
+                         [&](const detail::Slot& s, const ForwardRecurrence<T>& j,
                              const T* panels, int64_t p) {
       const StepRows& st = j.steps[p];
       StepTask<T> t;
+      t.a_hi_zero = skip_zero_h0[&s - plan.slots.data()];
       t.a_lo = {j.out + st.prev_begin * j.ld_out, j.ld_out};
       t.a_hi = {j.h0, j.ld_h0};
       t.a_split = st.carried;

@@ -128,6 +128,9 @@ struct StepTask {
   Rows<const T> x;
   int64_t K_x = 0;
   int64_t row_begin = 0, row_end = 0;
+  // Forward: a_hi's rows are zero and the panels finite, so a tile of them
+  // only would add K products of zero: it skips them (the same bits).
+  bool a_hi_zero = false;
   const T* panels = nullptr;  // [panel_end - panel_begin][K_x + K][NR], 64-byte aligned
   // Bf16 kernels: room for the rows [row_begin, row_end) of x and A as pairs of
   // bfloat16, pairs::row_words(K_x, K) words a row (x's pairs, then A's at
@@ -672,7 +675,8 @@ struct TileKernel {
           a[r] = i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i);
         }
       }
-      product<M, W, E>(t, i0, c0, acc, a, panel, K, E != Epilogue::Linear);
+      const int64_t depth = t.a_hi_zero && i0 >= t.a_split ? 0 : K;
+      product<M, W, E>(t, i0, c0, acc, a, panel, depth, E != Epilogue::Linear);
     }
     for (int r = 0; r < M; ++r) finish_row<W, E>(t, i0 + r, c0, nc, acc[r]);
   }

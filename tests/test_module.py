@@ -320,10 +320,12 @@ def test_zero_state_first_made_in_inference_mode(cell):
     ref, fast = twins(case)
     x = torch.randn(case.steps, case.batch, case.input_size, dtype=case.dtype,
                     requires_grad=True)
+    fastrnn.ops._ZERO.clear()
     fastrnn.ops._ZEROS.clear()
     with torch.inference_mode():
         fast(x)
-    assert all(not z.is_inference() for z in fastrnn.ops._ZEROS.values())
+    kept = [*fastrnn.ops._ZERO.values(), *fastrnn.ops._ZEROS.values()]
+    assert kept and all(not z.is_inference() for z in kept)
     got = run_module(fast, case, x, None, None)
     assert_close_all(got, run_module(ref, case, x, None, None), case.dtype, cell)
 
@@ -336,6 +338,20 @@ def test_zeros_are_broadcast_only_in_eager_cpu_calls():
     assert eager.shape == (2, 2, 5) and eager.stride() == (0, 0, 0) and not eager.any()
     traced = torch.jit.trace(lambda t: fastrnn.ops._zeros((2, 2, 5), t), (x,))
     assert traced(x).is_contiguous() and traced(x).stride() != (0, 0, 0)
+
+
+def test_zeros_kept_per_shape_within_a_bound():
+    """The broadcast zero of each shape is kept (even a view costs a dispatcher call), and
+    inputs of ever new batch sizes (packed sequences) do not grow what is kept past its
+    bound."""
+    x = torch.randn(4, 2, 3)
+    first = fastrnn.ops._zeros((2, 2, 5), x)
+    assert fastrnn.ops._zeros((2, 2, 5), x) is first
+    assert fastrnn.ops._zeros((2, 2, 5), x.double()).dtype == torch.float64
+    for batch in range(1, 3 * fastrnn.ops._ZEROS_KEPT):
+        zero = fastrnn.ops._zeros((2, batch, 5), x)
+        assert zero.shape == (2, batch, 5) and not zero.any()
+        assert len(fastrnn.ops._ZEROS) <= fastrnn.ops._ZEROS_KEPT
 
 
 # ---------------------------------------------------------------------------------------

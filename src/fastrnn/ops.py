@@ -211,24 +211,34 @@ def _register_fakes(name):
         return (grad_input, *(s.new_empty(s.shape) for s in a.states), grad_weights)
 
 
-# dtype -> a CPU zero scalar: the zeros of eager CPU calls, broadcast.
+# dtype -> a CPU zero scalar; (dtype, shape) -> it broadcast to that shape: the zeros of
+# eager CPU calls.
+_ZERO = {}
 _ZEROS = {}
+_ZEROS_KEPT = 32  # shapes at most (packed batches come in many sizes)
 
 
 def _zeros(shape, like: Tensor) -> Tensor:
     """Zeros of `shape` in like's dtype and device, for an op argument: a zero initial state
     (the modules' hx=None) or a gradient that did not reach an output. In an eager CPU call,
-    one cached zero broadcast: the ops copy a broadcast argument into memory they keep
-    (csrc/scratch.h), where torch.zeros costs an allocation, and often page faults, every
-    call. Graphs (compile, trace, export) and other devices get torch.zeros, as torch.nn's
-    modules make."""
-    if like.device.type != "cpu" or _recorded():
+    one zero broadcast, kept per shape: the ops copy a broadcast argument into memory they
+    keep (csrc/scratch.h), where torch.zeros costs an allocation, and often page faults,
+    every call; and even the view is a dispatcher call, which right after the kernels of
+    the call before cost 20-60 us. Graphs (compile, trace, export) and other devices get
+    torch.zeros, as torch.nn's modules make."""
+    if not like.is_cpu or _recorded():
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
-    zero = _ZEROS.get(like.dtype)
+    key = (like.dtype, tuple(shape))
+    zero = _ZEROS.get(key)
     if zero is None:
+        if len(_ZEROS) >= _ZEROS_KEPT:
+            _ZEROS.clear()
         with torch.inference_mode(False):  # savable for backward, wherever it is first made
-            zero = _ZEROS.setdefault(like.dtype, torch.zeros((), dtype=like.dtype))
-    return zero.expand(shape)
+            scalar = _ZERO.get(like.dtype)
+            if scalar is None:
+                scalar = _ZERO.setdefault(like.dtype, torch.zeros((), dtype=like.dtype))
+            zero = _ZEROS.setdefault(key, scalar.expand(key[1]))
+    return zero
 
 
 # Autograd: one backward-op call for the whole stack.
@@ -396,7 +406,7 @@ def _call(name, input, states, weights, config, batch_sizes):
             f"fastrnn: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad's dual "
             f"tensors) is not supported by fastrnn's {name} op; use torch.nn's module for it")
     recorded = _recorded()
-    device_type = input.device.type
+    device_type = "cpu" if input.is_cpu else input.device.type  # (is_cpu makes no device object)
     if not recorded and _autocast_on(device_type):
         # Eager under autocast: the casts of the op's autocast kernel, here, where autograd
         # records them, then the call as without autocast (_Eager where gradients follow).

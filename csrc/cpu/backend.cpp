@@ -332,8 +332,9 @@ struct CpuBackend {
         std::vector<cpu::ForwardRecurrence<T>> rec;
         for (const ForwardJob& j : jobs) {
           rec.push_back({*j.steps, j.w_hh.size(0), ptr<T>(j.out), j.out.stride(0), ptr<T>(j.h0),
-                         j.h0.stride(0), zero_state<T>(j.h0), ptr<T>(j.w_hh), act});
+                         j.h0.stride(0), ptr<T>(j.w_hh), act});
           set_input<T>(rec.back(), j.x, j.w_ih, j.bias);
+          rec.back().h0_zero = zero_state<T>(j.h0);
         }
         fused = cpu::forward_recurrences<T>(rec);
       }

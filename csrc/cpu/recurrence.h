@@ -71,7 +71,6 @@ struct ForwardRecurrence {
                                     //   of a bidirectional output)
   const T* h0 = nullptr;            // [B, ld_h0]: the initial state
   int64_t ld_h0 = 0;
-  bool h0_zero = false;             // every row of h0 is zero (zero_rows): see skip_zero_h0
   const T* w_hh = nullptr;          // [H, H] contiguous, row-major: w_hh[j * H + k] = W_hh[j][k]
   Activation act = Activation::Tanh;
   // The input projection inside the recurrence, where x is set (projection_inside):
@@ -83,6 +82,7 @@ struct ForwardRecurrence {
   int64_t input = 0;                // I
   const T* w_ih = nullptr;          // [H, I] contiguous
   const T* bias = nullptr;          // [H] (b_ih + b_hh) or null
+  bool h0_zero = false;             // every row of h0 is zero (zero_rows): see skip_zero_h0
 };
 
 // One backward (dh) recurrence, over the same steps as its forward.

@@ -322,20 +322,13 @@ Tensor stack_forward(const StackViews& s, const Tensor& input, const Tensor& h0,
   return output;
 }
 
-// Whether the backend tells that h ([B, H]) is all zero, and that t
-// ([rows, cols]) is finite, cheaply (the CPU's, on the host); false where not.
+// Whether rows of h0 ([B, H]) add nothing to dW = dA^T Hprev: h0 all zero and
+// their rows of dA finite (0 * inf is NaN), where the backend tells cheaply
+// (the CPU's, on the host); false where it cannot.
 template <class Backend>
-bool zero_state(const Tensor& h) {
-  if constexpr (requires { Backend::zero_state(h); }) {
-    return Backend::zero_state(h);
-  } else {
-    return false;
-  }
-}
-template <class Backend>
-bool finite(const Tensor& t) {
-  if constexpr (requires { Backend::finite(t); }) {
-    return Backend::finite(t);
+bool adds_nothing(const Tensor& h0, const Tensor& dA_rows) {
+  if constexpr (requires { Backend::zero_state(h0); Backend::finite(dA_rows); }) {
+    return Backend::zero_state(h0) && Backend::finite(dA_rows);
   } else {
     return false;
   }
@@ -358,8 +351,8 @@ void recurrent_weight_grad(const SequenceLayout& L, bool reverse, const Tensor& 
   auto dA_rows = [&](const PrevRows& b) {
     return view2d(dA, b.count, dA.size(1), dA.stride(0), b.dst * dA.stride(0));
   };
-  if (blocks.size() <= 2 && zero_state<Backend>(h0)) {
-    std::erase_if(blocks, [&](const PrevRows& b) { return b.from_hx && finite<Backend>(dA_rows(b)); });
+  if (blocks.size() <= 2) {
+    std::erase_if(blocks, [&](const PrevRows& b) { return b.from_hx && adds_nothing<Backend>(h0, dA_rows(b)); });
   }
   if (blocks.empty()) {
     Tensor g = grad_w;

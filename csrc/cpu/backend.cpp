@@ -178,16 +178,10 @@ struct CpuBackend {
         out.size(0) != t.size(1) || (t.size(1) > 1 && (t.stride(1) != 1 || out.stride(0) != 1))) {
       return false;
     }
-    switch (t.scalar_type()) {
-      case ScalarType::Float:
-        sum_columns(ptr<float>(out), ptr<const float>(t), t.size(0), t.size(1), t.stride(0));
-        return true;
-      case ScalarType::Double:
-        sum_columns(ptr<double>(out), ptr<const double>(t), t.size(0), t.size(1), t.stride(0));
-        return true;
-      default:
-        return false;
-    }
+    return float_or_double(t, [&]<typename T>() {
+      sum_columns(ptr<T>(out), ptr<const T>(t), t.size(0), t.size(1), t.stride(0));
+      return true;
+    });
   }
 
   static bool supports(ScalarType t) {

@@ -8,6 +8,7 @@
 #include "../stack.h"
 #include "../stepwise.h"
 #include "cell_recurrence.h"
+#include "column_sums.h"
 #include "in_float.h"
 #include "linear.h"
 #include "recurrence.h"
@@ -130,25 +131,17 @@ bool own_linear(const Tensor& c, const Tensor* bias, const Tensor& a, const Tens
 }
 
 // out[j] = sum over i of t[i * ld + j], j < cols. Columns go to threads in
-// blocks, and each column is summed in row order by one thread in double:
-// results do not depend on the thread count, and float sums over many rows
-// keep float's precision.
+// blocks, and each column is summed in row order by one thread in double
+// (column_sums.h): results do not depend on the thread count, and float sums
+// over many rows keep float's precision.
 template <typename T>
 void sum_columns(T* out, const T* t, int64_t rows, int64_t cols, int64_t ld) {
-  constexpr int64_t kCols = 64;
+  constexpr int64_t kCols = 64;  // a multiple of every ISA's block
+  const auto kernel = cpu::column_sums_kernel<T>(cpu::simd::runtime_isa());
   const int64_t blocks = (cols + kCols - 1) / kCols;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(rows * kCols, 1));
   torch::stable::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t j0 = b * kCols, width = std::min(kCols, cols - j0);
-      double acc[kCols] = {};
-      for (int64_t i = 0; i < rows; ++i) {
-        const T* row = t + i * ld + j0;
-#pragma GCC ivdep
-        for (int64_t j = 0; j < width; ++j) acc[j] += static_cast<double>(row[j]);
-      }
-      for (int64_t j = 0; j < width; ++j) out[j0 + j] = static_cast<T>(acc[j]);
-    }
+    kernel(out, t, rows, ld, begin * kCols, std::min(cols, end * kCols));
   });
 }
 

@@ -194,10 +194,11 @@ def test_nonfinite_values_propagate_like_torch():
 # through 0 * inf as in torch.nn.
 # ---------------------------------------------------------------------------------------
 
-def zero_state_results(cell, hidden, batch, steps, dtype, packed, layers=2):
-    """(torch.nn's results, fastrnn's with the products of h0 left out, fastrnn's with them)
-    with h0 (and c0) zero leaves; bidirectional, so that a packed batch's reverse direction
-    starts rows from h0 at later steps, in tiles beside rows that carry on."""
+def switch_results(cell, hidden, batch, steps, dtype, packed, switch, on, off, layers=2):
+    """(torch.nn's results, fastrnn's with the environment variable `switch` set to `on`, and
+    to `off`; None: unset) with h0 (and c0) zero leaves; bidirectional, so that a packed
+    batch's reverse direction starts rows from h0 at later steps, in tiles beside rows that
+    carry on."""
     ref, fast = rnn_pair(7, hidden, cell=cell if cell in ("lstm", "gru") else "rnn",
                          num_layers=layers, bidirectional=True, seed=hidden + batch,
                          **({} if cell in ("lstm", "gru") else {"nonlinearity": cell}))
@@ -209,11 +210,11 @@ def zero_state_results(cell, hidden, batch, steps, dtype, packed, layers=2):
         hx = (hx, torch.randn(2 * layers, batch, hidden, generator=g, dtype=dtype).requires_grad_())
     lengths = lengths_for(batch, steps, seed=batch) if packed else None
     expected = run_cell(ref, x, hx, lengths)
-    with env_vars(FASTRNN_CPU_SKIP_ZERO_H0=None):
-        skipped = run_cell(fast, x, hx, lengths)
-    with env_vars(FASTRNN_CPU_SKIP_ZERO_H0="0"):
-        kept = run_cell(fast, x, hx, lengths)
-    return expected, skipped, kept
+    with env_vars(**{switch: on}):
+        with_on = run_cell(fast, x, hx, lengths)
+    with env_vars(**{switch: off}):
+        with_off = run_cell(fast, x, hx, lengths)
+    return expected, with_on, with_off
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
@@ -222,10 +223,32 @@ def zero_state_results(cell, hidden, batch, steps, dtype, packed, layers=2):
 @pytest.mark.parametrize("cell", ["tanh", "relu", "lstm", "gru"])
 def test_zero_initial_state_left_out_gives_the_same_bits(cell, packed, dtype, threads):
     # B = 19: tiles of 8, 6 and 5 rows, so that h0's rows start mid-tile at some steps.
-    expected, skipped, kept = zero_state_results(cell, 40, 19, 6, dtype, packed)
+    expected, skipped, kept = switch_results(cell, 40, 19, 6, dtype, packed,
+                                             "FASTRNN_CPU_SKIP_ZERO_H0", None, "0")
     assert_close_all(skipped, expected, dtype, f"{cell} zero h0")
     for a, b in zip(skipped, kept):
         assert torch.equal(a, b), f"{cell}: the products of a zero h0 changed the bits"
+
+
+# ---------------------------------------------------------------------------------------
+# The next panel fetched into L2 while a panel's row tiles run (StepTask::l2_ahead: on Intel
+# CPUs where a slot's panels fill more than half of its L2; FASTRNN_CPU_L2_AHEAD=1 forces it
+# on any CPU): a prefetch, so the same bits as without. H = 100: three panels of 32 columns and
+# a half-vector one (the forward and backward Elman panels; the cells' forward: 6 panels of 16
+# units and one of 4), so that the last panel fetches the first; B = 19 and packed lengths:
+# slices of the panel over tiles of 8, 6 and 5 rows and over steps with fewer rows.
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell", ["tanh", "lstm", "gru"])
+def test_panels_fetched_into_l2_ahead_give_the_same_bits(cell, packed, dtype, threads):
+    expected, ahead, plain = switch_results(cell, 100, 19, 6, dtype, packed,
+                                            "FASTRNN_CPU_L2_AHEAD", "1", "0")
+    assert_close_all(ahead, expected, dtype, f"{cell} with L2 fetches")
+    for a, b in zip(ahead, plain):
+        assert torch.equal(a, b), f"{cell}: fetching panels into L2 changed the bits"
 
 
 @pytest.mark.parametrize("cell", ["tanh", "relu", "lstm", "gru"])
@@ -550,7 +573,7 @@ def test_cell_half_types_close_to_float32():
 # Each other kernel once, each forced split at least once, and the products around the
 # recurrence (linear.h) on our kernels and on BLAS whatever the CPU's vendor.
 CHILD_ENVS = [
-    dict(FASTRNN_CPU_SPLIT="cols", FASTRNN_CPU_LINEAR="1"),
+    dict(FASTRNN_CPU_SPLIT="cols", FASTRNN_CPU_LINEAR="1", FASTRNN_CPU_L2_AHEAD="1"),
     dict(FASTRNN_CPU_ISA="avx2", FASTRNN_CPU_SPLIT="rows", FASTRNN_CPU_LINEAR="1"),
     dict(FASTRNN_CPU_ISA="baseline", FASTRNN_CPU_SPLIT="cols", FASTRNN_CPU_LINEAR="0"),
 ]

@@ -142,6 +142,23 @@ struct StepTask {
   int64_t K = 0;  // reduction length (H; the input size for a Linear product; G*H for a cell's backward)
   int64_t H = 0;  // output columns (the cells' forward: units, G columns each)
   Activation act = Activation::Tanh;
+  // The slot's panels do not fit in L2: while a panel's row tiles run, they
+  // fetch the next panel (after the last, the first: the next step's) into
+  // L2, a slice each, so that it is not waited for from L3. Not on pairs.
+  bool l2_ahead = false;
+};
+
+// Lines still to fetch into L2 ahead of use (StepTask::l2_ahead), one a k.
+struct L2Ahead {
+  const char* p = nullptr;
+  int64_t lines = 0;
+  FASTRNN_INLINE void next() {
+    if (lines > 0) {
+      __builtin_prefetch(p, 0, 2);
+      p += 64;
+      --lines;
+    }
+  }
 };
 
 // g = (src + extra) * act'(y) on rows [row_begin, row_end) of g, src, y (and
@@ -529,8 +546,9 @@ struct TileKernel {
   // acc[r] += sum over k < K of a[r][k] * panel row k ([K][W * N]).
   template <int M, int W>
   static FASTRNN_INLINE void multiply_add(V (&acc)[M][W], const T* const (&a)[M], const T* panel,
-                                          int64_t K) {
+                                          int64_t K, L2Ahead& ahead) {
     for (int64_t k = 0; k < K; ++k) {
+      ahead.next();
       V b[W];
       for (int v = 0; v < W; ++v) simd::load(b[v], panel + (k * W + v) * N);
       for (int r = 0; r < M; ++r) {
@@ -545,14 +563,14 @@ struct TileKernel {
   template <int M, int W, Epilogue E>
   static FASTRNN_INLINE void product(const StepTask<T>& t, int64_t i0, int64_t c0, V (&acc)[M][W],
                                      const T* const (&a)[M], const T* panel, int64_t K,
-                                     bool prefetch) {
+                                     bool prefetch, L2Ahead& ahead) {
     const int64_t head = prefetch ? std::max<int64_t>(0, K - kPrefetchAhead) : K;
-    multiply_add<M, W>(acc, a, panel, head);
+    multiply_add<M, W>(acc, a, panel, head, ahead);
     if (head < K) {
       prefetch_epilogue<M, W, E>(t, i0, c0);
       const T* rest[M];
       for (int r = 0; r < M; ++r) rest[r] = a[r] + head;
-      multiply_add<M, W>(acc, rest, panel + head * W * N, K - head);
+      multiply_add<M, W>(acc, rest, panel + head * W * N, K - head, ahead);
     }
   }
 
@@ -579,7 +597,7 @@ struct TileKernel {
   template <int M, int W, Epilogue E>
   static FASTRNN_INLINE void product(const StepTask<T>& t, int64_t i0, int64_t c0, V (&acc)[M][W],
                                      const uint32_t* const (&a)[M], const T* panel, int64_t K,
-                                     bool prefetch) {
+                                     bool prefetch, L2Ahead&) {
     const uint32_t* p = reinterpret_cast<const uint32_t*>(panel);
     const int64_t pairs = (K + 1) / 2;
     const int64_t fetch_at = prefetch ? std::max<int64_t>(0, pairs - kPrefetchAhead / 2) : -1;
@@ -595,7 +613,7 @@ struct TileKernel {
   // Rows [i0, i0 + M) by one panel of W vectors ([K][W * N], or pairs of it).
   template <int M, int W, Epilogue E, bool Bf16 = false>
   static FASTRNN_INLINE void tile(const StepTask<T>& t, int64_t i0, const T* panel, int64_t c0,
-                                  int nc) {
+                                  int nc, L2Ahead ahead) {
     V acc[M][W];
     for (int r = 0; r < M; ++r) {
       for (int v = 0; v < W; ++v) acc[r][v] = V{};
@@ -647,7 +665,7 @@ struct TileKernel {
               x[r] = t.x.row(i0 + r);
             }
           }
-          product<M, W, E>(t, i0, c0, acc, x, panel, t.K_x, false);
+          product<M, W, E>(t, i0, c0, acc, x, panel, t.K_x, false, ahead);
           panel += (Bf16 ? (t.K_x + 1) / 2 : t.K_x) * W * N;
           if constexpr (E == Epilogue::Forward || E == Epilogue::GruForward) {
             // P = x_t W_ih^T + bias where the epilogue reads it, as the projection
@@ -676,7 +694,7 @@ struct TileKernel {
         }
       }
       const int64_t depth = t.a_hi_zero && i0 >= t.a_split ? 0 : K;
-      product<M, W, E>(t, i0, c0, acc, a, panel, depth, E != Epilogue::Linear);
+      product<M, W, E>(t, i0, c0, acc, a, panel, depth, E != Epilogue::Linear, ahead);
     }
     for (int r = 0; r < M; ++r) finish_row<W, E>(t, i0 + r, c0, nc, acc[r]);
   }
@@ -684,26 +702,42 @@ struct TileKernel {
   // A tile of m rows, 1 <= m <= MR: one unrolled kernel per row count.
   template <int W, Epilogue E, bool Bf16, int M = MR>
   static FASTRNN_INLINE void tile_rows(int m, const StepTask<T>& t, int64_t i0, const T* panel,
-                                       int64_t c0, int nc) {
+                                       int64_t c0, int nc, const L2Ahead& ahead) {
     if (m == M) {
-      tile<M, W, E, Bf16>(t, i0, panel, c0, nc);
+      tile<M, W, E, Bf16>(t, i0, panel, c0, nc, ahead);
     } else if constexpr (M > 1) {
-      tile_rows<W, E, Bf16, M - 1>(m, t, i0, panel, c0, nc);
+      tile_rows<W, E, Bf16, M - 1>(m, t, i0, panel, c0, nc, ahead);
     }
   }
 
+  // next: the panel to fetch into L2 meanwhile (StepTask::l2_ahead; lines of 64 bytes),
+  // a slice per row tile.
   template <int W, Epilogue E, bool Bf16>
-  static FASTRNN_INLINE void panel_rows(const StepTask<T>& t, const T* panel, int64_t c0, int nc) {
+  static FASTRNN_INLINE void panel_rows(const StepTask<T>& t, const T* panel, int64_t c0, int nc,
+                                        L2Ahead next = {}) {
     // Row tiles as even as possible (50 rows: 8 + 6 * 7, not 6 * 8 + 2).
     const int64_t n = t.row_end - t.row_begin;
     const int64_t tiles = (n + MR - 1) / MR;
     const int64_t base = n / tiles, extra = n % tiles;
+    const int64_t slice = (next.lines + tiles - 1) / tiles;
     int64_t i = t.row_begin;
     for (int64_t b = 0; b < tiles; ++b) {
       const int m = static_cast<int>(base + (b < extra));
-      tile_rows<W, E, Bf16>(m, t, i, panel, c0, nc);
+      const int64_t first = std::min(next.lines, b * slice);
+      tile_rows<W, E, Bf16>(m, t, i, panel, c0, nc,
+                            L2Ahead{next.p + first * 64, std::min(slice, next.lines - first)});
       i += m;
     }
+  }
+
+  // What the row tiles of panel p fetch into L2 (StepTask::l2_ahead): panel p + 1 of the
+  // slot's, or after its last its first; `stride`: elements from one panel to the next.
+  template <bool Bf16>
+  static FASTRNN_INLINE L2Ahead next_panel(const StepTask<T>& t, int64_t p, int64_t stride) {
+    if (Bf16 || !t.l2_ahead) return {};
+    const int64_t q = p + 1 < t.panel_end ? p + 1 : t.panel_begin;
+    return {reinterpret_cast<const char*>(t.panels + (q - t.panel_begin) * stride),
+            stride * static_cast<int64_t>(sizeof(T)) / 64};
   }
 
   // Bf16: the panels hold pairs of bfloat16 (bf16_pairs.h; float32 on AVX512-BF16 only).
@@ -727,21 +761,25 @@ struct TileKernel {
       // Panel p: units [p*N, p*N + N), all NV (= G) gates of each; a last panel
       // of at most N / 2 units on half vectors (kHalfTail).
       for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
-        const T* panel = t.panels + (p - t.panel_begin) * (t.K_x + t.K) * kNR;
+        const int64_t stride = (t.K_x + t.K) * kNR;
+        const T* panel = t.panels + (p - t.panel_begin) * stride;
+        const L2Ahead next = next_panel<Bf16>(t, p, stride);
         const int64_t u0 = p * N;
         const int nu = static_cast<int>(std::min<int64_t>(N, t.H - u0));
         if constexpr (kHalfTail<Bf16>) {
           if (nu <= N / 2) {
-            TileKernel<T, N / 2, NV, MR>::template panel_rows<NV, E, Bf16>(t, panel, u0, nu);
+            TileKernel<T, N / 2, NV, MR>::template panel_rows<NV, E, Bf16>(t, panel, u0, nu, next);
             continue;
           }
         }
-        panel_rows<NV, E, Bf16>(t, panel, u0, nu);
+        panel_rows<NV, E, Bf16>(t, panel, u0, nu, next);
       }
       return;
     }
     for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
-      const T* panel = t.panels + (p - t.panel_begin) * (t.K_x + t.K) * kNR;
+      const int64_t stride = (t.K_x + t.K) * kNR;
+      const T* panel = t.panels + (p - t.panel_begin) * stride;
+      const L2Ahead next = next_panel<Bf16>(t, p, stride);
       const int64_t c0 = p * kNR;
       const int nc = static_cast<int>(std::min<int64_t>(kNR, t.H - c0));
       // The last panel is one vector wide where its columns fit in one, and
@@ -749,13 +787,13 @@ struct TileKernel {
       if (NV > 1 && nc <= N) {
         if constexpr (kHalfTail<Bf16>) {
           if (nc <= N / 2) {
-            TileKernel<T, N / 2, NV, MR>::template panel_rows<1, E, Bf16>(t, panel, c0, nc);
+            TileKernel<T, N / 2, NV, MR>::template panel_rows<1, E, Bf16>(t, panel, c0, nc, next);
             continue;
           }
         }
-        panel_rows<1, E, Bf16>(t, panel, c0, nc);
+        panel_rows<1, E, Bf16>(t, panel, c0, nc, next);
       } else {
-        panel_rows<NV, E, Bf16>(t, panel, c0, nc);
+        panel_rows<NV, E, Bf16>(t, panel, c0, nc, next);
       }
     }
   }

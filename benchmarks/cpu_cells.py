@@ -6,9 +6,9 @@ path (one BLAS GEMM per step and the cell's pointwise pass, FASTRNN_CPU_FUSED=0)
 with the fused recurrence kernels (csrc/cpu/recurrence.h). Runs are interleaved (in a
 shuffled order each round) after a warm-up; --stat min on a loaded machine. --autocast runs
 all three under torch.autocast("cpu", dtype) (the RNN's cells, tanh and relu, can be added
-with --cells); under bfloat16 a fourth contender is the fused kernels with float32 products
-(FASTRNN_CPU_BF16_PRODUCTS=0: what the default, bfloat16 products on CPUs with AVX512-BF16,
-is compared with).
+with --cells); under bfloat16 two more contenders are the fused kernels with their products
+on bfloat16 pairs (FASTRNN_CPU_BF16_PRODUCTS=1: on CPUs with AVX512-BF16; the default on
+AMD's) and with float32 products (=0: the default elsewhere).
 
     python benchmarks/cpu_cells.py [--threads N] [--repeats N] [--stat median|min]
                                    [--cells lstm gru tanh relu] [--shapes NAME ...]
@@ -77,7 +77,7 @@ def main():
     contenders = list(CONTENDERS)
     pairs = args.autocast == "bfloat16"
     if pairs:
-        contenders.append("fastrnn fused, float32 products")
+        contenders += ["fastrnn fused, bfloat16 products", "fastrnn fused, float32 products"]
     rows = []
     for cell in args.cells:
         for name, layers, hidden, batch, steps, bi, packed in SHAPES:
@@ -92,8 +92,8 @@ def main():
                 steps_ = [make_step(ref, inputs, backward), with_fused(fast_step, False),
                           with_fused(fast_step, True)]
                 if pairs:
-                    steps_.append(with_env(with_fused(fast_step, True),
-                                           "FASTRNN_CPU_BF16_PRODUCTS", "0"))
+                    steps_ += [with_env(with_fused(fast_step, True), "FASTRNN_CPU_BF16_PRODUCTS", v)
+                               for v in ("1", "0")]
                 times = time_interleaved([under_autocast(f, args.autocast) for f in steps_],
                                          repeats=args.repeats)
                 rows.append((cell, name, kind, [t[args.stat] for t in times]))
@@ -114,7 +114,7 @@ def main():
     for cell, name, kind, ts in rows:
         cells = " | ".join(f"{t * 1e3:.2f}" for t in ts)
         lines.append(f"| {cell} | {name} | {kind} | {cells} | {ts[0] / ts[2]:.2f}x | "
-                     f"{ts[1] / ts[2]:.2f}x |" + (f" {ts[3] / ts[2]:.2f}x |" if pairs else ""))
+                     f"{ts[1] / ts[2]:.2f}x |" + (f" {ts[4] / ts[3]:.2f}x |" if pairs else ""))
     emit(lines, args.markdown)
 
 

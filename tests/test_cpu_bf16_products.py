@@ -1,7 +1,9 @@
 """A bfloat16 call's products on bfloat16 pairs (csrc/cpu/bf16_pairs.h): on a CPU with
 AVX512-BF16, the fused RNN, LSTM and GRU multiply x_t, h_{t-1} rounded to bfloat16 and W by
 pairs into float32 sums, forward and (dA rounded) backward, and so do fastrnn's own products
-around the recurrence (FASTRNN_CPU_LINEAR=1, pinned here; the default on AMD).
+around the recurrence (FASTRNN_CPU_LINEAR=1, pinned here; the default on AMD). The pairs are
+the default on AMD's CPUs; FASTRNN_CPU_BF16_PRODUCTS=1, pinned here, takes them on any CPU
+with AVX512-BF16.
 
 Each case is checked against an emulation in float64 of exactly those roundings: h_{t-1}
 rounded where the product reads it, dA rounded where dh_{t-1} = dA W_hh, dX = dA W_ih and
@@ -25,17 +27,27 @@ BF = torch.bfloat16
 MATCH = 0.95  # the share of elements that must be the emulation's, rounded
 
 
+def _cpuinfo():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def _bf16_dot():
-    """Whether a bfloat16 call's products run on pairs here: AVX512-BF16, and the kernels
+    """Whether a bfloat16 call's products can run on pairs here: AVX512-BF16, and the kernels
     not capped below AVX-512 (FASTRNN_CPU_ISA)."""
     if os.environ.get("FASTRNN_CPU_ISA") in ("avx2", "baseline"):
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = _cpuinfo()
     return " avx512f" in flags and " avx512_bf16" in flags
+
+
+def _pairs_by_default():
+    """Whether they do without FASTRNN_CPU_BF16_PRODUCTS: on AMD's CPUs only, where they are
+    faster than float32 products (csrc/cpu/bf16_pairs.h, bf16_pairs_pay)."""
+    return _bf16_dot() and "AuthenticAMD" in _cpuinfo()
 
 
 needs_bf16_dot = pytest.mark.skipif(
@@ -231,6 +243,7 @@ def test_pairs_match_their_emulation(case, inside, threads, monkeypatch):
     step's product and outside it."""
     monkeypatch.setenv("FASTRNN_CPU_PROJECT_INSIDE", inside)
     monkeypatch.setenv("FASTRNN_CPU_LINEAR", "1")
+    monkeypatch.setenv("FASTRNN_CPU_BF16_PRODUCTS", "1")
     run, emulate, mask = _case(*case)
     _assert_like_emulation(run(), emulate(), mask)
 
@@ -240,6 +253,7 @@ def test_pairs_match_their_emulation(case, inside, threads, monkeypatch):
 def test_pairs_same_bits_for_any_thread_count_and_split(cell, monkeypatch):
     """As in float32: each element is one accumulator over k in order, so 1 or 2 threads
     and row or column splits give the same bits."""
+    monkeypatch.setenv("FASTRNN_CPU_BF16_PRODUCTS", "1")
     run, _, _ = _case(cell, 100, 37, 5, 28, True, True)
     saved = torch.get_num_threads()
     results = []
@@ -257,31 +271,36 @@ def test_pairs_same_bits_for_any_thread_count_and_split(cell, monkeypatch):
 
 @pytest.mark.parametrize("cell", ["rnn-tanh", "lstm", "gru"])
 def test_pairs_only_where_the_cpu_has_them(cell, monkeypatch):
-    """With AVX512-BF16 a bfloat16 call differs from its run with float32 products
-    (FASTRNN_CPU_BF16_PRODUCTS=0), which the emulation does not match; without it (another
-    CPU, or FASTRNN_CPU_ISA=avx2 in the child run below) the two are the same bits. Under
-    autocast too."""
+    """With AVX512-BF16 a bfloat16 call with the pairs taken (FASTRNN_CPU_BF16_PRODUCTS=1)
+    differs from its run with float32 products (=0), which the emulation does not match;
+    without it (another CPU, or FASTRNN_CPU_ISA=avx2 in the child run below) the two are the
+    same bits. Without the switch a call takes the pairs on AMD's CPUs only
+    (_pairs_by_default). Under autocast too."""
     monkeypatch.setenv("FASTRNN_CPU_LINEAR", "1")
     run, emulate, mask = _case(cell, 64, 16, 5, 28, False, False)
     default = run()
-    monkeypatch.setenv("FASTRNN_CPU_BF16_PRODUCTS", "0")
-    float32 = run()
-    same = all(torch.equal(a, b) for a, b in zip(default, float32))
+    runs = {}
+    for products in ("1", "0"):
+        monkeypatch.setenv("FASTRNN_CPU_BF16_PRODUCTS", products)
+        runs[products] = run()
+    same = all(torch.equal(a, b) for a, b in zip(runs["1"], runs["0"]))
     if _bf16_dot():
         assert not same
-        _assert_like_emulation(default, emulate(), mask)
-        assert min(_matches(float32, emulate(), mask)) < 0.8
+        _assert_like_emulation(runs["1"], emulate(), mask)
+        assert min(_matches(runs["0"], emulate(), mask)) < 0.8
     else:
         assert same
+    expected = runs["1"] if _pairs_by_default() else runs["0"]
+    assert all(torch.equal(a, b) for a, b in zip(default, expected))
     monkeypatch.delenv("FASTRNN_CPU_BF16_PRODUCTS")
     module = {"rnn-tanh": fastrnn.RNN, "lstm": fastrnn.LSTM, "gru": fastrnn.GRU}[cell](28, 64)
     x = torch.randn(5, 16, 28)
     with torch.autocast("cpu", dtype=BF):
-        pairs = flat(module(x))
+        default = flat(module(x))
         monkeypatch.setenv("FASTRNN_CPU_BF16_PRODUCTS", "0")
         float32 = flat(module(x))
-    assert all(t.dtype == BF for t in pairs)
-    assert all(torch.equal(a, b) for a, b in zip(pairs, float32)) != _bf16_dot()
+    assert all(t.dtype == BF for t in default)
+    assert all(torch.equal(a, b) for a, b in zip(default, float32)) != _pairs_by_default()
 
 
 @pytest.mark.skipif(os.environ.get("FASTRNN_CPU_ISA") is not None, reason="the child run")

@@ -243,9 +243,17 @@ struct JobShape {
 // machine: a step of a few microseconds (B = 1, H = 256) ran slower split
 // than on one thread, and much slower when a waiter's partner was preempted;
 // a row split has nothing to wait for. Whether a slot's slice of W_hh fits
-// its L2 did not matter: a panel is reused by every row tile of a step, and
-// W_hh at H = 512 (1 MB, a whole L2 here) ran as fast split by rows.
+// its L2 did not matter while it did: a panel is reused by every row tile of
+// a step, and W_hh at H = 512 (1 MB, a whole L2 on Zen 4) ran as fast split by
+// rows. Past L2 it does: every step streams the slot's panels from L3 again,
+// about 8 bytes a cycle on a Xeon (2 MB of L2), which a few rows' multiply-adds
+// do not hide. So a slot whose panels exceed its L2 (l2_bytes) pays
+// kL3PanelCost per panel vector and k, once per step: it halves with a column
+// split. There Elman H = 1024, I = 32, T = 28 ran 2.4x (B = 4), 2.0x (B = 8),
+// 1.5x (B = 16) and 1.05x (B = 32) faster split by columns, H = 768, B = 16
+// 1.4x, and the same at B = 64.
 constexpr double kBarrierCost = 10000;
+constexpr double kL3PanelCost = 16;
 constexpr double kInlineFmas = 1 << 17;
 constexpr double kColumnSplitFactor = 1.05;
 
@@ -323,6 +331,8 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int64_t e
       for (int64_t cs = 1; rs * cs <= budget && cs <= panels; ++cs) {
         if ((forced == 1 && cs > 1) || (forced == 2 && rs > 1)) continue;
         const int64_t max_panels = (panels + cs - 1) / cs;
+        const bool from_l3 = max_panels * K * job.panel_width * elem_bytes > l2_bytes();
+        const double panel_cost = job.panel_cost + (from_l3 ? kL3PanelCost : 0);
         double cost = 0;
         for (const StepRows& st : job.steps) {
           double worst = 0;
@@ -330,7 +340,7 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int64_t e
             const int64_t lo = split(batch, rs, g), hi = std::min(split(batch, rs, g + 1), st.count);
             if (hi > lo) {
               worst = std::max(worst, rows_cost(hi - lo, job.mr, job.vectors) +
-                                          job.panel_cost * job.vectors);
+                                          panel_cost * job.vectors);
             }
           }
           cost += cs > 1 ? worst * max_panels * K * kColumnSplitFactor + kBarrierCost

@@ -167,6 +167,15 @@ int main() {
     expect(teams(steps16, 256, 0) == std::vector<int64_t>{1, 1}, "no panel cost: rows");
     expect(teams(steps16, 256, 5) == std::vector<int64_t>{2}, "a panel cost: columns");
     expect(teams(steps2, 64, 5) == std::vector<int64_t>{1, 1}, "small H and batch: rows");
+    // An Elman product at H = 1024, batch 4 (32 panels of 2 vectors, K = 32 + 1024: 4.3 MB):
+    // split by rows, each slot would stream all its panels from L3 every step
+    // (kL3PanelCost); by columns half of them. Where L2 holds them all, rows.
+    const std::vector<StepRows> steps4(28, StepRows{0, 4, 0, 0, 0});
+    cpu::detail::JobShape elman{steps4, 32 + 1024, 1024, 32, 32, 2, 8};
+    const auto elman_teams = cpu::detail::make_plan(std::span(&elman, 1), 2, sizeof(float)).team_size;
+    const bool past_l2 = int64_t{32} * 1056 * 32 * 4 > cpu::detail::l2_bytes();
+    expect(elman_teams == (past_l2 ? std::vector<int64_t>{2} : std::vector<int64_t>{1, 1}),
+           "panels past L2: columns");
   }
   std::printf("%s\n", g_failures ? "FAILED" : "ok");
   return g_failures ? 1 : 0;

@@ -292,7 +292,7 @@ inline int64_t l2_bytes() {
 // Measured on a Xeon with 2 MB of L2 per core (2 threads, T = 28, B = 64,
 // forward+backward / inference): LSTM H = 512 (2.2 MB a slot) 1.08x / 1.08x,
 // GRU H = 512 1.13x / 1.03x, Elman H = 1024 1.18x / 1.18x; inference at
-// Elman H = 768 (2.4 MB) 1.16x, Elman H = 512 with I = 512 (2 MB) 1.08x,
+// Elman H = 768 (2.4 MB) 1.13x, Elman H = 512 with I = 512 (2 MB) 1.09x,
 // LSTM H = 384 (1.3 MB) 1.03x. Forced on where the panels fit in half of L2,
 // the same times within 0.5%. Off elsewhere until measured there (AMD's
 // prefetch hints may all fill L1). FASTRNN_CPU_L2_AHEAD=0|1 forces it off /

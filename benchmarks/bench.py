@@ -35,7 +35,7 @@ from tqdm import tqdm
 from harness import cpu_model, make_step, peak_memory, rnn_flops, sgemm_peak, time_interleaved, twin_rnns
 
 INPUT = 32
-GRID = dict(steps=[28, 128, 512], batch=[1, 16, 64, 128, 256], hidden=[64, 128, 256, 512, 1024])
+GRID = dict(steps=[28, 128, 512], batch=[1, 4, 16, 64, 128, 256], hidden=[64, 128, 256, 512, 1024])
 QUICK_GRID = dict(steps=[28], batch=[16, 128], hidden=[64, 256])
 VARIATION_BASE = dict(steps=128, batch=64)
 

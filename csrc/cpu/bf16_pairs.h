@@ -52,18 +52,8 @@ struct Bf16CallScope {
 // Whether the pairs are faster than float32 products on this CPU: on AMD's
 // (Zen 4 and Zen 5: the same calls 1.19x-1.75x faster than with float32 products), not
 // on Intel's, where vdpbf16ps multiplies no faster than the float32 FMAs and
-// the rounding comes on top (a Xeon with AVX512-BF16 and AMX: 0.69x-0.84x).
-inline bool bf16_pairs_pay() {
-#if FASTRNN_BF16_DISPATCH
-  static const bool amd = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("amd") != 0;
-  }();
-  return amd;
-#else
-  return false;
-#endif
-}
+// the rounding comes on top (a Xeon with AVX512-BF16 and AMX: 0.69x-0.89x).
+inline bool bf16_pairs_pay() { return simd::cpu_vendor() == simd::Vendor::Amd; }
 
 // Whether this thread's call runs its products on bfloat16 pairs: where the
 // CPU has AVX512-BF16 and they pay (bf16_pairs_pay).

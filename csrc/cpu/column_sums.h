@@ -81,8 +81,8 @@ FASTRNN_TARGET_AVX512 void column_sums_avx512(T* out, const T* t, int64_t rows, 
 template <typename T>
 using ColumnSumsFn = void (*)(T*, const T*, int64_t, int64_t, int64_t, int64_t);
 
-// The kernel for this ISA, and how many columns it sums at once (a thread's
-// share of the columns is a multiple of it).
+// The kernel for this ISA (a block is at most 64 columns: sum_columns splits
+// the columns among threads in blocks of 64).
 template <typename T>
 ColumnSumsFn<T> column_sums_kernel(simd::Isa isa) {
 #if FASTRNN_X86_DISPATCH

@@ -58,15 +58,7 @@ inline bool prefer_linear() {
     return v[0] == '1';
   }
   if (!enabled()) return false;
-#if FASTRNN_X86_DISPATCH
-  static const bool amd = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("amd") != 0;
-  }();
-  return amd && simd::runtime_isa() == simd::Isa::Avx512;
-#else
-  return false;
-#endif
+  return simd::cpu_vendor() == simd::Vendor::Amd && simd::runtime_isa() == simd::Isa::Avx512;
 }
 
 // B's rows [k0, k0 + K) into panels [panel_begin, panel_end) (pack_panels),

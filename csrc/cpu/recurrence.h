@@ -300,15 +300,7 @@ inline int64_t l2_bytes() {
 inline bool l2_ahead(int64_t bytes) {
   const char* v = std::getenv("FASTRNN_CPU_L2_AHEAD");
   if (v && (v[0] == '0' || v[0] == '1') && !v[1]) return v[0] == '1';
-#if FASTRNN_X86_DISPATCH
-  static const bool intel = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
-  }();
-  return intel && 2 * bytes > l2_bytes();
-#else
-  return false;
-#endif
+  return simd::cpu_vendor() == simd::Vendor::Intel && 2 * bytes > l2_bytes();
 }
 
 // Chooses each job's grid and lays out the slots.

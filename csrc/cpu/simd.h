@@ -108,6 +108,22 @@ inline Isa runtime_isa() {
   return isa;
 }
 
+enum class Vendor { Other = 0, Amd = 1, Intel = 2 };
+
+// Who made this CPU, for the choices measured to go differently on AMD's and
+// Intel's (Other off x86).
+inline Vendor cpu_vendor() {
+  static const Vendor vendor = [] {
+#if FASTRNN_X86_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("amd")) return Vendor::Amd;
+    if (__builtin_cpu_is("intel")) return Vendor::Intel;
+#endif
+    return Vendor::Other;
+  }();
+  return vendor;
+}
+
 // Whether the AVX-512 kernels may multiply bfloat16 pairs (AVX512-BF16).
 inline bool has_bf16_dot() {
 #if FASTRNN_BF16_DISPATCH

@@ -1,9 +1,11 @@
 """A bfloat16 call's products on bfloat16 pairs (csrc/cpu/bf16_pairs.h): on a CPU with
 AVX512-BF16, the fused RNN, LSTM and GRU multiply x_t, h_{t-1} rounded to bfloat16 and W by
 pairs into float32 sums, forward and (dA rounded) backward, and so do fastrnn's own products
-around the recurrence (FASTRNN_CPU_LINEAR=1, pinned here; the default on AMD). The pairs are
-the default on AMD's CPUs; FASTRNN_CPU_BF16_PRODUCTS=1, pinned here, takes them on any CPU
-with AVX512-BF16.
+around the recurrence (FASTRNN_CPU_LINEAR=1, pinned here; the default on AMD, and for bfloat16
+calls on CPUs with AMX). The pairs are the default on AMD's CPUs and on CPUs with AMX-BF16,
+where they run on AMX tiles (csrc/cpu/amx_tiles.h; FASTRNN_CPU_AMX=0 keeps them on vdpbf16ps);
+FASTRNN_CPU_BF16_PRODUCTS=1, pinned here, takes them on any CPU with AVX512-BF16. Every check
+runs with the tiles and without them.
 
 Each case is checked against an emulation in float64 of exactly those roundings: h_{t-1}
 rounded where the product reads it, dA rounded where dh_{t-1} = dA W_hh, dX = dA W_ih and
@@ -44,15 +46,30 @@ def _bf16_dot():
     return " avx512f" in flags and " avx512_bf16" in flags
 
 
+def _tiles():
+    """Whether the pairs can run on AMX tiles here (AMX-BF16; Linux asks for the tile state)."""
+    return _bf16_dot() and " amx_bf16" in _cpuinfo() and " amx_tile" in _cpuinfo()
+
+
 def _pairs_by_default():
-    """Whether they do without FASTRNN_CPU_BF16_PRODUCTS: on AMD's CPUs only, where they are
-    faster than float32 products (csrc/cpu/bf16_pairs.h, bf16_pairs_pay)."""
-    return _bf16_dot() and "AuthenticAMD" in _cpuinfo()
+    """Whether they do without FASTRNN_CPU_BF16_PRODUCTS: on AMD's CPUs, where they are faster
+    than float32 products (csrc/cpu/bf16_pairs.h, bf16_pairs_pay), and where they run on AMX
+    tiles (products of depth 64 and more, as every product of these tests' default case)."""
+    return _bf16_dot() and ("AuthenticAMD" in _cpuinfo() or _tiles())
 
 
 needs_bf16_dot = pytest.mark.skipif(
     not _bf16_dot(), reason="no AVX512-BF16 here: bfloat16 calls run float32 products "
     "(test_pairs_only_where_the_cpu_has_them checks that)")
+
+
+@pytest.fixture(params=["1", "0"], ids=["tiles", "vdpbf16ps"])
+def tiles(request, monkeypatch):
+    """The pairs on AMX tiles (FASTRNN_CPU_AMX=1, where the CPU has them) and on vdpbf16ps."""
+    if request.param == "1" and not _tiles():
+        pytest.skip("no AMX-BF16 here: the pairs run on vdpbf16ps (the other case)")
+    monkeypatch.setenv("FASTRNN_CPU_AMX", request.param)
+    return request.param == "1"
 
 
 def _rb(t):
@@ -144,10 +161,11 @@ def _emulate(cell, params, x, h0, c0, lengths, relu):
     return out, hn, (cn if c0 is not None else None)
 
 
-def _case(cell, hidden, batch, steps, input_size, bidirectional, packed, seed=0):
+def _case(cell, hidden, batch, steps, input_size, bidirectional, packed, zero_h0=False, seed=0):
     """A bfloat16 module and inputs: (run, emulate, mask), where run() and emulate() give
     fastrnn's results and the emulation's, each [output, h_n, (c_n), grad x, grad h0,
-    (grad c0), grad of every parameter], and mask marks the output's steps."""
+    (grad c0), grad of every parameter], and mask marks the output's steps. zero_h0: h0 is
+    zero (its first product skipped)."""
     kind, _, nonlinearity = cell.partition("-")
     torch.manual_seed(seed)
     kwargs = dict(bidirectional=bidirectional)
@@ -159,6 +177,8 @@ def _case(cell, hidden, batch, steps, input_size, bidirectional, packed, seed=0)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(steps, batch, input_size, generator=g).to(BF)
     h0 = torch.randn(D, batch, hidden, generator=g).to(BF)
+    if zero_h0:
+        h0.zero_()
     c0 = torch.randn(D, batch, hidden, generator=g).to(BF) if kind == "lstm" else None
     lengths = lengths_for(batch, steps, seed=batch) if packed else torch.full((batch,), steps)
     mask = (torch.arange(steps)[:, None] < lengths[None, :])[..., None]
@@ -218,7 +238,8 @@ def _assert_like_emulation(got, emulated, mask):
 # padded with zero), I = 1, H past the vector and panel widths, K = I + H past the
 # prefetch's 128, B = 1 (projection outside by the cost rule), I > 2H, packed uneven lengths
 # in both directions; T * B = 640 and 4H = 320 rows, more than a slot of the products around
-# the recurrence rounds at a time (linear.h: kPairRows).
+# the recurrence rounds at a time (linear.h: kPairRows). On AMX tiles (depth 64 and more):
+# 50 rows, a slot's two row tiles and a partial one; a zero h0.
 CASES = [
     ("rnn-tanh", 33, 9, 6, 7, False, False),
     ("rnn-relu", 200, 12, 5, 28, True, True),
@@ -230,15 +251,18 @@ CASES = [
     ("gru", 100, 19, 4, 300, False, False),
     ("gru", 1, 4, 3, 2, True, False),
     ("lstm", 80, 64, 10, 28, False, False),
+    ("gru", 96, 50, 3, 20, False, False),
+    ("rnn-relu", 64, 21, 4, 28, False, True, True),
 ]
 
 
 @needs_bf16_dot
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("inside", ["1", "0"], ids=["inside", "outside"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "{}-H{}-B{}-T{}-I{}-{}-{}".format(
-    *c[:5], "bi" if c[5] else "uni", "packed" if c[6] else "padded"))
-def test_pairs_match_their_emulation(case, inside, threads, monkeypatch):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "{}-H{}-B{}-T{}-I{}-{}-{}{}".format(
+    *c[:5], "bi" if c[5] else "uni", "packed" if c[6] else "padded",
+    "-zero_h0" if c[7:] else ""))
+def test_pairs_match_their_emulation(case, inside, threads, tiles, monkeypatch):
     """Outputs, final states and every gradient, with the input projection inside each
     step's product and outside it."""
     monkeypatch.setenv("FASTRNN_CPU_PROJECT_INSIDE", inside)
@@ -250,9 +274,10 @@ def test_pairs_match_their_emulation(case, inside, threads, monkeypatch):
 
 @needs_bf16_dot
 @pytest.mark.parametrize("cell", ["rnn-relu", "lstm", "gru"])
-def test_pairs_same_bits_for_any_thread_count_and_split(cell, monkeypatch):
+def test_pairs_same_bits_for_any_thread_count_and_split(cell, tiles, monkeypatch):
     """As in float32: each element is one accumulator over k in order, so 1 or 2 threads
-    and row or column splits give the same bits."""
+    and row or column splits give the same bits (37 rows: on tiles a slot's whole and
+    partial row tiles)."""
     monkeypatch.setenv("FASTRNN_CPU_BF16_PRODUCTS", "1")
     run, _, _ = _case(cell, 100, 37, 5, 28, True, True)
     saved = torch.get_num_threads()
@@ -303,10 +328,39 @@ def test_pairs_only_where_the_cpu_has_them(cell, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(default, float32)) != _pairs_by_default()
 
 
+def test_tiles_add_a_pairs_even_product_first(monkeypatch):
+    """Of a pair of k, tdpbf16ps adds the even k's product to the sum first, vdpbf16ps the odd
+    k's (Intel's manual): h_{t-1} W_hh^T over k = 0..3 with products 1, 0, 2^-24, 2^-23 sums
+    to 1 + 2^-23 on tiles ((1 + 2^-24) rounds to 1) and to 1 + 2^-22 on vdpbf16ps
+    (1 + 2^-23 + 2^-24 rounds to even); relu(sum - 1) shows it in bfloat16. Tiles are the
+    default where the CPU has them; elsewhere FASTRNN_CPU_AMX changes nothing."""
+    monkeypatch.setenv("FASTRNN_CPU_BF16_PRODUCTS", "1")
+    H, B = 64, 16
+    module = fastrnn.RNN(4, H, nonlinearity="relu").to(BF)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+        module.bias_hh_l0.fill_(-1)
+        module.weight_hh_l0[:, 0] = 1
+        module.weight_hh_l0[:, 2:4] = 2.0**-12
+    h0 = torch.zeros(1, B, H, dtype=BF)
+    h0[..., 0], h0[..., 2], h0[..., 3] = 1, 2.0**-12, 2.0**-11
+    x = torch.zeros(1, B, 4, dtype=BF)
+    default = module(x, h0)[0]
+    monkeypatch.setenv("FASTRNN_CPU_AMX", "0")
+    vdpbf16ps = module(x, h0)[0]
+    if _tiles():
+        assert bool((default == 2.0**-23).all()) and bool((vdpbf16ps == 2.0**-22).all())
+    elif _bf16_dot():
+        assert bool((default == 2.0**-22).all()) and torch.equal(default, vdpbf16ps)
+    else:
+        assert torch.equal(default, vdpbf16ps)
+
+
 @pytest.mark.skipif(os.environ.get("FASTRNN_CPU_ISA") is not None, reason="the child run")
 def test_pairs_not_taken_below_avx512():
     """FASTRNN_CPU_ISA=avx2 (read once per process): the bfloat16 calls run float32
-    products whatever the CPU."""
+    products whatever the CPU, and no tiles."""
     result = child_pytest(__file__, dict(FASTRNN_CPU_ISA="avx2"), "-k", "only_where")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "3 passed" in result.stdout, result.stdout[-2000:]

@@ -50,10 +50,16 @@ struct Bf16CallScope {
 };
 
 // Whether the pairs are faster than float32 products on this CPU: on AMD's
-// (Zen 4 and Zen 5: the same calls 1.19x-1.75x faster than with float32 products), not
-// on Intel's, where vdpbf16ps multiplies no faster than the float32 FMAs and
-// the rounding comes on top (a Xeon with AVX512-BF16 and AMX: 0.69x-0.89x).
-inline bool bf16_pairs_pay() { return simd::cpu_vendor() == simd::Vendor::Amd; }
+// (Zen 4 and Zen 5: the same calls 1.19x-1.75x faster than with float32
+// products), and where the products of depth 64 and more run on AMX tiles
+// (amx_tiles.h; a Xeon: 1.5x-2.6x); not on Intel's without AMX, where
+// vdpbf16ps multiplies no faster than the float32 FMAs and the rounding
+// comes on top (0.69x-0.89x on that Xeon with AMX turned off). The shallower
+// products there run on vdpbf16ps, so that all of a call's products take
+// bfloat16 operands.
+inline bool bf16_pairs_pay() {
+  return simd::cpu_vendor() == simd::Vendor::Amd || simd::has_amx_bf16();
+}
 
 // Whether this thread's call runs its products on bfloat16 pairs: where the
 // CPU has AVX512-BF16 and they pay (bf16_pairs_pay).

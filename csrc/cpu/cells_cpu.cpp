@@ -160,21 +160,23 @@ void run_forward(std::span<const Job> jobs) {
                       (j.hidden + ks.lanes - 1) / ks.lanes, G * ks.lanes, G, ks.mr_fwd[Cell]});
     shapes.back().panel_cost = kForwardPanelCost;
   }
-  const bool pairs = ks.forward_pairs[Cell] && bf16_products();
+  const detail::Products products = detail::products_of(ks.forward_pairs[Cell], shapes);
+  const bool pairs = products.pairs;
   const auto forward = pairs ? ks.forward_pairs[Cell] : ks.forward[Cell];
-  if (pairs) detail::room_for_pairs(shapes, jobs);
+  if (pairs) detail::room_for_pairs(shapes, jobs, products.amx);
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
   std::vector<char> skip_zero_h0(plan.slots.size(), 0);  // as Elman's (recurrence.h)
   detail::run_slots<T>(
       jobs, std::span<const detail::JobShape>(shapes), plan, 0,
       [&](const detail::Slot& s, const Job& j, T* dst) {
         const int64_t I = detail::inside_input(j);
+        if (products.amx) detail::clear_panels(s, dst);
         if (I) {
           pack_gate_panels(j.w_ih, j.hidden, I, G, ks.lanes, s.panel_begin, s.panel_end, dst, 0,
                            I + j.hidden, pairs, ks.half_tail);
         }
         pack_gate_panels(j.w_hh, j.hidden, j.hidden, G, ks.lanes, s.panel_begin, s.panel_end, dst,
-                         I, I + j.hidden, pairs, ks.half_tail);
+                         products.amx ? amx::a_offset(I) : I, I + j.hidden, pairs, ks.half_tail);
         if (!j.h0_zero) return;
         // The slot's units' rows of W_hh, gate by gate.
         const int64_t u0 = s.panel_begin * ks.lanes, u1 = std::min(s.panel_end * ks.lanes, j.hidden);
@@ -214,6 +216,7 @@ void run_forward(std::span<const Job> jobs) {
         detail::take_slot(t, s, st.count, panels);
         t.K = t.H = j.hidden;
         t.cell = &cs;
+        t.amx = products.amx;
         forward(t);
       });
 }
@@ -235,9 +238,10 @@ void run_backward(std::span<const Job> jobs) {
     if (Cell == 0) dc_elems += batch * j.hidden;
   }
   scratch::Buffer<T> dc_buffer(dc_elems);
-  const bool pairs = ks.backward_pairs[Cell] && bf16_products();
+  const detail::Products products = detail::products_of(ks.backward_pairs[Cell], shapes);
+  const bool pairs = products.pairs;
   const auto backward = pairs ? ks.backward_pairs[Cell] : ks.backward[Cell];
-  if (pairs) detail::room_for_pairs(shapes, jobs);
+  if (pairs) detail::room_for_pairs(shapes, jobs, products.amx);
   const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
 
   // Step i's cell gradient: rows < dc_split take the gradient reaching c from
@@ -283,6 +287,7 @@ void run_backward(std::span<const Job> jobs) {
   detail::run_slots<T>(
       jobs, std::span<const detail::JobShape>(shapes), plan, 1,
       [&](const detail::Slot& s, const Job& j, T* dst) {
+        if (products.amx) detail::clear_panels(s, dst);
         pack_panels(j.w_hh, j.hidden, j.hidden, G * j.hidden, ks.nr, ks.lanes, false,
                     s.panel_begin, s.panel_end, dst, 0, -1, pairs, ks.half_tail);
       },
@@ -309,6 +314,7 @@ void run_backward(std::span<const Job> jobs) {
         t.K = G * j.hidden;
         t.H = j.hidden;
         t.cell = &cs;
+        t.amx = products.amx;
         backward(t);
         if (i > 0) grad_rows(s, j, dc, i - 1, st.carried);
       });

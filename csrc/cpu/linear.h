@@ -12,7 +12,9 @@
 // runs at its peak and stays.
 //
 // A bfloat16 call's products run on bfloat16 pairs where the CPU has
-// AVX512-BF16 (bf16_pairs.h): both operands rounded, float32 sums.
+// AVX512-BF16 (bf16_pairs.h): both operands rounded, float32 sums; on AMX
+// tiles where the CPU has them (amx_tiles.h), which beat float32 BLAS, so
+// there prefer_linear() takes these for a bfloat16 call on any CPU.
 //
 // Threads split C's rows or its panels (no barrier): panels where B is big
 // (dW_hh: B = H_prev, [T*B, H]) so that each thread packs only its own, rows
@@ -58,7 +60,17 @@ inline bool prefer_linear() {
     return v[0] == '1';
   }
   if (!enabled()) return false;
+  if (amx::tiles() && bf16_products()) return true;
   return simd::cpu_vendor() == simd::Vendor::Amd && simd::runtime_isa() == simd::Isa::Avx512;
+}
+
+// The depth of the chunk of k from k0 on: kDepthChunk, but on AMX tiles never
+// leaving a last chunk shallower than their layout takes (amx::layout_fits):
+// the one before leaves it 64 to 95 (chunks start at even k, as pairs do).
+inline int64_t chunk_at(int64_t k0, int64_t depth, bool amx) {
+  const int64_t rest = depth - k0, chunk = std::min(rest, kDepthChunk);
+  if (amx && rest - chunk > 0 && rest - chunk < 64) return (rest - 64) / 32 * 32;
+  return chunk;
 }
 
 // B's rows [k0, k0 + K) into panels [panel_begin, panel_end) (pack_panels),
@@ -107,11 +119,15 @@ bool linear(const LinearProduct<T>& p) {
     const int64_t chunk = std::min(p.depth, kDepthChunk);
     // A bfloat16 call's products on pairs (bf16_pairs.h): each slot also
     // keeps rows of A as pairs (StepTask::a_pairs), one chunk of k and at
-    // most kPairRows rows at a time (a slot's rows can be all T * B).
+    // most kPairRows rows at a time (a slot's rows can be all T * B); on
+    // AMX tiles, A transposed also takes the pairs' side-by-side layout.
     const bool pairs = ks.linear_pairs && bf16_products();
+    const bool amx = pairs && amx::layout_fits(p.depth) && amx::tiles();
+    const int64_t side_by_side = (chunk + 1) / 2 * kPairRows;
     const int64_t pair_elems = !pairs ? 0
-                               : p.a_transposed ? (chunk + 1) / 2 * kPairRows
-                                                : kPairRows * pairs::row_words(0, chunk);
+                               : p.a_transposed && !amx ? side_by_side
+                                                        : kPairRows * pairs::row_words(0, chunk) +
+                                                              (p.a_transposed ? side_by_side : 0);
     const int64_t panel_elems = (max_panels * chunk * ks.nr + line - 1) / line * line;
     const int64_t per_slot = panel_elems + (pair_elems + line - 1) / line * line;
     scratch::Buffer<T> pack(slots * per_slot);
@@ -128,17 +144,25 @@ bool linear(const LinearProduct<T>& p) {
         t.panel_end = by_panels ? detail::split(panels, slots, s + 1) : panels;
         t.panels = panels_s;
         t.H = p.cols;
-        for (int64_t k0 = 0; k0 < p.depth; k0 += chunk) {
+        t.amx = amx;
+        for (int64_t k0 = 0; k0 < p.depth; k0 += t.K) {
           // Chunks after the first add to what the first wrote; the bias once.
-          t.K = std::min(chunk, p.depth - k0);
+          t.K = chunk_at(k0, p.depth, amx);
           t.a_lo = {p.a + (p.a_transposed ? k0 * p.lda : k0), p.lda};
           t.bias = k0 == 0 ? p.bias : nullptr;
           t.accumulate = p.accumulate || k0 > 0;
           pack_depth(p, k0, t.K, ks, t.panel_begin, t.panel_end, panels_s, ks.half_tail && !pairs);
           if constexpr (std::is_same_v<T, float>) {
             if (pairs) {
-              panels_to_pairs(panels_s, t.panel_end - t.panel_begin, t.K * ks.nr, t.K,
-                              [&](int64_t i) { return panel_width(p.cols, ks.nr, ks.lanes, t.panel_begin + i); });
+              auto width = [&](int64_t i) { return panel_width(p.cols, ks.nr, ks.lanes, t.panel_begin + i); };
+              panels_to_pairs(panels_s, t.panel_end - t.panel_begin, t.K * ks.nr, t.K, width);
+              if (amx) {
+                // The tiles' whole tiles of k: zero pair rows past the chunk's.
+                for (int64_t i = 0; i < t.panel_end - t.panel_begin; ++i) {
+                  uint32_t* panel = reinterpret_cast<uint32_t*>(panels_s + i * t.K * ks.nr);
+                  std::fill(panel + (t.K + 1) / 2 * width(i), panel + pairs::words(t.K) * width(i), 0u);
+                }
+              }
               StepTask<T> block = t;
               for (int64_t i = t.row_begin; i < t.row_end; i += kPairRows) {
                 block.row_begin = i;

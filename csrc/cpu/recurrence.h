@@ -233,6 +233,7 @@ struct JobShape {
   // What streaming one panel vector per k costs a slot once per step, whatever its rows
   // (make_plan's units); 0 where the panels stay in L1 between a step's row tiles.
   double panel_cost = 0;
+  int64_t row_tile = 1;  // the rows' room holds whole tiles of this many rows (amx::kRows)
 };
 
 // The cost model, in units of one vector FMA (half a cycle). A tile of m rows
@@ -363,7 +364,8 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int64_t e
         const int64_t line = 64 / elem_bytes;
         s.rows_at = ((s.panel_end - s.panel_begin) * K * job.panel_width + line - 1) / line * line;
         s.l2_ahead = l2_ahead(s.rows_at * elem_bytes);
-        plan.pack_elems += s.rows_at + ((s.row_end - s.row_begin) * job.row_elems + line - 1) / line * line;
+        const int64_t room_rows = (s.row_end - s.row_begin + job.row_tile - 1) / job.row_tile * job.row_tile;
+        plan.pack_elems += s.rows_at + (room_rows * job.row_elems + line - 1) / line * line;
         plan.slots.push_back(s);
       }
     }
@@ -445,14 +447,38 @@ int64_t inside_input(const Job& j) {
   }
 }
 
+// How a bfloat16 call's step products run: on bfloat16 pairs (or float32
+// products where not: bf16_products), and those on AMX tiles (amx_tiles.h)
+// where the CPU has them and every job's depth takes their layout. kernel:
+// whether this ISA has kernels on pairs.
+struct Products {
+  bool pairs = false;
+  bool amx = false;
+};
+inline Products products_of(bool kernel, std::span<const JobShape> shapes) {
+  const bool pairs = kernel && bf16_products();
+  bool fits = true;
+  for (const JobShape& s : shapes) fits = fits && amx::layout_fits(s.depth);
+  return {pairs, pairs && fits && amx::tiles()};
+}
+
 // The room per row a kernel on bfloat16 pairs needs beside each slot's
-// panels (StepTask::a_pairs): x_t's and A's values of its rows, as pairs.
+// panels (StepTask::a_pairs): x_t's and A's values of its rows, as pairs;
+// on AMX tiles, whole tiles of rows.
 template <typename Job>
-void room_for_pairs(std::vector<JobShape>& shapes, std::span<const Job> jobs) {
+void room_for_pairs(std::vector<JobShape>& shapes, std::span<const Job> jobs, bool amx) {
   for (size_t i = 0; i < jobs.size(); ++i) {
     const int64_t I = inside_input(jobs[i]);
     shapes[i].row_elems = pairs::row_words(I, shapes[i].depth - I);
+    if (amx) shapes[i].row_tile = amx::kRows;
   }
+}
+
+// Zeros a slot's panels: the tile layout's padding between and after the
+// parts of k (amx_tiles.h), which the packers do not write.
+template <typename T>
+void clear_panels(const Slot& s, T* dst) {
+  std::fill_n(dst, s.rows_at, T(0));
 }
 
 // Elman's: the product's columns are the H units in panels of nr; its depth
@@ -469,11 +495,12 @@ std::vector<JobShape> shapes_of(std::span<const Job> jobs, const KernelSet<T>& k
 
 // Packs the panels of an Elman job: forward W_hh^T (below W_ih^T's rows with
 // the input projection inside), backward W_hh.
-// pairs: as the kernels on bfloat16 pairs read them.
+// pairs: as the kernels on bfloat16 pairs read them; amx: in the tile layout.
 template <typename T>
-auto elman_packer(const KernelSet<T>& ks, bool transposed, bool pairs = false) {
-  return [&ks, transposed, pairs](const Slot& s, const auto& j, T* dst) {
+auto elman_packer(const KernelSet<T>& ks, bool transposed, Products products = {}) {
+  return [&ks, transposed, pairs = products.pairs, amx = products.amx](const Slot& s, const auto& j, T* dst) {
     const int64_t I = inside_input(j), depth = I + j.hidden;
+    if (amx) clear_panels(s, dst);
     if constexpr (requires { j.w_ih; }) {
       if (I) {
         pack_panels(j.w_ih, I, j.hidden, I, ks.nr, ks.lanes, true, s.panel_begin, s.panel_end,
@@ -481,7 +508,7 @@ auto elman_packer(const KernelSet<T>& ks, bool transposed, bool pairs = false) {
       }
     }
     pack_panels(j.w_hh, j.hidden, j.hidden, j.hidden, ks.nr, ks.lanes, transposed, s.panel_begin,
-                s.panel_end, dst, I, depth, pairs, ks.half_tail);
+                s.panel_end, dst, amx ? amx::a_offset(I) : I, depth, pairs, ks.half_tail);
   };
 }
 
@@ -496,16 +523,17 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
   }
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
-    const bool pairs = ks.forward_pairs && bf16_products();
     std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
-    if (pairs) detail::room_for_pairs(shapes, jobs);
+    const detail::Products products = detail::products_of(ks.forward_pairs, shapes);
+    const bool pairs = products.pairs;
+    if (pairs) detail::room_for_pairs(shapes, jobs, products.amx);
     const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
     // Rows that start from a zero h0 add nothing to their first product
     // (h0 W_hh^T = 0), unless the slot's rows of W_hh hold an infinity or a
     // NaN (0 * inf is NaN, as torch computes it): each slot checks its own
     // columns' rows after packing them, while they are in its cache.
     std::vector<char> skip_zero_h0(plan.slots.size(), 0);
-    auto pack = [&, packer = detail::elman_packer(ks, true, pairs)](
+    auto pack = [&, packer = detail::elman_packer(ks, true, products)](
                     const detail::Slot& s, const ForwardRecurrence<T>& j, T* dst) {
       packer(s, j, dst);
       if (!j.h0_zero) return;
@@ -531,6 +559,7 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
       detail::take_slot(t, s, st.count, panels);
       t.K = t.H = j.hidden;
       t.act = j.act;
+      t.amx = products.amx;
       (pairs ? ks.forward_pairs : ks.forward)(t);
     });
   }
@@ -551,9 +580,10 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
   }
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
-    const bool pairs = ks.backward_pairs && bf16_products();
     std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
-    if (pairs) detail::room_for_pairs(shapes, jobs);
+    const detail::Products products = detail::products_of(ks.backward_pairs, shapes);
+    const bool pairs = products.pairs;
+    if (pairs) detail::room_for_pairs(shapes, jobs, products.amx);
     const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
     // Phase 0 finishes the last step's dA; phase q >= 1 runs step n - q's
     // GEMM, whose epilogue finishes the earlier step's carried rows, and
@@ -574,7 +604,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
       if (c.row_begin < c.row_end) ks.scale(c);
     };
     detail::run_slots<T>(jobs, std::span<const detail::JobShape>(shapes), plan, 1,
-                         detail::elman_packer(ks, false, pairs), [&](const detail::Slot& s, const BackwardRecurrence<T>& j,
+                         detail::elman_packer(ks, false, products), [&](const detail::Slot& s, const BackwardRecurrence<T>& j,
                              const T* panels, int64_t p) {
       const int64_t n = static_cast<int64_t>(j.steps.size());
       if (n == 0) return;
@@ -595,6 +625,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
       detail::take_slot(t, s, st.count, panels);
       t.K = t.H = j.hidden;
       t.act = j.act;
+      t.amx = products.amx;
       (pairs ? ks.backward_pairs : ks.backward)(t);
       if (i > 0) scale_rows(s, j, j.steps[i - 1], st.carried);
     });

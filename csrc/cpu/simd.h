@@ -55,6 +55,17 @@
 #define FASTRNN_BF16_DISPATCH 0
 #endif
 
+// AMX-BF16 tiles (amx_tiles.h), through inline assembly as vdpbf16ps; Linux
+// only, where a process asks the kernel for the tile state.
+#if FASTRNN_BF16_DISPATCH && defined(__linux__)
+#define FASTRNN_AMX_DISPATCH 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define FASTRNN_AMX_DISPATCH 0
+#endif
+
 #define FASTRNN_INLINE inline __attribute__((always_inline))
 
 namespace fastrnn::cpu::simd {
@@ -129,6 +140,29 @@ inline bool has_bf16_dot() {
 #if FASTRNN_BF16_DISPATCH
   static const bool yes = runtime_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Whether this CPU has AMX-BF16 and the OS lets this process use its tiles
+// (asked once: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)), beside
+// the AVX512-BF16 kernels they serve.
+inline bool has_amx_bf16() {
+#if FASTRNN_AMX_DISPATCH
+  static const bool yes = [] {
+    if (!has_bf16_dot()) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+    if (!tile || !bf16) return false;
+    unsigned lo = 0, hi = 0;
+    asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return false;  // XTILECFG, XTILEDATA
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
   return yes;
 #else
   return false;

@@ -25,6 +25,7 @@
 
 #include "../activation.h"
 #include "../cells.h"
+#include "amx_tiles.h"
 #include "bf16_pairs.h"
 #include "simd.h"
 
@@ -35,6 +36,9 @@
 #include <type_traits>
 
 namespace fastrnn::cpu {
+
+template <typename T>
+void transpose(const T* src, int64_t ld_src, int64_t C, int64_t K, T* dst, int64_t ld_dst);
 
 // Row i of a matrix at base + i * ld.
 template <typename T>
@@ -136,7 +140,8 @@ struct StepTask {
   // bfloat16, pairs::row_words(K_x, K) words a row (x's pairs, then A's at
   // pairs::words(K_x)), filled at each step's start: rounded once a step,
   // not once per panel. LinearAT: [(K + 1) / 2][row_end - row_begin] (pair
-  // q of the rows side by side, as A lies).
+  // q of the rows side by side, as A lies); on AMX tiles, rows as the others'
+  // (whole tiles of them), then room for that layout on the way.
   uint32_t* a_pairs = nullptr;
   int64_t panel_begin = 0, panel_end = 0;
   int64_t K = 0;  // reduction length (H; the input size for a Linear product; G*H for a cell's backward)
@@ -146,6 +151,9 @@ struct StepTask {
   // fetch the next panel (after the last, the first: the next step's) into
   // L2, a slice each, so that it is not waited for from L3. Not on pairs.
   bool l2_ahead = false;
+  // Bf16 kernels: the products run on AMX tiles (amx_tiles.h; the panels and
+  // the rows' room laid out for them).
+  bool amx = false;
 };
 
 // Lines still to fetch into L2 ahead of use (StepTask::l2_ahead), one a k.
@@ -610,6 +618,98 @@ struct TileKernel {
   }
 #endif
 
+#if FASTRNN_AMX_DISPATCH
+  // sums[r][v * N + j] = the sums of rows r < m by the W column tiles of
+  // parts' panels, two column tiles at a time (amx::product).
+  template <int W>
+  static FASTRNN_INLINE void amx_sums(int m, const amx::Part (&parts)[2], int64_t lda,
+                                      float (&sums)[2 * amx::kRows][W * N]) {
+    constexpr int64_t ldc = W * N;
+    for (int v = 0; v < W; v += 2) {
+      const amx::Part at_v[2] = {{parts[0].a, parts[0].b + v * N, parts[0].Q},
+                                 {parts[1].a, parts[1].b + v * N, parts[1].Q}};
+      float* out = &sums[0][v * N];
+      if (m > amx::kRows) {
+        if (v + 1 < W) amx::product<2, 2>(at_v, lda, ldc, out, ldc);
+        else amx::product<2, 1>(at_v, lda, ldc, out, ldc);
+      } else {
+        if (v + 1 < W) amx::product<1, 2>(at_v, lda, ldc, out, ldc);
+        else amx::product<1, 1>(at_v, lda, ldc, out, ldc);
+      }
+    }
+  }
+
+  // The epilogue of rows [i0, i0 + m) from their sums, a row's W vectors at a
+  // time as tile() runs it; projection: x_t's sum alone (Elman's P, GRU's
+  // gate projection), finished as tile() finishes it.
+  template <int W, Epilogue E, bool projection>
+  static FASTRNN_INLINE void amx_finish(const StepTask<T>& t, int64_t i0, int m, int64_t c0, int nc,
+                                        const float (&sums)[2 * amx::kRows][W * N]) {
+    for (int r = 0; r < m; ++r) {
+      V acc[W];
+      for (int v = 0; v < W; ++v) simd::load(acc[v], &sums[r][v * N]);
+      if constexpr (!projection) {
+        finish_row<W, E>(t, i0 + r, c0, nc, acc);
+      } else if constexpr (E == Epilogue::Forward) {
+        finish_row<W, Epilogue::Linear>(t, i0 + r, c0, nc, acc);
+      } else {
+        store_gate_projection<W>(t, i0 + r, c0, nc, acc);
+      }
+    }
+  }
+
+  // Rows [i0, i0 + m), m <= 2 * amx::kRows, by one panel of W vectors on AMX
+  // tiles (amx_tiles.h): the sums go through memory into tile()'s epilogue.
+  template <int W, Epilogue E>
+  static FASTRNN_INLINE void amx_rows(const StepTask<T>& t, int64_t i0, int m, const T* panel,
+                                      int64_t c0, int nc) {
+    static_assert(std::is_same_v<T, float> && N == amx::kWords);
+    alignas(64) float sums[2 * amx::kRows][W * N];
+    for (int r = 0; r < m; ++r) prefetch_epilogue<1, W, E>(t, i0 + r, c0);
+    const int64_t lda = pairs::row_words(t.K_x, t.K), Qx = pairs::words(t.K_x);
+    const uint32_t* x = t.a_pairs + (i0 - t.row_begin) * lda;
+    const uint32_t* px = reinterpret_cast<const uint32_t*>(panel);
+    const amx::Part xs{x, px, Qx};
+    const amx::Part as{x + Qx, px + Qx * W * N,
+                       t.a_hi_zero && i0 >= t.a_split ? 0 : pairs::words(t.K)};
+    if constexpr (E == Epilogue::Forward || E == Epilogue::GruForward) {
+      if (Qx > 0) {
+        amx_sums<W>(m, {xs, {}}, lda, sums);
+        amx_finish<W, E, true>(t, i0, m, c0, nc, sums);
+        amx_sums<W>(m, {{}, as}, lda, sums);
+        amx_finish<W, E, false>(t, i0, m, c0, nc, sums);
+        return;
+      }
+    }
+    amx_sums<W>(m, {xs, as}, lda, sums);
+    amx_finish<W, E, false>(t, i0, m, c0, nc, sums);
+  }
+
+  // step() on AMX tiles: row tiles in pairs, the panels as step()'s.
+  template <Epilogue E>
+  static FASTRNN_INLINE void step_amx(const StepTask<T>& t) {
+    amx::configure();
+    // The cells' forward panels: every gate of N units (step()).
+    constexpr bool cell = E == Epilogue::LstmForward || E == Epilogue::GruForward;
+    const int64_t stride = (t.K_x + t.K) * kNR;
+    const int64_t n = t.row_end - t.row_begin;
+    for (int64_t p = t.panel_begin; p < t.panel_end; ++p) {
+      const T* panel = t.panels + (p - t.panel_begin) * stride;
+      const int64_t c0 = cell ? p * N : p * kNR;
+      const int nc = static_cast<int>(std::min<int64_t>(cell ? N : kNR, t.H - c0));
+      for (int64_t i = 0; i < n; i += 2 * amx::kRows) {
+        const int m = static_cast<int>(std::min<int64_t>(2 * amx::kRows, n - i));
+        if (!cell && NV > 1 && nc <= N) {
+          amx_rows<1, E>(t, t.row_begin + i, m, panel, c0, nc);
+        } else {
+          amx_rows<NV, E>(t, t.row_begin + i, m, panel, c0, nc);
+        }
+      }
+    }
+    amx::release();
+  }
+#endif
+
   // Rows [i0, i0 + M) by one panel of W vectors ([K][W * N], or pairs of it).
   template <int M, int W, Epilogue E, bool Bf16 = false>
   static FASTRNN_INLINE void tile(const StepTask<T>& t, int64_t i0, const T* panel, int64_t c0,
@@ -750,6 +850,20 @@ struct TileKernel {
 #if FASTRNN_BF16_DISPATCH
     if constexpr (E == Epilogue::LinearAT && Bf16) {
       const int64_t n = t.row_end - t.row_begin;
+#if FASTRNN_AMX_DISPATCH
+      if (t.amx) {
+        // The tiles take A's rows as rows: the rows' pairs side by side, as
+        // the other kernels round them, through the layout below (at the
+        // room's end) and a transpose.
+        const int64_t Q = (t.K + 1) / 2, ld = pairs::row_words(0, t.K);
+        uint32_t* side_by_side = t.a_pairs + (n + amx::kRows - 1) / amx::kRows * amx::kRows * ld;
+        to_pairs(t.a_lo.base + t.row_begin, t.a_lo.ld, t.K, n, side_by_side, n);
+        transpose(side_by_side, n, Q, n, t.a_pairs, ld);
+        for (int64_t i = 0; i < n; ++i) std::fill(t.a_pairs + i * ld + Q, t.a_pairs + (i + 1) * ld, 0u);
+        step_amx<E>(t);
+        return;
+      }
+#endif
       to_pairs(t.a_lo.base + t.row_begin, t.a_lo.ld, t.K, n, t.a_pairs, n);
     } else if constexpr (Bf16) {
       const int64_t ld = pairs::row_words(t.K_x, t.K);
@@ -758,6 +872,12 @@ struct TileKernel {
         if (t.K_x > 0) pairs::round_row(t.x.row(i), t.K_x, row);
         pairs::round_row(i < t.a_split ? t.a_lo.row(i) : t.a_hi.row(i), t.K, row + pairs::words(t.K_x));
       }
+#if FASTRNN_AMX_DISPATCH
+      if (t.amx) {
+        step_amx<E>(t);
+        return;
+      }
+#endif
     }
 #endif
     if constexpr (E == Epilogue::LstmForward || E == Epilogue::GruForward) {

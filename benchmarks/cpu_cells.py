@@ -6,9 +6,10 @@ path (one BLAS GEMM per step and the cell's pointwise pass, FASTRNN_CPU_FUSED=0)
 with the fused recurrence kernels (csrc/cpu/recurrence.h). Runs are interleaved (in a
 shuffled order each round) after a warm-up; --stat min on a loaded machine. --autocast runs
 all three under torch.autocast("cpu", dtype) (the RNN's cells, tanh and relu, can be added
-with --cells); under bfloat16 two more contenders are the fused kernels with their products
+with --cells); under bfloat16 more contenders are the fused kernels with their products
 on bfloat16 pairs (FASTRNN_CPU_BF16_PRODUCTS=1: on CPUs with AVX512-BF16; the default on
-AMD's) and with float32 products (=0: the default elsewhere).
+AMD's and on those with AMX, where they run on AMX tiles), on CPUs with AMX the pairs on
+vdpbf16ps instead of tiles (FASTRNN_CPU_AMX=0), and with float32 products (=0).
 
     python benchmarks/cpu_cells.py [--threads N] [--repeats N] [--stat median|min]
                                    [--cells lstm gru tanh relu] [--shapes NAME ...]
@@ -19,7 +20,8 @@ import argparse
 
 import torch
 
-from harness import cpu_model, emit, make_step, time_interleaved, twin_rnns, with_env, with_fused
+from harness import (cpu_model, emit, has_amx, make_step, time_interleaved, twin_rnns, with_env,
+                     with_fused)
 
 INPUT = 28
 # (name, layers, hidden, batch, steps, bidirectional, packed): the notebook's model first
@@ -76,8 +78,14 @@ def main():
 
     contenders = list(CONTENDERS)
     pairs = args.autocast == "bfloat16"
+    # (name, FASTRNN_CPU_BF16_PRODUCTS, FASTRNN_CPU_AMX) of the fused kernel's variants
+    variants = []
     if pairs:
-        contenders += ["fastrnn fused, bfloat16 products", "fastrnn fused, float32 products"]
+        variants.append(("fastrnn fused, bfloat16 products", "1", None))
+        if has_amx():
+            variants.append(("fastrnn fused, bfloat16 products on vdpbf16ps", "1", "0"))
+        variants.append(("fastrnn fused, float32 products", "0", None))
+    contenders += [name for name, _, _ in variants]
     rows = []
     for cell in args.cells:
         for name, layers, hidden, batch, steps, bi, packed in SHAPES:
@@ -91,9 +99,9 @@ def main():
                 fast_step = make_step(fast, inputs, backward)
                 steps_ = [make_step(ref, inputs, backward), with_fused(fast_step, False),
                           with_fused(fast_step, True)]
-                if pairs:
-                    steps_ += [with_env(with_fused(fast_step, True), "FASTRNN_CPU_BF16_PRODUCTS", v)
-                               for v in ("1", "0")]
+                for _, products, amx in variants:
+                    step = with_env(with_fused(fast_step, True), "FASTRNN_CPU_BF16_PRODUCTS", products)
+                    steps_.append(with_env(step, "FASTRNN_CPU_AMX", amx) if amx else step)
                 times = time_interleaved([under_autocast(f, args.autocast) for f in steps_],
                                          repeats=args.repeats)
                 rows.append((cell, name, kind, [t[args.stat] for t in times]))
@@ -114,7 +122,7 @@ def main():
     for cell, name, kind, ts in rows:
         cells = " | ".join(f"{t * 1e3:.2f}" for t in ts)
         lines.append(f"| {cell} | {name} | {kind} | {cells} | {ts[0] / ts[2]:.2f}x | "
-                     f"{ts[1] / ts[2]:.2f}x |" + (f" {ts[4] / ts[3]:.2f}x |" if pairs else ""))
+                     f"{ts[1] / ts[2]:.2f}x |" + (f" {ts[-1] / ts[3]:.2f}x |" if pairs else ""))
     emit(lines, args.markdown)
 
 

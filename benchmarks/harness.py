@@ -40,6 +40,15 @@ def cpu_model():
     return f"{name} (family {fields['cpu family']} model {fields.get('model', '?')}; {simd})"
 
 
+def has_amx():
+    """Whether the CPU has AMX-BF16 tiles (fastrnn's bfloat16 products run on them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
 def twin_rnns(input_size, hidden, layers, nonlinearity="tanh", bidirectional=False,
               batch_first=False, device="cpu", dtype=torch.float32, seed=0):
     """(torch.nn's module, fastrnn's) holding identical weights: an RNN for nonlinearity

@@ -177,4 +177,56 @@ inline void to_pairs(const float* src, int64_t ld_src, int64_t K, int64_t width,
   }
 }
 
+// Rows [0, n) of A, where A(i, k) = a[k * lda + i] for k < K (A transposed,
+// as a LinearAT product takes it), as rows of pairs (pairs::round_row's
+// layout) at dst + i * ld_dst, words(K) words each: 16 rows and 32 k at a
+// time, rounded as to_pairs rounds them and turned into rows in registers.
+#if FASTRNN_BF16_DISPATCH
+FASTRNN_TARGET_AVX512_BF16 inline void to_row_pairs(const float* a, int64_t lda, int64_t K,
+                                                    int64_t n, uint32_t* dst, int64_t ld_dst) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, n - i0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      // r[q]: pair q of the block's 16 rows side by side (word i: row i0 + i).
+      __m512i r[16];
+      for (int q = 0; q < 16; ++q) {
+        const int64_t k = k0 + 2 * q;
+        const __m512 lo = k < K ? _mm512_maskz_loadu_ps(mask, a + k * lda + i0) : _mm512_setzero_ps();
+        const __m512 hi = k + 1 < K ? _mm512_maskz_loadu_ps(mask, a + (k + 1) * lda + i0) : _mm512_setzero_ps();
+        r[q] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+      // 16 x 16 words transposed: words, pairs of words, then 128-bit lanes.
+      __m512i t[16], u[16];
+      for (int j = 0; j < 8; ++j) {
+        t[2 * j] = _mm512_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+        t[2 * j + 1] = _mm512_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+      }
+      for (int j = 0; j < 4; ++j) {
+        u[4 * j] = _mm512_unpacklo_epi64(t[4 * j], t[4 * j + 2]);
+        u[4 * j + 1] = _mm512_unpackhi_epi64(t[4 * j], t[4 * j + 2]);
+        u[4 * j + 2] = _mm512_unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
+        u[4 * j + 3] = _mm512_unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
+      }
+      // u[4j + c], lane L: row i0 + 4L + c, pairs [4j, 4j + 4).
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+        const __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+        const __m512i out[4] = {_mm512_shuffle_i32x4(v0, v2, 0x88), _mm512_shuffle_i32x4(v0, v2, 0xDD),
+                                _mm512_shuffle_i32x4(v1, v3, 0x88), _mm512_shuffle_i32x4(v1, v3, 0xDD)};
+        for (int L = 0; L < 4; ++L) {
+          if (4 * L + c < rows) _mm512_storeu_si512(dst + (i0 + 4 * L + c) * ld_dst + k0 / 2, out[L]);
+        }
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace fastrnn::cpu

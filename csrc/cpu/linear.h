@@ -120,14 +120,12 @@ bool linear(const LinearProduct<T>& p) {
     // A bfloat16 call's products on pairs (bf16_pairs.h): each slot also
     // keeps rows of A as pairs (StepTask::a_pairs), one chunk of k and at
     // most kPairRows rows at a time (a slot's rows can be all T * B); on
-    // AMX tiles, A transposed also takes the pairs' side-by-side layout.
+    // AMX tiles, A transposed too as rows of pairs.
     const bool pairs = ks.linear_pairs && bf16_products();
     const bool amx = pairs && amx::layout_fits(p.depth) && amx::tiles();
-    const int64_t side_by_side = (chunk + 1) / 2 * kPairRows;
     const int64_t pair_elems = !pairs ? 0
-                               : p.a_transposed && !amx ? side_by_side
-                                                        : kPairRows * pairs::row_words(0, chunk) +
-                                                              (p.a_transposed ? side_by_side : 0);
+                               : p.a_transposed && !amx ? (chunk + 1) / 2 * kPairRows
+                                                        : kPairRows * pairs::row_words(0, chunk);
     const int64_t panel_elems = (max_panels * chunk * ks.nr + line - 1) / line * line;
     const int64_t per_slot = panel_elems + (pair_elems + line - 1) / line * line;
     scratch::Buffer<T> pack(slots * per_slot);

@@ -37,9 +37,6 @@
 
 namespace fastrnn::cpu {
 
-template <typename T>
-void transpose(const T* src, int64_t ld_src, int64_t C, int64_t K, T* dst, int64_t ld_dst);
-
 // Row i of a matrix at base + i * ld.
 template <typename T>
 struct Rows {
@@ -141,7 +138,7 @@ struct StepTask {
   // pairs::words(K_x)), filled at each step's start: rounded once a step,
   // not once per panel. LinearAT: [(K + 1) / 2][row_end - row_begin] (pair
   // q of the rows side by side, as A lies); on AMX tiles, rows as the others'
-  // (whole tiles of them), then room for that layout on the way.
+  // (to_row_pairs), whole tiles of them.
   uint32_t* a_pairs = nullptr;
   int64_t panel_begin = 0, panel_end = 0;
   int64_t K = 0;  // reduction length (H; the input size for a Linear product; G*H for a cell's backward)
@@ -852,14 +849,8 @@ struct TileKernel {
       const int64_t n = t.row_end - t.row_begin;
 #if FASTRNN_AMX_DISPATCH
       if (t.amx) {
-        // The tiles take A's rows as rows: the rows' pairs side by side, as
-        // the other kernels round them, through the layout below (at the
-        // room's end) and a transpose.
-        const int64_t Q = (t.K + 1) / 2, ld = pairs::row_words(0, t.K);
-        uint32_t* side_by_side = t.a_pairs + (n + amx::kRows - 1) / amx::kRows * amx::kRows * ld;
-        to_pairs(t.a_lo.base + t.row_begin, t.a_lo.ld, t.K, n, side_by_side, n);
-        transpose(side_by_side, n, Q, n, t.a_pairs, ld);
-        for (int64_t i = 0; i < n; ++i) std::fill(t.a_pairs + i * ld + Q, t.a_pairs + (i + 1) * ld, 0u);
+        // The tiles take A's rows as rows, as the other kernels round them.
+        to_row_pairs(t.a_lo.base + t.row_begin, t.a_lo.ld, t.K, n, t.a_pairs, pairs::row_words(0, t.K));
         step_amx<E>(t);
         return;
       }

@@ -13,8 +13,9 @@
 //     product reads them, as torch.nn's bfloat16 modules hold them;
 //   - in fastrnn's own products around the recurrence (linear.h, and the
 //     small ones of backend.cpp: the input projection, dX = dA W_ih,
-//     dW = dA^T X): both operands rounded. Where BLAS runs those (not AMD),
-//     they stay float32.
+//     dW = dA^T X): both operands rounded. Where BLAS runs those (not AMD,
+//     nor CPUs with AMX), they stay float32.
+// On CPUs with AMX the pairs run on AMX tiles (amx_tiles.h).
 // Everything else stays float32: the sums, the bias, the activations, the
 // LSTM's c, what backward keeps, and h_t as the layer's output (rounded to
 // bfloat16 only at the call's end).

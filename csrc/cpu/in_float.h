@@ -15,9 +15,10 @@
 // saved gates and cell states to the half type and widening them again took
 // a tenth of a bfloat16 training step.
 //
-// On a CPU with AVX512-BF16 a bfloat16 call's products run on bfloat16
-// operands instead, h_{t-1} and dA rounded where they read them, as
-// torch.nn's bfloat16 modules' do (bf16_pairs.h; Bf16CallScope tells them).
+// On a CPU with AVX512-BF16 where they pay (AMD's, and those with AMX:
+// bf16_pairs.h) a bfloat16 call's products run on bfloat16 operands instead,
+// h_{t-1} and dA rounded where they read them, as torch.nn's bfloat16
+// modules' do (Bf16CallScope tells them).
 #pragma once
 
 #include "../checks.h"

@@ -34,7 +34,7 @@
 // Types: float and double (tanh: activation.h's tanh_rational_inplace and
 // tanh_exp_inplace, on vectors). bfloat16 and half calls come as float32
 // (in_float.h); a bfloat16 call's products run on bfloat16 pairs where the CPU
-// has AVX512-BF16 (bf16_pairs.h).
+// has AVX512-BF16 (bf16_pairs.h), on AMX tiles where it has AMX (amx_tiles.h).
 #pragma once
 
 #include "../activation.h"

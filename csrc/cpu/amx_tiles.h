@@ -1,4 +1,5 @@
-// fastrnn CPU: a bfloat16 call's step products on AMX tiles (AMX-BF16).
+// fastrnn CPU: a bfloat16 call's products on AMX tiles (AMX-BF16): the step
+// kernels' (tile_kernels.h) and those around the recurrence (linear.h).
 //
 // Where the CPU has AMX (Intel's Xeons from Sapphire Rapids on), one
 // tdpbf16ps multiplies a 16 x 32 block of bfloat16 A by a 32 x 16 block of
@@ -11,7 +12,7 @@
 //       values of k): 16 pair rows of one vector are a tile as AMX reads B.
 // The kernels that run on tiles pack their panels with each part of k (x_t's
 // K_x values, then A's K) padded with zeros to whole tiles, pairs::words(K_x)
-// and pairs::words(K) pair rows (amx_layout), as a_pairs' rows already are;
+// and pairs::words(K) pair rows (layout_fits, a_offset), as a_pairs' rows are;
 // and each slot's room for a_pairs holds whole tiles of rows (kRows), so a
 // tile past the slot's last row reads its own room (what it sums is dropped).
 //

@@ -54,7 +54,7 @@ def _tiles():
 def _pairs_by_default():
     """Whether they do without FASTRNN_CPU_BF16_PRODUCTS: on AMD's CPUs, where they are faster
     than float32 products (csrc/cpu/bf16_pairs.h, bf16_pairs_pay), and where they run on AMX
-    tiles (products of depth 64 and more, as every product of these tests' default case)."""
+    tiles (all but the shallowest products: csrc/cpu/amx_tiles.h, layout_fits)."""
     return _bf16_dot() and ("AuthenticAMD" in _cpuinfo() or _tiles())
 
 
@@ -238,8 +238,9 @@ def _assert_like_emulation(got, emulated, mask):
 # padded with zero), I = 1, H past the vector and panel widths, K = I + H past the
 # prefetch's 128, B = 1 (projection outside by the cost rule), I > 2H, packed uneven lengths
 # in both directions; T * B = 640 and 4H = 320 rows, more than a slot of the products around
-# the recurrence rounds at a time (linear.h: kPairRows). On AMX tiles (depth 64 and more):
-# 50 rows, a slot's two row tiles and a partial one; a zero h0.
+# the recurrence rounds at a time (linear.h: kPairRows). On AMX tiles (all but the shallowest):
+# 50 rows, a slot's two row tiles and a partial one; a zero h0; parts of k shallower than a
+# tile (I = 20 and H = 24 pad to 32 each).
 CASES = [
     ("rnn-tanh", 33, 9, 6, 7, False, False),
     ("rnn-relu", 200, 12, 5, 28, True, True),
@@ -253,6 +254,8 @@ CASES = [
     ("lstm", 80, 64, 10, 28, False, False),
     ("gru", 96, 50, 3, 20, False, False),
     ("rnn-relu", 64, 21, 4, 28, False, True, True),
+    ("lstm", 24, 10, 4, 20, False, False),
+    ("rnn-tanh", 24, 10, 4, 20, True, True),
 ]
 
 

@@ -51,10 +51,13 @@ inline bool tiles() {
   return !(v && v[0] == '0' && !v[1]);
 }
 
-// Whether a product of depth K_x + K can take the tile layout: its two parts
-// padded to whole tiles of k must fit the K_x + K pair rows a panel has
-// room for (pairs take half the float panel's), which holds from 64 on.
-inline bool layout_fits(int64_t depth) { return depth >= 64; }
+// Whether a product over K_x values of x_t and K of A can take the tile
+// layout: its two parts padded to whole tiles of k must fit the K_x + K pair
+// rows a panel has room for (pairs take half the float panel's): from
+// K_x + K = 64 on, and from K = 16 without x_t.
+inline bool layout_fits(int64_t K_x, int64_t K) {
+  return pairs::words(K_x) + pairs::words(K) <= K_x + K;
+}
 
 // Where the packers put A's rows of k (W_hh's, below W_ih's K_x) in the tile
 // layout: at pair row pairs::words(K_x), as a_pairs' rows hold them.

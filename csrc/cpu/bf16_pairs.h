@@ -52,8 +52,8 @@ struct Bf16CallScope {
 
 // Whether the pairs are faster than float32 products on this CPU: on AMD's
 // (Zen 4 and Zen 5: the same calls 1.19x-1.75x faster than with float32
-// products), and where the products of depth 64 and more run on AMX tiles
-// (amx_tiles.h; a Xeon: 1.5x-2.6x); not on Intel's without AMX, where
+// products), and where all but the shallowest products run on AMX tiles
+// (amx_tiles.h; on a Xeon up to 2.6x, at hidden 512); not on Intel's without AMX, where
 // vdpbf16ps multiplies no faster than the float32 FMAs and the rounding
 // comes on top (0.69x-0.89x on that Xeon with AMX turned off). The shallower
 // products there run on vdpbf16ps, so that all of a call's products take

@@ -65,8 +65,8 @@ inline bool prefer_linear() {
 }
 
 // The depth of the chunk of k from k0 on: kDepthChunk, but on AMX tiles never
-// leaving a last chunk shallower than their layout takes (amx::layout_fits):
-// the one before leaves it 64 to 95 (chunks start at even k, as pairs do).
+// leaving a last chunk shallower than their layout takes (amx::layout_fits,
+// 16): the one before leaves it 64 to 95 (chunks start at even k, as pairs do).
 inline int64_t chunk_at(int64_t k0, int64_t depth, bool amx) {
   const int64_t rest = depth - k0, chunk = std::min(rest, kDepthChunk);
   if (amx && rest - chunk > 0 && rest - chunk < 64) return (rest - 64) / 32 * 32;
@@ -122,7 +122,7 @@ bool linear(const LinearProduct<T>& p) {
     // most kPairRows rows at a time (a slot's rows can be all T * B); on
     // AMX tiles, A transposed too as rows of pairs.
     const bool pairs = ks.linear_pairs && bf16_products();
-    const bool amx = pairs && amx::layout_fits(p.depth) && amx::tiles();
+    const bool amx = pairs && amx::layout_fits(0, p.depth) && amx::tiles();
     const int64_t pair_elems = !pairs ? 0
                                : p.a_transposed && !amx ? (chunk + 1) / 2 * kPairRows
                                                         : kPairRows * pairs::row_words(0, chunk);

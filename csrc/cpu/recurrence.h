@@ -455,10 +455,14 @@ struct Products {
   bool pairs = false;
   bool amx = false;
 };
-inline Products products_of(bool kernel, std::span<const JobShape> shapes) {
+template <typename Job>
+Products products_of(bool kernel, std::span<const JobShape> shapes, std::span<const Job> jobs) {
   const bool pairs = kernel && bf16_products();
   bool fits = true;
-  for (const JobShape& s : shapes) fits = fits && amx::layout_fits(s.depth);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const int64_t I = inside_input(jobs[i]);
+    fits = fits && amx::layout_fits(I, shapes[i].depth - I);
+  }
   return {pairs, pairs && fits && amx::tiles()};
 }
 
@@ -524,7 +528,7 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
     std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
-    const detail::Products products = detail::products_of(ks.forward_pairs, shapes);
+    const detail::Products products = detail::products_of(ks.forward_pairs, std::span<const detail::JobShape>(shapes), jobs);
     const bool pairs = products.pairs;
     if (pairs) detail::room_for_pairs(shapes, jobs, products.amx);
     const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
@@ -581,7 +585,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
     std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
-    const detail::Products products = detail::products_of(ks.backward_pairs, shapes);
+    const detail::Products products = detail::products_of(ks.backward_pairs, std::span<const detail::JobShape>(shapes), jobs);
     const bool pairs = products.pairs;
     if (pairs) detail::room_for_pairs(shapes, jobs, products.amx);
     const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));

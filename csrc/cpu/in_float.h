@@ -22,6 +22,7 @@
 #pragma once
 
 #include "../checks.h"
+#include "../tensor_util.h"
 #include "bf16_pairs.h"
 
 #include <optional>
@@ -66,7 +67,9 @@ struct Dtypes {
 };
 
 inline Tensor cast(const Tensor& t, ScalarType from, ScalarType to) {
-  return t.defined() && t.scalar_type() == from ? torch::stable::to(t, to) : t;
+  if (!t.defined() || t.scalar_type() != from) return t;
+  if (std::optional<Tensor> kept = to_kept(t, to)) return *std::move(kept);
+  return torch::stable::to(t, to);
 }
 
 inline std::optional<Tensor> cast(const std::optional<Tensor>& t, ScalarType from, ScalarType to) {

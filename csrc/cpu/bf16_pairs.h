@@ -125,6 +125,12 @@ FASTRNN_INLINE void round_row(const float* a, int64_t n, uint32_t* out) {
   }
 }
 
+// Word c of a pair row is 16-bit lanes (c, 16 + c) of vcvtne2ps2bf16's
+// result: this permutation puts them side by side (to_pairs, to_row_pairs).
+alignas(64) inline constexpr uint16_t kInterleave[32] = {
+    0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
 // acc += the pairwise products of x's and b's bfloat16 pairs (vdpbf16ps).
 // Only ever inlined into a FASTRNN_TARGET_AVX512_BF16 function.
 // (The asm takes a copy: an accumulator array whose elements an asm names
@@ -153,11 +159,7 @@ FASTRNN_TARGET_AVX512_BF16
 inline void to_pairs(const float* src, int64_t ld_src, int64_t K, int64_t width, uint32_t* dst,
                      int64_t ld_dst) {
 #if FASTRNN_BF16_DISPATCH
-  // Word c of a pair row is 16-bit lanes (c, 16 + c) of vcvtne2ps2bf16's result.
-  alignas(64) static constexpr uint16_t kInterleave[32] = {
-      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512i interleave = _mm512_load_si512(pairs::kInterleave);
 #endif
   for (int64_t q = 0; 2 * q < K; ++q) {
     const float* lo = src + 2 * q * ld_src;
@@ -185,10 +187,7 @@ inline void to_pairs(const float* src, int64_t ld_src, int64_t K, int64_t width,
 #if FASTRNN_BF16_DISPATCH
 FASTRNN_TARGET_AVX512_BF16 inline void to_row_pairs(const float* a, int64_t lda, int64_t K,
                                                     int64_t n, uint32_t* dst, int64_t ld_dst) {
-  alignas(64) static constexpr uint16_t kInterleave[32] = {
-      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512i interleave = _mm512_load_si512(pairs::kInterleave);
   for (int64_t i0 = 0; i0 < n; i0 += 16) {
     const int64_t rows = std::min<int64_t>(16, n - i0);
     const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);

@@ -32,8 +32,9 @@
 // Types: float and double (double's sigmoid and tanh per lane, as the
 // per-step path's); bfloat16 and half calls come as float32 (in_float.h), a
 // bfloat16 call's products on bfloat16 pairs where the CPU has AVX512-BF16
-// (bf16_pairs.h), on AMX tiles where it has AMX (amx_tiles.h). Not taken (supports() false; the caller steps with one GEMM
-// per step): LSTM with proj_size (the caller's test).
+// (bf16_pairs.h), on AMX tiles where it has AMX (amx_tiles.h). Not taken
+// (supports() false; the caller steps with one GEMM per step): LSTM with
+// proj_size (the caller's test).
 // Results are the same bits for any thread count and split, as Elman's.
 #pragma once
 

@@ -160,7 +160,7 @@ void run_forward(std::span<const Job> jobs) {
                       (j.hidden + ks.lanes - 1) / ks.lanes, G * ks.lanes, G, ks.mr_fwd[Cell]});
     shapes.back().panel_cost = kForwardPanelCost;
   }
-  const detail::Products products = detail::products_of(ks.forward_pairs[Cell], std::span<const detail::JobShape>(shapes), jobs);
+  const detail::Products products = detail::products_of(ks.forward_pairs[Cell], shapes, jobs);
   const bool pairs = products.pairs;
   const auto forward = pairs ? ks.forward_pairs[Cell] : ks.forward[Cell];
   if (pairs) detail::room_for_pairs(shapes, jobs, products.amx);
@@ -238,7 +238,7 @@ void run_backward(std::span<const Job> jobs) {
     if (Cell == 0) dc_elems += batch * j.hidden;
   }
   scratch::Buffer<T> dc_buffer(dc_elems);
-  const detail::Products products = detail::products_of(ks.backward_pairs[Cell], std::span<const detail::JobShape>(shapes), jobs);
+  const detail::Products products = detail::products_of(ks.backward_pairs[Cell], shapes, jobs);
   const bool pairs = products.pairs;
   const auto backward = pairs ? ks.backward_pairs[Cell] : ks.backward[Cell];
   if (pairs) detail::room_for_pairs(shapes, jobs, products.amx);

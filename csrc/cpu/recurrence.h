@@ -528,7 +528,7 @@ bool forward_recurrences(std::span<const ForwardRecurrence<T>> jobs) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
     std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
-    const detail::Products products = detail::products_of(ks.forward_pairs, std::span<const detail::JobShape>(shapes), jobs);
+    const detail::Products products = detail::products_of(ks.forward_pairs, shapes, jobs);
     const bool pairs = products.pairs;
     if (pairs) detail::room_for_pairs(shapes, jobs, products.amx);
     const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));
@@ -585,7 +585,7 @@ bool backward_recurrences(std::span<const BackwardRecurrence<T>> jobs) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const KernelSet<T> ks = kernel_set<T>(simd::runtime_isa());
     std::vector<detail::JobShape> shapes = detail::shapes_of(jobs, ks);
-    const detail::Products products = detail::products_of(ks.backward_pairs, std::span<const detail::JobShape>(shapes), jobs);
+    const detail::Products products = detail::products_of(ks.backward_pairs, shapes, jobs);
     const bool pairs = products.pairs;
     if (pairs) detail::room_for_pairs(shapes, jobs, products.amx);
     const detail::Plan plan = detail::make_plan(shapes, detail::slot_budget(), sizeof(T));

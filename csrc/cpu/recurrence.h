@@ -253,8 +253,17 @@ struct JobShape {
 // split. There Elman H = 1024, I = 32, T = 28 ran 2.4x (B = 4), 2.0x (B = 8),
 // 1.5x (B = 16) and 1.05x (B = 32) faster split by columns, H = 768, B = 16
 // 1.4x, and the same at B = 64.
+//
+// On Intel a slot's panels that fill half of its L2 or more (where they are
+// fetched ahead: l2_ahead) cost kL2PanelCost more per vector and k: Elman
+// H = 512 (1-1.1 MB a slot split by rows, half that by columns), T = 28, ran
+// 1.37x (B = 2), 1.54x (B = 4) and 1.24x (B = 8) faster split by columns in
+// inference (1.28x, 1.35x, 1.14x forward+backward), 1.02x at B = 16, and
+// 0.99x-0.97x at B = 32 and 64 (also at T = 128), where rows stay: that
+// leaves kL2PanelCost between 0.8 and 1.35.
 constexpr double kBarrierCost = 10000;
 constexpr double kL3PanelCost = 16;
+constexpr double kL2PanelCost = 1;
 constexpr double kInlineFmas = 1 << 17;
 constexpr double kColumnSplitFactor = 1.05;
 
@@ -288,7 +297,7 @@ inline int64_t l2_bytes() {
 }
 
 // Whether a slot whose panels take `bytes` fetches its next panel into L2
-// (StepTask::l2_ahead): on Intel CPUs, where they fill more than half of L2.
+// (StepTask::l2_ahead): on Intel CPUs, where they fill half of L2 or more.
 // Without it each step waited on L3 for panels that L2 could not keep.
 // Measured on a Xeon with 2 MB of L2 per core (2 threads, T = 28, B = 64,
 // forward+backward / inference): LSTM H = 512 (2.2 MB a slot) 1.08x / 1.08x,
@@ -298,10 +307,14 @@ inline int64_t l2_bytes() {
 // the same times within 0.5%. Off elsewhere until measured there (AMD's
 // prefetch hints may all fill L1). FASTRNN_CPU_L2_AHEAD=0|1 forces it off /
 // on (read per call).
+// Whether panels of `bytes` crowd a slot's L2: half of it or more, on Intel.
+inline bool l2_crowded(int64_t bytes) {
+  return simd::cpu_vendor() == simd::Vendor::Intel && 2 * bytes >= l2_bytes();
+}
 inline bool l2_ahead(int64_t bytes) {
   const char* v = std::getenv("FASTRNN_CPU_L2_AHEAD");
   if (v && (v[0] == '0' || v[0] == '1') && !v[1]) return v[0] == '1';
-  return simd::cpu_vendor() == simd::Vendor::Intel && 2 * bytes > l2_bytes();
+  return l2_crowded(bytes);
 }
 
 // Chooses each job's grid and lays out the slots.
@@ -324,8 +337,13 @@ inline Plan make_plan(std::span<const JobShape> jobs, int64_t threads, int64_t e
       for (int64_t cs = 1; rs * cs <= budget && cs <= panels; ++cs) {
         if ((forced == 1 && cs > 1) || (forced == 2 && rs > 1)) continue;
         const int64_t max_panels = (panels + cs - 1) / cs;
-        const bool from_l3 = max_panels * K * job.panel_width * elem_bytes > l2_bytes();
-        const double panel_cost = job.panel_cost + (from_l3 ? kL3PanelCost : 0);
+        const int64_t bytes = max_panels * K * job.panel_width * elem_bytes;
+        double panel_cost = job.panel_cost;
+        if (bytes > l2_bytes()) {
+          panel_cost += kL3PanelCost;
+        } else if (l2_crowded(bytes)) {
+          panel_cost += kL2PanelCost;
+        }
         double cost = 0;
         for (const StepRows& st : job.steps) {
           double worst = 0;

@@ -176,6 +176,15 @@ int main() {
     const bool past_l2 = int64_t{32} * 1056 * 32 * 4 > cpu::detail::l2_bytes();
     expect(elman_teams == (past_l2 ? std::vector<int64_t>{2} : std::vector<int64_t>{1, 1}),
            "panels past L2: columns");
+    // Elman at H = 512, batch 4 (16 panels, K = 512: 1 MB): split by rows each slot streams
+    // all of them with 2 rows a tile; on Intel, where they crowd L2 (half of it or more:
+    // kL2PanelCost), columns.
+    cpu::detail::JobShape h512{steps4, 512, 512, 16, 32, 2, 8};
+    const auto h512_teams = cpu::detail::make_plan(std::span(&h512, 1), 2, sizeof(float)).team_size;
+    const int64_t h512_bytes = int64_t{16} * 512 * 32 * 4;
+    const bool crowded = h512_bytes > cpu::detail::l2_bytes() || cpu::detail::l2_crowded(h512_bytes);
+    expect(h512_teams == (crowded ? std::vector<int64_t>{2} : std::vector<int64_t>{1, 1}),
+           "panels crowding L2 on Intel: columns");
   }
   std::printf("%s\n", g_failures ? "FAILED" : "ok");
   return g_failures ? 1 : 0;

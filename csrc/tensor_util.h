@@ -96,6 +96,16 @@ extern "C" __attribute__((weak)) AOTITorchError torch_from_blob(
 #endif
 
 namespace detail {
+// strides[0, dims) of a contiguous tensor of `shape`; returns the elements it spans.
+inline int64_t contiguous_strides(int64_t dims, const int64_t* shape, int64_t* strides) {
+  int64_t stride = 1;
+  for (int64_t d = dims; d-- > 0;) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(shape[d], 1);
+  }
+  return stride;
+}
+
 // A CPU tensor of `bytes` in a block of blocks::returned() (host_blocks.h
 // says why), which its storage's deleter gives back; nullptr where the
 // running torch cannot make one (then torch allocates). Past kKeepBytes torch
@@ -133,11 +143,7 @@ inline AtenTensorHandle empty_kept(int64_t dims, const int64_t* shape, const int
 inline Tensor empty(const Tensor& like, std::initializer_list<int64_t> shape) {
   std::array<int64_t, 4> strides{};
   FASTRNN_CHECK(shape.size() <= strides.size(), "fastrnn: empty() of ", shape.size(), " dimensions");
-  int64_t stride = 1;
-  for (size_t d = shape.size(); d-- > 0;) {
-    strides[d] = stride;
-    stride *= std::max<int64_t>(shape.begin()[d], 1);
-  }
+  detail::contiguous_strides(static_cast<int64_t>(shape.size()), shape.begin(), strides.data());
   int32_t dtype = 0, device_type = 0, device_index = 0;
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(like.get(), &dtype));
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
@@ -172,12 +178,8 @@ inline std::optional<Tensor> to_kept(const Tensor& t, ScalarType to) {
                                                      : -1;
   if (dtype < 0) return std::nullopt;
   std::array<int64_t, 4> shape{}, strides{};
-  int64_t numel = 1;
-  for (int64_t d = dims; d-- > 0;) {
-    shape[d] = t.size(d);
-    strides[d] = numel;
-    numel *= std::max<int64_t>(shape[d], 1);
-  }
+  for (int64_t d = 0; d < dims; ++d) shape[d] = t.size(d);
+  detail::contiguous_strides(dims, shape.data(), strides.data());
   int32_t device_index = 0;
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(t.get(), &device_index));
   const size_t bytes = static_cast<size_t>(t.numel()) * (to == ScalarType::Float ? 4 : 2);

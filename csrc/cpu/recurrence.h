@@ -296,6 +296,11 @@ inline int64_t l2_bytes() {
   return bytes;
 }
 
+// Whether panels of `bytes` crowd a slot's L2: half of it or more, on Intel.
+inline bool l2_crowded(int64_t bytes) {
+  return simd::cpu_vendor() == simd::Vendor::Intel && 2 * bytes >= l2_bytes();
+}
+
 // Whether a slot whose panels take `bytes` fetches its next panel into L2
 // (StepTask::l2_ahead): on Intel CPUs, where they fill half of L2 or more.
 // Without it each step waited on L3 for panels that L2 could not keep.
@@ -307,10 +312,6 @@ inline int64_t l2_bytes() {
 // the same times within 0.5%. Off elsewhere until measured there (AMD's
 // prefetch hints may all fill L1). FASTRNN_CPU_L2_AHEAD=0|1 forces it off /
 // on (read per call).
-// Whether panels of `bytes` crowd a slot's L2: half of it or more, on Intel.
-inline bool l2_crowded(int64_t bytes) {
-  return simd::cpu_vendor() == simd::Vendor::Intel && 2 * bytes >= l2_bytes();
-}
 inline bool l2_ahead(int64_t bytes) {
   const char* v = std::getenv("FASTRNN_CPU_L2_AHEAD");
   if (v && (v[0] == '0' || v[0] == '1') && !v[1]) return v[0] == '1';

@@ -246,19 +246,21 @@ def test_zero_initial_state_left_out_gives_the_same_bits(cell, packed, dtype, th
 
 # ---------------------------------------------------------------------------------------
 # The next panel fetched into L2 while a panel's row tiles run (StepTask::l2_ahead: on Intel
-# CPUs where a slot's panels fill more than half of its L2; FASTRNN_CPU_L2_AHEAD=1 forces it
+# CPUs where a slot's panels fill half of its L2 or more; FASTRNN_CPU_L2_AHEAD=1 forces it
 # on any CPU): a prefetch, so the same bits as without. H = 100: three panels of 32 columns and
 # a half-vector one (the forward and backward Elman panels; the cells' forward: 6 panels of 16
 # units and one of 4), so that the last panel fetches the first; B = 19 and packed lengths:
-# slices of the panel over tiles of 8, 6 and 5 rows and over steps with fewer rows.
+# slices of the panel over tiles of 8, 6 and 5 rows and over steps with fewer rows; B = 5:
+# one tile, which asks for two lines a k of the cells' panels (a line a k of Elman's).
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("batch", [19, 5], ids=["B19", "B5"])
 @pytest.mark.parametrize("cell", ["tanh", "lstm", "gru"])
-def test_panels_fetched_into_l2_ahead_give_the_same_bits(cell, packed, dtype, threads):
-    expected, ahead, plain = switch_results(cell, 100, 19, 6, dtype, packed,
+def test_panels_fetched_into_l2_ahead_give_the_same_bits(cell, batch, packed, dtype, threads):
+    expected, ahead, plain = switch_results(cell, 100, batch, 6, dtype, packed,
                                             "FASTRNN_CPU_L2_AHEAD", "1", "0")
     assert_close_all(ahead, expected, dtype, f"{cell} with L2 fetches")
     for a, b in zip(ahead, plain):

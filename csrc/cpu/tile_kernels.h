@@ -822,9 +822,9 @@ struct TileKernel {
     if (n < 2) next.lines = 0;
     const int64_t slice = (next.lines + tiles - 1) / tiles;
     // A tile spreads its slice over its k, but asks for at most one line for every two it
-    // loads a k: an LSTM's or GRU's panel of 3-4 lines a k at one row tile (batch 8: a
-    // quarter of the next panel at one a k) ran 1.04x-1.15x faster at two a k, where
-    // an Elman panel's 2 lines a k were slower with both asked for (0.93x-0.98x).
+    // loads a k. At one a k, batch 8 fetched half of an LSTM's next panel (4 lines a k, two
+    // tiles of 4 rows) and a third of a GRU's (3 lines a k, one tile): two a k ran 1.04x-1.15x
+    // faster. An Elman panel's 2 lines a k, both asked for, were slower (0.93x-0.98x).
     const int64_t depth = t.K_x + t.K, loaded = W * N * static_cast<int64_t>(sizeof(T)) / 64;
     const int per_k = static_cast<int>(
         std::clamp<int64_t>((slice + depth - 1) / depth, 1, std::max<int64_t>(1, (loaded + 1) / 2)));

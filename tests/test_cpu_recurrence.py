@@ -540,6 +540,62 @@ def _avx512():
         return False
 
 
+# The weight gradients on fastrnn's weight-product tiles (csrc/cpu/weight_product.h: taken on
+# Intel with AVX-512 where they beat MKL; forced here, FASTRNN_CPU_WEIGHT_PRODUCT=1, wherever
+# AVX-512 runs, else BLAS runs both ways). The cases reach C's rows off the tile (8) and its
+# columns off the block (2 vectors), a last block of one vector, whole or partial, and a thin
+# one (dW_ih at input 7); K past the chunk (128 rows) in one half or in two (from 1024);
+# h0's rows added to dW_hh (accumulate); packed rows (H_prev gathered); dA's columns of a
+# bidirectional [N, 2H]; the cells' 4H and 3H rows and GRU's pieces. Float64 where K passes
+# a thousand rows (test_long_sequence's reason), float32 below.
+WEIGHT_PRODUCT_CASES = [
+    # (cell, hidden, batch, steps, dtype, bidirectional, packed)
+    ("tanh", 40, 48, 30, torch.float64, False, False),
+    ("relu", 33, 40, 30, torch.float64, True, True),
+    ("tanh", 64, 20, 30, torch.float32, False, False),
+    ("relu", 48, 21, 25, torch.float32, True, True),
+    ("lstm", 24, 40, 30, torch.float64, False, True),
+    ("gru", 24, 40, 30, torch.float64, True, False),
+]
+
+
+@pytest.mark.parametrize("on", ["1", "0"], ids=["tiles", "blas"])
+@pytest.mark.parametrize("case", WEIGHT_PRODUCT_CASES,
+                         ids=lambda c: "{}-H{}-B{}-T{}".format(*c[:4]))
+def test_weight_product_matches_torch(case, on):
+    cell, hidden, batch, steps, dtype, bidirectional, packed = case
+    with env_vars(FASTRNN_CPU_WEIGHT_PRODUCT=on, FASTRNN_CPU_LINEAR="0"):
+        if cell in ("lstm", "gru"):
+            compare_cell(cell, hidden, batch, steps, dtype, bidirectional=bidirectional,
+                         layers=2, packed=packed)
+        else:
+            compare(hidden, batch, steps, cell, dtype, bidirectional=bidirectional, layers=2,
+                    packed=packed)
+
+
+@pytest.mark.skipif(not _avx512(), reason="the weight-product tiles are AVX-512's")
+@pytest.mark.parametrize("case", WEIGHT_PRODUCT_CASES[:2],
+                         ids=lambda c: "{}-H{}-B{}-T{}".format(*c[:4]))
+def test_weight_product_same_bits_for_any_thread_count(case):
+    """K goes in two fixed halves, not one per thread: 1 and 2 threads give the same bits.
+    And the tiles run: BLAS's bits differ (at K past a thousand rows; below, MKL can sum
+    in the same order)."""
+    cell, hidden, batch, steps, dtype, bidirectional, packed = case
+    saved = torch.get_num_threads()
+    results = {}
+    try:
+        for threads, on in ((1, "1"), (2, "1"), (2, "0")):
+            torch.set_num_threads(threads)
+            with env_vars(FASTRNN_CPU_WEIGHT_PRODUCT=on, FASTRNN_CPU_LINEAR="0"):
+                results[threads, on] = compare(hidden, batch, steps, cell, dtype,
+                                               bidirectional=bidirectional, layers=2, packed=packed)
+    finally:
+        torch.set_num_threads(saved)
+    for a, b in zip(results[1, "1"], results[2, "1"]):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(results[2, "1"], results[2, "0"]))
+
+
 @pytest.mark.skipif(not _avx512(), reason="fastrnn's own products (linear.h) are AVX-512's")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_gru_projection_inside_gives_the_bits_of_the_one_outside(dtype, same_products):

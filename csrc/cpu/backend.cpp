@@ -12,6 +12,7 @@
 #include "in_float.h"
 #include "linear.h"
 #include "recurrence.h"
+#include "weight_product.h"
 
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 #include <torch/headeronly/util/BFloat16.h>
@@ -139,8 +140,10 @@ void blas_product(const Tensor& out, const Tensor* add, const Tensor& a, const T
   }
 }
 
+constexpr int64_t kThinCols = 32;
+
 // c = a @ b (+ c) where a is a transposed matrix (a.stride(0) == 1: a weight
-// gradient, dA^T x), c has at most 32 columns and K is long: an input weight
+// gradient, dA^T x), c has at most kThinCols columns and K is long: an input weight
 // gradient at input 28. On Intel, torch's MKL computes that 1.1x-2x faster
 // turned around, as c^T = b^T a^T into a scratch (1792-8192 rows of dA, H
 // 100-768, in one process; 0.9x at 224 rows, no faster from 64 columns on),
@@ -157,7 +160,7 @@ void thin_weight_grad(const Tensor& c, const Tensor& a, const Tensor& b, bool ac
 
 // False where not taken.
 bool thin_weight_grad(const Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
-  constexpr int64_t kMaxCols = 32, kMinRows = 64, kMinDepth = 1024;
+  constexpr int64_t kMaxCols = kThinCols, kMinRows = 64, kMinDepth = 1024;
   const int64_t M = c.size(0), n = c.size(1), K = a.size(1);
   if (n > kMaxCols || M < kMinRows || K < kMinDepth || a.stride(0) != 1 || a.stride(1) == 1 ||
       (n > 1 && c.stride(1) != 1) || cpu::simd::cpu_vendor() != cpu::simd::Vendor::Intel) {
@@ -166,6 +169,42 @@ bool thin_weight_grad(const Tensor& c, const Tensor& a, const Tensor& b, bool ac
   switch (c.scalar_type()) {
     case ScalarType::Float: return thin_weight_grad<float>(c, a, b, accumulate), true;
     case ScalarType::Double: return thin_weight_grad<double>(c, a, b, accumulate), true;
+    default: return false;
+  }
+}
+
+// c (+)= a b where a is transposed (a.stride(0) == 1: a weight gradient, dA^T x)
+// and b's rows have unit stride, on fastrnn's weight-product tiles
+// (weight_product.h) where they beat BLAS. Measured on Intel with AVX-512
+// (the product alone, against torch.mm, 2 threads): 1.05x-1.2x where C is at
+// most kMaxBytes and K at least kMinDepth; 0.94x-0.96x past 512 KB of C (its
+// tiles no longer stay in L2 between chunks), 0.95x where C's last block is
+// narrower than a vector (N = 100), and thin products (N <= kThinCols) gain
+// more turned around (thin_weight_grad). Elsewhere not measured, so not taken.
+// FASTRNN_CPU_WEIGHT_PRODUCT=1/0 takes them wherever they run / nowhere (read
+// per call, for the tests and the benchmarks). Never for a bfloat16 call,
+// whose products round their operands (bf16_pairs.h). False where not taken.
+bool own_weight_product(const Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
+  constexpr int64_t kMaxBytes = 512 * 1024, kMinDepth = 512;
+  if (c.dim() != 2 || b.dim() != 2 || c.stride(1) != 1 || a.stride(0) != 1 || b.stride(1) != 1 ||
+      a.scalar_type() != c.scalar_type() || b.scalar_type() != c.scalar_type() || cpu::bf16_products()) {
+    return false;
+  }
+  const int64_t M = c.size(0), N = c.size(1), K = a.size(1);
+  if (const char* v = std::getenv("FASTRNN_CPU_WEIGHT_PRODUCT"); v && (v[0] == '0' || v[0] == '1') && !v[1]) {
+    if (v[0] == '0') return false;
+  } else if (const int64_t bytes = c.element_size(); cpu::simd::cpu_vendor() != cpu::simd::Vendor::Intel ||
+             K < kMinDepth || N <= kThinCols || N * bytes % 64 != 0 || M * N * bytes > kMaxBytes) {
+    return false;
+  }
+  auto run = [&]<typename T>() {
+    return cpu::weight_product(cpu::WeightProduct<T>{M, N, K, a.const_data_ptr<T>(), a.stride(1), b.const_data_ptr<T>(),
+                                                     b.stride(0), static_cast<T*>(c.data_ptr()), c.stride(0),
+                                                     accumulate});
+  };
+  switch (c.scalar_type()) {
+    case ScalarType::Float: return run.template operator()<float>();
+    case ScalarType::Double: return run.template operator()<double>();
     default: return false;
   }
 }
@@ -237,6 +276,7 @@ struct CpuBackend {
 
   static void gemm(const Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
     if (own_linear(c, nullptr, a, b, accumulate)) return;
+    if (own_weight_product(c, a, b, accumulate)) return;
     if (thin_weight_grad(c, a, b, accumulate)) return;
     blas_product(c, accumulate ? &c : nullptr, a, b);
   }

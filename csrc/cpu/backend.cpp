@@ -3,8 +3,9 @@
 // (cell_recurrence.h) where they take the dtype (float32 and float64; the
 // half types' calls run in float32, in_float.h), the cells' pointwise
 // math (cells.h) in vectorisable loops after per-step GEMMs elsewhere, and
-// the large products on fastrnn's own tiles (linear.h) where they beat
-// torch's BLAS, else BLAS through torch's CPU shims.
+// the large products on fastrnn's own tiles (linear.h; the weight gradients:
+// weight_product.h) where they beat torch's BLAS, else BLAS through torch's
+// CPU shims.
 #include "../stack.h"
 #include "../stepwise.h"
 #include "cell_recurrence.h"

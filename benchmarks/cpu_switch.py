@@ -3,7 +3,7 @@
 fastrnn's CPU kernels read their switches (environment variables, e.g.
 FASTRNN_CPU_WEIGHT_PRODUCT=0 to hand the weight gradients back to BLAS) on every call, so
 both contenders are the same module on the same weights and inputs, the switch set for
-one and unset for the other. Runs alternate after a warm-up; medians are reported, with
+one and unset for the other (each through the same wrapper: harness.with_env). Runs alternate after a warm-up; medians are reported, with
 the ratio switched / as it is (above 1: the default is faster). The shapes are the MNIST
 example's (benchmarks/cpu_shapes.py), its LSTM and GRU, and a long one.
 
@@ -65,7 +65,7 @@ def main():
         for pass_ in args.passes:
             step = make_step(module, (x,), pass_ == "fwd+bwd")
             default, switched = (r[args.stat] * 1e3 for r in time_interleaved(
-                [step, with_env(step, name, value)], repeats=args.repeats))
+                [with_env(step, name, None), with_env(step, name, value)], repeats=args.repeats))
             lines.append(f"| {shape} | {pass_} | {default:.3f} | {switched:.3f} | "
                          f"{switched / default:.3f}x |")
             print(lines[-1], flush=True)

@@ -65,10 +65,13 @@ def twin_rnns(input_size, hidden, layers, nonlinearity="tanh", bidirectional=Fal
 
 
 def with_env(step, name, value):
-    """`step` with environment variable `name` set to `value` while it runs (fastrnn's
-    kernels read their switches on each call)."""
+    """`step` with environment variable `name` set to `value` (None: unset) while it runs
+    (fastrnn's kernels read their switches on each call)."""
     def run():
-        os.environ[name] = value
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
         try:
             step()
         finally:

@@ -177,16 +177,17 @@ bool thin_weight_grad(const Tensor& c, const Tensor& a, const Tensor& b, bool ac
 // c (+)= a b where a is transposed (a.stride(0) == 1: a weight gradient, dA^T x)
 // and b's rows have unit stride, on fastrnn's weight-product tiles
 // (weight_product.h) where they beat BLAS. Measured on Intel with AVX-512
-// (the product alone, against torch.mm, 2 threads): 1.05x-1.2x where C is at
-// most kMaxBytes and K at least kMinDepth; 0.94x-0.96x past 512 KB of C (its
-// tiles no longer stay in L2 between chunks), 0.95x where C's last block is
-// narrower than a vector (N = 100), and thin products (N <= kThinCols) gain
-// more turned around (thin_weight_grad). Elsewhere not measured, so not taken.
-// FASTRNN_CPU_WEIGHT_PRODUCT=1/0 takes them wherever they run / nowhere (read
-// per call, for the tests and the benchmarks). Never for a bfloat16 call,
-// whose products round their operands (bf16_pairs.h). False where not taken.
+// (the product alone against torch.mm, 2 threads, K = 1792-3584): 1.05x-1.2x
+// where C is at most kMaxBytes (0.9x-0.96x past it: its tiles no longer stay
+// in L2 between chunks) and K at least kMinDepth; at most kThinCols columns
+// (dW_ih at input 28), 1.06x-1.14x the turned-around product of
+// thin_weight_grad up to kThinRows rows, 0.87x past them. Elsewhere not
+// measured, so not taken. FASTRNN_CPU_WEIGHT_PRODUCT=1/0 takes them wherever
+// they run / nowhere (read per call, for the tests and the benchmarks). Never
+// for a bfloat16 call, whose products round their operands (bf16_pairs.h).
+// False where not taken.
 bool own_weight_product(const Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
-  constexpr int64_t kMaxBytes = 512 * 1024, kMinDepth = 512;
+  constexpr int64_t kMaxBytes = 512 * 1024, kMinDepth = 512, kThinRows = 256;
   if (c.dim() != 2 || b.dim() != 2 || c.stride(1) != 1 || a.stride(0) != 1 || b.stride(1) != 1 ||
       a.scalar_type() != c.scalar_type() || b.scalar_type() != c.scalar_type() || cpu::bf16_products()) {
     return false;
@@ -194,8 +195,8 @@ bool own_weight_product(const Tensor& c, const Tensor& a, const Tensor& b, bool 
   const int64_t M = c.size(0), N = c.size(1), K = a.size(1);
   if (const char* v = std::getenv("FASTRNN_CPU_WEIGHT_PRODUCT"); v && (v[0] == '0' || v[0] == '1') && !v[1]) {
     if (v[0] == '0') return false;
-  } else if (const int64_t bytes = c.element_size(); cpu::simd::cpu_vendor() != cpu::simd::Vendor::Intel ||
-             K < kMinDepth || N <= kThinCols || N * bytes % 64 != 0 || M * N * bytes > kMaxBytes) {
+  } else if (cpu::simd::cpu_vendor() != cpu::simd::Vendor::Intel || K < kMinDepth ||
+             (N <= kThinCols && M > kThinRows) || M * N * static_cast<int64_t>(c.element_size()) > kMaxBytes) {
     return false;
   }
   auto run = [&]<typename T>() {

@@ -53,35 +53,15 @@ struct WeightTiles {
   static constexpr int MR = 8, NV = 2, NR = NV * D;
   static constexpr int64_t kChunk = 128;
 
-  // The first n (<= 0: none) lanes of p; the rest zero.
-  // (Lanes go through an array: indexing the vector itself kept a tile's
-  // accumulators in memory over the whole k loop.)
-  static FASTRNN_INLINE void load_part(V& x, const T* p, int n) {
-    if (n >= D) return simd::load(x, p);
-    T lanes[D] = {};
-    for (int l = 0; l < n; ++l) lanes[l] = p[l];
-    simd::load(x, lanes);
-  }
-  static FASTRNN_INLINE void store_part(T* p, const V& x, int n) {
-    if (n >= D) return simd::store(p, x);
-    T lanes[D];
-    simd::store(lanes, x);
-    for (int l = 0; l < n; ++l) p[l] = lanes[l];
-  }
-
-  // C's rows [0, rows) x columns [0, cols) of the tile at c (+)= ap^T bp
-  // over kc rows: ap [kc][MR], bp [kc][W * D], packed with zeros past rows and
-  // cols. Full: rows == MR and cols == W * D.
-  template <int W, bool Full>
-  static FASTRNN_INLINE void tile(const T* ap, const T* bp, int64_t kc, T* c, int64_t ldc, int rows,
-                                  int cols, bool load) {
+  // The tile of C at c (+)= ap^T bp over kc rows: MR rows of W vectors;
+  // ap [kc][MR], bp [kc][W * D], packed with zeros past C's rows and columns.
+  template <int W>
+  static FASTRNN_INLINE void tile(const T* ap, const T* bp, int64_t kc, T* c, int64_t ldc, bool load) {
     V acc[MR][W];
     for (int r = 0; r < MR; ++r) {
       for (int v = 0; v < W; ++v) {
-        if (Full && load) {
+        if (load) {
           simd::load(acc[r][v], c + r * ldc + v * D);
-        } else if (load && r < rows) {
-          load_part(acc[r][v], c + r * ldc + v * D, cols - v * D);
         } else {
           acc[r][v] = V{};
         }
@@ -96,13 +76,7 @@ struct WeightTiles {
       }
     }
     for (int r = 0; r < MR; ++r) {
-      for (int v = 0; v < W; ++v) {
-        if (Full) {
-          simd::store(c + r * ldc + v * D, acc[r][v]);
-        } else if (r < rows) {
-          store_part(c + r * ldc + v * D, acc[r][v], cols - v * D);
-        }
-      }
+      for (int v = 0; v < W; ++v) simd::store(c + r * ldc + v * D, acc[r][v]);
     }
   }
 
@@ -120,27 +94,51 @@ struct WeightTiles {
     }
   }
 
-  // Every tile of C's block of columns [j, j + cols) over the chunk: W vectors a row.
+  // Every tile of C's block of W vectors of columns at c over the chunk. The
+  // last tile, where C's rows end inside it, goes through whole rows in
+  // `rows` (lane by lane at every chunk's ends it cost as much as its products).
   template <int W>
   static FASTRNN_INLINE void block(const WeightProduct<T>& p, const T* ap, const T* bp, int64_t kc, T* c,
-                                   int64_t ldc, int cols, bool load) {
-    for (int64_t i0 = 0; i0 < p.M; i0 += MR) {
-      const int rows = static_cast<int>(std::min<int64_t>(MR, p.M - i0));
-      if (rows == MR && cols == W * D) {
-        tile<W, true>(ap + i0 * kc, bp, kc, c + i0 * ldc, ldc, rows, cols, load);
-      } else {
-        tile<W, false>(ap + i0 * kc, bp, kc, c + i0 * ldc, ldc, rows, cols, load);
-      }
+                                   int64_t ldc, bool load) {
+    int64_t i0 = 0;
+    for (; i0 + MR <= p.M; i0 += MR) tile<W>(ap + i0 * kc, bp, kc, c + i0 * ldc, ldc, load);
+    if (i0 == p.M) return;
+    alignas(64) T rows[MR * W * D];
+    const size_t bytes = W * D * sizeof(T);
+    if (load) {
+      for (int64_t r = 0; i0 + r < p.M; ++r) std::memcpy(rows + r * W * D, c + (i0 + r) * ldc, bytes);
     }
+    tile<W>(ap + i0 * kc, bp, kc, rows, W * D, load);
+    for (int64_t r = 0; i0 + r < p.M; ++r) std::memcpy(c + (i0 + r) * ldc, rows + r * W * D, bytes);
   }
 
   static int64_t packed_a(int64_t M) { return (M + MR - 1) / MR * MR * kChunk; }
   static constexpr int64_t packed_b() { return kChunk * NR; }
+  static int64_t edge_size(int64_t M) { return M * NR; }
 
   // C's columns [j0, j1) from A's and B's rows [k0, k1), added to C as it is
-  // if load. ap, bp: packed_a(M) and packed_b() elements.
+  // if load. ap, bp, edge: packed_a(M), packed_b() and edge_size(M) elements.
   static FASTRNN_INLINE void run(const WeightProduct<T>& p, T* c, int64_t ldc, int64_t k0, int64_t k1,
-                                 int64_t j0, int64_t j1, bool load, T* ap, T* bp) {
+                                 int64_t j0, int64_t j1, bool load, T* ap, T* bp, T* edge) {
+    // Blocks of NR columns; a last one of at most D columns on one vector a
+    // row. Where C's columns end inside a vector, that block sums in `edge`
+    // ([M][its width]) on whole vectors, and goes to C at the end.
+    const int64_t last = j0 + (j1 - j0 - 1) / NR * NR;
+    const int64_t last_cols = j1 - last, last_width = last_cols <= D ? D : NR;
+    const bool use_edge = last_cols % D != 0;
+    auto edge_rows = [&](bool to_c) {
+      for (int64_t i = 0; i < p.M; ++i) {
+        T* e = edge + i * last_width;
+        T* ci = c + i * ldc + last;
+        if (to_c) {
+          std::memcpy(ci, e, last_cols * sizeof(T));
+        } else {
+          std::memcpy(e, ci, last_cols * sizeof(T));
+          std::fill(e + last_cols, e + last_width, T(0));
+        }
+      }
+    };
+    if (use_edge && load) edge_rows(false);
     for (int64_t kb = k0; kb < k1; kb += kChunk) {
       const int64_t kc = std::min(kChunk, k1 - kb);
       for (int64_t i0 = 0; i0 < p.M; i0 += MR) {
@@ -148,18 +146,20 @@ struct WeightTiles {
       }
       const bool first = load || kb > k0;
       for (int64_t j = j0; j < j1; j += NR) {
-        // A last block of at most D columns on one vector a row, not NV.
         const int cols = static_cast<int>(std::min<int64_t>(NR, j1 - j));
         const T* b = p.b + kb * p.ldb + j;
+        T* cj = use_edge && j == last ? edge : c + j;
+        const int64_t ld = use_edge && j == last ? last_width : ldc;
         if (cols <= D) {
           pack<D>(bp, b, p.ldb, kc, cols);
-          block<1>(p, ap, bp, kc, c + j, ldc, cols, first);
+          block<1>(p, ap, bp, kc, cj, ld, first);
         } else {
           pack<NR>(bp, b, p.ldb, kc, cols);
-          block<NV>(p, ap, bp, kc, c + j, ldc, cols, first);
+          block<NV>(p, ap, bp, kc, cj, ld, first);
         }
       }
     }
+    if (use_edge) edge_rows(true);
   }
 };
 
@@ -167,13 +167,13 @@ struct WeightTiles {
 namespace kernels {
 FASTRNN_TARGET_AVX512 inline void weight_product_avx512(const WeightProduct<float>& p, float* c, int64_t ldc,
                                                         int64_t k0, int64_t k1, int64_t j0, int64_t j1,
-                                                        bool load, float* ap, float* bp) {
-  WeightTiles<float, 16>::run(p, c, ldc, k0, k1, j0, j1, load, ap, bp);
+                                                        bool load, float* ap, float* bp, float* edge) {
+  WeightTiles<float, 16>::run(p, c, ldc, k0, k1, j0, j1, load, ap, bp, edge);
 }
 FASTRNN_TARGET_AVX512 inline void weight_product_avx512(const WeightProduct<double>& p, double* c, int64_t ldc,
                                                         int64_t k0, int64_t k1, int64_t j0, int64_t j1,
-                                                        bool load, double* ap, double* bp) {
-  WeightTiles<double, 8>::run(p, c, ldc, k0, k1, j0, j1, load, ap, bp);
+                                                        bool load, double* ap, double* bp, double* edge) {
+  WeightTiles<double, 8>::run(p, c, ldc, k0, k1, j0, j1, load, ap, bp, edge);
 }
 }  // namespace kernels
 #endif
@@ -193,7 +193,7 @@ bool weight_product(const WeightProduct<T>& p) {
   const int64_t threads = torch::stable::get_num_threads();
   const int64_t parts = std::max<int64_t>(1, std::min(blocks, threads / halves));
   const int64_t items = halves * parts;
-  const int64_t per_item = Tiles::packed_a(p.M) + Tiles::packed_b();
+  const int64_t per_item = Tiles::packed_a(p.M) + Tiles::packed_b() + Tiles::edge_size(p.M);
   scratch::Buffer<T> pack(items * per_item);
   // The second half's sums, [M, N], where there is one.
   scratch::Buffer<T> second(halves > 1 ? p.M * p.N : 0);
@@ -204,7 +204,8 @@ bool weight_product(const WeightProduct<T>& p) {
       const int64_t j0 = blocks * q / parts * Tiles::NR, j1 = std::min(p.N, blocks * (q + 1) / parts * Tiles::NR);
       T* ap = pack.data + item * per_item;
       kernels::weight_product_avx512(p, h == 0 ? p.c : second.data, h == 0 ? p.ldc : p.N, k0, k1, j0, j1,
-                                     h == 0 && p.accumulate, ap, ap + Tiles::packed_a(p.M));
+                                     h == 0 && p.accumulate, ap, ap + Tiles::packed_a(p.M),
+                                     ap + Tiles::packed_a(p.M) + Tiles::packed_b());
     }
   });
   if (halves > 1) {

@@ -181,11 +181,11 @@ bool thin_weight_grad(const Tensor& c, const Tensor& a, const Tensor& b, bool ac
 // where C is at most kMaxBytes (0.9x-0.96x past it: its tiles no longer stay
 // in L2 between chunks) and K at least kMinDepth; at most kThinCols columns
 // (dW_ih at input 28), 1.06x-1.14x the turned-around product of
-// thin_weight_grad up to kThinRows rows, 0.87x past them. Elsewhere not
+// thin_weight_grad up to kThinRows rows, 0.80x-0.88x past them. Elsewhere not
 // measured, so not taken. FASTRNN_CPU_WEIGHT_PRODUCT=1/0 takes them wherever
-// they run / nowhere (read per call, for the tests and the benchmarks). Never
-// for a bfloat16 call, whose products round their operands (bf16_pairs.h).
-// False where not taken.
+// they run, ahead of linear.h's products (AMD's default), / nowhere (read per
+// call, for the tests and the benchmarks). Never for a bfloat16 call, whose
+// products round their operands (bf16_pairs.h). False where not taken.
 bool own_weight_product(const Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
   constexpr int64_t kMaxBytes = 512 * 1024, kMinDepth = 512, kThinRows = 256;
   if (c.dim() != 2 || b.dim() != 2 || c.stride(1) != 1 || a.stride(0) != 1 || b.stride(1) != 1 ||
@@ -277,8 +277,9 @@ struct CpuBackend {
   }
 
   static void gemm(const Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
-    if (own_linear(c, nullptr, a, b, accumulate)) return;
+    if (own_small(c, nullptr, a, b, accumulate)) return;
     if (own_weight_product(c, a, b, accumulate)) return;
+    if (own_linear(c, nullptr, a, b, accumulate)) return;
     if (thin_weight_grad(c, a, b, accumulate)) return;
     blas_product(c, accumulate ? &c : nullptr, a, b);
   }

@@ -182,10 +182,12 @@ bool thin_weight_grad(const Tensor& c, const Tensor& a, const Tensor& b, bool ac
 // in L2 between chunks) and K at least kMinDepth; at most kThinCols columns
 // (dW_ih at input 28), 1.06x-1.14x the turned-around product of
 // thin_weight_grad up to kThinRows rows, 0.80x-0.88x past them. Elsewhere not
-// measured, so not taken. FASTRNN_CPU_WEIGHT_PRODUCT=1/0 takes them wherever
-// they run, ahead of linear.h's products (AMD's default), / nowhere (read per
-// call, for the tests and the benchmarks). Never for a bfloat16 call, whose
-// products round their operands (bf16_pairs.h). False where not taken.
+// measured, so not taken; nor where linear.h's products run (prefer_linear:
+// AMD's default, FASTRNN_CPU_LINEAR=1), which then take every product alike.
+// FASTRNN_CPU_WEIGHT_PRODUCT=1/0 takes them wherever they run, ahead of
+// linear.h's too (so that the two compare on AMD), / nowhere (read per call,
+// for the tests and the benchmarks). Never for a bfloat16 call, whose products
+// round their operands (bf16_pairs.h). False where not taken.
 bool own_weight_product(const Tensor& c, const Tensor& a, const Tensor& b, bool accumulate) {
   constexpr int64_t kMaxBytes = 512 * 1024, kMinDepth = 512, kThinRows = 256;
   if (c.dim() != 2 || b.dim() != 2 || c.stride(1) != 1 || a.stride(0) != 1 || b.stride(1) != 1 ||
@@ -195,7 +197,7 @@ bool own_weight_product(const Tensor& c, const Tensor& a, const Tensor& b, bool 
   const int64_t M = c.size(0), N = c.size(1), K = a.size(1);
   if (const char* v = std::getenv("FASTRNN_CPU_WEIGHT_PRODUCT"); v && (v[0] == '0' || v[0] == '1') && !v[1]) {
     if (v[0] == '0') return false;
-  } else if (cpu::simd::cpu_vendor() != cpu::simd::Vendor::Intel || K < kMinDepth ||
+  } else if (cpu::simd::cpu_vendor() != cpu::simd::Vendor::Intel || cpu::prefer_linear() || K < kMinDepth ||
              (N <= kThinCols && M > kThinRows) || M * N * static_cast<int64_t>(c.element_size()) > kMaxBytes) {
     return false;
   }

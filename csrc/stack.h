@@ -473,14 +473,8 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
       }
       if (!need_weight_grad) continue;
       const int64_t cell = l * c.directions + d, first = cell * c.per_cell();
-      grad_weights[first] = empty(input, {GH, I});
-      for (const InputGrad& g : input_grads[d]) {
-        const Tensor rows = view2d(grad_weights[first], g.dA.size(1), I, I, g.col * I);
-        input_weight_grad<Backend>(rows, transposed(g.dA), x);
-      }
-      grad_weights[first + 1] = empty(input, {GH, c.state_size()});
-      recurrent_weight_grad<Backend>(L, d == 1, grad_weights[first + 1], dA_h,
-                                     StackViews::state(h0, cell), s.columns(out, d), tmp);
+      // The bias gradients first, while the dA the recurrence has just written
+      // is still partly in cache: the weight products stream X and h through it.
       if (c.has_biases) {
         grad_weights[first + 3] = column_sums<Backend>(dA_h);
         if (c.cell == CellKind::Gru) {
@@ -493,6 +487,14 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
           copy_into<Backend>(grad_weights[first + 2], grad_weights[first + 3]);
         }
       }
+      grad_weights[first] = empty(input, {GH, I});
+      for (const InputGrad& g : input_grads[d]) {
+        const Tensor rows = view2d(grad_weights[first], g.dA.size(1), I, I, g.col * I);
+        input_weight_grad<Backend>(rows, transposed(g.dA), x);
+      }
+      grad_weights[first + 1] = empty(input, {GH, c.state_size()});
+      recurrent_weight_grad<Backend>(L, d == 1, grad_weights[first + 1], dA_h,
+                                     StackViews::state(h0, cell), s.columns(out, d), tmp);
       if (c.proj) {  // dW_hr = dh^T m
         grad_weights[first + c.per_cell() - 1] = empty(input, {c.proj, H});
         Backend::gemm(grad_weights[first + c.per_cell() - 1], transposed(s.columns(dY, d)),

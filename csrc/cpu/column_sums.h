@@ -26,35 +26,50 @@ struct ColumnSums {
   static constexpr int kVectors = 8;
   static constexpr int64_t kBlock = int64_t{kVectors} * D;
 
-  static FASTRNN_INLINE void run(T* out, const T* t, int64_t rows, int64_t ld, int64_t col_begin,
-                                 int64_t col_end) {
-    int64_t j0 = col_begin;
-    for (; j0 + kBlock <= col_end; j0 += kBlock) {
-      VD acc[kVectors];
-      for (int v = 0; v < kVectors; ++v) acc[v] = VD{};
-      for (int64_t i = 0; i < rows; ++i) {
-        const T* row = t + i * ld + j0;
-        for (int v = 0; v < kVectors; ++v) {
-          VT x;
-          simd::load(x, row + v * D);
-          acc[v] += __builtin_convertvector(x, VD);
-        }
+  // Rows this far ahead are fetched into cache: a block reads a few lines
+  // of each row, rows lie ld apart, and the hardware's stream stops at every
+  // 4 KB page (H = 256: every 4 rows), so the sums waited on memory.
+  static constexpr int64_t kAhead = 8;
+
+  static FASTRNN_INLINE void fetch(const T* row, int64_t count) {
+    for (int64_t c = 0; c < count; c += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + c);
+    __builtin_prefetch(row + count - 1);  // the line a row not aligned to 64 bytes ends in
+  }
+
+  // Columns [j0, j0 + count), count <= kBlock, in one pass over the rows: the
+  // whole vectors loaded as vectors, the last partial one element-wise.
+  static FASTRNN_INLINE void block(T* out, const T* t, int64_t rows, int64_t ld, int64_t j0, int64_t count) {
+    const int whole = static_cast<int>(count / D), part = static_cast<int>(count % D);
+    VD acc[kVectors];
+    for (int v = 0; v < kVectors; ++v) acc[v] = VD{};
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* row = t + i * ld + j0;
+      if (i + kAhead < rows) fetch(row + kAhead * ld, count);
+      for (int v = 0; v < whole; ++v) {
+        VT x;
+        VD wide;
+        simd::load(x, row + v * D);
+        simd::widen(wide, x);
+        acc[v] += wide;
       }
-      for (int v = 0; v < kVectors; ++v) {
-        for (int l = 0; l < D; ++l) out[j0 + v * D + l] = static_cast<T>(acc[v][l]);
+      if (part) {
+        VD x{};
+        for (int l = 0; l < part; ++l) x[l] = static_cast<double>(row[whole * D + l]);
+        acc[whole] += x;
       }
     }
-    // The last columns, fewer than a block, one vector of them at a time.
-    for (; j0 < col_end; j0 += D) {
-      const int width = static_cast<int>(std::min<int64_t>(D, col_end - j0));
-      VD acc{};
-      for (int64_t i = 0; i < rows; ++i) {
-        const T* row = t + i * ld + j0;
-        VD x{};
-        for (int l = 0; l < width; ++l) x[l] = static_cast<double>(row[l]);
-        acc += x;
+    for (int64_t c = 0; c < count; ++c) out[j0 + c] = static_cast<T>(acc[c / D][c % D]);
+  }
+
+  static FASTRNN_INLINE void run(T* out, const T* t, int64_t rows, int64_t ld, int64_t col_begin,
+                                 int64_t col_end) {
+    for (int64_t j0 = col_begin; j0 < col_end; j0 += kBlock) {
+      const int64_t count = std::min(kBlock, col_end - j0);
+      if (count == kBlock) {
+        block(out, t, rows, ld, j0, kBlock);  // constant bounds: the loops unroll
+      } else {
+        block(out, t, rows, ld, j0, count);
       }
-      for (int l = 0; l < width; ++l) out[j0 + l] = static_cast<T>(acc[l]);
     }
   }
 };

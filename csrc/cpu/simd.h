@@ -86,6 +86,22 @@ FASTRNN_INLINE void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// out = x converted lane by lane (float to double). GCC lowers 8 floats to 8
+// doubles as two 4-lane converts and two shuffles, three port-5 instructions
+// where AVX-512 has one: that form, as inline assembly (an intrinsic cannot be
+// inlined into these templates, which have no AVX-512 target themselves; a
+// 64-byte vector only ever lives in the AVX-512 kernels).
+template <typename VO, typename VI>
+FASTRNN_INLINE void widen(VO& out, const VI& x) {
+#if FASTRNN_X86_DISPATCH
+  if constexpr (sizeof(VO) == 64 && sizeof(VI) == 32 && sizeof(x[0]) == 4) {
+    asm("vcvtps2pd %1, %0" : "=v"(out) : "v"(x));
+    return;
+  }
+#endif
+  out = __builtin_convertvector(x, VO);
+}
+
 enum class Isa { Baseline = 0, Avx2 = 1, Avx512 = 2 };
 
 inline const char* isa_name(Isa isa) {

@@ -4,9 +4,12 @@
 // [N, 2H] output) must give exactly the bits of running each alone, and those
 // must match a naive loop; a forward with the input projection inside must
 // never read the output's entry values and give the bits of projecting
-// outside with linear.h's kernels.
+// outside with linear.h's kernels. The bias gradients' column sums give,
+// on every ISA the CPU has, the bits of summing each column in row order in
+// double.
 //
 // Exit status 0 on success; every mismatch is printed.
+#include "cpu/column_sums.h"
 #include "cpu/linear.h"
 #include "cpu/recurrence.h"
 
@@ -57,9 +60,44 @@ void naive_forward(const std::vector<StepRows>& steps, int64_t H, std::vector<fl
   }
 }
 
+// Every ISA's column sums against the scalar loop in double, bit for bit: widths
+// ending inside a vector and a block, column ranges starting at a block (a
+// thread's share), rows with a stride wider than the columns.
+template <typename T>
+void check_column_sums() {
+  const int64_t rows = 1000, ld = 203;
+  const std::vector<float> src = randoms(rows * ld, 7, 2.f);
+  const std::vector<T> t(src.begin(), src.end());
+  std::vector<cpu::simd::Isa> isas{cpu::simd::Isa::Baseline};
+  if (cpu::simd::runtime_isa() >= cpu::simd::Isa::Avx2) isas.push_back(cpu::simd::Isa::Avx2);
+  if (cpu::simd::runtime_isa() >= cpu::simd::Isa::Avx512) isas.push_back(cpu::simd::Isa::Avx512);
+  for (cpu::simd::Isa isa : isas) {
+    const auto kernel = cpu::column_sums_kernel<T>(isa);
+    for (const auto& [c0, c1] : std::vector<std::pair<int64_t, int64_t>>{
+             {0, 1}, {0, 7}, {0, 36}, {0, 64}, {0, 100}, {64, 130}, {64, 203}, {128, 193}}) {
+      std::vector<T> out(ld, T(-1));
+      kernel(out.data(), t.data(), rows, ld, c0, c1);
+      bool same = true;
+      for (int64_t j = 0; j < ld; ++j) {
+        double sum = 0;
+        for (int64_t i = 0; i < rows; ++i) sum += static_cast<double>(t[i * ld + j]);
+        same = same && (j >= c0 && j < c1 ? out[j] == static_cast<T>(sum) : out[j] == T(-1));
+      }
+      char what[128];
+      std::snprintf(what, sizeof what, "column sums (%s, %s, columns %lld-%lld) = the row-order sums",
+                    cpu::simd::isa_name(isa), sizeof(T) == 4 ? "float" : "double",
+                    static_cast<long long>(c0), static_cast<long long>(c1));
+      expect(same, what);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
+  check_column_sums<float>();
+  check_column_sums<double>();
+
   // A packed batch (lengths 5, 3, 3, 1): both directions share one [N, 2H] output.
   const std::vector<int64_t> sizes{4, 3, 3, 1, 1};
   const SequenceLayout L = SequenceLayout::packed_from(sizes.data(), 5, 4);

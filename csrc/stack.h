@@ -480,7 +480,14 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
         if (c.cell == CellKind::Gru) {
           grad_weights[first + 2] = empty(input, {GH});
           for (const InputGrad& g : input_grads[d]) {
-            column_sums<Backend>(g.dA, reinterpret(grad_weights[first + 2], {g.dA.size(1)}, {1}, g.col));
+            const int64_t width = g.dA.size(1);
+            const Tensor into = reinterpret(grad_weights[first + 2], {width}, {1}, g.col);
+            if (g.dA.data_ptr() == dA_h.data_ptr() && g.dA.stride(0) == dA_h.stride(0)) {
+              // dA_r and dA_z are dA_h's first columns: b_hh's sums, already made.
+              copy_into<Backend>(into, reinterpret(grad_weights[first + 3], {width}, {1}, 0));
+            } else {
+              column_sums<Backend>(g.dA, into);
+            }
           }
         } else {
           grad_weights[first + 2] = empty(input, {GH});

@@ -121,9 +121,10 @@ bool own_small(const Tensor& c, const Tensor* bias, const Tensor& a, const Tenso
   }
 }
 
+// own_linear<T> where linear.h's products run (prefer_linear); the callers
+// try own_small first.
 bool own_linear(const Tensor& c, const Tensor* bias, const Tensor& a, const Tensor& b,
                 bool accumulate) {
-  if (own_small(c, bias, a, b, accumulate)) return true;
   if (!cpu::prefer_linear()) return false;
   switch (c.scalar_type()) {
     case ScalarType::Float: return own_linear<float>(c, bias, a, b, accumulate);
@@ -300,7 +301,7 @@ struct CpuBackend {
   }
 
   static void addmm(const Tensor& c, const Tensor& bias, const Tensor& a, const Tensor& b) {
-    if (own_linear(c, &bias, a, b, false)) return;
+    if (own_small(c, &bias, a, b, false) || own_linear(c, &bias, a, b, false)) return;
     blas_product(c, &bias, a, b);
   }
 

@@ -71,8 +71,10 @@ def main():
         if args.shapes:
             cmd += ["--shapes", *args.shapes]
         env = dict(os.environ, PYTHONPATH=HERE)  # the build comes first, from sys.path
-        return json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True,
-                                         text=True).stdout.splitlines()[-1])
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"the process timing {build} failed:\n{done.stderr}")
+        return json.loads(done.stdout.splitlines()[-1])
 
     a_runs, b_runs = [], []
     for r in range(args.rounds):

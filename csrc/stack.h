@@ -477,8 +477,8 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
       // is still partly in cache: the weight products stream X and h through it.
       if (c.has_biases) {
         grad_weights[first + 3] = column_sums<Backend>(dA_h);
+        grad_weights[first + 2] = empty(input, {GH});
         if (c.cell == CellKind::Gru) {
-          grad_weights[first + 2] = empty(input, {GH});
           for (const InputGrad& g : input_grads[d]) {
             const int64_t width = g.dA.size(1);
             const Tensor into = reinterpret(grad_weights[first + 2], {width}, {1}, g.col);
@@ -490,7 +490,6 @@ void stack_backward(const StackViews& s, const Tensor& input, const Tensor& h0, 
             }
           }
         } else {
-          grad_weights[first + 2] = empty(input, {GH});
           copy_into<Backend>(grad_weights[first + 2], grad_weights[first + 3]);
         }
       }

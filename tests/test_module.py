@@ -17,7 +17,6 @@ import warnings
 
 import pytest
 import torch
-import torch.autograd.forward_ad as fwAD
 from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
@@ -998,37 +997,17 @@ def test_torch_func_grad_matches_torch(cell):
     torch.testing.assert_close(gx, expected_x)
 
 
-def test_nested_torch_func_transforms_raise():
-    """A gradient of a gradient through torch.func would come out zero (the inner backward
-    is not differentiable again): it raises instead, as create_graph's double backward does."""
+def test_torch_func_gradients_differentiated_outside_raise():
+    """Gradients made inside torch.func.grad that depend on tensors tracked outside it (here
+    the module's own parameters) cannot be differentiated again by the outer autograd: the
+    backward inside the transform ran the backward op, which has no formula. Differentiating
+    them raises, rather than giving a zero gradient. (Nested torch.func transforms and
+    create_graph=True work: tests/test_autograd_transforms.py.)"""
     _, fast = rnn_pair(3, 4)
     x = torch.randn(5, 2, 3)
-
-    def loss(params):
-        return torch.func.functional_call(fast, params, (x,))[0].square().sum()
-
-    params = dict(fast.named_parameters())
-    with pytest.raises(RuntimeError, match="nested torch.func transforms"):
-        torch.func.grad(lambda p: torch.func.grad(loss)(p)["weight_hh_l0"].sum())(params)
-
-
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-@pytest.mark.parametrize("grad", [True, False])
-def test_forward_mode_ad_raises(cell, grad):
-    """Forward-mode AD has no formula in the ops: a dual input or parameter raises, with or
-    without grad mode (without it the op ran and dropped the tangent), while a plain call
-    inside a dual level still runs as torch.nn's."""
-    ref, fast = rnn_pair(3, 4, 2, cell=cell)
-    x = torch.randn(5, 2, 3)
-    with torch.set_grad_enabled(grad), fwAD.dual_level():
-        with pytest.raises(RuntimeError, match="forward-mode AD .* not supported by fastrnn's"):
-            fast(fwAD.make_dual(x, torch.randn_like(x)))
-        w = fast.weight_hh_l1.detach()
-        with pytest.raises(RuntimeError, match="forward-mode AD"):
-            torch.func.functional_call(fast, {"weight_hh_l1": fwAD.make_dual(w, torch.ones_like(w))}, (x,))
-        assert_close_all(fast(x), ref(x), torch.float32)
-    with pytest.raises(RuntimeError, match="forward-mode AD"):
-        torch.func.jvp(lambda x: fast(x)[0], (x,), (torch.randn_like(x),))
+    gx = torch.func.grad(lambda x: fast(x)[0].square().sum())(x)
+    with pytest.raises(RuntimeError, match="double backward .* not supported by fastrnn's rnn op"):
+        gx.sum().backward()
 
 
 def test_parameters_replaced_after_construction_are_used():

@@ -1,6 +1,8 @@
 """Python side of the fastrnn ops: typed wrappers, shapes for tracing
-(register_fake), autograd (register_autograd) and autocast. The ops, their
-contracts and every argument check are in csrc/ (ops.h, checks.h).
+(register_fake), autograd (register_autograd), the backward ops' batching rule
+(register_vmap), autocast, and the routes of higher-order autograd and torch.func
+transforms to fastrnn.reference. The ops, their contracts and every argument check
+are in csrc/ (ops.h, checks.h).
 
 Three op pairs share one engine and one shape: ``rnn`` (Elman), ``lstm`` and
 ``gru``, each with its ``*_backward``. Their arguments are
@@ -12,13 +14,15 @@ will follow, which returns an empty reserve and saves its memory.
 """
 
 import inspect
-from typing import List, Optional, Sequence, Tuple
+import warnings
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
 from . import _loader
+from .reference import gru_reference, lstm_reference, rnn_reference
 
 _ops = torch.ops.fastrnn
 # op name -> how many state tensors it takes (hx; hx and cx) and its gate count
@@ -224,9 +228,10 @@ def _zeros(shape, like: Tensor) -> Tensor:
     one zero broadcast, kept per shape: the ops copy a broadcast argument into memory they
     keep (csrc/scratch.h), where torch.zeros costs an allocation, and often page faults,
     every call; and even the view is a dispatcher call, which right after the kernels of
-    the call before cost 20-60 us. Graphs (compile, trace, export) and other devices get
-    torch.zeros, as torch.nn's modules make."""
-    if not like.is_cpu or _recorded():
+    the call before cost 20-60 us. Graphs (compile, trace, export), torch.func transforms
+    (whose ops wrap what they make: kept, it would outlive the transform) and other devices
+    get torch.zeros, as torch.nn's modules make."""
+    if not like.is_cpu or _recorded() or torch._C._functorch.maybe_current_level() is not None:
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
     key = (like.dtype, tuple(shape))
     zero = _ZEROS.get(key)
@@ -253,11 +258,20 @@ def _backward(name, config, saved, grad_output, grad_states, need_input, need_st
         grad_output = _zeros(out.shape, out)
     grad_states = [g if g is not None else _zeros(s.shape, s)
                    for g, s in zip(grad_states, state_tensors)]
+    differentiable = (torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
+                      and not _recorded())
+    if differentiable or any(_legacy_batched(g) for g in (grad_output, *grad_states)):
+        # create_graph=True: gradients that can be differentiated again. Or gradients batched
+        # by torch.autograd.grad's is_grads_batched (and autograd.functional's vectorize),
+        # whose vmap no rule of a custom op reaches.
+        return _differentiable_backward(name, config, input, state_tensors, weights, batch_sizes,
+                                        reserve, grad_output, grad_states, need_input,
+                                        need_states, need_weights, differentiable)
     args = (input, *state_tensors, weights, *config, batch_sizes, out, reserve, grad_output,
             *grad_states, need_input, any(need_weights))
     if torch.is_grad_enabled():
-        # create_graph=True, or a torch.func transform: the results are recorded, so that
-        # differentiating them again says why it cannot.
+        # A torch.func transform's backward (which runs with grad mode on) or a traced one:
+        # the results are recorded, so that differentiating them again says why it cannot.
         results = _NoDoubleBackward.apply(name, *args)
     else:
         with torch._C._AutoDispatchBelowAutograd():
@@ -265,6 +279,107 @@ def _backward(name, config, saved, grad_output, grad_states, need_input, need_st
     return (results[0] if need_input else None,
             [g if n else None for g, n in zip(results[1 : 1 + states], need_states)],
             [g if n else None for g, n in zip(results[-1], need_weights)])
+
+
+# Higher-order autograd and transforms the ops have no formula for run the same math in ops
+# that autograd and torch.func differentiate and batch: double backward recomputes the forward
+# by torch.nn's own CPU computation (_native_call); forward-mode AD, nested torch.func
+# transforms and vmap run fastrnn/reference.py's plain PyTorch steps (slow, but correct on any
+# device).
+
+
+def _reference_call(name, input, states, weights, config, batch_sizes, masks=None):
+    """(output, *final states) of an op call computed by fastrnn.reference. masks: the dropout
+    masks to apply between layers, drawn here (as torch.nn.functional.dropout draws) if None."""
+    _, num_layers, dropout, train, bidirectional = config[:5]
+    if masks is None:
+        masks = []
+        if train and dropout > 0 and num_layers > 1:
+            width = (2 if bidirectional else 1) * states[0].shape[-1]
+            ones = input.new_ones((*input.shape[:-1], width))
+            masks = [torch.nn.functional.dropout(ones, dropout, True) for _ in range(num_layers - 1)]
+    kwargs = dict(num_layers=num_layers, bidirectional=bidirectional, batch_sizes=batch_sizes,
+                  dropout_masks=masks)
+    if name == "rnn":
+        return rnn_reference(input, states[0], weights, nonlinearity=config[5], **kwargs)
+    if name == "lstm":
+        output, (h_n, c_n) = lstm_reference(input, tuple(states), weights, **kwargs)
+        return output, h_n, c_n
+    return gru_reference(input, states[0], weights, **kwargs)
+
+
+def _native_call(name, input, states, weights, config, batch_sizes, masks):
+    """(output, *final states) by torch.nn's own CPU computation (aten's per-step ops, which
+    autograd differentiates twice): the whole stack in one call, or layer by layer with the
+    dropout masks between layers. 2.5-4x faster than fastrnn.reference's Python steps."""
+    has_biases, num_layers, _, train, bidirectional = config[:5]
+    fn = {"lstm": torch._VF.lstm, "gru": torch._VF.gru,
+          "rnn": torch._VF.rnn_tanh if name == "rnn" and config[5] == "tanh" else torch._VF.rnn_relu}[name]
+    directions, per_layer = (2 if bidirectional else 1), len(weights) // num_layers
+    spans = [(l, l + 1) for l in range(num_layers)] if masks else [(0, num_layers)]
+    x, finals = input, [[] for _ in states]
+    for first, last in spans:
+        hx = [s[first * directions : last * directions] for s in states]
+        hx = hx if name == "lstm" else hx[0]
+        settings = (list(weights[first * per_layer : last * per_layer]), has_biases, last - first,
+                    0.0, train, bidirectional)
+        with warnings.catch_warnings():
+            # (torch's note that oneDNN has no LSTM projection: about torch's own choice)
+            warnings.filterwarnings("ignore", "LSTM with projections is not supported with oneDNN")
+            if batch_sizes is None:
+                x, *final = fn(x, hx, *settings, False)
+            else:
+                x, *final = fn(x, batch_sizes, hx, *settings)
+        for kept, f in zip(finals, final):
+            kept.append(f)
+        if last < num_layers:
+            x = x * masks[first]
+    return (x, *(torch.cat(kept, 0) for kept in finals))
+
+
+def _reserved_masks(config, input, states, reserve):
+    """The dropout masks a forward call drew, from its reserve (csrc/ops.h: the outputs of
+    layers 0..L-2, then their masks, each [N, D*H])."""
+    _, num_layers, dropout, train, bidirectional = config[:5]
+    if not (train and dropout > 0 and num_layers > 1):
+        return []
+    width = (2 if bidirectional else 1) * states[0].shape[-1]
+    shape = (*input.shape[:-1], width)
+    size = input[..., 0].numel() * width
+    start = (num_layers - 1) * size
+    return [reserve[start + l * size : start + (l + 1) * size].view(shape).to(input.dtype)
+            for l in range(num_layers - 1)]
+
+
+def _legacy_batched(t):
+    """Whether t is batched by torch.autograd.grad's is_grads_batched (torch's older vmap)."""
+    return t is not None and torch._C._functorch.is_legacy_batchedtensor(t)
+
+
+def _differentiable_backward(name, config, input, states, weights, batch_sizes, reserve,
+                             grad_output, grad_states, need_input, need_states, need_weights,
+                             create_graph):
+    """_backward's results by autograd: the forward recomputed from what the op call saved,
+    with the call's own dropout masks, and differentiated (create_graph: so that the gradients
+    can be differentiated again). On the CPU by torch.nn's own computation; elsewhere by
+    fastrnn.reference (cuDNN's RNN backward is not differentiable)."""
+    tensors = (input, *states, *weights)
+    needs = (need_input, *need_states, *need_weights)
+    wanted = [t for t, need in zip(tensors, needs) if need]
+    recompute = _native_call if input.is_cpu else _reference_call
+    with torch.enable_grad():
+        outputs = recompute(name, input, states, weights, config, batch_sizes,
+                            _reserved_masks(config, input, states, reserve))
+    pairs = [(o, g) for o, g in zip(outputs, (grad_output, *grad_states)) if g is not None]
+    grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                     create_graph=create_graph, allow_unused=True)
+                 if pairs and wanted else [None] * len(wanted))
+    results = [(next(grads) if need else None) for need in needs]
+    # (a gradient autograd found unused, e.g. with no gradient reaching any output, is zero)
+    results = [torch.zeros_like(t) if need and g is None else g
+               for t, g, need in zip(tensors, results, needs)]
+    count = len(states)
+    return results[0], results[1 : 1 + count], results[1 + count :]
 
 
 def _save(ctx, name, config, input, states, batch_sizes, weights, output):
@@ -303,15 +418,19 @@ def _register_autograd(name):
 
 def _double_backward_error(name):
     return RuntimeError(
-        f"fastrnn: double backward (a gradient of a gradient, e.g. create_graph=True "
-        f"followed by another backward) is not supported by fastrnn's {name} op; use "
-        "torch.nn's module for higher-order gradients")
+        f"fastrnn: double backward of a backward that ran inside a torch.func transform or a "
+        f"compiled graph is not supported by fastrnn's {name} op; differentiate twice either "
+        "inside torch.func (nested transforms) or with torch.autograd outside it "
+        "(create_graph=True)")
 
 
 class _NoDoubleBackward(torch.autograd.Function):
     """The backward op, called where its results are recorded: an autograd.Function with
     setup_context (as torch.func's transforms require; register_autograd's is not one),
-    whose own backward raises."""
+    whose own backward raises. Under vmap (torch.func.jacrev's vmap over a backward) the op's
+    batching rule batches it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(name, *args):
@@ -393,18 +512,12 @@ _EagerTransformed.forward.__signature__ = inspect.signature(_EagerTransformed.fo
 def _call(name, input, states, weights, config, batch_sizes):
     """One op call: (output, *final states, reserve)."""
     level = torch._C._functorch.maybe_current_level()
-    if level is not None and level > 1:
-        # Under nested torch.func transforms the inner backward's results would reach the
-        # outer transform as constants: its gradient would come out zero, not wrong loudly.
-        raise RuntimeError(
-            f"fastrnn: nested torch.func transforms (e.g. grad of grad, vmap of grad) are not "
-            f"supported by fastrnn's {name} op; use torch.nn's module for them")
-    if _forward_ad._current_level >= 0 and any(
-            _forward_ad.unpack_dual(t).tangent is not None for t in (input, *states, *weights)):
-        # Without a grad mode the call would run with the tangents dropped: a wrong jvp.
-        raise RuntimeError(
-            f"fastrnn: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad's dual "
-            f"tensors) is not supported by fastrnn's {name} op; use torch.nn's module for it")
+    if (level is not None and (level > 1 or _vmapped())) or (
+            _forward_ad._current_level >= 0 and any(
+                _forward_ad.unpack_dual(t).tangent is not None for t in (input, *states, *weights))):
+        # Nested torch.func transforms (grad of grad, vmap of grad, hessian), vmap and
+        # forward-mode AD (torch.func.jvp, dual tensors): the op has no rule for them.
+        return (*_reference_call(name, input, states, weights, config, batch_sizes), None)
     recorded = _recorded()
     device_type = "cpu" if input.is_cpu else input.device.type  # (is_cpu makes no device object)
     if not recorded and _autocast_on(device_type):
@@ -433,6 +546,12 @@ def _call_op(name, input, states, weights, config, batch_sizes, level, recorded)
         return getattr(_ops, name)(input, *states, list(weights), *config, batch_sizes,
                                    need_reserve)
     return _run(name, config, batch_sizes, input, (*states, *weights), need_reserve)
+
+
+def _vmapped():
+    """Whether a torch.func.vmap is among the transforms the call runs under."""
+    vmap = torch._C._functorch.TransformType.Vmap
+    return any(i.key() == vmap for i in torch._C._functorch.get_interpreter_stack() or ())
 
 
 def _recorded():
@@ -487,6 +606,31 @@ def _autocast_kernel(op, device_type):
     return kernel
 
 
+def _vmap_by_slices(op):
+    """A batching rule for a backward op: one call per slice of the batched arguments,
+    the results stacked. A backward is batched over its incoming gradients (a Jacobian's
+    rows: torch.func.jacrev), whose slices share the forward's saved tensors; each slice's
+    weight gradients are its own sums over every row, so the slices cannot share one call."""
+
+    def rule(info, in_dims, *args):
+        def pick(arg, dim, i):
+            if isinstance(arg, (list, tuple)):
+                dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(arg)
+                return [pick(a, d, i) for a, d in zip(arg, dims)]
+            return arg if dim is None else arg.select(dim, i)
+
+        slices = [op(*(pick(a, d, i) for a, d in zip(args, in_dims)))
+                  for i in range(info.batch_size)]
+        stacked = tuple([torch.stack(list(parts)) for parts in zip(*field)]
+                        if isinstance(field[0], (list, tuple)) else torch.stack(field)
+                        for field in zip(*slices))
+        out_dims = tuple([0] * len(part) if isinstance(part, (list, tuple)) else 0
+                         for part in slices[0])
+        return stacked, out_dims
+
+    return rule
+
+
 def _register_autocast(name):
     op = getattr(_ops, name).default
     for device_type in _AUTOCAST_DEVICES:
@@ -497,3 +641,5 @@ for _name in _STATES:
     _register_fakes(_name)
     _register_autograd(_name)
     _register_autocast(_name)
+    torch.library.register_vmap(f"fastrnn::{_name}_backward",
+                                _vmap_by_slices(getattr(_ops, f"{_name}_backward").default))

@@ -1,11 +1,13 @@
-"""The fastrnn math in plain PyTorch: readable documentation and the tests' second opinion.
+"""The fastrnn math in plain PyTorch: readable documentation, the tests' second opinion, and
+what fastrnn/ops.py runs where the ops have no formula (double backward, forward-mode AD,
+nested torch.func transforms, vmap).
 
 ``rnn_reference`` has the contract of ``fastrnn.rnn`` (csrc/ops.h): a whole stack,
 padded [T, B, I] or packed [N, I] + batch_sizes input, the flat weights of
 torch.nn.RNN; ``lstm_reference`` and ``gru_reference`` those of ``fastrnn.lstm``
 and ``fastrnn.gru``. Each layer and direction runs the cell's step function
 (``elman_cell``, ``lstm_cell``, ``gru_cell``) over the sequence. All are
-differentiable by autograd and slow; nothing in the package calls them.
+differentiable by autograd (to any order) and batchable by vmap, and slow.
 """
 
 from typing import List, Optional, Sequence, Tuple

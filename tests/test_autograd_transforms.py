@@ -1,0 +1,279 @@
+"""Autograd beyond one backward, against torch.nn's modules: double backward (create_graph),
+Hessian-vector products, forward-mode AD (dual tensors, torch.func.jvp), torch.func's
+transforms nested (hessian, grad of grad, per-sample gradients by vmap of grad), jacrev,
+batched gradients (is_grads_batched, autograd.functional's vectorize), and vmap of a module
+call, which torch.nn's modules have no rule for (checked against one call per slice).
+
+The ops have formulas for none of these: fastrnn recomputes the forward by torch.nn's own
+CPU computation (double backward, batched gradients) or runs fastrnn.reference's plain
+PyTorch ops (the rest); jacrev's vmap over a backward calls the backward op once per row.
+Every result is compared with torch.nn's (in float64; double backward in float32 too),
+dropout included (on the CPU fastrnn draws torch.nn's masks under the same seed)."""
+
+import copy
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from conftest import CUDA, OpCalls, rnn_pair
+
+F64 = dict(rtol=1e-9, atol=1e-10)
+
+# (cell, constructor keyword arguments): every cell, stacked and bidirectional, LSTM's
+# projection, dropout between layers.
+MODULES = [
+    ("rnn", dict(num_layers=2, bidirectional=True)),
+    ("rnn", dict(num_layers=2, nonlinearity="relu", dropout=0.4)),
+    ("lstm", dict(num_layers=2, bidirectional=True, proj_size=2, dropout=0.3)),
+    ("lstm", dict(num_layers=2, dropout=0.4)),
+    ("gru", dict(num_layers=2, bidirectional=True, dropout=0.4)),
+    ("gru", dict(num_layers=1, bias=False)),
+]
+IDS = [f"{cell}-" + "-".join(f"{k}={v}" for k, v in kw.items()) for cell, kw in MODULES]
+
+
+def pair(cell, kwargs, seed=0):
+    ref, fast = rnn_pair(3, 4, cell=cell, seed=seed, **kwargs)
+    return ref.double(), fast.double()
+
+
+def seeded(seed, fn, *args):
+    torch.manual_seed(seed)
+    return fn(*args)
+
+
+def scalar(result):
+    """A weighted sum of every output, so that each reaches the loss differently."""
+    out, h = result
+    out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+    states = h if isinstance(h, tuple) else (h,)
+    return sum(((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view(t.shape)).sum()
+                for t in (out, *states)), out.new_zeros(()))
+
+
+def feeder(packed):
+    """How an input [6, 2, 3] reaches the module: as it is, or packed with lengths 6 and 4."""
+    if packed:
+        return lambda x: pack_padded_sequence(x, torch.tensor([6, 4]))
+    return lambda x: x
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell,kwargs", MODULES, ids=IDS)
+def test_double_backward_like_torch(cell, kwargs, packed):
+    """A gradient penalty: the gradients w.r.t. input and parameters, made with
+    create_graph=True, differentiated again."""
+    feed = feeder(packed)
+
+    def run(module):
+        x = torch.randn(6, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
+                        requires_grad=True)
+        params = list(module.parameters())
+        loss = seeded(3, lambda: scalar(module(feed(x))))
+        first = torch.autograd.grad(loss, [x, *params], create_graph=True)
+        penalty = sum((g * g).sum() for g in first)
+        return (*first, *torch.autograd.grad(penalty, [x, *params]))
+
+    ref, fast = pair(cell, kwargs)
+    for got, want in zip(run(fast), run(ref)):
+        torch.testing.assert_close(got, want, **F64)
+
+
+@pytest.mark.parametrize("cell,kwargs", MODULES, ids=IDS)
+def test_double_backward_in_float32_like_torch(cell, kwargs):
+    """float32, where torch.nn's CPU LSTM runs oneDNN's layers: the recompute is torch.nn's."""
+    ref, fast = rnn_pair(3, 4, cell=cell, **kwargs)
+
+    def run(module):
+        x = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        first = torch.autograd.grad(scalar(seeded(3, module, x)), [x, *module.parameters()],
+                                    create_graph=True)
+        return (*first, *torch.autograd.grad(sum(g.square().sum() for g in first),
+                                             [x, *module.parameters()]))
+
+    for got, want in zip(run(fast), run(ref)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_double_backward_of_the_raw_op_like_its_reference():
+    """The op called directly (its registered autograd) differentiates twice as well."""
+    ref, fast = pair("rnn", dict(num_layers=2))
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    weights = list(fast._flat_weights)
+    hx = torch.zeros(2, 2, 4, dtype=torch.float64, requires_grad=True)
+
+    def run(call):
+        out, h_n = call()
+        first = torch.autograd.grad(out.square().sum() + h_n.sum(), [x, hx, *weights], create_graph=True)
+        return torch.autograd.grad(sum(g.sin().sum() for g in first), [x, hx, *weights])
+
+    got = run(lambda: torch.ops.fastrnn.rnn(x, hx, weights, True, 2, 0.0, False, False, "tanh", None)[:2])
+    want = run(lambda: torch.func.functional_call(
+        ref, dict(zip(ref._flat_weights_names, weights)), (x, hx)))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **F64)
+
+
+@pytest.mark.parametrize("cell,kwargs", MODULES[:1] + MODULES[2:3] + MODULES[4:5], ids=IDS[:1] + IDS[2:3] + IDS[4:5])
+def test_hessian_vector_product_and_hessian_like_torch(cell, kwargs):
+    ref, fast = pair(cell, kwargs)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    v = torch.randn_like(x)
+    want = torch.autograd.functional.hvp(lambda x: scalar(seeded(3, ref, x)), x, v)
+    got = torch.autograd.functional.hvp(lambda x: scalar(seeded(3, fast, x)), x, v)
+    torch.testing.assert_close(got, want, **F64)
+    want = torch.func.hessian(lambda x: scalar(ref.eval()(x)))(x[:2, :1])
+    got = torch.func.hessian(lambda x: scalar(fast.eval()(x)))(x[:2, :1])
+    torch.testing.assert_close(got, want, **F64)
+
+
+@pytest.mark.parametrize("cell,kwargs", MODULES, ids=IDS)
+def test_forward_mode_ad_like_torch(cell, kwargs):
+    """jvp w.r.t. the input and a parameter, by torch.func.jvp and by dual tensors."""
+    ref, fast = pair(cell, kwargs)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    t = torch.randn_like(x)
+
+    def jvp(module):
+        name = "weight_hh_l0"
+        w = getattr(module, name).detach()
+
+        def f(x, w):
+            return scalar(torch.func.functional_call(module, {name: w}, (x,)))
+        return seeded(3, torch.func.jvp, f, (x, w), (t, torch.ones_like(w)))
+
+    def dual(module):
+        with fwAD.dual_level():
+            out, _ = seeded(3, module, fwAD.make_dual(x, t))
+            return fwAD.unpack_dual(out)
+
+    for run in (jvp, dual):
+        for got, want in zip(run(fast), run(ref)):
+            torch.testing.assert_close(got, want, **F64)
+
+
+@pytest.mark.parametrize("cell,kwargs", MODULES, ids=IDS)
+def test_grad_of_grad_like_torch(cell, kwargs):
+    """Nested torch.func.grad over functional_call: a meta-learning inner step."""
+    ref, fast = pair(cell, kwargs)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+
+    def outer(module):
+        params = {k: v.detach() for k, v in module.named_parameters()}
+
+        def inner_loss(p):
+            return scalar(seeded(3, torch.func.functional_call, module, p, (x,)))
+
+        def after_step(p):
+            g = torch.func.grad(inner_loss)(p)
+            return inner_loss({k: v - 0.1 * g[k] for k, v in p.items()})
+        return torch.func.grad(after_step)(params)
+
+    got, want = outer(fast), outer(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], **F64, msg=k)
+
+
+@pytest.mark.parametrize("cell,kwargs", MODULES, ids=IDS)
+def test_jacobians_like_torch(cell, kwargs):
+    """torch.func.jacrev (vmap over the backward), autograd.functional.jacobian vectorized
+    and not, and torch.autograd.grad's is_grads_batched."""
+    ref, fast = pair(cell, kwargs)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+
+    def jacobians(module):
+        def h_n(x):
+            h = seeded(3, module, x)[1]
+            return h[0] if isinstance(h, tuple) else h
+        xr = x.clone().requires_grad_()
+        out = seeded(3, module, xr)[0]
+        basis = torch.eye(out.numel(), dtype=x.dtype)[:7].view(7, *out.shape)
+        return (torch.func.jacrev(h_n)(x),
+                torch.autograd.functional.jacobian(h_n, x, vectorize=True),
+                torch.autograd.functional.jacobian(h_n, x),
+                *torch.autograd.grad(out, [xr, *module.parameters()], basis, is_grads_batched=True))
+
+    for got, want in zip(jacobians(fast), jacobians(ref)):
+        torch.testing.assert_close(got, want, **F64)
+
+
+def test_jacrev_calls_the_backward_op_once_per_row():
+    """jacrev's vmap over the backward reaches fastrnn's backward op once per row of the
+    Jacobian (fastrnn::*_backward's batching rule), after one forward op call."""
+    _, fast = pair("rnn", dict(num_layers=2))
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    with OpCalls() as calls:
+        torch.func.jacrev(lambda x: fast(x)[1])(x)
+    assert calls.names() == ["rnn"] + ["rnn_backward"] * (2 * 2 * 4)
+
+
+@pytest.mark.parametrize("cell,kwargs", MODULES, ids=IDS)
+def test_vmap_of_a_module_call_is_one_call_per_slice(cell, kwargs):
+    """torch.nn's modules cannot be vmapped; fastrnn's can: over inputs, and over stacked
+    parameters (a model ensemble, torch.func.stack_module_state)."""
+    _, fast = pair(cell, kwargs)
+    fast.eval()
+    xs = torch.randn(3, 4, 2, 3, dtype=torch.float64)
+    got = torch.func.vmap(fast)(xs)
+    for i in range(xs.shape[0]):
+        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(fast(xs[i]))):
+            torch.testing.assert_close(g[i], w, **F64)
+
+    models = [pair(cell, kwargs, seed=s)[1].eval() for s in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    got = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (xs[0],)))(params, buffers)
+    for i, m in enumerate(models):
+        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(m(xs[0]))):
+            torch.testing.assert_close(g[i], w, **F64)
+
+
+def test_per_sample_gradients():
+    """vmap of grad over the samples of a batch (differential privacy's per-sample gradients):
+    each equals the gradient of that sample alone."""
+    _, fast = pair("lstm", dict(num_layers=2, bidirectional=True))
+    x = torch.randn(5, 3, 3, dtype=torch.float64)  # [T, B, I]
+    params = {k: v.detach() for k, v in fast.named_parameters()}
+
+    def loss(p, sample):  # sample [T, I]: unbatched input
+        return scalar(torch.func.functional_call(fast, p, (sample,)))
+
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 1))(params, x)
+    for b in range(x.shape[1]):
+        want = torch.func.grad(loss)(params, x[:, b])
+        for k in params:
+            torch.testing.assert_close(got[k][b], want[k], **F64, msg=k)
+
+
+def test_one_backward_still_runs_the_ops():
+    """None of this touches a plain backward: one forward and one backward op call."""
+    _, fast = pair("gru", dict(num_layers=2, bidirectional=True))
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    with OpCalls() as calls:
+        scalar(fast(x)).backward()
+        torch.func.grad(lambda x: scalar(fast(x)))(x.detach())
+    assert calls.names() == ["gru", "gru_backward"] * 2
+
+
+@CUDA
+@pytest.mark.parametrize("cell,kwargs", [MODULES[0], MODULES[2], MODULES[5]], ids=[IDS[0], IDS[2], IDS[5]])
+def test_double_backward_and_jvp_on_cuda_like_the_cpu(cell, kwargs):
+    """The same routes on a GPU (float64, no dropout drawn: eval mode): equal to the CPU's."""
+    _, fast = pair(cell, kwargs)
+    fast.eval()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def run(module, x):
+        x = x.clone().requires_grad_()
+        first = torch.autograd.grad(scalar(module(x)), [x, *module.parameters()], create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in first), [x, *module.parameters()])
+        tangent = torch.func.jvp(lambda x: scalar(module(x)), (x.detach(),), (torch.ones_like(x),))
+        return (*first, *second, *tangent)
+
+    want = run(fast, x)
+    got = run(copy.deepcopy(fast).cuda(), x.cuda())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, **F64)

@@ -60,24 +60,23 @@ def feeder(packed):
     return lambda x: x
 
 
+def gradient_penalty(module, dtype, feed=lambda x: x):
+    """The gradients w.r.t. input and parameters, made with create_graph=True, and those of
+    their squared norm."""
+    x = torch.randn(6, 2, 3, dtype=dtype, generator=torch.Generator().manual_seed(1),
+                    requires_grad=True)
+    params = list(module.parameters())
+    first = torch.autograd.grad(scalar(seeded(3, module, feed(x))), [x, *params], create_graph=True)
+    return (*first, *torch.autograd.grad(sum((g * g).sum() for g in first), [x, *params]))
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("cell,kwargs", MODULES, ids=IDS)
 def test_double_backward_like_torch(cell, kwargs, packed):
-    """A gradient penalty: the gradients w.r.t. input and parameters, made with
-    create_graph=True, differentiated again."""
-    feed = feeder(packed)
-
-    def run(module):
-        x = torch.randn(6, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
-                        requires_grad=True)
-        params = list(module.parameters())
-        loss = seeded(3, lambda: scalar(module(feed(x))))
-        first = torch.autograd.grad(loss, [x, *params], create_graph=True)
-        penalty = sum((g * g).sum() for g in first)
-        return (*first, *torch.autograd.grad(penalty, [x, *params]))
-
     ref, fast = pair(cell, kwargs)
-    for got, want in zip(run(fast), run(ref)):
+    feed = feeder(packed)
+    for got, want in zip(gradient_penalty(fast, torch.float64, feed),
+                         gradient_penalty(ref, torch.float64, feed)):
         torch.testing.assert_close(got, want, **F64)
 
 
@@ -85,15 +84,7 @@ def test_double_backward_like_torch(cell, kwargs, packed):
 def test_double_backward_in_float32_like_torch(cell, kwargs):
     """float32, where torch.nn's CPU LSTM runs oneDNN's layers: the recompute is torch.nn's."""
     ref, fast = rnn_pair(3, 4, cell=cell, **kwargs)
-
-    def run(module):
-        x = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        first = torch.autograd.grad(scalar(seeded(3, module, x)), [x, *module.parameters()],
-                                    create_graph=True)
-        return (*first, *torch.autograd.grad(sum(g.square().sum() for g in first),
-                                             [x, *module.parameters()]))
-
-    for got, want in zip(run(fast), run(ref)):
+    for got, want in zip(gradient_penalty(fast, torch.float32), gradient_penalty(ref, torch.float32)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

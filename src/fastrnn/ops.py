@@ -45,6 +45,16 @@ def _has_biases(weights, num_layers, bidirectional):
     return per_cell in (4, 5)
 
 
+def _dropout_applied(num_layers, dropout, train):
+    """Whether a call draws dropout masks between its layers (csrc/ops.h)."""
+    return train and dropout > 0 and num_layers > 1
+
+
+def _output_width(bidirectional, hx):
+    """A layer's output features, D * H (LSTM with proj_size: D * proj_size)."""
+    return (2 if bidirectional else 1) * hx.shape[-1]
+
+
 def rnn(
     input: Tensor,
     hx: Tensor,
@@ -171,8 +181,8 @@ def _reserve_size(name, a: _Args):
     directions = 2 if a.bidirectional else 1
     rows = a.input.shape[0] if a.input.dim() == 2 else a.input.shape[0] * a.input.shape[1]
     hidden = a.states[-1].shape[2]  # cx's for LSTM
-    width = directions * hx.shape[2]
-    dropped = a.train and a.dropout > 0 and a.num_layers > 1
+    width = _output_width(a.bidirectional, hx)
+    dropped = _dropout_applied(a.num_layers, a.dropout, a.train)
     saved = {"rnn": 0, "lstm": 5 * hidden, "gru": 4 * hidden}[name]
     if name == "lstm" and hx.shape[2] != hidden:  # the projection's m
         saved += hidden
@@ -195,8 +205,7 @@ def _register_fakes(name):
         _check_devices(op, a.input, _named(a), a.batch_sizes)
         reserve = a.input.new_empty(_reserve_size(name, a) if a.need_reserve else 0,
                                     dtype=_reserve_dtype(a.input))
-        width = (2 if a.bidirectional else 1) * a.states[0].shape[2]
-        output = a.input.new_empty((*a.input.shape[:-1], width))
+        output = a.input.new_empty((*a.input.shape[:-1], _output_width(a.bidirectional, a.states[0])))
         return (output, *(s.new_empty(s.shape) for s in a.states), reserve)
 
     # After the forward's arguments: output, reserve, grad_output, the states'
@@ -258,8 +267,8 @@ def _backward(name, config, saved, grad_output, grad_states, need_input, need_st
         grad_output = _zeros(out.shape, out)
     grad_states = [g if g is not None else _zeros(s.shape, s)
                    for g, s in zip(grad_states, state_tensors)]
-    differentiable = (torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
-                      and not _recorded())
+    grad_mode = torch.is_grad_enabled()
+    differentiable = grad_mode and torch._C._functorch.maybe_current_level() is None and not _recorded()
     if differentiable or any(_legacy_batched(g) for g in (grad_output, *grad_states)):
         # create_graph=True: gradients that can be differentiated again. Or gradients batched
         # by torch.autograd.grad's is_grads_batched (and autograd.functional's vectorize),
@@ -269,7 +278,7 @@ def _backward(name, config, saved, grad_output, grad_states, need_input, need_st
                                         need_states, need_weights, differentiable)
     args = (input, *state_tensors, weights, *config, batch_sizes, out, reserve, grad_output,
             *grad_states, need_input, any(need_weights))
-    if torch.is_grad_enabled():
+    if grad_mode:
         # A torch.func transform's backward (which runs with grad mode on) or a traced one:
         # the results are recorded, so that differentiating them again says why it cannot.
         results = _NoDoubleBackward.apply(name, *args)
@@ -294,9 +303,8 @@ def _reference_call(name, input, states, weights, config, batch_sizes, masks=Non
     _, num_layers, dropout, train, bidirectional = config[:5]
     if masks is None:
         masks = []
-        if train and dropout > 0 and num_layers > 1:
-            width = (2 if bidirectional else 1) * states[0].shape[-1]
-            ones = input.new_ones((*input.shape[:-1], width))
+        if _dropout_applied(num_layers, dropout, train):
+            ones = input.new_ones((*input.shape[:-1], _output_width(bidirectional, states[0])))
             masks = [torch.nn.functional.dropout(ones, dropout, True) for _ in range(num_layers - 1)]
     kwargs = dict(num_layers=num_layers, bidirectional=bidirectional, batch_sizes=batch_sizes,
                   dropout_masks=masks)
@@ -313,8 +321,10 @@ def _native_call(name, input, states, weights, config, batch_sizes, masks):
     autograd differentiates twice): the whole stack in one call, or layer by layer with the
     dropout masks between layers. 2.5-4x faster than fastrnn.reference's Python steps."""
     has_biases, num_layers, _, train, bidirectional = config[:5]
-    fn = {"lstm": torch._VF.lstm, "gru": torch._VF.gru,
-          "rnn": torch._VF.rnn_tanh if name == "rnn" and config[5] == "tanh" else torch._VF.rnn_relu}[name]
+    if name == "rnn":
+        fn = torch._VF.rnn_tanh if config[5] == "tanh" else torch._VF.rnn_relu
+    else:
+        fn = torch._VF.lstm if name == "lstm" else torch._VF.gru
     directions, per_layer = (2 if bidirectional else 1), len(weights) // num_layers
     spans = [(l, l + 1) for l in range(num_layers)] if masks else [(0, num_layers)]
     x, finals = input, [[] for _ in states]
@@ -341,9 +351,9 @@ def _reserved_masks(config, input, states, reserve):
     """The dropout masks a forward call drew, from its reserve (csrc/ops.h: the outputs of
     layers 0..L-2, then their masks, each [N, D*H])."""
     _, num_layers, dropout, train, bidirectional = config[:5]
-    if not (train and dropout > 0 and num_layers > 1):
+    if not _dropout_applied(num_layers, dropout, train):
         return []
-    width = (2 if bidirectional else 1) * states[0].shape[-1]
+    width = _output_width(bidirectional, states[0])
     shape = (*input.shape[:-1], width)
     size = input[..., 0].numel() * width
     start = (num_layers - 1) * size
@@ -370,14 +380,10 @@ def _differentiable_backward(name, config, input, states, weights, batch_sizes, 
     with torch.enable_grad():
         outputs = recompute(name, input, states, weights, config, batch_sizes,
                             _reserved_masks(config, input, states, reserve))
-    pairs = [(o, g) for o, g in zip(outputs, (grad_output, *grad_states)) if g is not None]
-    grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                     create_graph=create_graph, allow_unused=True)
-                 if pairs and wanted else [None] * len(wanted))
-    results = [(next(grads) if need else None) for need in needs]
-    # (a gradient autograd found unused, e.g. with no gradient reaching any output, is zero)
-    results = [torch.zeros_like(t) if need and g is None else g
-               for t, g, need in zip(tensors, results, needs)]
+    grads = iter(torch.autograd.grad(outputs, wanted, (grad_output, *grad_states),
+                                     create_graph=create_graph, materialize_grads=True)
+                 if wanted else ())
+    results = [next(grads) if need else None for need in needs]
     count = len(states)
     return results[0], results[1 : 1 + count], results[1 + count :]
 

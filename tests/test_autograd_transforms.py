@@ -2,11 +2,13 @@
 Hessian-vector products, forward-mode AD (dual tensors, torch.func.jvp), torch.func's
 transforms nested (hessian, grad of grad, per-sample gradients by vmap of grad), jacrev,
 batched gradients (is_grads_batched, autograd.functional's vectorize), and vmap of a module
-call, which torch.nn's modules have no rule for (checked against one call per slice).
+call (model ensembles, batched inputs), which torch.nn's modules have no rule for (checked
+against torch.nn's models one by one, or one call per slice).
 
-The ops have formulas for none of these: fastrnn recomputes the forward by torch.nn's own
-CPU computation (double backward, batched gradients) or runs fastrnn.reference's plain
-PyTorch ops (the rest); jacrev's vmap over a backward calls the backward op once per row.
+The ops have formulas for none of the higher orders: fastrnn recomputes the forward by
+torch.nn's own CPU computation (double backward, batched gradients) or runs
+fastrnn.reference's plain PyTorch ops (forward-mode AD, nested grads). vmap, and one grad
+inside or around it, run the fused ops through their batching rules.
 Every result is compared with torch.nn's (in float64; double backward in float32 too),
 dropout included (on the CPU fastrnn draws torch.nn's masks under the same seed)."""
 
@@ -201,30 +203,119 @@ def test_jacrev_calls_the_backward_op_once_per_row():
     assert calls.names() == ["rnn"] + ["rnn_backward"] * (2 * 2 * 4)
 
 
+def leaves(tree):
+    return torch.utils._pytree.tree_leaves(tree)
+
+
+def member(result, i):
+    """Slice i of a vmapped module call's (output, states)."""
+    return torch.utils._pytree.tree_map(lambda t: t[i], result)
+
+
+def scalars(result, count):
+    """scalar() of each of a vmapped call's slices, summed."""
+    return sum(scalar(member(result, i)) for i in range(count))
+
+
+def ensemble(cell, kwargs, members=3, train=False):
+    """members fastrnn modules of one configuration and different weights, their stacked
+    parameters and buffers (torch.func.stack_module_state), and a function of them and an
+    input that vmap runs: the ensemble."""
+    models = [pair(cell, kwargs, seed=s)[1].train(train) for s in range(members)]
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    return models, params, buffers, lambda p, b, x: torch.func.functional_call(base, (p, b), (x,))
+
+
 @pytest.mark.parametrize("cell,kwargs", MODULES, ids=IDS)
-def test_vmap_of_a_module_call_is_one_call_per_slice(cell, kwargs):
-    """torch.nn's modules cannot be vmapped; fastrnn's can: over inputs, and over stacked
-    parameters (a model ensemble, torch.func.stack_module_state)."""
+def test_vmap_over_inputs_is_one_op_call(cell, kwargs):
+    """torch.nn's modules cannot be vmapped; fastrnn's can. Over inputs and initial states
+    only, without gradients, the vmapped dimension joins the batch: one op call."""
     _, fast = pair(cell, kwargs)
     fast.eval()
     xs = torch.randn(3, 4, 2, 3, dtype=torch.float64)
-    got = torch.func.vmap(fast)(xs)
+    with OpCalls() as calls, torch.no_grad():
+        got = torch.func.vmap(fast)(xs)
+    assert calls.names() == [cell]
     for i in range(xs.shape[0]):
-        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(fast(xs[i]))):
+        for g, w in zip(leaves(got), leaves(fast(xs[i]))):
             torch.testing.assert_close(g[i], w, **F64)
+    h0 = torch.randn(3, *leaves(got)[1].shape[1:], dtype=torch.float64)  # batched h0 too
+    state = (lambda h: (h, torch.zeros_like(h))) if cell == "lstm" else (lambda h: h)
+    if not (cell == "lstm" and "proj_size" in kwargs):
+        with torch.no_grad():
+            got = torch.func.vmap(lambda x, h: fast(x, state(h)))(xs, h0)
+        for i in range(xs.shape[0]):
+            for g, w in zip(leaves(got), leaves(fast(xs[i], state(h0[i])))):
+                torch.testing.assert_close(g[i], w, **F64)
 
-    models = [pair(cell, kwargs, seed=s)[1].eval() for s in range(3)]
-    params, buffers = torch.func.stack_module_state(models)
-    base = copy.deepcopy(models[0]).to("meta")
-    got = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (xs[0],)))(params, buffers)
-    for i, m in enumerate(models):
-        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(m(xs[0]))):
+
+@pytest.mark.parametrize("cell,kwargs", MODULES, ids=IDS)
+def test_vmap_of_an_ensemble_and_its_gradients_like_torch(cell, kwargs):
+    """A model ensemble (torch.func.stack_module_state, vmap over the stacked parameters):
+    one fused forward and backward op call per model; outputs, and the gradients that
+    backward leaves in the stacked parameters, equal each torch.nn model's own."""
+    models, params, buffers, run = ensemble(cell, kwargs)
+    refs = [pair(cell, kwargs, seed=s)[0].eval() for s in range(len(models))]
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    with OpCalls() as calls:
+        got = torch.func.vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+        scalars(got, len(models)).backward()
+    assert calls.names() == [cell] * len(models) + [f"{cell}_backward"] * len(models)
+    for i, ref in enumerate(refs):
+        want = ref(x)
+        for g, w in zip(leaves(got), leaves(want)):
             torch.testing.assert_close(g[i], w, **F64)
+        scalar(want).backward()
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(params[name].grad[i], p.grad, **F64, msg=name)
+
+
+def test_grad_of_an_ensemble_inside_torch_func():
+    """torch.func.grad of a vmapped ensemble's loss (training an ensemble functionally): the
+    fused ops, each model's gradients its own."""
+    models, params, buffers, run = ensemble("gru", dict(num_layers=2, bidirectional=True))
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+
+    def loss(p):
+        return scalars(torch.func.vmap(run, in_dims=(0, 0, None))(p, buffers, x), len(models))
+
+    with OpCalls() as calls:
+        got = torch.func.grad(loss)(params)
+    assert calls.names() == ["gru"] * 3 + ["gru_backward"] * 3
+    for i, model in enumerate(models):
+        want = torch.autograd.grad(scalar(model(x)), list(model.parameters()))
+        for (name, _), w in zip(model.named_parameters(), want):
+            torch.testing.assert_close(got[name][i], w, **F64, msg=name)
+
+
+@pytest.mark.parametrize("cell,kwargs", [MODULES[1], MODULES[3], MODULES[4]],
+                         ids=[IDS[1], IDS[3], IDS[4]])
+def test_vmap_with_dropout_follows_its_randomness(cell, kwargs):
+    """Dropout drawn under vmap: randomness="error" raises as torch's random ops do;
+    "different" draws each slice's masks in turn (as calls one after another would under the
+    same seed), "same" one set for every slice."""
+    _, fast = pair(cell, kwargs)
+    xs = torch.randn(3, 4, 2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        torch.func.vmap(fast)(xs)
+    got = seeded(5, torch.func.vmap(fast, randomness="different"), xs)
+    torch.manual_seed(5)
+    for i in range(xs.shape[0]):
+        for g, w in zip(leaves(got), leaves(fast(xs[i]))):
+            torch.testing.assert_close(g[i], w, **F64)
+    got = seeded(5, torch.func.vmap(fast, randomness="same"), xs)
+    for i in range(xs.shape[0]):
+        for g, w in zip(leaves(got), leaves(seeded(5, fast, xs[i]))):
+            torch.testing.assert_close(g[i], w, **F64)
+    assert not torch.equal(leaves(got)[0][0], leaves(seeded(6, fast, xs[0]))[0])
 
 
 def test_per_sample_gradients():
     """vmap of grad over the samples of a batch (differential privacy's per-sample gradients):
-    each equals the gradient of that sample alone."""
+    each equals the gradient of that sample alone, by one fused forward and backward op
+    call per sample."""
     _, fast = pair("lstm", dict(num_layers=2, bidirectional=True))
     x = torch.randn(5, 3, 3, dtype=torch.float64)  # [T, B, I]
     params = {k: v.detach() for k, v in fast.named_parameters()}
@@ -232,7 +323,9 @@ def test_per_sample_gradients():
     def loss(p, sample):  # sample [T, I]: unbatched input
         return scalar(torch.func.functional_call(fast, p, (sample,)))
 
-    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 1))(params, x)
+    with OpCalls() as calls:
+        got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 1))(params, x)
+    assert calls.names() == ["lstm"] * 3 + ["lstm_backward"] * 3
     for b in range(x.shape[1]):
         want = torch.func.grad(loss)(params, x[:, b])
         for k in params:
@@ -268,3 +361,27 @@ def test_double_backward_and_jvp_on_cuda_like_the_cpu(cell, kwargs):
     got = run(copy.deepcopy(fast).cuda(), x.cuda())
     for g, w in zip(got, want):
         torch.testing.assert_close(g.cpu(), w, **F64)
+
+
+@CUDA
+@pytest.mark.parametrize("cell,kwargs", [MODULES[0], MODULES[2], MODULES[5]], ids=[IDS[0], IDS[2], IDS[5]])
+def test_vmap_on_cuda_like_the_cpu(cell, kwargs):
+    """vmap's batching rules on a GPU: an ensemble's forward+backward (one call per model) and
+    inputs joined into one call's batch, equal to the CPU's."""
+    models, params, buffers, run = ensemble(cell, kwargs)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    xs = torch.randn(3, 4, 2, 3, dtype=torch.float64)
+
+    def results(device):
+        p = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
+        b = {k: v.to(device) for k, v in buffers.items()}
+        out = torch.func.vmap(run, in_dims=(0, 0, None))(p, b, x.to(device))
+        scalars(out, len(models)).backward()
+        module = copy.deepcopy(models[0]).to(device)
+        with OpCalls() as calls, torch.no_grad():
+            joined = torch.func.vmap(module)(xs.to(device))
+        assert calls.names() == [cell]
+        return [t.cpu() for t in (*leaves(out), *(p[k].grad for k in sorted(p)), *leaves(joined))]
+
+    for g, w in zip(results("cuda"), results("cpu")):
+        torch.testing.assert_close(g, w, **F64)

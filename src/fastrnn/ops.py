@@ -1,7 +1,7 @@
 """Python side of the fastrnn ops: typed wrappers, shapes for tracing
-(register_fake), autograd (register_autograd), the backward ops' batching rule
-(register_vmap), autocast, and the routes of higher-order autograd and torch.func
-transforms to fastrnn.reference. The ops, their contracts and every argument check
+(register_fake), autograd (register_autograd), the ops' batching rules
+(register_vmap), autocast, and the routes of higher-order autograd and forward-mode
+AD to recomputations (torch.nn's own, fastrnn.reference). The ops, their contracts and every argument check
 are in csrc/ (ops.h, checks.h).
 
 Three op pairs share one engine and one shape: ``rnn`` (Elman), ``lstm`` and
@@ -291,9 +291,9 @@ def _backward(name, config, saved, grad_output, grad_states, need_input, need_st
 
 
 # Higher-order autograd and transforms the ops have no formula for run the same math in ops
-# that autograd and torch.func differentiate and batch: double backward recomputes the forward
-# by torch.nn's own CPU computation (_native_call); forward-mode AD, nested torch.func
-# transforms and vmap run fastrnn/reference.py's plain PyTorch steps (slow, but correct on any
+# that autograd and torch.func differentiate: double backward recomputes the forward by
+# torch.nn's own CPU computation (_native_call); forward-mode AD and gradients of gradients
+# inside torch.func run fastrnn/reference.py's plain PyTorch steps (slow, but correct on any
 # device).
 
 
@@ -497,7 +497,9 @@ class _Eager(torch.autograd.Function):
 
 class _EagerTransformed(_Eager):
     """_Eager under torch.func transforms, which take a forward without ctx and a
-    setup_context."""
+    setup_context. Under vmap, forward and backward run batched: the ops' batching rules."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(name, config, batch_sizes, input, *tensors):
@@ -518,11 +520,11 @@ _EagerTransformed.forward.__signature__ = inspect.signature(_EagerTransformed.fo
 def _call(name, input, states, weights, config, batch_sizes):
     """One op call: (output, *final states, reserve)."""
     level = torch._C._functorch.maybe_current_level()
-    if (level is not None and (level > 1 or _vmapped())) or (
+    if (level is not None and not _fused_transforms()) or (
             _forward_ad._current_level >= 0 and any(
                 _forward_ad.unpack_dual(t).tangent is not None for t in (input, *states, *weights))):
-        # Nested torch.func transforms (grad of grad, vmap of grad, hessian), vmap and
-        # forward-mode AD (torch.func.jvp, dual tensors): the op has no rule for them.
+        # Forward-mode AD (torch.func.jvp, dual tensors) and gradients of gradients inside
+        # torch.func (grad of grad, hessian): the ops have no formula for them.
         return (*_reference_call(name, input, states, weights, config, batch_sizes), None)
     recorded = _recorded()
     device_type = "cpu" if input.is_cpu else input.device.type  # (is_cpu makes no device object)
@@ -540,24 +542,35 @@ def _call(name, input, states, weights, config, batch_sizes):
 
 
 def _call_op(name, input, states, weights, config, batch_sizes, level, recorded):
-    need_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (input, *states, *weights))
+    tracked = _tracked if level is not None else (lambda t: t.requires_grad)
+    need_grad = torch.is_grad_enabled() and any(tracked(t) for t in (input, *states, *weights))
     if need_grad and not recorded:
         function = _Eager if level is None else _EagerTransformed
         return function.apply(name, config, batch_sizes, input, *states, *weights)
     # Without a gradient to come (inference) the op keeps no reserve. A trace
     # (torch.jit.trace) keeps it: the traced graph may run where one is needed.
-    need_reserve = need_grad or level is not None or torch.jit.is_tracing()
+    need_reserve = need_grad or torch.jit.is_tracing()
     if recorded or level is not None:
         return getattr(_ops, name)(input, *states, list(weights), *config, batch_sizes,
                                    need_reserve)
     return _run(name, config, batch_sizes, input, (*states, *weights), need_reserve)
 
 
-def _vmapped():
-    """Whether a torch.func.vmap is among the transforms the call runs under."""
-    vmap = torch._C._functorch.TransformType.Vmap
-    return any(i.key() == vmap for i in torch._C._functorch.get_interpreter_stack() or ())
+def _tracked(t):
+    """Whether autograd tracks t, under vmap too: a tensor batched by vmap says
+    requires_grad=False whatever it wraps."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.requires_grad
+
+
+def _fused_transforms():
+    """Whether the ops run under the torch.func transforms the call is under: any number of
+    vmaps (the forward and backward ops' batching rules) and at most one grad or vjp (their
+    autograd), but no jvp, and no grad of a grad (a backward differentiated again)."""
+    kinds = [i.key() for i in torch._C._functorch.get_interpreter_stack() or ()]
+    return (torch._C._functorch.TransformType.Jvp not in kinds
+            and kinds.count(torch._C._functorch.TransformType.Grad) <= 1)
 
 
 def _recorded():
@@ -612,29 +625,94 @@ def _autocast_kernel(op, device_type):
     return kernel
 
 
-def _vmap_by_slices(op):
-    """A batching rule for a backward op: one call per slice of the batched arguments,
-    the results stacked. A backward is batched over its incoming gradients (a Jacobian's
-    rows: torch.func.jacrev), whose slices share the forward's saved tensors; each slice's
-    weight gradients are its own sums over every row, so the slices cannot share one call."""
+def _by_slices(op, batch_size, in_dims, args, before_slice=lambda: None):
+    """op batched by one call per slice of the batched arguments, the results stacked:
+    (results, out_dims) as a batching rule returns them."""
+
+    def pick(arg, dim, i):
+        if isinstance(arg, (list, tuple)):
+            dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(arg)
+            return [pick(a, d, i) for a, d in zip(arg, dims)]
+        return arg if dim is None else arg.select(dim, i)
+
+    slices = []
+    for i in range(batch_size):
+        before_slice()
+        slices.append(op(*(pick(a, d, i) for a, d in zip(args, in_dims))))
+    stacked = tuple([torch.stack(list(parts)) for parts in zip(*field)]
+                    if isinstance(field[0], (list, tuple)) else torch.stack(field)
+                    for field in zip(*slices))
+    out_dims = tuple([0] * len(part) if isinstance(part, (list, tuple)) else 0
+                     for part in slices[0])
+    return stacked, out_dims
+
+
+def _vmap_backward(op):
+    """The backward ops' batching rule. A backward is batched over its incoming gradients
+    (a Jacobian's rows: torch.func.jacrev; vmap of grad) and over what the forward saved;
+    each slice's weight gradients are its own sums over every row, so the slices cannot
+    share one call."""
+    return lambda info, in_dims, *args: _by_slices(op, info.batch_size, in_dims, args)
+
+
+def _vmap_forward(name):
+    """The forward ops' batching rule. Where only the input and the initial states are
+    batched, no dropout is drawn and no reserve is kept (inference), the vmapped dimension
+    joins the batch: one call for every slice. Otherwise (batched weights: a model ensemble
+    of torch.func.stack_module_state; a reserve a batched backward will split) one call per
+    slice. Dropout follows vmap's randomness: "error" raises as torch's random ops do,
+    "different" draws each slice's masks, "same" draws one set for all."""
+    op = getattr(_ops, name).default
+    states = _STATES[name]
 
     def rule(info, in_dims, *args):
-        def pick(arg, dim, i):
-            if isinstance(arg, (list, tuple)):
-                dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(arg)
-                return [pick(a, d, i) for a, d in zip(arg, dims)]
-            return arg if dim is None else arg.select(dim, i)
+        a = _Args(name, args)
+        input_dim, state_dims = in_dims[0], in_dims[1 : 1 + states]
+        weight_dims = in_dims[1 + states]
+        weights_batched = weight_dims is not None and any(d is not None for d in weight_dims)
+        dropped = _dropout_applied(a.num_layers, a.dropout, a.train)
+        if dropped and info.randomness == "error":
+            raise RuntimeError(
+                "vmap: called random operation while in randomness error mode. Please either "
+                "use the 'same' or 'different' randomness flags on vmap or perform the "
+                "randomness operation out of vmap")
+        if (weights_batched or dropped or a.need_reserve or a.batch_sizes is not None
+                or a.input.dim() - (input_dim is not None) != 3):
+            before_slice = lambda: None
+            if dropped and info.randomness == "same":
+                before_slice = _replaying_generator(a.input.device)
+            return _by_slices(op, info.batch_size, in_dims, args, before_slice)
+        size = info.batch_size
 
-        slices = [op(*(pick(a, d, i) for a, d in zip(args, in_dims)))
-                  for i in range(info.batch_size)]
-        stacked = tuple([torch.stack(list(parts)) for parts in zip(*field)]
-                        if isinstance(field[0], (list, tuple)) else torch.stack(field)
-                        for field in zip(*slices))
-        out_dims = tuple([0] * len(part) if isinstance(part, (list, tuple)) else 0
-                         for part in slices[0])
-        return stacked, out_dims
+        def joined(t, dim):  # [X, B, F] per slice -> [X, size * B, F]
+            t = t.movedim(dim, 1) if dim is not None else t.unsqueeze(1).expand(
+                t.shape[0], size, *t.shape[1:])
+            return t.reshape(t.shape[0], -1, t.shape[-1])
+
+        results = op(joined(a.input, input_dim), *map(joined, a.states, state_dims), a.weights,
+                     *a.config, None, False)
+        *batched, reserve = results
+        batched = [t.view(t.shape[0], size, -1, t.shape[-1]) for t in batched]
+        return (*batched, reserve), (1,) * len(batched) + (None,)
 
     return rule
+
+
+def _replaying_generator(device):
+    """A callable that puts device's default generator back where it was at the first call,
+    on every call: each slice draws the same numbers."""
+    cuda = device.type == "cuda"
+    get = (lambda: torch.cuda.get_rng_state(device)) if cuda else torch.get_rng_state
+    put = (lambda s: torch.cuda.set_rng_state(s, device)) if cuda else torch.set_rng_state
+    start = []
+
+    def replay():
+        if start:
+            put(start[0])
+        else:
+            start.append(get())
+
+    return replay
 
 
 def _register_autocast(name):
@@ -647,5 +725,6 @@ for _name in _STATES:
     _register_fakes(_name)
     _register_autograd(_name)
     _register_autocast(_name)
+    torch.library.register_vmap(f"fastrnn::{_name}", _vmap_forward(_name))
     torch.library.register_vmap(f"fastrnn::{_name}_backward",
-                                _vmap_by_slices(getattr(_ops, f"{_name}_backward").default))
+                                _vmap_backward(getattr(_ops, f"{_name}_backward").default))

@@ -1,6 +1,6 @@
 """The fastrnn math in plain PyTorch: readable documentation, the tests' second opinion, and
-what fastrnn/ops.py runs where the ops have no formula (double backward, forward-mode AD,
-nested torch.func transforms, vmap).
+what fastrnn/ops.py runs where the ops have no formula (double backward on a GPU,
+forward-mode AD, gradients of gradients inside torch.func).
 
 ``rnn_reference`` has the contract of ``fastrnn.rnn`` (csrc/ops.h): a whole stack,
 padded [T, B, I] or packed [N, I] + batch_sizes input, the flat weights of

@@ -312,11 +312,13 @@ def test_vmap_with_dropout_follows_its_randomness(cell, kwargs):
     assert not torch.equal(leaves(got)[0][0], leaves(seeded(6, fast, xs[0]))[0])
 
 
-def test_per_sample_gradients():
+@pytest.mark.parametrize("cell,kwargs", MODULES + [("rnn", {})], ids=IDS + ["rnn-1-layer"])
+def test_per_sample_gradients(cell, kwargs):
     """vmap of grad over the samples of a batch (differential privacy's per-sample gradients):
-    each equals the gradient of that sample alone, by one fused forward and backward op
-    call per sample."""
-    _, fast = pair("lstm", dict(num_layers=2, bidirectional=True))
+    each equals the gradient of that sample alone. One fused forward op call for the whole
+    batch, one backward call per sample (each sample's weight gradients are its own sums)."""
+    _, fast = pair(cell, kwargs)
+    fast.eval()  # (dropout would need vmap's randomness flag)
     x = torch.randn(5, 3, 3, dtype=torch.float64)  # [T, B, I]
     params = {k: v.detach() for k, v in fast.named_parameters()}
 
@@ -325,7 +327,7 @@ def test_per_sample_gradients():
 
     with OpCalls() as calls:
         got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 1))(params, x)
-    assert calls.names() == ["lstm"] * 3 + ["lstm_backward"] * 3
+    assert calls.names() == [cell] + [f"{cell}_backward"] * 3
     for b in range(x.shape[1]):
         want = torch.func.grad(loss)(params, x[:, b])
         for k in params:

@@ -173,21 +173,26 @@ def _named(a: "_Args"):
     return [*states, *weights]
 
 
-def _reserve_size(name, a: _Args):
-    """csrc/checks.h RnnConfig::reserve_size."""
+def _reserve_widths(name, a: _Args):
+    """The reserve's parts in order, each [N, width] (csrc/ops.h): their widths."""
     hx = a.states[0]
     if hx.dim() != 3:
         raise RuntimeError(f"fastrnn::{name}: hx must be 3-D [L*D, B, H], got {hx.dim()}-D")
     directions = 2 if a.bidirectional else 1
-    rows = a.input.shape[0] if a.input.dim() == 2 else a.input.shape[0] * a.input.shape[1]
     hidden = a.states[-1].shape[2]  # cx's for LSTM
-    width = _output_width(a.bidirectional, hx)
     dropped = _dropout_applied(a.num_layers, a.dropout, a.train)
-    saved = {"rnn": 0, "lstm": 5 * hidden, "gru": 4 * hidden}[name]
+    layer = {"rnn": [], "lstm": [4 * hidden, hidden], "gru": [3 * hidden, hidden]}[name]
     if name == "lstm" and hx.shape[2] != hidden:  # the projection's m
-        saved += hidden
-    return ((a.num_layers - 1) * rows * width * (2 if dropped else 1)
-            + a.num_layers * rows * directions * saved)
+        layer.append(hidden)
+    return ([_output_width(a.bidirectional, hx)] * ((a.num_layers - 1) * (2 if dropped else 1))
+            + [directions * w for w in layer] * a.num_layers)
+
+
+def _reserve_size(name, a: _Args):
+    """csrc/checks.h RnnConfig::reserve_size."""
+    widths = _reserve_widths(name, a)
+    rows = a.input.shape[0] if a.input.dim() == 2 else a.input.shape[0] * a.input.shape[1]
+    return rows * sum(widths)
 
 
 def _reserve_dtype(input):
@@ -657,11 +662,12 @@ def _vmap_backward(op):
 
 def _vmap_forward(name):
     """The forward ops' batching rule. Where only the input and the initial states are
-    batched, no dropout is drawn and no reserve is kept (inference), the vmapped dimension
-    joins the batch: one call for every slice. Otherwise (batched weights: a model ensemble
-    of torch.func.stack_module_state; a reserve a batched backward will split) one call per
-    slice. Dropout follows vmap's randomness: "error" raises as torch's random ops do,
-    "different" draws each slice's masks, "same" draws one set for all."""
+    batched (vmap over inputs; per-sample gradients) and no dropout is drawn, the vmapped
+    dimension joins the batch: one call for every slice, its reserve regrouped by slice for
+    the backward's rule, which runs per slice. Otherwise (batched weights: a model ensemble
+    of torch.func.stack_module_state) one call per slice. Dropout follows vmap's randomness:
+    "error" raises as torch's random ops do, "different" draws each slice's masks in turn,
+    "same" one set for all."""
     op = getattr(_ops, name).default
     states = _STATES[name]
 
@@ -676,7 +682,7 @@ def _vmap_forward(name):
                 "vmap: called random operation while in randomness error mode. Please either "
                 "use the 'same' or 'different' randomness flags on vmap or perform the "
                 "randomness operation out of vmap")
-        if (weights_batched or dropped or a.need_reserve or a.batch_sizes is not None
+        if (weights_batched or dropped or a.batch_sizes is not None
                 or a.input.dim() - (input_dim is not None) != 3):
             before_slice = lambda: None
             if dropped and info.randomness == "same":
@@ -689,11 +695,20 @@ def _vmap_forward(name):
                 t.shape[0], size, *t.shape[1:])
             return t.reshape(t.shape[0], -1, t.shape[-1])
 
-        results = op(joined(a.input, input_dim), *map(joined, a.states, state_dims), a.weights,
-                     *a.config, None, False)
-        *batched, reserve = results
+        input = joined(a.input, input_dim)
+        *batched, reserve = op(input, *map(joined, a.states, state_dims), a.weights, *a.config,
+                               None, a.need_reserve)
         batched = [t.view(t.shape[0], size, -1, t.shape[-1]) for t in batched]
-        return (*batched, reserve), (1,) * len(batched) + (None,)
+        if not a.need_reserve:
+            return (*batched, reserve), (1,) * len(batched) + (None,)
+        # Each part [T * size*B, width] -> [size, T*B*width], the parts side by side.
+        steps, rows = input.shape[0], input.shape[0] * input.shape[1]
+        widths = _reserve_widths(name, a)
+        parts = reserve.split([rows * w for w in widths])
+        reserve = torch.cat([reserve.new_empty(size, 0)]
+                            + [part.view(steps, size, -1, w).movedim(1, 0).reshape(size, -1)
+                               for part, w in zip(parts, widths)], 1)
+        return (*batched, reserve), (1,) * len(batched) + (0,)
 
     return rule
 

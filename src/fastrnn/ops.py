@@ -1,8 +1,8 @@
 """Python side of the fastrnn ops: typed wrappers, shapes for tracing
 (register_fake), autograd (register_autograd), the ops' batching rules
 (register_vmap), autocast, and the routes of higher-order autograd and forward-mode
-AD to recomputations (torch.nn's own, fastrnn.reference). The ops, their contracts and every argument check
-are in csrc/ (ops.h, checks.h).
+AD to recomputations (torch.nn's own, fastrnn.reference). The ops, their contracts
+and every argument check are in csrc/ (ops.h, checks.h).
 
 Three op pairs share one engine and one shape: ``rnn`` (Elman), ``lstm`` and
 ``gru``, each with its ``*_backward``. Their arguments are

@@ -217,11 +217,11 @@ def scalars(result, count):
     return sum(scalar(member(result, i)) for i in range(count))
 
 
-def ensemble(cell, kwargs, members=3, train=False):
-    """members fastrnn modules of one configuration and different weights, their stacked
-    parameters and buffers (torch.func.stack_module_state), and a function of them and an
-    input that vmap runs: the ensemble."""
-    models = [pair(cell, kwargs, seed=s)[1].train(train) for s in range(members)]
+def ensemble(cell, kwargs, members=3):
+    """members fastrnn modules of one configuration and different weights (eval mode), their
+    stacked parameters and buffers (torch.func.stack_module_state), and a function of them
+    and an input that vmap runs: the ensemble."""
+    models = [pair(cell, kwargs, seed=s)[1].eval() for s in range(members)]
     params, buffers = torch.func.stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
     return models, params, buffers, lambda p, b, x: torch.func.functional_call(base, (p, b), (x,))
@@ -240,14 +240,14 @@ def test_vmap_over_inputs_is_one_op_call(cell, kwargs):
     for i in range(xs.shape[0]):
         for g, w in zip(leaves(got), leaves(fast(xs[i]))):
             torch.testing.assert_close(g[i], w, **F64)
-    h0 = torch.randn(3, *leaves(got)[1].shape[1:], dtype=torch.float64)  # batched h0 too
-    state = (lambda h: (h, torch.zeros_like(h))) if cell == "lstm" else (lambda h: h)
-    if not (cell == "lstm" and "proj_size" in kwargs):
-        with torch.no_grad():
-            got = torch.func.vmap(lambda x, h: fast(x, state(h)))(xs, h0)
-        for i in range(xs.shape[0]):
-            for g, w in zip(leaves(got), leaves(fast(xs[i], state(h0[i])))):
-                torch.testing.assert_close(g[i], w, **F64)
+    # Batched initial states too: (h0, c0) for an LSTM, shaped as the final states.
+    h0 = [torch.randn(3, *t.shape[1:], dtype=torch.float64) for t in leaves(got)[1:]]
+    state = tuple if cell == "lstm" else (lambda h: h[0])
+    with torch.no_grad():
+        got = torch.func.vmap(lambda x, *h: fast(x, state(h)))(xs, *h0)
+    for i in range(xs.shape[0]):
+        for g, w in zip(leaves(got), leaves(fast(xs[i], state([h[i] for h in h0])))):
+            torch.testing.assert_close(g[i], w, **F64)
 
 
 @pytest.mark.parametrize("cell,kwargs", MODULES, ids=IDS)

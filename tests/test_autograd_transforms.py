@@ -368,8 +368,9 @@ def test_double_backward_and_jvp_on_cuda_like_the_cpu(cell, kwargs):
 @CUDA
 @pytest.mark.parametrize("cell,kwargs", [MODULES[0], MODULES[2], MODULES[5]], ids=[IDS[0], IDS[2], IDS[5]])
 def test_vmap_on_cuda_like_the_cpu(cell, kwargs):
-    """vmap's batching rules on a GPU: an ensemble's forward+backward (one call per model) and
-    inputs joined into one call's batch, equal to the CPU's."""
+    """vmap's batching rules on a GPU, equal to the CPU's: an ensemble's forward+backward (one
+    call per model), inputs joined into one call's batch, and per-sample gradients (joined,
+    the reserve regrouped by sample)."""
     models, params, buffers, run = ensemble(cell, kwargs)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     xs = torch.randn(3, 4, 2, 3, dtype=torch.float64)
@@ -383,7 +384,12 @@ def test_vmap_on_cuda_like_the_cpu(cell, kwargs):
         with OpCalls() as calls, torch.no_grad():
             joined = torch.func.vmap(module)(xs.to(device))
         assert calls.names() == [cell]
-        return [t.cpu() for t in (*leaves(out), *(p[k].grad for k in sorted(p)), *leaves(joined))]
+        fixed = {k: v.detach() for k, v in module.named_parameters()}
+        per_sample = torch.func.vmap(torch.func.grad(
+            lambda q, sample: scalar(torch.func.functional_call(module, q, (sample,)))),
+            in_dims=(None, 1))(fixed, x.to(device))
+        return [t.cpu() for t in (*leaves(out), *(p[k].grad for k in sorted(p)), *leaves(joined),
+                                  *(per_sample[k] for k in sorted(per_sample)))]
 
     for g, w in zip(results("cuda"), results("cpu")):
         torch.testing.assert_close(g, w, **F64)

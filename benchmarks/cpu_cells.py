@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from harness import (cpu_model, emit, has_amx, make_step, time_interleaved, twin_rnns, with_env,
+from harness import (emit, has_amx, machine, make_step, time_interleaved, twin_rnns, with_env,
                      with_fused)
 
 INPUT = 28
@@ -110,7 +110,7 @@ def main():
                       flush=True)
 
     lines = [
-        f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{machine()}, "
         f"input={INPUT}, batch_first, "
         f"{'autocast ' + args.autocast if args.autocast else 'float32'}, "
         f"{args.stat} of {args.repeats} interleaved runs; ms",

@@ -22,7 +22,7 @@ import ctypes
 
 import torch
 
-from harness import (cpu_model, emit, make_step, rnn_flops, sgemm_peak, time_interleaved,
+from harness import (emit, machine, make_step, rnn_flops, sgemm_peak, time_interleaved,
                      twin_rnns, with_fused)
 
 # (name, layers, nonlinearity, hidden, batch, steps); input 28.
@@ -103,7 +103,7 @@ def main():
         peak = max(peak, sgemm_peak(samples=3))
 
     lines = [
-        f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{machine()}, "
         f"sgemm peak {peak / 1e9:.0f} GFLOP/s (best 2048^3), input={INPUT}, "
         f"{args.stat} of {args.repeats} interleaved runs; ms (% of the sgemm peak)",
         "",

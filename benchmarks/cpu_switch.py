@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import fastrnn
-from harness import cpu_model, emit, make_step, time_interleaved, with_env
+from harness import emit, machine, make_step, time_interleaved, with_env
 
 INPUT = 28
 # (name, cell, layers, hidden, batch, steps)
@@ -53,7 +53,7 @@ def main():
     if not name or not value:
         parser.error("the switch is NAME=VALUE")
 
-    lines = [f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    lines = [f"{machine()}, "
              f"{args.stat} of {args.repeats} alternating runs; ms", "",
              f"| shape | pass | as it is | {args.switch} | {args.switch} / as it is |",
              "|---|---|---|---|---|"]

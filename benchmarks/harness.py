@@ -1,6 +1,7 @@
 """Shared timing machinery for the benchmarks: identical twin modules, interleaved
 A/B runs with warm-up and medians, CUDA events on the GPU, peak memory, FLOP counts."""
 
+import argparse
 import copy
 import os
 import platform
@@ -38,6 +39,19 @@ def cpu_model():
     flags = set(fields.get("flags", "").split())
     simd = ", ".join(f for f in _CPU_FLAGS if f in flags) or "no AVX2"
     return f"{name} (family {fields['cpu family']} model {fields.get('model', '?')}; {simd})"
+
+
+def machine():
+    """The start of a CPU table's heading: the CPU, torch and the thread count."""
+    return f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def table_options(doc, repeats=15):
+    """The options of a benchmark that prints one table: --repeats, --markdown (parsed)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--markdown", help="also write the table to this file")
+    return parser.parse_args()
 
 
 def has_amx():

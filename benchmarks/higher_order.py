@@ -10,11 +10,10 @@ scale. Runs alternate after a warm-up; medians.
     python benchmarks/higher_order.py [--repeats N] [--markdown FILE]
 """
 
-import argparse
 
 import torch
 
-from harness import cpu_model, emit, time_interleaved, twin_rnns
+from harness import emit, machine, table_options, time_interleaved, twin_rnns
 
 INPUT = 28
 # (name, nonlinearity, layers, hidden, batch, steps): the MNIST example's shapes
@@ -46,11 +45,8 @@ def plain_step(module, x):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--markdown")
-    args = parser.parse_args()
-    lines = [f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    args = table_options(__doc__)
+    lines = [f"{machine()}, "
              f"input={INPUT}, median of {args.repeats} interleaved runs; ms",
              "", "| shape | step | torch.nn | fastrnn | torch.nn / fastrnn |", "|---|---|---|---|---|"]
     for name, nl, layers, hidden, batch, steps in SHAPES:

@@ -16,7 +16,6 @@ Runs alternate after a warm-up; medians.
     python benchmarks/vmap.py [--repeats N] [--markdown FILE]
 """
 
-import argparse
 import contextlib
 import copy
 
@@ -24,7 +23,7 @@ import torch
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 import fastrnn.ops
-from harness import cpu_model, emit, time_interleaved, twin_rnns
+from harness import emit, machine, table_options, time_interleaved, twin_rnns
 
 INPUT, STEPS = 28, 28
 # (name, nonlinearity, layers, hidden, batch, members): models, or input batches, per vmap
@@ -116,11 +115,8 @@ def batched_input_steps(ref, fast, xs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--markdown")
-    args = parser.parse_args()
-    lines = [f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    args = table_options(__doc__)
+    lines = [f"{machine()}, "
              f"input={INPUT}, T={STEPS}, batch_first, median of {args.repeats} interleaved runs; ms",
              "", "| shape | work | torch.nn, a loop | fastrnn, a loop | fastrnn, vmap | "
              "fastrnn.reference, vmap | loop of torch.nn / vmap |", "|---|---|---|---|---|---|---|"]

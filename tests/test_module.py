@@ -1617,8 +1617,9 @@ def _exact(ref, x, feed_=lambda t: t):
 def test_cell_autocast_cpu_error_within_twice_torch(cell, kwargs, dtype, packed):
     """fastrnn.LSTM / GRU under CPU autocast compute in the autocast dtype: output, h_n
     and c_n in it, float32 parameter gradients, and errors against float64 within twice
-    torch.nn's under the same autocast (where torch's CPU LSTM cannot run float16 -- its
-    oneDNN kernel refuses -- within twice torch's module cast to float16)."""
+    torch.nn's under the same autocast (where torch's CPU LSTM cannot run it -- its oneDNN
+    kernel refuses float16 on every CPU and bfloat16 on those without AVX-512 -- within
+    twice torch's module cast to the dtype)."""
     ref, fast = rnn_pair(16, 32, 2, cell=cell, bidirectional=True, seed=3, **kwargs)
     x = torch.randn(12, 5, 16, generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([12, 9, 9, 4, 1])
@@ -1635,7 +1636,7 @@ def test_cell_autocast_cpu_error_within_twice_torch(cell, kwargs, dtype, packed)
             warnings.simplefilter("ignore")
             _, _, ref_err, ref_gerr = _errors_vs_float64(ref, x, exact, exact_grads, dtype, feed_)
     except RuntimeError as e:
-        assert cell == "lstm" and dtype == torch.float16 and "primitive descriptor" in str(e)
+        assert cell == "lstm" and "primitive descriptor" in str(e)
         low = copy.deepcopy(ref).to(dtype)
         _, _, ref_err, ref_gerr = _errors_vs_float64(low, x.to(dtype), exact, exact_grads,
                                                      feed_=feed_)
@@ -1661,11 +1662,15 @@ _AUTOCAST_DTYPE_DIVERGES = pytest.mark.xfail(strict=True, reason=(
 def test_cell_autocast_cpu_dtypes_like_torch(cell, kwargs, dtype):
     ref, fast = rnn_pair(16, 32, 2, cell=cell, seed=3, **kwargs)
     x = torch.randn(6, 3, 16)
-    if cell == "lstm" and not kwargs and dtype == torch.float16:
-        pytest.skip("torch.nn.LSTM cannot run float16 autocast on the CPU (oneDNN refuses)")
     with torch.autocast("cpu", dtype=dtype):
-        want = [t.dtype for t in flat(ref(x))]
         got = [t.dtype for t in flat(fast(x))]
+        try:
+            want = [t.dtype for t in flat(ref(x))]
+        except RuntimeError as e:
+            # torch's oneDNN LSTM refuses float16, and bfloat16 on CPUs without AVX-512;
+            # where it runs (and on CUDA) every result is in the autocast dtype.
+            assert cell == "lstm" and not kwargs and "primitive descriptor" in str(e)
+            want = [dtype] * 3
     assert got == want
 
 

@@ -10,7 +10,6 @@ scale. Runs alternate after a warm-up; medians.
     python benchmarks/higher_order.py [--repeats N] [--markdown FILE]
 """
 
-
 import torch
 
 from harness import emit, machine, table_options, time_interleaved, twin_rnns

@@ -148,6 +148,23 @@ def test_saved_model_loads_into_torch_nn_rnn(quick, mnist_root):
                                                                             abs=0.011)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+def test_loaded_images_are_torchvisions_transforms(mnist_root, train):
+    """The example normalises each split once, as tensors: the very values (and labels) that
+    ToTensor() and Normalize() give image by image, so its runs learn as before."""
+    from torchvision import datasets, transforms
+
+    example = load_module("mnist_rnn_example", EXAMPLE)
+    loaded = example.load_mnist(mnist_root, train, download=False)
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    reference = datasets.MNIST(mnist_root, train=train, transform=tf)
+    assert len(loaded) == len(reference) == (60000 if train else 10000)
+    for i in range(0, len(reference), 613):
+        (want, label), (got, got_label) = reference[i], loaded[i]
+        assert got.shape == want.shape == (1, 28, 28) and got.dtype == want.dtype
+        assert torch.equal(got, want) and got_label.item() == label, i
+
+
 def test_presets_and_initial_weights_match_the_benchmarks():
     """benchmarks/mnist_train.py and mnist_step.py measure the example's very models."""
     example = load_module("mnist_rnn_example", EXAMPLE)

@@ -1,20 +1,28 @@
-// csrc/cuda/persistent.cuh's kernels, compiled for the CPU: one std::thread per
-// CUDA thread; per cluster, a std::barrier for its barrier and a buffer per CTA
-// for its shared memory (in_rank maps an address between them); per CTA a
-// barrier; per warp a barrier and a slot per lane for its shuffles and votes;
-// an atomic word for each mbarrier. The kernels' own code runs, cluster by
-// cluster; only the primitives below and the launch are the host's.
+// csrc/cuda/persistent.cuh's kernels, compiled for the CPU: each CUDA thread a
+// fiber (a ucontext with its own stack), all of a cluster's on one OS thread;
+// per cluster a barrier and a buffer per CTA for its shared memory (in_rank maps
+// an address between them); per CTA a barrier; per warp a barrier and a slot per
+// lane for its shuffles and votes; a word for each mbarrier. A thread that waits
+// (at a barrier, on an mbarrier's phase) yields, and the fibers run in turns, each
+// turn in a new pseudo-random order: the interleavings of threads racing, but
+// reproducible; and a switch costs a fraction of a microsecond, against a futex
+// wake-up for an OS thread (a 16-CTA cluster is 4096 threads).
+// The kernels' own code runs, cluster by cluster; only the primitives below and
+// the launch are the host's.
 // tests/test_persistent_on_host.py builds this file and checks the kernels
 // against autograd, with a layer's worth of arguments: contiguous [rows, width]
 // buffers, launch shape (units, tile, cluster size) given; and asks
 // persistent::plan where layers run on a given device.
+#if defined(__APPLE__)
+#define _XOPEN_SOURCE 700  // <ucontext.h>'s functions: deprecated there, but present
+#endif
+#include <ucontext.h>
+
 #include <algorithm>
-#include <atomic>
-#include <barrier>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #define __global__
@@ -31,19 +39,53 @@ using std::min;
 struct dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
+
+// Gives the turn to the next fiber (launch's scheduler).
+void yield_turn();
+
+struct Barrier {
+  explicit Barrier(int count) : expected(count) {}
+  void arrive_and_wait() {
+    const uint64_t phase = generation;
+    if (++arrived == expected) {
+      arrived = 0;
+      ++generation;
+      return;
+    }
+    while (generation == phase) yield_turn();
+  }
+  int expected, arrived = 0;
+  uint64_t generation = 0;
+};
 struct Cluster {
-  std::barrier<>* barrier;
+  Barrier* barrier;
   std::vector<unsigned char*> smem;
-  std::vector<std::unique_ptr<std::barrier<>>> cta;  // each CTA's own barrier
+  std::vector<std::unique_ptr<Barrier>> cta;  // each CTA's own barrier
 };
 struct Warp {
-  std::barrier<> barrier{32};
+  Barrier barrier{32};
   unsigned char slot[32][sizeof(double)];
 };
-thread_local dim3 threadIdx, blockIdx;
-thread_local Cluster* this_cluster = nullptr;
-thread_local unsigned this_rank = 0;
-thread_local Warp* this_warp = nullptr;
+// The running fiber's CUDA thread: set by the scheduler before each turn.
+dim3 threadIdx, blockIdx;
+Cluster* this_cluster = nullptr;
+unsigned this_rank = 0;
+Warp* this_warp = nullptr;
+
+// The fibers of a launch, and whose turn it is.
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<unsigned char[]> stack;
+  dim3 thread, block;
+  unsigned rank = 0;
+  Warp* warp = nullptr;
+  bool done = false;
+};
+ucontext_t scheduler;
+Fiber* running = nullptr;
+const std::function<void()>* fiber_body = nullptr;
+
+void yield_turn() { swapcontext(&running->context, &scheduler); }
 
 inline void cluster_sync(int) { this_cluster->barrier->arrive_and_wait(); }
 inline void cta_sync() { this_cluster->cta[this_rank]->arrive_and_wait(); }
@@ -86,27 +128,24 @@ void copy_value(T* dst, const T* src) {
 inline void copy_async_wait() {}
 
 // An mbarrier as the kernels use it (one arrival per phase, and bytes): its
-// phase, pending arrivals and transaction count in one 64-bit word, updated
-// atomically. add(bar, bytes, arrivals) counts bytes and arrivals in; the phase
-// completes when both are in (the count may run ahead of the announcement).
+// phase, pending arrivals and transaction count in one 64-bit word.
+// add(bar, bytes, arrivals) counts bytes and arrivals in; the phase completes
+// when both are in (the count may run ahead of the announcement).
 constexpr uint64_t kPhaseBit = uint64_t{1} << 48;
 void add(uint64_t* bar, int64_t bytes, unsigned arrivals) {
-  std::atomic_ref<uint64_t> word(*bar);
-  uint64_t seen = word.load(std::memory_order_acquire), next;
-  do {
-    int32_t tx = static_cast<int32_t>(static_cast<uint32_t>(seen));
-    unsigned pending = static_cast<unsigned>(seen >> 32) & 0xffff;
-    uint64_t phase = seen & kPhaseBit;
-    tx += static_cast<int32_t>(bytes);
-    pending -= arrivals;
-    if (pending == 0 && tx == 0) {
-      phase ^= kPhaseBit;
-      pending = 1;
-    }
-    next = static_cast<uint32_t>(tx) | (static_cast<uint64_t>(pending) << 32) | phase;
-  } while (!word.compare_exchange_weak(seen, next, std::memory_order_acq_rel, std::memory_order_acquire));
+  const uint64_t seen = *bar;
+  int32_t tx = static_cast<int32_t>(static_cast<uint32_t>(seen));
+  unsigned pending = static_cast<unsigned>(seen >> 32) & 0xffff;
+  uint64_t phase = seen & kPhaseBit;
+  tx += static_cast<int32_t>(bytes);
+  pending -= arrivals;
+  if (pending == 0 && tx == 0) {
+    phase ^= kPhaseBit;
+    pending = 1;
+  }
+  *bar = static_cast<uint32_t>(tx) | (static_cast<uint64_t>(pending) << 32) | phase;
 }
-inline void mbarrier_init(uint64_t* bar) { std::atomic_ref<uint64_t>(*bar).store(uint64_t{1} << 32); }
+inline void mbarrier_init(uint64_t* bar) { *bar = uint64_t{1} << 32; }
 inline void publish_mbarriers() {}  // the cluster barrier after it orders the host's stores
 inline void arrive_expect(uint64_t* bar, uint32_t bytes) { add(bar, bytes, 1); }
 template <typename U>
@@ -116,9 +155,7 @@ void store_counted(U* dst, U v, uint64_t* bar, unsigned rank) {
 }
 inline void wait_phase(uint64_t* bar, unsigned parity) {
   const uint64_t incomplete = parity ? kPhaseBit : 0;
-  while ((std::atomic_ref<uint64_t>(*bar).load(std::memory_order_acquire) & kPhaseBit) == incomplete) {
-    std::this_thread::yield();
-  }
+  while ((*static_cast<volatile uint64_t*>(bar) & kPhaseBit) == incomplete) yield_turn();
 }
 
 #include "cuda/persistent.cuh"
@@ -128,36 +165,74 @@ using namespace fastrnn::persistent;
 
 namespace {
 
+void fiber_main() {
+  (*fiber_body)();
+  running->done = true;  // then back to the scheduler, the context's uc_link
+}
+
+// The context switches stay out of launch, whose locals would otherwise live
+// across them (getcontext returns twice).
+[[gnu::noinline]] void start(Fiber& f, size_t stack_bytes) {
+  f.stack.reset(new unsigned char[stack_bytes]);
+  getcontext(&f.context);
+  f.context.uc_stack.ss_sp = f.stack.get();
+  f.context.uc_stack.ss_size = stack_bytes;
+  f.context.uc_link = &scheduler;
+  makecontext(&f.context, fiber_main, 0);
+}
+
+[[gnu::noinline]] void resume(Fiber& f) {  // f's turn, until it waits or ends
+  running = &f;
+  threadIdx = f.thread;
+  blockIdx = f.block;
+  this_rank = f.rank;
+  this_warp = f.warp;
+  swapcontext(&scheduler, &f.context);
+}
+
 // Runs kernel() as `clusters` clusters of `size` CTAs of kThreads threads, one
 // cluster at a time, each CTA with smem_bytes of shared memory (filled with
 // garbage, as a GPU's would be).
-template <typename Kernel>
-void launch(int64_t batch, int tile, int size, size_t smem_bytes, const Kernel& kernel) {
+void launch(int64_t batch, int tile, int size, size_t smem_bytes, const std::function<void()>& kernel) {
+  constexpr size_t kStack = 256 * 1024;  // the kernels' locals take a few KB; untouched pages cost nothing
   const int64_t clusters = (batch + tile - 1) / tile;
+  const int count = size * kThreads;
+  uint64_t seed = 0x9E3779B97F4A7C15u;  // the turns' orders, the same every run
   for (int64_t c = 0; c < clusters; ++c) {
-    std::barrier<> barrier(size * kThreads);
+    Barrier barrier(count);
     std::vector<std::vector<unsigned char>> memory(size, std::vector<unsigned char>(smem_bytes, 0xCD));
     Cluster cluster{&barrier, {}, {}};
     for (auto& m : memory) {
       cluster.smem.push_back(m.data());
-      cluster.cta.push_back(std::make_unique<std::barrier<>>(kThreads));
+      cluster.cta.push_back(std::make_unique<Barrier>(kThreads));
     }
     std::vector<std::unique_ptr<Warp>> warps;
-    for (int w = 0; w < size * kThreads / 32; ++w) warps.push_back(std::make_unique<Warp>());
-    std::vector<std::thread> threads;
-    for (int r = 0; r < size; ++r) {
-      for (int t = 0; t < kThreads; ++t) {
-        threads.emplace_back([&, r, t] {
-          threadIdx.x = t;
-          blockIdx.x = static_cast<unsigned>(c * size + r);
-          this_cluster = &cluster;
-          this_rank = r;
-          this_warp = warps[r * kThreads / 32 + t / 32].get();
-          kernel();
-        });
+    for (int w = 0; w < count / 32; ++w) warps.push_back(std::make_unique<Warp>());
+    std::vector<Fiber> fibers(count);
+    fiber_body = &kernel;
+    this_cluster = &cluster;
+    for (int i = 0; i < count; ++i) {
+      Fiber& f = fibers[i];
+      f.thread.x = i % kThreads;
+      f.rank = i / kThreads;
+      f.block.x = static_cast<unsigned>(c * size + f.rank);
+      f.warp = warps[i / 32].get();
+      start(f, kStack);
+    }
+    std::vector<int> order(count);
+    for (int i = 0; i < count; ++i) order[i] = i;
+    for (int alive = count; alive > 0;) {
+      for (int i = count - 1; i > 0; --i) {  // Fisher-Yates with a 64-bit LCG
+        seed = seed * 6364136223846793005u + 1442695040888963407u;
+        std::swap(order[i], order[(seed >> 33) % static_cast<uint64_t>(i + 1)]);
+      }
+      for (int i : order) {
+        Fiber& f = fibers[i];
+        if (f.done) continue;
+        resume(f);
+        alive -= f.done;
       }
     }
-    for (auto& thread : threads) thread.join();
   }
 }
 

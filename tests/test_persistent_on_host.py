@@ -1,6 +1,7 @@
 """The persistent CUDA kernels' own code (csrc/cuda/persistent.cuh), run on the CPU through
-tests/persistent_on_host.cpp: one thread per CUDA thread, a barrier per cluster, a buffer per
-CTA's shared memory. What a GPU is needed for (the cluster API, distributed shared memory,
+tests/persistent_on_host.cpp: each CUDA thread a fiber, taking turns in a fresh pseudo-random
+order every round (reproducible interleavings), a barrier per cluster, a buffer per CTA's shared
+memory. What a GPU is needed for (the cluster API, distributed shared memory,
 the launch) is proven by tests/test_cuda.py; this proves the kernels' logic everywhere CI runs:
 tiles of batch rows, each CTA's units, rows carried between steps or starting from the initial
 state, packed and reversed sequences, the barriers' placement, the state and gradients handed

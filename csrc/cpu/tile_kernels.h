@@ -438,38 +438,39 @@ struct TileKernel {
   // The epilogue of one tile row: columns [c0, c0 + nc) of row i, from a
   // panel of W vectors (nc <= W * N). A vector that straddles nc is moved
   // lane by lane, so that its columns see exactly the arithmetic of a full
-  // one (a library memcpy per row cost more than the row's tanh).
-  template <int W, Epilogue E>
+  // one (a library memcpy per row cost more than the row's tanh). Full:
+  // nc == W * N, known at compile time (finish_rows).
+  template <int W, Epilogue E, bool Full = false>
   static FASTRNN_INLINE void finish_row(const StepTask<T>& t, int64_t i, int64_t c0, int nc,
                                         V (&acc)[W]) {
     if constexpr (E == Epilogue::Linear || E == Epilogue::LinearAT) {
       T* d = t.d_lo.row(i) + c0;
       for (int v = 0; v < W; ++v) {
-        const int n = std::min(N, nc - v * N);
-        if (n <= 0) break;
+        const int n = Full ? N : std::min(N, nc - v * N);
+        if (!Full && n <= 0) break;
         V h = acc[v];
         if (t.bias) {
           V b;
-          load_part(b, t.bias + c0 + v * N, n);
+          load_part<Full>(b, t.bias + c0 + v * N, n);
           h = b + h;
         }
         if (t.accumulate) {
           V old;
-          load_part(old, d + v * N, n);
+          load_part<Full>(old, d + v * N, n);
           h = old + h;
         }
-        store_part(d + v * N, h, n);
+        store_part<Full>(d + v * N, h, n);
       }
     } else if constexpr (E == Epilogue::Forward) {
       T* d = t.d_lo.row(i) + c0;
       for (int v = 0; v < W; ++v) {
-        const int n = std::min(N, nc - v * N);
-        if (n <= 0) break;
+        const int n = Full ? N : std::min(N, nc - v * N);
+        if (!Full && n <= 0) break;
         V h;
-        load_part(h, d + v * N, n);
+        load_part<Full>(h, d + v * N, n);
         h = h + acc[v];
         activate_(h, t.act);
-        store_part(d + v * N, h, n);
+        store_part<Full>(d + v * N, h, n);
       }
     } else if constexpr (E == Epilogue::LstmForward || E == Epilogue::GruForward) {
       if (nc == N) {
@@ -481,30 +482,30 @@ struct TileKernel {
       if (i < t.d_split) {
         T* d = t.d_lo.row(i) + c0;
         for (int v = 0; v < W; ++v) {
-          const int n = std::min(N, nc - v * N);
-          if (n <= 0) break;
+          const int n = Full ? N : std::min(N, nc - v * N);
+          if (!Full && n <= 0) break;
           V g;
-          load_part(g, d + v * N, n);
+          load_part<Full>(g, d + v * N, n);
           g = g + acc[v];
-          store_part(d + v * N, g, n);
+          store_part<Full>(d + v * N, g, n);
         }
         for (int v = 0; v < W; ++v) {
-          const int n = std::min(N, nc - v * N);
-          if (n <= 0) break;
+          const int n = Full ? N : std::min(N, nc - v * N);
+          if (!Full && n <= 0) break;
           cell_grad<E>(*t.cell, i, c0 + v * N, n);
         }
       } else {
         T* d = t.d_hi.row(i) + c0;
         for (int v = 0; v < W; ++v) {
-          const int n = std::min(N, nc - v * N);
-          if (n <= 0) break;
+          const int n = Full ? N : std::min(N, nc - v * N);
+          if (!Full && n <= 0) break;
           V g = acc[v];
           if (t.accumulate) {
             V old;
-            load_part(old, d + v * N, n);
+            load_part<Full>(old, d + v * N, n);
             g = old + g;
           }
-          store_part(d + v * N, g, n);
+          store_part<Full>(d + v * N, g, n);
         }
       }
     } else if (i < t.d_split) {
@@ -512,22 +513,37 @@ struct TileKernel {
       const T* dy = t.g_lo.row(i) + c0;
       const T* y = t.y_lo.row(i) + c0;
       for (int v = 0; v < W; ++v) {
-        const int n = std::min(N, nc - v * N);
-        if (n <= 0) break;
+        const int n = Full ? N : std::min(N, nc - v * N);
+        if (!Full && n <= 0) break;
         V g, yy;
-        load_part(g, dy + v * N, n);
-        load_part(yy, y + v * N, n);
+        load_part<Full>(g, dy + v * N, n);
+        load_part<Full>(yy, y + v * N, n);
         g = g + acc[v];
         grad_(g, yy, t.act);
-        store_part(d + v * N, g, n);
+        store_part<Full>(d + v * N, g, n);
       }
     } else {
       T* d = t.d_hi.row(i) + c0;
       for (int v = 0; v < W; ++v) {
-        const int n = std::min(N, nc - v * N);
-        if (n <= 0) break;
-        store_part(d + v * N, acc[v], n);
+        const int n = Full ? N : std::min(N, nc - v * N);
+        if (!Full && n <= 0) break;
+        store_part<Full>(d + v * N, acc[v], n);
       }
+    }
+  }
+
+  // finish_row over rows [i0, i0 + M) of a tile. A whole panel's rows (every
+  // panel but a last partial one) are compiled apart: with nc a runtime value
+  // GCC stored the sums to the stack and looped over them with a branch per
+  // vector. Apart, the Elman ops ran up to 1.11x faster on Zen 3 (AVX2;
+  // 1.05x typical).
+  template <int M, int W, Epilogue E>
+  static FASTRNN_INLINE void finish_rows(const StepTask<T>& t, int64_t i0, int64_t c0, int nc,
+                                         V (&acc)[M][W]) {
+    if (nc == W * N) {
+      for (int r = 0; r < M; ++r) finish_row<W, E, true>(t, i0 + r, c0, nc, acc[r]);
+    } else {
+      for (int r = 0; r < M; ++r) finish_row<W, E>(t, i0 + r, c0, nc, acc[r]);
     }
   }
 
@@ -777,12 +793,12 @@ struct TileKernel {
             // the recurrent product apart, as torch does; relu's derivative would
             // flip at pre-activations that round to the other side of 0). The GRU
             // keeps them apart anyway: r scales only the recurrent sum of n.
+            if constexpr (E == Epilogue::Forward) {
+              finish_rows<M, W, Epilogue::Linear>(t, i0, c0, nc, acc);
+            } else {
+              for (int r = 0; r < M; ++r) store_gate_projection<W>(t, i0 + r, c0, nc, acc[r]);
+            }
             for (int r = 0; r < M; ++r) {
-              if constexpr (E == Epilogue::Forward) {
-                finish_row<W, Epilogue::Linear>(t, i0 + r, c0, nc, acc[r]);
-              } else {
-                store_gate_projection<W>(t, i0 + r, c0, nc, acc[r]);
-              }
               for (int v = 0; v < W; ++v) acc[r][v] = V{};
             }
           }
@@ -800,7 +816,7 @@ struct TileKernel {
       const int64_t depth = t.a_hi_zero && i0 >= t.a_split ? 0 : K;
       product<M, W, E>(t, i0, c0, acc, a, panel, depth, E != Epilogue::Linear, ahead);
     }
-    for (int r = 0; r < M; ++r) finish_row<W, E>(t, i0 + r, c0, nc, acc[r]);
+    finish_rows<M, W, E>(t, i0, c0, nc, acc);
   }
 
   // A tile of m rows, 1 <= m <= MR: one unrolled kernel per row count.

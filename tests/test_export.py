@@ -5,6 +5,7 @@ exported or scripted model must give the eager model's outputs at batch sizes an
 sequence lengths other than the example's (for LSTM and GRU, torch.nn's module's too)."""
 
 import copy
+import functools
 import importlib.util
 import io
 import itertools
@@ -225,6 +226,27 @@ def assert_matches(actual, expected, what=""):
 
 
 # ONNX ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torchlib_table_built_once():
+    """torch.onnx.export(dynamo=True) builds onnxscript's table of ATen translations anew for
+    every export: about half of a small model's export (1.1-1.4 s of 2.3 s), some 150 times
+    in these tests. Here it is built once; the exported bytes are the same. (Where torch's
+    private lazy import of onnxscript has another form, exports simply build it each time.)"""
+    try:
+        from torch.onnx._internal._lazy_import import onnxscript_apis
+        onnxscript_apis.get_torchlib_ops  # imports the module the exporter calls
+        module = onnxscript_apis._module
+        build = module.get_torchlib_ops
+    except Exception:  # no onnxscript, or another torch
+        yield
+        return
+    module.get_torchlib_ops = functools.cache(build)
+    try:
+        yield
+    finally:
+        module.get_torchlib_ops = build
 
 
 def onnx_export(model, args, names, dynamic, dynamo, opset=None, outputs=("output", "h_n")):

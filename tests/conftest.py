@@ -223,21 +223,25 @@ def grid(base: Case = Case(), **axes) -> List[Case]:
     return [c for c in cases if c.batched or not c.packed]
 
 
-def pairwise(cases: List[Case], axes) -> List[Case]:
-    """A subset of ``cases`` in which every pair of values of two of the named ``axes``
-    that occurs in ``cases`` occurs at least once (greedy, deterministic): for the grids
-    whose full product is kept for the slow suite."""
-    def pairs(case):
-        values = [(a, getattr(case, a)) for a in axes]
-        return {(p, q) for i, p in enumerate(values) for q in values[i + 1:]}
+def covering(cases, axes, strength, given=()):
+    """A subset of ``cases`` in which every combination of values of any ``strength`` of the
+    named ``axes`` that occurs in ``cases`` occurs at least once, in it or in ``given``
+    (greedy, deterministic). Works on any cases with those attributes."""
+    def combos(case):
+        return set(itertools.combinations([(a, getattr(case, a)) for a in axes], strength))
 
-    todo = set().union(*(pairs(c) for c in cases))
+    todo = set().union(*(combos(c) for c in cases)).difference(*(combos(c) for c in given))
     chosen = []
     while todo:
-        best = max(cases, key=lambda c: len(pairs(c) & todo))
+        best = max(cases, key=lambda c: len(combos(c) & todo))
         chosen.append(best)
-        todo -= pairs(best)
+        todo -= combos(best)
     return chosen
+
+
+def pairwise(cases: List[Case], axes) -> List[Case]:
+    """covering(cases, axes, 2): for the grids whose full product is kept for the slow suite."""
+    return covering(cases, axes, 2)
 
 
 def case_id(case: Case) -> str:

@@ -1,5 +1,5 @@
 // csrc/cuda/persistent.cuh's kernels, compiled for the CPU: each CUDA thread a
-// fiber (a ucontext with its own stack), all of a cluster's on one OS thread;
+// fiber (a stack of its own, entered once by a ucontext), all of a cluster's on one OS thread;
 // per cluster a barrier and a buffer per CTA for its shared memory (in_rank maps
 // an address between them); per CTA a barrier; per warp a barrier and a slot per
 // lane for its shuffles and votes; a word for each mbarrier. A thread that waits
@@ -16,6 +16,10 @@
 #if defined(__APPLE__)
 #define _XOPEN_SOURCE 700  // <ucontext.h>'s functions: deprecated there, but present
 #endif
+// A turn ends and starts with _setjmp/_longjmp between the fibers' stacks; a fortified
+// longjmp takes a jump to another stack for a corrupt one and aborts.
+#undef _FORTIFY_SOURCE
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -72,20 +76,27 @@ Cluster* this_cluster = nullptr;
 unsigned this_rank = 0;
 Warp* this_warp = nullptr;
 
-// The fibers of a launch, and whose turn it is.
+// The fibers of a launch, and whose turn it is. A fiber's first turn enters its context
+// (swapcontext); every later switch is a _setjmp/_longjmp pair, which, unlike swapcontext,
+// makes no system call for the signal mask (one per swapcontext, two per turn: they took
+// over half of tests/test_persistent_on_host.py's time).
 struct Fiber {
   ucontext_t context;
+  jmp_buf jump;  // where its next turn resumes, once started
   std::unique_ptr<unsigned char[]> stack;
   dim3 thread, block;
   unsigned rank = 0;
   Warp* warp = nullptr;
-  bool done = false;
+  bool started = false, done = false;
 };
 ucontext_t scheduler;
+jmp_buf scheduler_jump;  // where the running fiber's turn returns to
 Fiber* running = nullptr;
 const std::function<void()>* fiber_body = nullptr;
 
-void yield_turn() { swapcontext(&running->context, &scheduler); }
+void yield_turn() {
+  if (_setjmp(running->jump) == 0) _longjmp(scheduler_jump, 1);
+}
 
 inline void cluster_sync(int) { this_cluster->barrier->arrive_and_wait(); }
 inline void cta_sync() { this_cluster->cta[this_rank]->arrive_and_wait(); }
@@ -165,19 +176,21 @@ using namespace fastrnn::persistent;
 
 namespace {
 
-void fiber_main() {
+[[noreturn]] void fiber_main() {
   (*fiber_body)();
-  running->done = true;  // then back to the scheduler, the context's uc_link
+  running->done = true;
+  // Back to the scheduler's latest turn (the context's uc_link would be its first).
+  _longjmp(scheduler_jump, 1);
 }
 
 // The context switches stay out of launch, whose locals would otherwise live
-// across them (getcontext returns twice).
+// across them (getcontext and _setjmp return twice).
 [[gnu::noinline]] void start(Fiber& f, size_t stack_bytes) {
   f.stack.reset(new unsigned char[stack_bytes]);
   getcontext(&f.context);
   f.context.uc_stack.ss_sp = f.stack.get();
   f.context.uc_stack.ss_size = stack_bytes;
-  f.context.uc_link = &scheduler;
+  f.context.uc_link = nullptr;  // fiber_main never returns
   makecontext(&f.context, fiber_main, 0);
 }
 
@@ -187,6 +200,9 @@ void fiber_main() {
   blockIdx = f.block;
   this_rank = f.rank;
   this_warp = f.warp;
+  if (_setjmp(scheduler_jump) != 0) return;  // the turn ended
+  if (f.started) _longjmp(f.jump, 1);
+  f.started = true;
   swapcontext(&scheduler, &f.context);
 }
 

@@ -1021,18 +1021,26 @@ def test_parameters_replaced_after_construction_are_used():
     assert_close_all(fast(x), ref(x), torch.float32)
 
 
-@pytest.mark.parametrize(
-    "steps, batch, hidden, layers",
-    [(1, 3, 4, 2), (6, 1, 4, 2), (6, 3, 1, 2), (1000, 2, 8, 1)],
-    ids=["T=1", "batch=1", "hidden=1", "T=1000"],
-)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_edge_sizes(steps, batch, hidden, layers, dtype, cell):
-    if steps == 1000 and cell != "rnn":
-        if dtype == torch.float32:
-            pytest.skip("LSTM/GRU: the long sequence runs in float64 (float32 adds rounding only)")
-        hidden = 4  # small per-step GEMMs: one thread (see CELL_BASE)
+def _edge_sizes():
+    """(cell, dtype, steps, batch, hidden, layers) cases: T = 1, batch 1, hidden 1 and T = 1000.
+    LSTM's and GRU's long sequence runs in float64 only (float32 adds rounding only), at
+    hidden 4 (small per-step GEMMs: one thread, see CELL_BASE)."""
+    cases = []
+    for cell in ("rnn", "lstm", "gru"):
+        for dtype, dname in ((torch.float64, "f64"), (torch.float32, "f32")):
+            for steps, batch, hidden, layers, name in [(1, 3, 4, 2, "T=1"), (6, 1, 4, 2, "batch=1"),
+                                                       (6, 3, 1, 2, "hidden=1"), (1000, 2, 8, 1, "T=1000")]:
+                if steps == 1000 and cell != "rnn":
+                    if dtype == torch.float32:
+                        continue
+                    hidden = 4
+                cases.append(pytest.param(cell, dtype, steps, batch, hidden, layers,
+                                          id=f"{cell}-{dname}-{name}"))
+    return cases
+
+
+@pytest.mark.parametrize("cell, dtype, steps, batch, hidden, layers", _edge_sizes())
+def test_edge_sizes(cell, dtype, steps, batch, hidden, layers):
     ref, fast = rnn_pair(3, hidden, layers, bidirectional=True, cell=cell)
     ref, fast = ref.to(dtype), fast.to(dtype)
     x = torch.randn(steps, batch, 3, dtype=dtype, requires_grad=True)
